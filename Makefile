@@ -1,0 +1,29 @@
+# Both targets set up .venv on first use: torch 2.13.0 first (the local CPU wheel;
+# a bare `torch` requirement would pull a multi-GB CUDA build), then the project.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hf-prune-installed
+
+export HF_HUB_OFFLINE ?= 1
+export HF_EVALUATE_OFFLINE ?= 1
+
+.PHONY: demo test lint setup
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/hf-prune demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check hf_prune integrations model_patches evals tests

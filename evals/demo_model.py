@@ -1,0 +1,220 @@
+"""A small Llama trained offline on Python's own documentation: the default model of the demo.
+
+Everything here is deterministic and needs no network: the text is ``pydoc_data.topics`` (ships
+with CPython), the tokenizer is a byte-level BPE trained with ``tokenizers`` and the model a tiny
+``LlamaForCausalLM`` trained for about a minute on CPU. The result is cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# Bump when the recipe changes so stale caches are ignored rather than reused.
+DEMO_MODEL_VERSION = "demo-llama-v1"
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # list order fixes ids 0..3
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
+VOCAB_SIZE = 1024
+SEQ_LEN = 128
+BATCH_SIZE = 16
+TRAIN_STEPS = 600  # ~60-70 s on 2 CPU cores
+PEAK_LR = 3e-3
+WARMUP_FRACTION = 0.05
+HELD_OUT_FRACTION = 0.05  # of the characters, for each of calibration and eval
+
+
+def _default_cache_root() -> pathlib.Path:
+    env = os.environ.get("HF_PRUNE_CACHE")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "hf_prune"
+
+
+def demo_model_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Return the folder of the cached demo model, building it first if missing."""
+    root = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_root()
+    target = root / DEMO_MODEL_VERSION
+    # The folder only appears through an atomic rename, so its existence means it is complete.
+    if not target.is_dir():
+        build_demo_model(target)
+    return target
+
+
+def demo_text_splits() -> dict[str, str]:
+    """Split the pydoc topics by document into disjoint train / calibration / eval texts."""
+    from pydoc_data.topics import topics
+
+    total_chars = sum(len(text) for text in topics.values())
+    quota = HELD_OUT_FRACTION * total_chars
+    held_out: dict[str, list[str]] = {"calibration": [], "eval": []}
+    filled = dict.fromkeys(held_out, 0)
+    train: list[str] = []
+    # Hashing the key gives an order that is stable across runs and unrelated to topic names.
+    for key in sorted(topics, key=lambda k: hashlib.sha256(k.encode()).hexdigest()):
+        text = topics[key]
+        # Skip documents larger than a quota so one giant topic cannot swallow a split.
+        split = next((s for s in held_out if filled[s] < quota and len(text) <= quota), None)
+        if split is None:
+            train.append(key)
+        else:
+            held_out[split].append(key)
+            filled[split] += len(text)
+    # Within each split, join in sorted key order.
+    return {
+        name: "\n\n".join(topics[k] for k in sorted(keys))
+        for name, keys in {"train": train, **held_out}.items()
+    }
+
+
+def _train_tokenizer(text: str) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Feed paragraphs rather than one huge string: faster and a better word-frequency estimate.
+    backend.train_from_iterator(text.split("\n\n"), trainer=trainer)
+    # Like Llama, every encoded sequence starts with BOS.
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=SEQ_LEN * 2,
+    )
+
+
+def _token_stream(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
+    """Encode each document (with its BOS) and concatenate them into one 1-D tensor."""
+    ids = tokenizer(text.split("\n\n"))["input_ids"]
+    return torch.tensor([tok for doc in ids for tok in doc], dtype=torch.long)
+
+
+def _build_model(seed: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=6,  # the demo drops 2 of these by depth pruning
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ_LEN * 2,
+        tie_word_embeddings=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    return model
+
+
+@torch.no_grad()
+def _perplexity(model: LlamaForCausalLM, tokens: torch.Tensor, batch_size: int = 32) -> float:
+    """Perplexity over non-overlapping SEQ_LEN windows (a trailing partial window is dropped)."""
+    model.eval()
+    windows = tokens[: len(tokens) // SEQ_LEN * SEQ_LEN].view(-1, SEQ_LEN)
+    total_loss, total_targets = 0.0, 0
+    for batch in windows.split(batch_size):
+        targets = batch.numel() - len(batch)  # the first token of each window is not predicted
+        total_loss += model(input_ids=batch, labels=batch).loss.item() * targets
+        total_targets += targets
+    return math.exp(total_loss / total_targets)
+
+
+def _train(model: LlamaForCausalLM, tokens: torch.Tensor, steps: int, seed: int, progress: bool) -> float:
+    """Train on random windows of ``tokens``; return the mean loss of the last few steps."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10% of the peak
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    offsets = torch.arange(SEQ_LEN)
+    recent_losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc="training demo model", disable=not progress)
+    for _ in bar:
+        starts = torch.randint(0, len(tokens) - SEQ_LEN, (BATCH_SIZE,), generator=generator)
+        batch = tokens[starts[:, None] + offsets]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        recent_losses = (recent_losses + [loss.item()])[-20:]
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return sum(recent_losses) / max(1, len(recent_losses))
+
+
+def build_demo_model(
+    out_dir: str | os.PathLike, *, seed: int = 0, progress: bool = True, _steps: int | None = None
+) -> pathlib.Path:
+    """Train the demo tokenizer and model and save them to ``out_dir`` atomically.
+
+    The model is written to a unique temporary sibling folder that is renamed into place at the end,
+    so an interrupted build leaves nothing that looks complete. If ``out_dir`` already exists by then
+    (a concurrent build won the race), the fresh copy is discarded. ``_steps`` overrides the number of
+    training steps (tests use a handful).
+    """
+    out_dir = pathlib.Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    steps = TRAIN_STEPS if _steps is None else _steps
+    started = time.perf_counter()
+
+    splits = demo_text_splits()
+    tokenizer = _train_tokenizer(splits["train"])
+    model = _build_model(seed)
+    final_loss = _train(model, _token_stream(tokenizer, splits["train"]), steps, seed, progress)
+    seconds = time.perf_counter() - started
+    eval_ppl = _perplexity(model, _token_stream(tokenizer, splits["eval"]))
+
+    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        record = {
+            "version": DEMO_MODEL_VERSION,
+            "seed": seed,
+            "steps": steps,
+            "batch_size": BATCH_SIZE,
+            "seq_len": SEQ_LEN,
+            "seconds": round(seconds, 1),
+            "final_train_loss": round(final_loss, 4),
+            "eval_perplexity": round(eval_ppl, 3),
+        }
+        (tmp_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            os.replace(tmp_dir, out_dir)
+        except OSError:
+            # Renaming onto a non-empty folder fails: another build finished first; keep its result.
+            if not out_dir.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir

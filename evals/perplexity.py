@@ -1,0 +1,227 @@
+"""Perplexity of a causal LM on a local text corpus (or, with network access, a Hub dataset).
+
+The corpus is tokenised once and cut into non-overlapping windows; the model's own loss (HF shifts
+the labels internally) gives each batch's negative log-likelihood, and the shipped ``perplexity``
+metric aggregates those into a token-weighted figure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import load_metric
+
+# Suffix -> `datasets` builder used to read a local file.
+_LOCAL_BUILDERS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
+
+# Literal marker that raw corpus dumps (TinyStories, GPT-2-style text files) put between documents.
+DEFAULT_DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+# Fallback window when the config does not say how many positions the model supports.
+_MAX_DEFAULT_SEQ_LEN = 1024
+
+
+def evaluate_perplexity(
+    model,
+    tokenizer,
+    data: str | os.PathLike,
+    *,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    text_field: str = "text",
+    progress: bool = True,
+    document_separator: str | None = None,
+) -> dict[str, Any]:
+    """Perplexity of ``model`` over the text in ``data``.
+
+    Args:
+        model: a causal LM that returns ``.loss`` when called with ``labels``.
+        tokenizer: the model's tokenizer; the whole text is encoded once, as the tokenizer does
+            by default (so with its BOS token if it adds one).
+        data: a ``.txt`` file (read as one document), a ``.jsonl``/``.json``/``.parquet`` file
+            whose ``text_field`` values are joined with blank lines, or a Hub dataset id (its
+            ``test`` split; needs network access).
+        seq_len: window length in tokens; defaults to the model's maximum positions, capped at
+            1024. Windows do not overlap; a final shorter window is kept if it has >= 2 tokens.
+        batch_size: windows per forward pass (only windows of equal length share a batch).
+        limit: evaluate at most this many windows (from the start of the text).
+        text_field: column holding the text for structured files and Hub datasets.
+        progress: show a tqdm bar over batches.
+        document_separator: literal marker between documents in the raw text; its occurrences
+            are removed before tokenising (the blank lines around it stay), because a tokenizer
+            that does not treat it as a special token spells it out character by character and
+            the model would be scored on predicting markup it never saw. ``None`` keeps the text
+            exactly as read.
+
+    Returns:
+        ``{"perplexity", "mean_nll", "num_tokens", "num_windows", "seq_len", "data", "seconds"}``
+        where ``num_tokens`` counts predicted tokens (each window predicts its length minus one).
+    """
+    started = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for all windows), got {limit}")
+    if seq_len is None:
+        seq_len = default_seq_len(model)
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a window predicts seq_len - 1 tokens), got {seq_len}")
+
+    data_name = os.fspath(data)
+    text = load_text(data_name, text_field=text_field)
+    if document_separator:
+        text = text.replace(document_separator, "")
+    if not text.strip():
+        raise ValueError(f"no text to evaluate in {data_name!r}: it is empty or whitespace only")
+
+    # verbose=False: a corpus is expected to be longer than the model's maximum length, so the
+    # tokenizer's "sequence too long" warning would only be noise; windows keep us within bounds.
+    token_ids = tokenizer(text, verbose=False)["input_ids"]
+    if len(token_ids) < 2:
+        raise ValueError(
+            f"no tokens to evaluate in {data_name!r}: the text encodes to {len(token_ids)} token(s), "
+            "at least 2 are needed"
+        )
+    tokens = torch.tensor(token_ids, dtype=torch.long)
+
+    batches = _window_batches(len(tokens), seq_len=seq_len, batch_size=batch_size, limit=limit)
+    num_windows = sum(len(batch) for batch in batches)
+
+    metric = load_metric("perplexity")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+                input_ids = torch.stack([tokens[start:end] for start, end in batch]).to(device)
+                outputs = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+                if getattr(outputs, "loss", None) is None:
+                    raise TypeError(
+                        f"{type(model).__name__} returned no loss when given labels; "
+                        "perplexity needs a causal LM head"
+                    )
+                # The loss is the mean over the batch's predicted tokens: labels are shifted by
+                # one inside the model, so each window of length L predicts L - 1 tokens.
+                predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
+                metric.add_batch(
+                    nll_sum=[outputs.loss.double().item() * predicted],
+                    num_tokens=[predicted],
+                )
+    finally:
+        model.train(was_training)
+
+    result = metric.compute()
+    return {
+        "perplexity": float(result["perplexity"]),
+        "mean_nll": float(result["mean_nll"]),
+        "num_tokens": int(result["num_tokens"]),
+        "num_windows": num_windows,
+        "seq_len": seq_len,
+        "data": data_name,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def default_seq_len(model) -> int:
+    """The model's maximum positions capped at 1024 (1024 when the config does not say)."""
+    config = getattr(model, "config", None)
+    candidates = []
+    # Multimodal configs nest the language model's settings; get_text_config() returns the
+    # config itself when nothing is nested.
+    if config is not None and hasattr(config, "get_text_config"):
+        candidates.append(config.get_text_config())
+    candidates.append(config)
+    for candidate in candidates:
+        max_positions = getattr(candidate, "max_position_embeddings", None)
+        if isinstance(max_positions, int) and max_positions > 0:
+            return min(max_positions, _MAX_DEFAULT_SEQ_LEN)
+    return _MAX_DEFAULT_SEQ_LEN
+
+
+def load_text(data: str, *, text_field: str = "text") -> str:
+    """The evaluation text in ``data`` (see :func:`evaluate_perplexity` for accepted sources)."""
+    path = Path(data).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file():
+        builder = _LOCAL_BUILDERS.get(suffix)
+        if builder is None:
+            raise ValueError(
+                f"unsupported data file {data!r}: expected one of {', '.join(sorted(_LOCAL_BUILDERS))}"
+            )
+        if builder == "text":
+            # sample_by="document" makes the whole file one row, so paragraphs stay together.
+            dataset = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
+            return dataset["text"][0] if dataset.num_rows else ""
+        try:
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except StopIteration:
+            # The json builder raises StopIteration on a file with no records.
+            return ""
+        return _join_field(dataset, text_field, source=data)
+
+    if suffix in _LOCAL_BUILDERS or path.is_absolute() or data.startswith((".", "~")):
+        raise FileNotFoundError(f"data file not found: {data!r}")
+
+    # Not a local file: treat it as a datasets Hub id.
+    try:
+        dataset = datasets.load_dataset(data, split="test")
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"data file not found: {data!r}; loading it as a Hugging Face Hub dataset id also failed "
+            f"({type(exc).__name__}: {exc}). Hub dataset ids need network access (and HF_HUB_OFFLINE "
+            "unset); pass a local .txt/.jsonl/.json/.parquet file otherwise"
+        ) from exc
+    return _join_field(dataset, text_field, source=data)
+
+
+def _join_field(dataset: datasets.Dataset, text_field: str, *, source: str) -> str:
+    if text_field not in dataset.column_names:
+        raise ValueError(
+            f"text field {text_field!r} not found in {source!r}; available columns: "
+            f"{', '.join(dataset.column_names) or '(none)'}"
+        )
+    pieces = []
+    for value in dataset[text_field]:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(
+                f"text field {text_field!r} in {source!r} holds {type(value).__name__} values, not strings"
+            )
+        pieces.append(value)
+    return "\n\n".join(pieces)
+
+
+def _window_batches(
+    num_tokens: int, *, seq_len: int, batch_size: int, limit: int | None
+) -> list[list[tuple[int, int]]]:
+    """Group non-overlapping ``(start, end)`` windows into batches of equal-length windows."""
+    windows = [(start, min(start + seq_len, num_tokens)) for start in range(0, num_tokens, seq_len)]
+    # A 1-token tail predicts nothing after the label shift.
+    if windows and windows[-1][1] - windows[-1][0] < 2:
+        windows.pop()
+    if limit is not None:
+        windows = windows[:limit]
+    full = [window for window in windows if window[1] - window[0] == seq_len]
+    partial = [window for window in windows if window[1] - window[0] != seq_len]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    # Only the last window can be shorter; it gets a batch of its own.
+    batches.extend([window] for window in partial)
+    return batches
+
+
+__all__ = ["DEFAULT_DOCUMENT_SEPARATOR", "default_seq_len", "evaluate_perplexity", "load_text"]

@@ -1,0 +1,29 @@
+"""hf-prune: config-driven pruning of Hugging Face Transformers models.
+
+    import hf_prune
+    recipe = hf_prune.load_recipe("recipe.yaml")
+    result = hf_prune.prune(recipe)             # loads recipe.model, saves to recipe.output
+    result = hf_prune.prune(model, {"stages": [...], "calibration": {...}})  # a model in memory
+"""
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import HfPruneError, RecipeError, UnsupportedModelError  # noqa: E402
+from .recipe import Recipe, load_recipe  # noqa: E402
+from .registry import MethodConfig, StageReport, register_method, registered_methods  # noqa: E402
+
+__all__ = [
+    "HfPruneError", "MethodConfig", "PruneResult", "Recipe", "RecipeError", "StageReport", "UnsupportedModelError",
+    "load_recipe", "prune", "register_method", "registered_methods", "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The pipeline pulls in torch and transformers; load it on first use to keep `import hf_prune` light.
+    if name in ("prune", "PruneResult"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'hf_prune' has no attribute {name!r}")

@@ -1,0 +1,213 @@
+"""Architecture knowledge, in one table keyed by ``model_type``.
+
+Methods never hard-code where things live: they ask the adapter for the decoder layers, the MLP output
+projections (dense, every expert, the shared expert), the router, the expert-count key and whether the
+MLP output goes straight into the residual stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Where things live in one decoder family (paths relative to the decoder layer / its MLP)."""
+
+    mlp_attr: str = "mlp"
+    down_proj_attr: str = "down_proj"
+    experts_attr: str | None = None  # fused experts module inside the MLP (MoE layers only)
+    router_attr: str | None = None
+    shared_expert_attr: str | None = None
+    shared_expert_gate_attr: str | None = None
+    num_experts_key: str | None = None
+    #: Why the MLP output does not enter the residual stream directly (None when it does).
+    mlp_not_on_residual: str | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts_attr is not None
+
+
+_DENSE = ArchitectureSpec()
+_POST_FFN_NORM = ("a post-feed-forward norm sits between the MLP output and the residual add, "
+                  "so a linear map cannot be folded into the MLP output projection exactly")
+_MOE = dict(experts_attr="experts", router_attr="gate")
+
+#: Decoder-only language models, keyed by ``config.model_type``.
+TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": _DENSE,
+    "mistral": _DENSE,
+    "qwen2": _DENSE,
+    "qwen3": _DENSE,
+    "mixtral": ArchitectureSpec(**_MOE, num_experts_key="num_local_experts"),
+    "qwen2_moe": ArchitectureSpec(**_MOE, num_experts_key="num_experts", shared_expert_attr="shared_expert",
+                                  shared_expert_gate_attr="shared_expert_gate"),
+    "qwen3_moe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
+    "olmoe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
+    "gemma2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
+    "gemma3_text": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
+    "olmo2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
+}
+
+#: Vision-language wrappers: the language model inside is looked up in TEXT_ARCHITECTURES by its own type.
+VISION_LANGUAGE_ARCHITECTURES = ("llava", "llava_next")
+
+
+def supported_model_types() -> list[str]:
+    return sorted([*TEXT_ARCHITECTURES, *VISION_LANGUAGE_ARCHITECTURES])
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """The adapter for one model: an ArchitectureSpec plus where its language model sits."""
+
+    model_type: str
+    text_model_type: str
+    spec: ArchitectureSpec
+    is_vision_language: bool
+
+    # ---- config -------------------------------------------------------------------------
+    def text_config(self, config: Any) -> Any:
+        return config.get_text_config() if self.is_vision_language else config
+
+    def num_layers(self, config: Any) -> int:
+        return int(self.text_config(config).num_hidden_layers)
+
+    def num_experts(self, config: Any) -> int | None:
+        key = self.spec.num_experts_key
+        return int(getattr(self.text_config(config), key)) if key else None
+
+    def describe(self, config: Any) -> dict[str, Any]:
+        """Architecture facts for ``hf-prune inspect``."""
+        text = self.text_config(config)
+        facts: dict[str, Any] = {
+            "model_type": self.model_type,
+            "language_model_type": self.text_model_type,
+            "decoder_layers": self.num_layers(config),
+            "hidden_size": text.hidden_size,
+            "intermediate_size": getattr(text, "intermediate_size", None),
+            "attention_heads": getattr(text, "num_attention_heads", None),
+            "kv_heads": getattr(text, "num_key_value_heads", None),
+            "vocab_size": getattr(text, "vocab_size", None),
+        }
+        if self.spec.is_moe:
+            facts["experts"] = self.num_experts(config)
+            facts["experts_per_token"] = getattr(text, "num_experts_per_tok", None)
+            facts["moe_intermediate_size"] = getattr(text, "moe_intermediate_size", None)
+            facts["shared_expert"] = self.spec.shared_expert_attr is not None
+        if self.is_vision_language:
+            vision = config.vision_config
+            facts["vision_tower"] = f"{vision.model_type} ({vision.num_hidden_layers} layers, hidden {vision.hidden_size})"
+            facts["image_token_id"] = getattr(config, "image_token_id", None)
+        return facts
+
+    # ---- modules ------------------------------------------------------------------------
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The module that owns ``layers`` and runs them (LlamaModel and friends)."""
+        inner = getattr(model, "model", model)
+        if self.is_vision_language:
+            inner = inner.language_model
+        if not hasattr(inner, "layers"):
+            raise UnsupportedModelError(f"{type(model).__name__}: no decoder layers found where the "
+                                        f"{self.model_type} adapter expects them")
+        return inner
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.decoder(model).layers
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.spec.mlp_attr)
+
+    def is_moe_layer(self, layer: nn.Module) -> bool:
+        return self.spec.is_moe and hasattr(self.mlp(layer), self.spec.experts_attr)
+
+    def mlp_output_projections(self, layer: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter | None]]:
+        """(name, weight, bias) of every projection whose output sums into the layer's MLP output.
+
+        Dense layers: ``down_proj`` ([out, in]). MoE layers: every expert's down projection
+        (fused ``[E, out, in]``) and the shared expert's ``down_proj``. Routing weights and the shared
+        expert gate are per-token scalars, so a linear map on the output commutes with them.
+        """
+        mlp = self.mlp(layer)
+        if not self.is_moe_layer(layer):
+            down = getattr(mlp, self.spec.down_proj_attr)
+            return [(f"{self.spec.mlp_attr}.{self.spec.down_proj_attr}", down.weight, down.bias)]
+        experts = getattr(mlp, self.spec.experts_attr)
+        projections = [(f"{self.spec.mlp_attr}.{self.spec.experts_attr}.down_proj", experts.down_proj,
+                        getattr(experts, "down_proj_bias", None))]
+        if self.spec.shared_expert_attr:
+            down = getattr(getattr(mlp, self.spec.shared_expert_attr), self.spec.down_proj_attr)
+            projections.append((f"{self.spec.mlp_attr}.{self.spec.shared_expert_attr}.{self.spec.down_proj_attr}",
+                                down.weight, down.bias))
+        return projections
+
+    # ---- structural edits ---------------------------------------------------------------
+    def remove_layers(self, model: nn.Module, remove: list[int]) -> None:
+        """Delete decoder layers in place and make config, ``layer_types`` and every ``layer_idx`` agree."""
+        layers = self.layers(model)
+        config = self.text_config(model.config)
+        doomed = set(remove)
+        kept_old = [i for i in range(len(layers)) if i not in doomed]
+        moe_flags = [self.is_moe_layer(layers[i]) for i in kept_old]
+        new_layers = nn.ModuleList([layers[i] for i in kept_old])
+        for new_idx, layer in enumerate(new_layers):
+            # The KV cache indexes by layer_idx: stale indices break generate (not a plain forward).
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_idx
+        self.decoder(model).layers = new_layers
+        config.num_hidden_layers = len(new_layers)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [config.layer_types[i] for i in kept_old]
+        if hasattr(config, "mlp_only_layers") and hasattr(config, "decoder_sparse_step"):
+            # Qwen-MoE decides sparse vs dense from the layer index; rewrite so a reload rebuilds the
+            # same mix of layers after the indices shifted.
+            config.mlp_only_layers = [i for i, is_moe in enumerate(moe_flags) if not is_moe]
+            config.decoder_sparse_step = 1
+
+
+def get_adapter(config: Any) -> ModelAdapter:
+    """The adapter for a model config; unsupported types fail at once, listing the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in VISION_LANGUAGE_ARCHITECTURES:
+        text_type = config.get_text_config().model_type
+        if text_type not in TEXT_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{model_type}: its language model type {text_type!r} is not supported "
+                f"(supported language models: {', '.join(sorted(TEXT_ARCHITECTURES))})")
+        return ModelAdapter(model_type, text_type, TEXT_ARCHITECTURES[text_type], True)
+    if model_type not in TEXT_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})")
+    return ModelAdapter(model_type, model_type, TEXT_ARCHITECTURES[model_type], False)
+
+
+def auto_model_class(adapter: ModelAdapter) -> Any:
+    """The Auto class that loads a model of this adapter's type with its head."""
+    import transformers
+
+    if adapter.is_vision_language:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,117 @@
+"""Calibration data through ``datasets``: local files or a hub id, cut into padded token batches.
+
+Sequences are right-padded and carry an attention mask; every statistic downstream skips masked
+positions, so pad tokens never enter them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CalibrationError
+from .recipe import CalibrationConfig
+
+_FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_DATA_SUFFIXES = tuple(_FILE_BUILDERS)
+
+
+@dataclass
+class CalibrationBatch:
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S], 1 for real tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> CalibrationBatch:
+        return CalibrationBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def load_texts(data: str, *, text_field: str = "text", split: str = "train",
+               sample_by: str = "paragraph") -> list[str]:
+    """Records of a local text/jsonl/json/parquet file, or of a datasets hub id, as strings."""
+    import datasets
+
+    path = Path(data)
+    if path.suffix.lower() in _FILE_BUILDERS or path.exists():
+        if not path.is_file():
+            raise CalibrationError(f"calibration data file not found: {data}")
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise CalibrationError(f"{data}: unsupported file type {path.suffix!r} "
+                                   f"(allowed: {', '.join(sorted(_FILE_BUILDERS))})")
+        kwargs = {"sample_by": sample_by} if builder == "text" else {}
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        source = str(path)
+    else:
+        try:
+            dataset = datasets.load_dataset(data, split=split)
+        except Exception as exc:  # offline, unknown id, bad split: one clear message
+            raise CalibrationError(
+                f"calibration data {data!r} is not a local file and could not be loaded as a datasets hub id "
+                f"(split {split!r}); hub datasets need network access: {exc}") from exc
+        source = data
+    if text_field not in dataset.column_names:
+        raise CalibrationError(f"{source}: no field {text_field!r} (fields: {', '.join(dataset.column_names)}); "
+                               "set calibration.text_field")
+    texts = [t for t in dataset[text_field] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise CalibrationError(f"{source}: calibration data is empty (no non-blank {text_field!r} records)")
+    return texts
+
+
+def tokenize_calibration(texts: list[str], tokenizer: Any, config: CalibrationConfig) -> list[CalibrationBatch]:
+    """Cut texts into at most ``num_samples`` sequences of at most ``seq_len`` tokens, batched."""
+    if config.shuffle:
+        texts = list(texts)
+        random.Random(config.seed).shuffle(texts)
+    sequences: list[list[int]] = []
+    if config.packing:
+        stream: list[int] = []
+        for text in texts:
+            stream.extend(tokenizer(text)["input_ids"])
+            if len(stream) >= config.num_samples * config.seq_len:
+                break
+        sequences = [stream[i:i + config.seq_len] for i in range(0, len(stream), config.seq_len)]
+        sequences = [s for s in sequences if len(s) == config.seq_len] or sequences[:1]
+    else:
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=config.seq_len)["input_ids"]
+            if len(ids) >= 2:
+                sequences.append(ids)
+            if len(sequences) == config.num_samples:
+                break
+    sequences = [s for s in sequences[:config.num_samples] if len(s) >= 2]
+    if not sequences:
+        raise CalibrationError("calibration data yields no sequence of at least 2 tokens")
+    pad_id = _pad_token_id(tokenizer)
+    batches = []
+    for start in range(0, len(sequences), config.batch_size):
+        chunk = sequences[start:start + config.batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        batches.append(CalibrationBatch(ids, mask))
+    return batches
+
+
+def build_calibration(config: CalibrationConfig, tokenizer: Any) -> list[CalibrationBatch]:
+    texts = load_texts(config.data, text_field=config.text_field, split=config.split, sample_by=config.sample_by)
+    return tokenize_calibration(texts, tokenizer, config)
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0

@@ -1,0 +1,187 @@
+"""Checkpoint I/O: loading models safely, atomic saves, hf_prune.json and the model card.
+
+A save writes everything into a temporary folder beside the target and renames it into place at the
+end, so an interrupted run leaves the previous output intact or none at all. The source model folder is
+never written to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import auto_model_class, get_adapter
+from .errors import HfPruneError, RecipeError
+
+REPORT_FILE = "hf_prune.json"
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_output_path(output: str | os.PathLike, source: str | os.PathLike | None) -> Path:
+    """Refuse an output that is, contains or sits inside the source model folder."""
+    out = Path(output).expanduser().resolve()
+    if source is not None and Path(source).expanduser().exists():
+        src = Path(source).expanduser().resolve()
+        if out == src or src in out.parents:
+            raise RecipeError(f"output: {output} is inside the source model folder {source}; "
+                              "choose a folder outside it (the source is never modified)")
+        if out in src.parents:
+            raise RecipeError(f"output: {output} contains the source model {source}; replacing it would delete the source")
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output: {output} exists and is not a folder")
+    return out
+
+
+def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a fresh sibling folder, then swap it into ``target`` in one rename."""
+    target = Path(target).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               allow_pickle: bool = False) -> Any:
+    """Load a model with its head through the Auto class its adapter names; safetensors only by default."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(config)
+    placement = resolve_device(device)
+    kwargs: dict[str, Any] = {"dtype": _TORCH_DTYPES.get(dtype, "auto"), "trust_remote_code": trust_remote_code}
+    if placement in ("balanced", "balanced_low_0", "sequential") or (placement == "cuda" and torch.cuda.device_count() > 1):
+        kwargs["device_map"] = "auto" if placement == "cuda" else placement
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    try:
+        model = auto_model_class(adapter).from_pretrained(name, **kwargs)
+    except OSError as exc:
+        if not allow_pickle and "safetensors" in str(exc).lower():
+            raise HfPruneError(f"{name}: no safetensors weights found; pickle checkpoints can run arbitrary code "
+                               "and are refused unless the recipe sets allow_pickle: true") from exc
+        raise
+    if "device_map" not in kwargs:
+        model.to(placement)
+    model.eval()
+    return model
+
+
+def load_preprocessor(name: str, *, vision_language: bool = False, trust_remote_code: bool = False) -> Any:
+    """The processor (vision-language models) or tokenizer saved with a model, or None if it has none."""
+    import transformers
+
+    classes = [transformers.AutoProcessor] if vision_language else []
+    for auto_cls in [*classes, transformers.AutoTokenizer]:
+        try:
+            return auto_cls.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return None
+
+
+def text_tokenizer(preprocessor: Any) -> Any:
+    """The tokenizer inside a processor, or the tokenizer itself."""
+    return getattr(preprocessor, "tokenizer", preprocessor)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("hf-prune", "torch", "transformers", "peft", "evaluate", "datasets", "huggingface-hub",
+                    "accelerate", "safetensors"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_model_card(report: dict[str, Any]) -> str:
+    """A ``huggingface_hub.ModelCard`` with base_model, tags and evaluation results as model-index."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    source = report["recipe"].get("model") or "in-memory model"
+    is_hub_id = not Path(source).expanduser().exists() and source.count("/") == 1
+    methods = [stage["method"] for stage in report["stages"]]
+    name = Path(report["recipe"].get("output") or "pruned-model").name
+    eval_results = [
+        EvalResult(task_type="text-generation", dataset_type=entry["data"], dataset_name=Path(entry["data"]).name,
+                   metric_type=entry["task"], metric_value=round(entry["pruned"][entry["task"]], 4))
+        for entry in report.get("evaluation", [])
+    ]
+    data = ModelCardData(
+        base_model=source if is_hub_id else None, library_name="transformers",
+        tags=["hf-prune", "pruned", *methods], model_name=name, eval_results=eval_results or None,
+    )
+    lines = [
+        f"# {name}", "",
+        f"Pruned from `{source}` with [hf-prune](https://pypi.org/project/hf-prune/) ({', '.join(methods)}).", "",
+        f"- parameters: {report['params_before']:,} → {report['params_after']:,} "
+        f"({report['params_after'] / report['params_before']:.1%})",
+    ]
+    for stage in report["stages"]:
+        removed = stage.get("removed_layers")
+        if removed is not None:
+            lines.append(f"- `{stage['method']}`: removed decoder layers {removed} "
+                         f"({stage['layers_before']} → {stage['layers_after']})")
+    if report.get("evaluation"):
+        lines += ["", "| task | data | original | pruned | retained |", "|---|---|---|---|---|"]
+        for entry in report["evaluation"]:
+            metric = entry["task"]
+            original = entry["original"][metric]
+            retained = entry.get("retained")
+            lines.append(f"| {metric} | {Path(entry['data']).name} | {original:.4g} | "
+                         f"{entry['pruned'][metric]:.4g} | {'' if retained is None else format(retained, '.1%')} |")
+    lines += ["", "Loads with plain `transformers`:", "", "```python",
+              "from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+              "```", "", f"The full report (recipe, per-stage details, timings) is in `{REPORT_FILE}`.", ""]
+    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)))
+
+
+def save_pruned_model(model: Any, tokenizer: Any, output: str | os.PathLike, report: dict[str, Any]) -> Path:
+    """Weights (safetensors), config, tokenizer/processor, hf_prune.json and README.md, atomically."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        (folder / "README.md").write_text(build_model_card(report))
+
+    return atomic_write_dir(output, write)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

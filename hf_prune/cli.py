@@ -1,0 +1,183 @@
+"""The ``hf-prune`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import HfPruneError
+
+_EXAMPLES = {
+    "prune": """example:
+  hf-prune prune recipe.yaml
+
+recipe.yaml:
+  model: ../shared/assets/models/stories260K
+  output: out/stories-4layers
+  calibration: {data: data/calib.txt, num_samples: 64, seq_len: 256}
+  stages:
+    - {method: replaceme, num_layers: 1, estimator: lstsq}
+  evaluate:
+    - {task: perplexity, data: data/eval.txt}""",
+    "eval": """example:
+  hf-prune eval out/stories-4layers --task perplexity --data eval.txt --seq-len 512 --output results.json""",
+    "inspect": """example:
+  hf-prune inspect ../shared/assets/models/stories260K""",
+    "methods": """example:
+  hf-prune methods            # every method with its config fields
+  hf-prune methods replaceme  # one method""",
+    "demo": """example:
+  hf-prune demo                       # trains the embedded model on first use (~1-2 min), then prunes it
+  hf-prune demo --output out/demo""",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-prune", description="Config-driven pruning of Hugging Face Transformers models.",
+        epilog="examples:\n  hf-prune prune recipe.yaml\n  hf-prune eval MODEL --task perplexity --data FILE\n"
+               "  hf-prune inspect MODEL\n  hf-prune methods\n  hf-prune demo\n\n"
+               "Run 'hf-prune COMMAND --help' for the options and an example of each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hf-prune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=_EXAMPLES[name],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        return sub
+
+    prune = command("prune", "Run a pruning recipe (YAML or JSON) and save the pruned model.")
+    prune.add_argument("recipe", help="recipe file (.yaml, .yml or .json)")
+
+    evaluate = command("eval", "Evaluate a model on a task (perplexity) through evaluate metric modules.")
+    evaluate.add_argument("model", help="model folder or hub id")
+    evaluate.add_argument("--task", required=True, choices=["perplexity"], help="evaluation task")
+    evaluate.add_argument("--data", required=True, help="local text/jsonl/parquet file or datasets hub id")
+    evaluate.add_argument("--seq-len", type=int, default=None, help="window length (default: model max, <= 1024)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many windows")
+    evaluate.add_argument("--text-field", default="text", help="text column for jsonl/parquet data")
+    evaluate.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    evaluate.add_argument("--output", default=None, help="also write the results to this JSON file")
+
+    inspect = command("inspect", "Show the architecture facts hf-prune knows about a model and which methods apply.")
+    inspect.add_argument("model", help="model folder or hub id")
+
+    methods = command("methods", "List registered pruning methods and their config fields.")
+    methods.add_argument("name", nargs="?", help="show only this method")
+
+    demo = command("demo", "Prune the embedded demo model with ReplaceMe and layer_drop, evaluate, reload.")
+    demo.add_argument("--output", default="out/demo", help="folder for the demo outputs (default out/demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.quiet:
+        _silence_progress()
+    try:
+        return {"prune": _prune, "eval": _eval, "inspect": _inspect, "methods": _methods, "demo": _demo}[
+            args.command](args)
+    except (HfPruneError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _silence_progress() -> None:
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .pipeline import prune
+
+    result = prune(args.recipe, progress=not args.quiet)
+    report = result.report
+    print(f"parameters: {report['params_before']:,} -> {report['params_after']:,} "
+          f"({report['params_after'] / report['params_before']:.1%})")
+    for stage in report["stages"]:
+        removed = stage.get("removed_layers")
+        detail = f" removed layers {removed}" if removed is not None else ""
+        print(f"stage {stage['method']}:{detail} in {stage['seconds']:.2f}s")
+    for entry in report["evaluation"]:
+        task = entry["task"]
+        print(f"{task} on {entry['data']}: original {entry['original'][task]:.4g}, "
+              f"pruned {entry['pruned'][task]:.4g}, retained {entry['retained']:.1%}")
+    print(f"saved to {result.output}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model, load_preprocessor, text_tokenizer
+    from .evals.perplexity import evaluate_perplexity
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = text_tokenizer(load_preprocessor(args.model))
+    if tokenizer is None:
+        raise HfPruneError(f"{args.model}: no tokenizer saved with the model")
+    results = evaluate_perplexity(model, tokenizer, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                                  limit=args.limit, text_field=args.text_field, progress=not args.quiet)
+    results = {"model": args.model, "task": args.task, **results}
+    print(json.dumps(results, indent=2))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    from .adapters import auto_model_class, count_parameters, get_adapter
+    from .registry import registered_methods
+
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    adapter = get_adapter(config)
+    with torch.device("meta"):  # count parameters without allocating weights
+        params = count_parameters(auto_model_class(adapter).from_config(config))
+    facts: dict[str, Any] = {**adapter.describe(config), "parameters": params}
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        print(f"{key:<{width}}  {value:,}" if isinstance(value, int) and not isinstance(value, bool)
+              else f"{key:<{width}}  {value}")
+    print("\nmethods:")
+    for name, spec in registered_methods().items():
+        reason = spec.applicability(adapter)
+        print(f"  {name:<12} {'applies' if reason is None else 'not applicable: ' + reason}")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from .registry import get_method, registered_methods
+
+    specs = [get_method(args.name)] if args.name else list(registered_methods().values())
+    for spec in specs:
+        print(f"{spec.name}: {spec.summary}")
+        for name, type_name, default, help_text in spec.fields():
+            print(f"    {name:<16} {type_name:<28} default {default!r:<12} {help_text}")
+        print()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), progress=not args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Exceptions raised by hf-prune. Every message names what is wrong and what is allowed."""
+
+
+class HfPruneError(Exception):
+    """Base class for every error hf-prune raises on purpose."""
+
+
+class RecipeError(HfPruneError, ValueError):
+    """A recipe (or method config) is invalid; the message starts with the key path."""
+
+
+class UnsupportedModelError(HfPruneError, ValueError):
+    """The model's architecture is not in the adapter table, or a method cannot apply to it."""
+
+
+class CalibrationError(HfPruneError, ValueError):
+    """Calibration data is missing, empty or too short."""
+
+
+class ConfigFieldError(ValueError):
+    """Raised by a method config's ``__post_init__``; the recipe loader prefixes the key path."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message

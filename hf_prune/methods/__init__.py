@@ -1,0 +1,3 @@
+"""Built-in pruning methods; importing a module registers its method."""
+
+from .depth import layer_drop, replaceme  # noqa: F401

@@ -1,0 +1,33 @@
+"""Layer drop: remove the same blocks ReplaceMe would, with no map (the UIDL / ShortGPT-style baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...context import PruneContext
+from ...registry import StageReport, register_method
+from .cuts import DepthCutConfig, select_cuts
+from .replaceme import remove_cuts
+
+
+@dataclass
+class LayerDropConfig(DepthCutConfig):
+    """Layer drop: remove a block of layers chosen by angular distance, with no replacement (baseline)."""
+
+
+def apply_layer_drop(model: Any, config: LayerDropConfig, context: PruneContext) -> StageReport:
+    config.check_model(model.config, context.adapter)
+    layers_before = context.adapter.num_layers(model.config)
+    cuts, distances = select_cuts(model, config, context)
+    cut_reports = remove_cuts(model, cuts, context)
+    return StageReport("layer_drop", {
+        "layers_before": layers_before,
+        "layers_after": context.adapter.num_layers(model.config),
+        "removed_layers": sorted(i for c in cuts for i in c.removed),
+        "cuts": cut_reports,
+        "candidate_distances": distances,
+    })
+
+
+register_method("layer_drop", LayerDropConfig, apply_layer_drop)

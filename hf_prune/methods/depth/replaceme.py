@@ -1,0 +1,168 @@
+"""ReplaceMe (NeurIPS 2025): replace a block of decoder layers by one linear map, folded into weights.
+
+For a cut that keeps layer l and removes l+1 … l+n: M = MLP output of layer l, Y = h_l − M, target
+h_{l+n}. T is fitted so that Y + M·T ≈ h_{l+n}, then folded into the MLP output projection(s) of
+layer l (W ← Tᵀ·W; every expert and the shared expert for MoE layers), and the n layers are deleted.
+The result is the stock architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ...activations import capture_outputs, run_decoder
+from ...adapters import ModelAdapter
+from ...context import PruneContext
+from ...errors import ConfigFieldError, UnsupportedModelError
+from ...registry import StageReport, config_field, register_method
+from .cuts import Cut, DepthCutConfig, select_cuts, shifted
+from .estimators import NormalEquations, fit_cosine_map
+
+
+@dataclass
+class ReplaceMeConfig(DepthCutConfig):
+    """ReplaceMe: remove a block of layers and fold a calibrated linear map into the kept layer's MLP."""
+
+    estimator: Literal["lstsq", "cosine"] = config_field("lstsq", help="how T is fitted")
+    ridge: float = config_field(0.0, help="lstsq ridge α (raised automatically if MᵀM is singular)")
+    cosine_loss: Literal["residual", "full"] = config_field(
+        "residual", help="cosine: 1-cos(M·T, target-Y) (residual) or 1-cos(M·T+Y, target) (full)")
+    lr: float = config_field(1e-4, help="cosine: Adam learning rate (official default)")
+    epochs: int = config_field(10, help="cosine: passes over the calibration tokens")
+    batch_tokens: int = config_field(1024, help="cosine: tokens per optimisation step")
+    seed: int = config_field(0, help="cosine: shuffling seed")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ridge < 0:
+            raise ConfigFieldError("ridge", f"must be >= 0, got {self.ridge}")
+        if self.lr <= 0:
+            raise ConfigFieldError("lr", f"must be > 0, got {self.lr}")
+        for name in ("epochs", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigFieldError(name, f"must be a positive integer, got {getattr(self, name)}")
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return True
+
+    @staticmethod
+    def unsupported_reason(adapter: ModelAdapter) -> str | None:
+        if adapter.spec.mlp_not_on_residual:
+            return f"ReplaceMe cannot fold its map into {adapter.text_model_type}: {adapter.spec.mlp_not_on_residual}"
+        return None
+
+    def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
+        reason = self.unsupported_reason(adapter)
+        if reason:
+            raise UnsupportedModelError(reason)
+        super().check_model(model_config, adapter)
+
+
+@torch.no_grad()
+def fold_linear_map_into_mlp_output(adapter: ModelAdapter, layer: torch.nn.Module, transform: torch.Tensor) -> list[str]:
+    """W ← Tᵀ·W (and b ← Tᵀ·b) for every projection that sums into the layer's MLP output."""
+    t_transposed = transform.to(torch.float64).T
+    folded = []
+    for name, weight, bias in adapter.mlp_output_projections(layer):
+        w = weight.to(torch.float64)
+        t = t_transposed.to(w.device)
+        # [out, in] for a Linear, [experts, out, in] for fused experts.
+        new = t @ w if w.dim() == 2 else torch.einsum("oh,ehi->eoi", t, w)
+        weight.copy_(new.to(weight.dtype))
+        if bias is not None:
+            bias.copy_((bias.to(torch.float64) @ t.T).to(bias.dtype))
+        folded.append(name)
+    return folded
+
+
+def estimate_map(model: Any, kept: int, last_removed: int, config: ReplaceMeConfig,
+                 context: PruneContext) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Fit T for the cut (kept, last_removed) on calibration data; forward passes stop at last_removed."""
+    adapter = context.adapter
+    layers = adapter.layers(model)
+    decoder = adapter.decoder(model)
+    watched = {"h": layers[kept], "mlp": adapter.mlp(layers[kept]), "target": layers[last_removed]}
+    dim = adapter.text_config(model.config).hidden_size
+    stats_device = next(layers[kept].parameters()).device
+    equations = NormalEquations(dim, stats_device)
+    kept_tokens: dict[str, list[torch.Tensor]] = {"m": [], "r": [], "y": []}
+    for batch in tqdm(context.calibration_batches(), desc=f"calibrate layers {kept + 1}-{last_removed}",
+                      disable=not context.progress, leave=False):
+        with capture_outputs(watched, stop_after=layers[last_removed]) as out:
+            run_decoder(decoder, batch)
+        mask = batch.attention_mask.to(out["h"].device).bool()
+        m, h, target = out["mlp"][mask], out["h"][mask], out["target"][mask]
+        y = h - m
+        residual = target.to(torch.float64) - y.to(torch.float64)
+        equations.add(m, residual)
+        if config.estimator == "cosine":
+            kept_tokens["m"].append(m.float().cpu())
+            kept_tokens["r"].append(residual.float().cpu())
+            if config.cosine_loss == "full":
+                kept_tokens["y"].append(y.float().cpu())
+    equations.all_reduce()
+    alpha = None
+    if config.estimator == "lstsq":
+        transform, alpha = equations.solve(config.ridge)
+    else:
+        transform = fit_cosine_map(
+            torch.cat(kept_tokens["m"]), torch.cat(kept_tokens["r"]),
+            torch.cat(kept_tokens["y"]) if kept_tokens["y"] else None,
+            lr=config.lr, epochs=config.epochs, batch_tokens=config.batch_tokens, seed=config.seed,
+            device=stats_device, progress=context.progress)
+    identity_error = equations.squared_error(torch.eye(dim, dtype=torch.float64))
+    fitted_error = equations.squared_error(transform)
+    stats = {
+        "calibration_tokens": equations.num_tokens,
+        # ‖M·T − R‖² / ‖R‖²: how much of the removed layers' contribution the map leaves unexplained.
+        "relative_error_without_map": identity_error / max(float(equations.target_sq), 1e-30),
+        "relative_error_with_map": fitted_error / max(float(equations.target_sq), 1e-30),
+    }
+    if alpha is not None:
+        stats["ridge_used"] = alpha
+    return transform, stats
+
+
+def remove_cuts(model: Any, cuts: list[Cut], context: PruneContext,
+                before_removal=None) -> list[dict[str, Any]]:
+    """Delete each cut's layers (ascending, indices shifted); ``before_removal(kept, last)`` runs first."""
+    removed_before = 0
+    reports = []
+    for cut in cuts:
+        kept, last = shifted(cut, removed_before)
+        entry = cut.to_dict()
+        if before_removal is not None:
+            entry.update(before_removal(kept, last))
+        context.adapter.remove_layers(model, list(range(kept + 1, last + 1)))
+        removed_before += len(cut.removed)
+        reports.append(entry)
+    return reports
+
+
+def apply_replaceme(model: Any, config: ReplaceMeConfig, context: PruneContext) -> StageReport:
+    config.check_model(model.config, context.adapter)
+    layers_before = context.adapter.num_layers(model.config)
+    cuts, distances = select_cuts(model, config, context)
+
+    def fit_and_fold(kept: int, last: int) -> dict[str, Any]:
+        transform, stats = estimate_map(model, kept, last, config, context)
+        layer = context.adapter.layers(model)[kept]
+        return {**stats, "folded_into": fold_linear_map_into_mlp_output(context.adapter, layer, transform)}
+
+    cut_reports = remove_cuts(model, cuts, context, fit_and_fold)
+    return StageReport("replaceme", {
+        "estimator": config.estimator,
+        "layers_before": layers_before,
+        "layers_after": context.adapter.num_layers(model.config),
+        "removed_layers": sorted(i for c in cuts for i in c.removed),
+        "cuts": cut_reports,
+        "candidate_distances": distances,
+    })
+
+
+register_method("replaceme", ReplaceMeConfig, apply_replaceme)

@@ -1,0 +1,265 @@
+"""Recipe loading and validation (YAML or JSON).
+
+Every error names its key path (``stages[1].keep_ratio: must be in (0, 1], got 1.5``) and is raised
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigFieldError, RecipeError
+from .registry import MethodConfig, config_field, get_method
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Evaluation tasks a recipe may name (the harness in hf_prune.evals implements them).
+EVAL_TASKS = ("perplexity",)
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise ConfigFieldError(name, f"must be a positive integer, got {value}")
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration data: a local text/jsonl/json/parquet file or a datasets hub id."""
+
+    data: str = config_field(help="local file (.txt, .jsonl, .json, .parquet) or a datasets hub id")
+    num_samples: int = config_field(128, help="number of calibration sequences")
+    seq_len: int = config_field(512, help="tokens per sequence (longer records are truncated)")
+    batch_size: int = config_field(8, help="sequences per forward pass")
+    text_field: str = config_field("text", help="column holding the text in jsonl/json/parquet/hub data")
+    split: str = config_field("train", help="dataset split (hub datasets)")
+    sample_by: Literal["line", "paragraph", "document"] = config_field(
+        "paragraph", help="how a .txt file is cut into records")
+    packing: bool = config_field(
+        False, help="concatenate all records and cut exact seq_len windows (no padding) instead of one record per sequence")
+    seed: int = config_field(0, help="seed for shuffling records")
+    shuffle: bool = config_field(False, help="shuffle records before taking num_samples")
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "seq_len", "batch_size"):
+            _check_positive(name, getattr(self, name))
+        if self.seq_len < 2:
+            raise ConfigFieldError("seq_len", f"must be at least 2, got {self.seq_len}")
+        if not self.data:
+            raise ConfigFieldError("data", "must name a file or a dataset id")
+
+
+@dataclass
+class EvaluationTask:
+    """One evaluation run after pruning (also run on the original model for the retained ratio)."""
+
+    task: str = config_field(help=f"task name: {' | '.join(EVAL_TASKS)}")
+    data: str = config_field(help="local file or datasets hub id")
+    seq_len: int | None = config_field(None, help="window length (default: model maximum, at most 1024)")
+    batch_size: int = config_field(8, help="windows per forward pass")
+    limit: int | None = config_field(None, help="evaluate at most this many windows")
+    text_field: str = config_field("text", help="text column for jsonl/json/parquet data")
+
+    def __post_init__(self) -> None:
+        if self.task not in EVAL_TASKS:
+            raise ConfigFieldError("task", f"unknown task {self.task!r} (allowed: {', '.join(EVAL_TASKS)})")
+        for name in ("seq_len", "batch_size", "limit"):
+            _check_positive(name, getattr(self, name))
+
+
+@dataclass
+class Stage:
+    method: str
+    config: MethodConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.config.to_dict()}
+
+
+@dataclass
+class Recipe:
+    model: str | None
+    output: str | None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    calibration: CalibrationConfig | None = None
+    stages: list[Stage] = field(default_factory=list)
+    evaluate: list[EvaluationTask] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "output": self.output, "dtype": self.dtype, "device": self.device,
+            "trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle,
+            "calibration": dataclasses.asdict(self.calibration) if self.calibration else None,
+            "stages": [s.to_dict() for s in self.stages],
+            "evaluate": [dataclasses.asdict(e) for e in self.evaluate],
+        }
+
+
+_TOP_LEVEL_HELP = {
+    "model": "model folder or hub id (required)",
+    "output": "output folder (required; never the source folder)",
+    "dtype": f"weights dtype: {' | '.join(DTYPES)}",
+    "device": "auto (cuda if present, else cpu) | cpu | cuda | cuda:N | a device_map name for accelerate (balanced, sequential)",
+    "trust_remote_code": "allow the model's own modeling code (off by default)",
+    "allow_pickle": "allow loading non-safetensors weights (off by default: pickle can run code)",
+    "calibration": "calibration data section",
+    "stages": "list of pruning stages, each {method: NAME, ...its config}",
+    "evaluate": "list of evaluation tasks run on the original and the pruned model",
+}
+
+
+def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, model_in_memory: bool = False) -> Recipe:
+    """Load and validate a recipe from a YAML/JSON file, a dict, or pass a ``Recipe`` through.
+
+    With ``model_in_memory=True`` (``prune(model, recipe)``), ``model`` and ``output`` become optional.
+    """
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, (str, Path)):
+        data = _read_recipe_file(Path(source))
+    elif isinstance(source, dict):
+        data = source
+    else:
+        raise RecipeError(f"recipe: expected a file path or a dict, got {type(source).__name__}")
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: the top level must be a mapping, got {type(data).__name__}")
+    return _build_recipe(data, model_in_memory=model_in_memory)
+
+
+def _read_recipe_file(path: Path) -> Any:
+    if not path.is_file():
+        raise RecipeError(f"recipe: file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)  # YAML is a superset of JSON
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise RecipeError(f"recipe: {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+
+
+def _unknown_key_error(path: str, key: str, allowed: typing.Iterable[str]) -> RecipeError:
+    allowed = list(allowed)
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    return RecipeError(f"{path}{key}: unknown key (allowed: {', '.join(allowed)}){suggestion}")
+
+
+def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
+    for key in data:
+        if key not in _TOP_LEVEL_HELP:
+            raise _unknown_key_error("", str(key), _TOP_LEVEL_HELP)
+    for key in ("model", "output"):
+        if key not in data and not model_in_memory:
+            raise RecipeError(f"{key}: missing required key ({_TOP_LEVEL_HELP[key]})")
+    model = _check_type("model", data.get("model"), str | None)
+    output = _check_type("output", data.get("output"), str | None)
+    dtype = _check_type("dtype", data.get("dtype", "auto"), str)
+    if dtype not in DTYPES:
+        raise RecipeError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = _check_type("device", data.get("device", "auto"), str)
+    calibration = None
+    if data.get("calibration") is not None:
+        calibration = build_dataclass(CalibrationConfig, data["calibration"], "calibration")
+    stages_data = _check_type("stages", data.get("stages"), list)
+    if not stages_data:
+        raise RecipeError("stages: must be a non-empty list of {method: NAME, ...} entries")
+    stages = [_build_stage(entry, f"stages[{i}]") for i, entry in enumerate(stages_data)]
+    needing = [f"stages[{i}] ({s.method})" for i, s in enumerate(stages) if s.config.needs_calibration]
+    if needing and calibration is None:
+        raise RecipeError(f"calibration: missing, but {', '.join(needing)} needs calibration data")
+    evaluate = [build_dataclass(EvaluationTask, entry, f"evaluate[{i}]")
+                for i, entry in enumerate(_check_type("evaluate", data.get("evaluate") or [], list))]
+    return Recipe(
+        model=model, output=output, dtype=dtype, device=device,
+        trust_remote_code=_check_type("trust_remote_code", data.get("trust_remote_code", False), bool),
+        allow_pickle=_check_type("allow_pickle", data.get("allow_pickle", False), bool),
+        calibration=calibration, stages=stages, evaluate=evaluate,
+    )
+
+
+def _build_stage(entry: Any, path: str) -> Stage:
+    if not isinstance(entry, dict):
+        raise RecipeError(f"{path}: expected a mapping with a 'method' key, got {type(entry).__name__}")
+    if "method" not in entry:
+        raise RecipeError(f"{path}.method: missing required key")
+    name = _check_type(f"{path}.method", entry["method"], str)
+    spec = get_method(name, key_path=f"{path}.method")
+    fields = {k: v for k, v in entry.items() if k != "method"}
+    return Stage(method=name, config=build_dataclass(spec.config_cls, fields, path))
+
+
+def build_dataclass(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking unknown keys, required keys and types."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise _unknown_key_error(f"{path}.", str(key), fields)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _check_type(f"{path}.{name}", data[name], hints[name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            help_text = f.metadata.get("help", "")
+            raise RecipeError(f"{path}.{name}: missing required key ({help_text})")
+    try:
+        return cls(**kwargs)
+    except ConfigFieldError as exc:
+        raise RecipeError(f"{path}.{exc.field}: {exc.message}") from None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(inner)}"
+    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` (ints widened to float where a float is expected) or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(path, value, option)
+            except RecipeError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise RecipeError(f"{path}: must be one of {_type_name(tp)}, got {value!r}")
+    elif origin is list or tp is list:
+        if isinstance(value, list):
+            (inner,) = typing.get_args(tp) or (Any,)
+            return [_check_type(f"{path}[{i}]", v, inner) for i, v in enumerate(value)]
+    elif tp is Any:
+        return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise RecipeError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
