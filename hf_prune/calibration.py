@@ -109,6 +109,28 @@ def build_calibration(config: CalibrationConfig, tokenizer: Any) -> list[Calibra
     return tokenize_calibration(texts, tokenizer, config)
 
 
+@torch.no_grad()
+def self_generated_texts(model: Any, tokenizer: Any, *, num_samples: int, max_new_tokens: int,
+                         seed: int = 0, batch_size: int = 16) -> list[str]:
+    """Texts the model samples from BOS (data-free calibration, in the model's own distribution)."""
+    if tokenizer.bos_token_id is None:
+        raise CalibrationError("self-generated calibration needs a tokenizer with a BOS token")
+    device = next(model.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    texts = []
+    try:
+        for start in range(0, num_samples, batch_size):
+            rows = min(batch_size, num_samples - start)
+            bos = torch.full((rows, 1), tokenizer.bos_token_id, device=device)
+            out = model.generate(bos, attention_mask=torch.ones_like(bos), do_sample=True, top_k=0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=_pad_token_id(tokenizer))
+            texts.extend(tokenizer.decode(row, skip_special_tokens=True) for row in out)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return texts
+
+
 def _pad_token_id(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, attr, None)
