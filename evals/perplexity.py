@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from tqdm.auto import tqdm
 
+from ..data import load_text_records
 from .metrics import load_metric
-
-# Suffix -> `datasets` builder used to read a local file.
-_LOCAL_BUILDERS = {
-    ".txt": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-}
 
 # Literal marker that raw corpus dumps (TinyStories, GPT-2-style text files) put between documents.
 DEFAULT_DOCUMENT_SEPARATOR = "<|endoftext|>"
@@ -153,57 +144,8 @@ def default_seq_len(model) -> int:
 
 
 def load_text(data: str, *, text_field: str = "text") -> str:
-    """The evaluation text in ``data`` (see :func:`evaluate_perplexity` for accepted sources)."""
-    path = Path(data).expanduser()
-    suffix = path.suffix.lower()
-    if path.is_file():
-        builder = _LOCAL_BUILDERS.get(suffix)
-        if builder is None:
-            raise ValueError(
-                f"unsupported data file {data!r}: expected one of {', '.join(sorted(_LOCAL_BUILDERS))}"
-            )
-        if builder == "text":
-            # sample_by="document" makes the whole file one row, so paragraphs stay together.
-            dataset = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
-            return dataset["text"][0] if dataset.num_rows else ""
-        try:
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except StopIteration:
-            # The json builder raises StopIteration on a file with no records.
-            return ""
-        return _join_field(dataset, text_field, source=data)
-
-    if suffix in _LOCAL_BUILDERS or path.is_absolute() or data.startswith((".", "~")):
-        raise FileNotFoundError(f"data file not found: {data!r}")
-
-    # Not a local file: treat it as a datasets Hub id.
-    try:
-        dataset = datasets.load_dataset(data, split="test")
-    except Exception as exc:
-        raise FileNotFoundError(
-            f"data file not found: {data!r}; loading it as a Hugging Face Hub dataset id also failed "
-            f"({type(exc).__name__}: {exc}). Hub dataset ids need network access (and HF_HUB_OFFLINE "
-            "unset); pass a local .txt/.jsonl/.json/.parquet file otherwise"
-        ) from exc
-    return _join_field(dataset, text_field, source=data)
-
-
-def _join_field(dataset: datasets.Dataset, text_field: str, *, source: str) -> str:
-    if text_field not in dataset.column_names:
-        raise ValueError(
-            f"text field {text_field!r} not found in {source!r}; available columns: "
-            f"{', '.join(dataset.column_names) or '(none)'}"
-        )
-    pieces = []
-    for value in dataset[text_field]:
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise ValueError(
-                f"text field {text_field!r} in {source!r} holds {type(value).__name__} values, not strings"
-            )
-        pieces.append(value)
-    return "\n\n".join(pieces)
+    """The evaluation text in ``data``: a .txt file whole, or the ``text_field`` records joined by blank lines."""
+    return "\n\n".join(load_text_records(data, text_field=text_field, split="test", sample_by="document"))
 
 
 def _window_batches(

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from .data import load_text_records
 from .errors import CalibrationError
 from .recipe import CalibrationConfig
-
-_FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-LOCAL_DATA_SUFFIXES = tuple(_FILE_BUILDERS)
 
 
 @dataclass
@@ -31,39 +28,6 @@ class CalibrationBatch:
 
     def to(self, device: torch.device | str) -> CalibrationBatch:
         return CalibrationBatch(self.input_ids.to(device), self.attention_mask.to(device))
-
-
-def load_texts(data: str, *, text_field: str = "text", split: str = "train",
-               sample_by: str = "paragraph") -> list[str]:
-    """Records of a local text/jsonl/json/parquet file, or of a datasets hub id, as strings."""
-    import datasets
-
-    path = Path(data)
-    if path.suffix.lower() in _FILE_BUILDERS or path.exists():
-        if not path.is_file():
-            raise CalibrationError(f"calibration data file not found: {data}")
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise CalibrationError(f"{data}: unsupported file type {path.suffix!r} "
-                                   f"(allowed: {', '.join(sorted(_FILE_BUILDERS))})")
-        kwargs = {"sample_by": sample_by} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        source = str(path)
-    else:
-        try:
-            dataset = datasets.load_dataset(data, split=split)
-        except Exception as exc:  # offline, unknown id, bad split: one clear message
-            raise CalibrationError(
-                f"calibration data {data!r} is not a local file and could not be loaded as a datasets hub id "
-                f"(split {split!r}); hub datasets need network access: {exc}") from exc
-        source = data
-    if text_field not in dataset.column_names:
-        raise CalibrationError(f"{source}: no field {text_field!r} (fields: {', '.join(dataset.column_names)}); "
-                               "set calibration.text_field")
-    texts = [t for t in dataset[text_field] if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise CalibrationError(f"{source}: calibration data is empty (no non-blank {text_field!r} records)")
-    return texts
 
 
 def tokenize_calibration(texts: list[str], tokenizer: Any, config: CalibrationConfig) -> list[CalibrationBatch]:
@@ -105,7 +69,8 @@ def tokenize_calibration(texts: list[str], tokenizer: Any, config: CalibrationCo
 
 
 def build_calibration(config: CalibrationConfig, tokenizer: Any) -> list[CalibrationBatch]:
-    texts = load_texts(config.data, text_field=config.text_field, split=config.split, sample_by=config.sample_by)
+    texts = load_text_records(config.data, text_field=config.text_field, split=config.split,
+                              sample_by=config.sample_by)
     return tokenize_calibration(texts, tokenizer, config)
 
 

@@ -133,7 +133,7 @@ def build_model_card(report: dict[str, Any]) -> str:
     methods = [stage["method"] for stage in report["stages"]]
     name = Path(report["recipe"].get("output") or "pruned-model").name
     eval_results = [
-        EvalResult(task_type="text-generation", dataset_type=entry["data"], dataset_name=Path(entry["data"]).name,
+        EvalResult(task_type="text-generation", dataset_type=Path(entry["data"]).stem, dataset_name=Path(entry["data"]).name,
                    metric_type=entry["task"], metric_value=round(entry["pruned"][entry["task"]], 4))
         for entry in report.get("evaluation", [])
     ]

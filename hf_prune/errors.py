@@ -13,8 +13,12 @@ class UnsupportedModelError(HfPruneError, ValueError):
     """The model's architecture is not in the adapter table, or a method cannot apply to it."""
 
 
-class CalibrationError(HfPruneError, ValueError):
-    """Calibration data is missing, empty or too short."""
+class DataError(HfPruneError, ValueError):
+    """A data file is empty, has no usable text field, or has an unsupported type."""
+
+
+class CalibrationError(DataError):
+    """Calibration data is too short to build a single sequence."""
 
 
 class ConfigFieldError(ValueError):

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import count_parameters, get_adapter
-from .calibration import LOCAL_DATA_SUFFIXES
 from .checkpoint import (
     check_output_path,
     library_versions,
@@ -24,6 +23,7 @@ from .checkpoint import (
     text_tokenizer,
 )
 from .context import PruneContext
+from .data import looks_like_local_path
 from .errors import ConfigFieldError, HfPruneError, RecipeError, UnsupportedModelError
 from .recipe import Recipe, load_recipe
 from .registry import get_method, run_stage
@@ -137,7 +137,3 @@ def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> 
         if looks_like_local_path(data) and not Path(data).expanduser().exists():
             raise RecipeError(f"{key}: file not found: {data}")
 
-
-def looks_like_local_path(data: str) -> bool:
-    """A data reference meant as a file (a known suffix or an explicit path), not a datasets hub id."""
-    return Path(data).suffix.lower() in LOCAL_DATA_SUFFIXES or data.startswith(("./", "../", "/", "~"))

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import hf_prune
 from hf_prune import RecipeError, UnsupportedModelError
 from hf_prune.checkpoint import atomic_write_dir, load_model
-from hf_prune.errors import CalibrationError, HfPruneError
+from hf_prune.errors import DataError, HfPruneError
 
 STORIES = "models/stories260K"
 
@@ -65,7 +65,7 @@ def test_empty_calibration_data_writes_nothing(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
     recipe["calibration"]["data"] = str(empty)
-    with pytest.raises(CalibrationError, match="empty"):
+    with pytest.raises(DataError, match="empty"):
         hf_prune.prune(recipe, progress=False)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -76,7 +76,7 @@ def test_calibration_field_missing(tmp_path):
     data = tmp_path / "calib.jsonl"
     data.write_text(json.dumps({"body": "a story"}) + "\n")
     recipe["calibration"].update(data=str(data))
-    with pytest.raises(CalibrationError, match="no field 'text'.*fields: body"):
+    with pytest.raises(DataError, match="no text field 'text'.*fields: body"):
         hf_prune.prune(recipe, progress=False)
 
 
