@@ -87,7 +87,14 @@ def evaluate_perplexity(
             "at least 2 are needed"
         )
     tokens = torch.tensor(token_ids, dtype=torch.long)
+    result = perplexity_of_tokens(model, tokens, seq_len=seq_len, batch_size=batch_size, limit=limit,
+                                  progress=progress)
+    return {**result, "data": data_name, "seconds": time.perf_counter() - started}
 
+
+def perplexity_of_tokens(model, tokens: torch.Tensor, *, seq_len: int, batch_size: int = 8,
+                         limit: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Perplexity over non-overlapping ``seq_len`` windows of a 1-D token tensor (see evaluate_perplexity)."""
     batches = _window_batches(len(tokens), seq_len=seq_len, batch_size=batch_size, limit=limit)
     num_windows = sum(len(batch) for batch in batches)
 
@@ -122,8 +129,6 @@ def evaluate_perplexity(
         "num_tokens": int(result["num_tokens"]),
         "num_windows": num_windows,
         "seq_len": seq_len,
-        "data": data_name,
-        "seconds": time.perf_counter() - started,
     }
 
 

@@ -39,7 +39,7 @@ def tokenize_calibration(texts: list[str], tokenizer: Any, config: CalibrationCo
     if config.packing:
         stream: list[int] = []
         for text in texts:
-            stream.extend(tokenizer(text)["input_ids"])
+            stream.extend(tokenizer(text, verbose=False)["input_ids"])
             if len(stream) >= config.num_samples * config.seq_len:
                 break
         sequences = [stream[i:i + config.seq_len] for i in range(0, len(stream), config.seq_len)]
