@@ -6,25 +6,21 @@ with plain transformers (hf_prune never imported there) and records logits, gree
 structure and, for LLaVA / LLaVA-NeXT, an image forward. The tests compare the two sides.
 """
 
+import copy
+import json
 import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
-
-import copy  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from tiny_models import (  # noqa: E402
+import numpy as np
+import pytest
+import torch
+import transformers
+from tiny_models import (
     ALL_TYPES,
     DAMPED_LAYER,
     IMAGE_SIZE,
@@ -41,9 +37,9 @@ from tiny_models import (  # noqa: E402
     write_calibration_file,
 )
 
-import hf_prune  # noqa: E402
-from hf_prune.adapters import get_adapter  # noqa: E402
-from hf_prune.methods.depth.replaceme import fold_linear_map_into_mlp_output  # noqa: E402
+import hf_prune
+from hf_prune.adapters import get_adapter
+from hf_prune.methods.depth.replaceme import fold_linear_map_into_mlp_output
 
 PROMPT = "def area(r):\n    return 3.14 * r * r  # the radius"
 IMAGE_PROMPT = f"{IMAGE_TOKEN}\nWhat is shown here?"

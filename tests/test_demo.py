@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from hf_prune.evals.demo_model import build_demo_model
 
 from hf_prune import demo
-from hf_prune.evals.demo_model import build_demo_model
 
 
 @pytest.fixture

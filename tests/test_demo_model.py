@@ -5,13 +5,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pydoc_data.topics import topics  # noqa: E402
+from pydoc_data.topics import topics
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hf_prune.evals import demo_model  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import pytest
+import torch
+from hf_prune.evals import demo_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TINY_STEPS = 3
 

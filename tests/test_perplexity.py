@@ -1,22 +1,18 @@
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+import json
+import math
+import random
+from types import SimpleNamespace
 
-import json  # noqa: E402
-import math  # noqa: E402
-import random  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-import datasets  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from conftest import shared_asset  # noqa: E402
-from hf_prune.evals.metrics import load_metric, shipped_metric_names  # noqa: E402
-from hf_prune.evals.perplexity import DEFAULT_DOCUMENT_SEPARATOR, default_seq_len, evaluate_perplexity  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
-from transformers import (  # noqa: E402
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import shared_asset
+from hf_prune.evals.metrics import load_metric, shipped_metric_names
+from hf_prune.evals.perplexity import DEFAULT_DOCUMENT_SEPARATOR, default_seq_len, evaluate_perplexity
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
