@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.quiet:
-        _silence_progress()
+    if args.quiet or args.command == "demo":
+        _silence_library_progress()
     try:
         return {"prune": _prune, "eval": _eval, "inspect": _inspect, "methods": _methods, "demo": _demo}[
             args.command](args)
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _silence_progress() -> None:
+def _silence_library_progress() -> None:
+    """Hide transformers' and datasets' own bars and info logs (weight loading, shard writing)."""
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     import datasets
     import transformers

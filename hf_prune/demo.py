@@ -26,8 +26,8 @@ model = AutoModelForCausalLM.from_pretrained(folder).eval()
 tokenizer = AutoTokenizer.from_pretrained(folder)
 with torch.no_grad():
     logits = model(torch.tensor([ids])).logits[0]
-generated = model.generate(torch.tensor([ids[:8]]), max_new_tokens=24, do_sample=False)
-print(json.dumps({"logits": logits.tolist(), "text": tokenizer.decode(generated[0][8:]),
+generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+print(json.dumps({"logits": logits.tolist(), "text": tokenizer.decode(generated[0][len(ids):], skip_special_tokens=True),
                   "hf_prune_imported": "hf_prune" in sys.modules,
                   "layers": model.config.num_hidden_layers}))
 """
@@ -62,7 +62,7 @@ def run_demo(output: Path, *, num_layers: int = 2, progress: bool = True) -> dic
         results[method] = prune(recipe, progress=progress)
 
     replaceme = results["replaceme"]
-    probe = replaceme.tokenizer("The for statement is used to iterate over the elements of a sequence")["input_ids"]
+    probe = replaceme.tokenizer("The for statement is used to iterate over the elements of a sequence.")["input_ids"]
     reloaded = reload_in_fresh_process(replaceme.output, probe)
     with torch.no_grad():
         in_memory = replaceme.model(torch.tensor([probe])).logits[0]
@@ -85,6 +85,6 @@ def run_demo(output: Path, *, num_layers: int = 2, progress: bool = True) -> dic
     print(f"ReplaceMe checkpoint: {replaceme.output}")
     print(f"reloaded with plain transformers in a fresh process (hf_prune imported there: "
           f"{reloaded['hf_prune_imported']}): {reloaded['layers']} layers, max |logit diff| {max_diff:.2e}")
-    print(f"greedy continuation: {reloaded['text']!r}")
+    print(f"greedy continuation of the probe sentence by the reloaded model: {reloaded['text']!r}")
     print(f"demo finished in {time.perf_counter() - start:.0f}s")
     return {"results": results, "max_logit_diff": max_diff, "reloaded": reloaded}

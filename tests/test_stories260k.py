@@ -120,3 +120,17 @@ def test_cosine_estimator_runs_and_reports(generated_calibration, tmp_path):
     assert report["stages"][0]["estimator"] == "cosine"
     # Started from the identity, the cosine map must explain more of the removed layer than no map.
     assert cut["relative_error_with_map"] < cut["relative_error_without_map"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run where a GPU is present)")
+def test_gpu_path_matches_cpu(generated_calibration, tmp_path):
+    reports = {}
+    for device in ("cuda", "cpu"):
+        r = recipe("replaceme", {"layers": [2, 2]}, generated_calibration, str(tmp_path / device))
+        r["device"], r["dtype"] = device, "float32"
+        result = hf_prune.prune(r, progress=False)
+        assert next(result.model.parameters()).device.type == device
+        reports[device] = result.report
+    gpu, cpu = (reports[d]["evaluation"][0]["pruned"]["perplexity"] for d in ("cuda", "cpu"))
+    assert gpu == pytest.approx(cpu, rel=1e-3)
