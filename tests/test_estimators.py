@@ -97,3 +97,65 @@ def test_choose_cuts_reports_when_blocks_do_not_fit():
 
 def test_shifted_indices_after_earlier_removals():
     assert shifted(Cut(kept=5, removed=[6, 7], distances=[]), removed_before=2) == (3, 5)
+
+
+def _all_reduce_worker(rank, init_file, inputs, targets, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        equations = NormalEquations(inputs.shape[1])
+        half = inputs.shape[0] // 2
+        rows = slice(0, half) if rank == 0 else slice(half, None)
+        equations.add(inputs[rows], targets[rows])
+        equations.all_reduce()
+        results[rank] = (equations.solve()[0], equations.num_tokens)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_statistics_sum_over_ranks(tmp_path):
+    """Two gloo ranks with half the tokens each reach the single-process solution."""
+    import torch.multiprocessing as mp
+
+    m, r = synthetic(n=300, d=6)
+    whole = NormalEquations(6)
+    whole.add(m, r)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_all_reduce_worker, args=(str(tmp_path / "rendezvous"), m, r, results), nprocs=2)
+        for rank in (0, 1):
+            transform, tokens = results[rank]
+            assert tokens == 300
+            torch.testing.assert_close(transform, whole.solve()[0], rtol=1e-9, atol=1e-9)
+
+
+def test_pad_tokens_never_enter_the_statistics():
+    """One padded batch of two sequences gives the same map as the two sequences unpadded, one by one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_prune.adapters import get_adapter
+    from hf_prune.calibration import CalibrationBatch
+    from hf_prune.context import PruneContext
+    from hf_prune.methods.depth.replaceme import ReplaceMeConfig, estimate_map
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=1)).double().eval()
+    long, short = torch.randint(3, 50, (1, 12)), torch.randint(3, 50, (1, 7))
+    padded_ids = torch.zeros(2, 12, dtype=torch.long)
+    padded_ids[0], padded_ids[1, :7] = long[0], short[0]
+    padded_ids[1, 7:] = 49  # garbage in the pad positions must not matter
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0], mask[1, :7] = 1, 1
+    config = ReplaceMeConfig(layers=[2, 2])
+    adapter = get_adapter(model.config)
+
+    def fit(batches):
+        return estimate_map(model, 1, 2, config, PruneContext(adapter, progress=False, _batches=batches))
+
+    padded_map, padded_stats = fit([CalibrationBatch(padded_ids, mask)])
+    separate_map, separate_stats = fit([CalibrationBatch(long, torch.ones_like(long)),
+                                        CalibrationBatch(short, torch.ones_like(short))])
+    assert padded_stats["calibration_tokens"] == separate_stats["calibration_tokens"] == 19
+    torch.testing.assert_close(padded_map, separate_map, rtol=1e-8, atol=1e-8)
