@@ -87,16 +87,16 @@ def run_case(title: str, model, tokenizer, texts: list[str], calibration: Calibr
     batches = tokenize_calibration(texts, tokenizer, calibration)
     total_layers = adapter.num_layers(model.config)
     forward_floor(model, adapter, batches[:1], total_layers)  # warm-up
-    floor = forward_floor(model, adapter, batches, total_layers)
+    floor = min(forward_floor(model, adapter, batches, total_layers) for _ in range(3))
     tokens = sum(b.num_tokens for b in batches)
     print(f"\n## {title}: {total_layers} layers, {count_parameters(model):,} parameters, "
           f"remove {num_layers}; calibration {len(batches)} batches, {tokens:,} tokens")
-    print(f"floor (one full forward pass over the calibration data): {floor:.2f}s")
+    print(f"floor (one full forward pass over the calibration data, best of 3): {floor:.2f}s")
     baseline_ppl = None
     if eval_file is not None:
         baseline_ppl = _perplexity(model, tokenizer, eval_file)
         print(f"original perplexity on {eval_file.name}: {baseline_ppl:.3f}")
-    header = f"{'method':<46} {'removed':>16} {'params':>8} {'time':>7} {'x floor':>8} {'peak MiB':>9} {'rel.err':>8}"
+    header = f"{'method':<52} {'removed':>16} {'params':>8} {'time':>7} {'x floor':>8} {'peak MiB':>9} {'rel.err':>8}"
     print(header + ("  perplexity  retained" if eval_file else ""))
     for method, fields in VARIANTS:
         pruned = copy.deepcopy(model)
@@ -107,7 +107,7 @@ def run_case(title: str, model, tokenizer, texts: list[str], calibration: Calibr
         cut = report["cuts"][0]
         error = cut.get("relative_error_with_map", cut.get("relative_error_without_map"))
         label = method + "".join(f" {k}={v}" for k, v in fields.items())
-        line = (f"{label:<46} {str(report['removed_layers']):>16} "
+        line = (f"{label:<52} {str(report['removed_layers']):>16} "
                 f"{count_parameters(pruned) / count_parameters(model):>8.1%} {report['seconds']:>6.2f}s "
                 f"{report['seconds'] / floor:>8.2f} {memory.extra_mib:>9.1f} "
                 f"{'' if error is None else f'{error:.3f}':>8}")
