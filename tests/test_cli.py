@@ -46,3 +46,14 @@ def test_prune_reports_recipe_errors_without_traceback(tmp_path, capsys):
     assert main(["prune", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: stages[0].num_layers: expected int or null, got str 'two'")
+
+
+def test_inspect_shows_experts_and_vision_tower(tmp_path, capsys):
+    from tiny_models import save_tiny_model
+
+    assert main(["inspect", str(save_tiny_model("qwen2_moe", tmp_path / "moe"))]) == 0
+    text = capsys.readouterr().out
+    assert "experts                4" in text and "shared_expert          True" in text
+    assert main(["inspect", str(save_tiny_model("llava", tmp_path / "llava"))]) == 0
+    text = capsys.readouterr().out
+    assert "vision_tower" in text and "clip_vision_model" in text and "language_model_type  llama" in text
