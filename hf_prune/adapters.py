@@ -128,6 +128,11 @@ class ModelAdapter:
     def is_moe_layer(self, layer: nn.Module) -> bool:
         return self.spec.is_moe and hasattr(self.mlp(layer), self.spec.experts_attr)
 
+    def experts_per_layer(self, model: nn.Module) -> list[int]:
+        """Routed experts in each decoder layer (0 for a dense layer)."""
+        return [int(getattr(self.mlp(layer), self.spec.experts_attr).num_experts) if self.is_moe_layer(layer) else 0
+                for layer in self.layers(model)]
+
     def mlp_output_projections(self, layer: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter | None]]:
         """(name, weight, bias) of every projection whose output sums into the layer's MLP output.
 

@@ -67,27 +67,35 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-               allow_pickle: bool = False) -> Any:
-    """Load a model with its head through the Auto class its adapter names; safetensors only by default."""
+def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_map: str | None = None,
+               trust_remote_code: bool = False, allow_pickle: bool = False, auto_class: Any = None) -> Any:
+    """Load a model with its head; safetensors only unless ``allow_pickle``.
+
+    ``auto_class`` defaults to the one the adapter names (causal LM, or image-text-to-text for
+    vision-language models). ``device_map`` (e.g. "auto") spreads a model over several devices with
+    accelerate; otherwise the whole model goes to ``device`` ("auto": cuda when present).
+    """
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    adapter = get_adapter(config)
+    if auto_class is None:
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        auto_class = auto_model_class(get_adapter(config))
     placement = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": _TORCH_DTYPES.get(dtype, "auto"), "trust_remote_code": trust_remote_code}
-    if placement in ("balanced", "balanced_low_0", "sequential") or (placement == "cuda" and torch.cuda.device_count() > 1):
-        kwargs["device_map"] = "auto" if placement == "cuda" else placement
+    if placement in ("balanced", "balanced_low_0", "sequential"):
+        device_map = device_map or placement
+    if device_map:
+        kwargs["device_map"] = device_map
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
-        model = auto_model_class(adapter).from_pretrained(name, **kwargs)
+        model = auto_class.from_pretrained(name, **kwargs)
     except OSError as exc:
         if not allow_pickle and "safetensors" in str(exc).lower():
             raise HfPruneError(f"{name}: no safetensors weights found; pickle checkpoints can run arbitrary code "
                                "and are refused unless the recipe sets allow_pickle: true") from exc
         raise
-    if "device_map" not in kwargs:
+    if not device_map:
         model.to(placement)
     model.eval()
     return model
@@ -133,8 +141,9 @@ def build_model_card(report: dict[str, Any]) -> str:
     methods = [stage["method"] for stage in report["stages"]]
     name = Path(report["recipe"].get("output") or "pruned-model").name
     eval_results = [
-        EvalResult(task_type="text-generation", dataset_type=Path(entry["data"]).stem, dataset_name=Path(entry["data"]).name,
-                   metric_type=entry["task"], metric_value=round(entry["pruned"][entry["task"]], 4))
+        EvalResult(task_type=entry["task_type"], dataset_type=Path(entry["data"]).stem,
+                   dataset_name=Path(entry["data"]).name, metric_type=entry["metric"],
+                   metric_value=round(entry["pruned"][entry["metric"]], 4))
         for entry in report.get("evaluation", [])
     ]
     data = ModelCardData(
@@ -153,12 +162,12 @@ def build_model_card(report: dict[str, Any]) -> str:
             lines.append(f"- `{stage['method']}`: removed decoder layers {removed} "
                          f"({stage['layers_before']} → {stage['layers_after']})")
     if report.get("evaluation"):
-        lines += ["", "| task | data | original | pruned | retained |", "|---|---|---|---|---|"]
+        lines += ["", "| task | metric | data | original | pruned | retained |", "|---|---|---|---|---|---|"]
         for entry in report["evaluation"]:
-            metric = entry["task"]
+            metric = entry["metric"]
             original = entry["original"][metric]
             retained = entry.get("retained")
-            lines.append(f"| {metric} | {Path(entry['data']).name} | {original:.4g} | "
+            lines.append(f"| {entry['task']} | {metric} | {Path(entry['data']).name} | {original:.4g} | "
                          f"{entry['pruned'][metric]:.4g} | {'' if retained is None else format(retained, '.1%')} |")
     lines += ["", "Loads with plain `transformers`:", "", "```python",
               "from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{name}")',
@@ -166,10 +175,14 @@ def build_model_card(report: dict[str, Any]) -> str:
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)))
 
 
-def save_pruned_model(model: Any, tokenizer: Any, output: str | os.PathLike, report: dict[str, Any]) -> Path:
-    """Weights (safetensors), config, tokenizer/processor, hf_prune.json and README.md, atomically."""
+def save_pruned_model(model: Any, tokenizer: Any, output: str | os.PathLike, report: dict[str, Any],
+                      write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Weights (safetensors), config, tokenizer/processor, hf_prune.json, README.md and whatever
+    ``write_extra(folder)`` adds (the evaluation report), all in one atomic save."""
 
     def write(folder: Path) -> None:
+        if write_extra is not None:
+            write_extra(folder)
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)

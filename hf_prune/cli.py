@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .errors import HfPruneError
+from .recipe import EVAL_TASKS
 
 _EXAMPLES = {
     "prune": """example:
@@ -24,8 +25,16 @@ recipe.yaml:
     - {method: replaceme, num_layers: 1, estimator: lstsq}
   evaluate:
     - {task: perplexity, data: data/eval.txt}""",
-    "eval": """example:
-  hf-prune eval out/stories-4layers --task perplexity --data eval.txt --seq-len 512 --output results.json""",
+    "eval": """examples:
+  hf-prune eval out/stories-4layers --task perplexity --data eval.txt --seq-len 512 --output results.json
+  hf-prune eval out/stories-4layers --task multiple_choice --data cloze.jsonl --compare ../shared/assets/models/stories260K
+  hf-prune eval out/minilm-pruned --task classification --data sentences.jsonl --label-field label
+  hf-prune eval out/llava-pruned --task vqa --data vqa.jsonl --device auto --dtype bfloat16
+
+--compare also evaluates ORIGINAL, benchmarks both, and writes report.md with plots to --report-dir.""",
+    "bench": """examples:
+  hf-prune bench out/stories-4layers --vs ../shared/assets/models/stories260K
+  hf-prune bench out/stories-4layers --seq-lens 128 256 512 --decode-tokens 32 --output bench.json""",
     "inspect": """example:
   hf-prune inspect ../shared/assets/models/stories260K""",
     "methods": """example:
@@ -56,17 +65,39 @@ def _parser() -> argparse.ArgumentParser:
     prune = command("prune", "Run a pruning recipe (YAML or JSON) and save the pruned model.")
     prune.add_argument("recipe", help="recipe file (.yaml, .yml or .json)")
 
-    evaluate = command("eval", "Evaluate a model on a task (perplexity) through evaluate metric modules.")
+    def placement_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--device", default="auto", help="auto (cuda if present, else cpu) | cpu | cuda | cuda:N")
+        sub.add_argument("--device-map", default=None,
+                         help="accelerate device map, e.g. auto: spread a model larger than one GPU")
+        sub.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                         help="weights dtype (default: bfloat16 on CUDA, the checkpoint's dtype on CPU)")
+        sub.add_argument("--output", default=None, help="also write the results to this JSON file")
+
+    evaluate = command("eval", "Evaluate a model on a task through evaluate metric modules.")
     evaluate.add_argument("model", help="model folder or hub id")
-    evaluate.add_argument("--task", required=True, choices=["perplexity"], help="evaluation task")
-    evaluate.add_argument("--data", required=True, help="local text/jsonl/parquet file or datasets hub id")
-    evaluate.add_argument("--seq-len", type=int, default=None, help="window length (default: model max, <= 1024)")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many windows")
-    evaluate.add_argument("--text-field", default="text", help="text column for jsonl/parquet data")
-    evaluate.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    evaluate.add_argument("--output", default=None, help="also write the results to this JSON file")
+    evaluate.add_argument("--task", required=True, choices=list(EVAL_TASKS), help="evaluation task")
+    evaluate.add_argument("--data", required=True, help="local .txt/.jsonl/.json/.parquet file (or a datasets hub id)")
+    evaluate.add_argument("--compare", metavar="ORIGINAL", default=None,
+                          help="also evaluate and benchmark ORIGINAL, report the retained fraction, write a report")
+    evaluate.add_argument("--report-dir", default="eval-report", help="where --compare writes report.md and plots")
+    evaluate.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: model max, <= 1024)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples / windows")
+    evaluate.add_argument("--text-field", default="text", help="text column (perplexity, classification)")
+    evaluate.add_argument("--text-pair-field", default=None, help="second text column (classification pairs)")
+    evaluate.add_argument("--label-field", default="label", help="label column (classification)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (vqa)")
+    placement_options(evaluate)
+
+    bench = command("bench", "Benchmark prefill latency, decode speed, memory, parameters, size and FLOPs.")
+    bench.add_argument("model", help="model folder or hub id")
+    bench.add_argument("--vs", metavar="ORIGINAL", default=None, help="benchmark ORIGINAL too and report ratios")
+    bench.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512, 1024], help="prefill lengths")
+    bench.add_argument("--batch-size", type=int, default=1, help="sequences per prefill")
+    bench.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for decode speed")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repeats (medians reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
+    placement_options(bench)
 
     inspect = command("inspect", "Show the architecture facts hf-prune knows about a model and which methods apply.")
     inspect.add_argument("model", help="model folder or hub id")
@@ -84,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet or args.command == "demo":
         _silence_library_progress()
     try:
-        return {"prune": _prune, "eval": _eval, "inspect": _inspect, "methods": _methods, "demo": _demo}[
+        return {"prune": _prune, "eval": _eval, "bench": _bench, "inspect": _inspect, "methods": _methods,
+                "demo": _demo}[
             args.command](args)
     except (HfPruneError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -113,29 +145,55 @@ def _prune(args: argparse.Namespace) -> int:
         detail = f" removed layers {removed}" if removed is not None else ""
         print(f"stage {stage['method']}:{detail} in {stage['seconds']:.2f}s")
     for entry in report["evaluation"]:
-        task = entry["task"]
-        print(f"{task} on {entry['data']}: original {entry['original'][task]:.4g}, "
-              f"pruned {entry['pruned'][task]:.4g}, retained {entry['retained']:.1%}")
+        metric = entry["metric"]
+        print(f"{entry['task']} ({metric}) on {entry['data']}: original {entry['original'][metric]:.4g}, "
+              f"pruned {entry['pruned'][metric]:.4g}, retained {entry['retained']:.1%}")
     print(f"saved to {result.output}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, load_preprocessor, text_tokenizer
-    from .evals.perplexity import evaluate_perplexity
+    from .evaluation import compare_checkpoints, evaluate_checkpoint
+    from .recipe import EvaluationTask, build_dataclass
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = text_tokenizer(load_preprocessor(args.model))
-    if tokenizer is None:
-        raise HfPruneError(f"{args.model}: no tokenizer saved with the model")
-    results = evaluate_perplexity(model, tokenizer, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                                  limit=args.limit, text_field=args.text_field, progress=not args.quiet)
-    results = {"model": args.model, "task": args.task, **results}
-    print(json.dumps(results, indent=2))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    task = build_dataclass(EvaluationTask, {
+        "task": args.task, "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "limit": args.limit, "text_field": args.text_field, "text_pair_field": args.text_pair_field,
+        "label_field": args.label_field, "max_new_tokens": args.max_new_tokens}, "eval")
+    placement = {"device": args.device, "device_map": args.device_map, "dtype": args.dtype}
+    if args.compare:
+        results = compare_checkpoints(args.model, args.compare, task, report_dir=Path(args.report_dir),
+                                      progress=not args.quiet, **placement)
+    else:
+        results = evaluate_checkpoint(args.model, task, progress=not args.quiet, **placement)
+    _print_and_write(results, args.output)
+    if args.compare:
+        print(f"retained {results['retained']:.1%}; report: {results['report']}", file=sys.stderr)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .evaluation import bench_checkpoints
+
+    results, table = bench_checkpoints(
+        args.model, args.vs, seq_lens=tuple(args.seq_lens), batch_size=args.batch_size,
+        decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, device=args.device,
+        device_map=args.device_map, dtype=args.dtype, progress=not args.quiet)
+    print(table)
+    if args.output:
+        _write_json(results, args.output)
+    return 0
+
+
+def _print_and_write(results: dict[str, Any], output: str | None) -> None:
+    print(json.dumps(results, indent=2, default=str))
+    if output:
+        _write_json(results, output)
+
+
+def _write_json(results: dict[str, Any], output: str) -> None:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -54,3 +54,31 @@ def load_text_records(data: str, *, text_field: str = "text", split: str = "trai
     if not records:
         raise DataError(f"{data}: no text to use (the file is empty or every {text_field!r} record is blank)")
     return records
+
+
+def read_jsonl_records(path: str, required: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a local JSONL file; errors name the file and the 1-based line (bad JSON, missing fields)."""
+    import json
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            missing = [name for name in required if name not in row]
+            if missing:
+                raise DataError(f"{path}:{number}: missing field {', '.join(repr(m) for m in missing)} "
+                                f"(each row needs {', '.join(required)})")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: the file holds no records")
+    return rows

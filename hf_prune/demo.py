@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .evals.demo_model import demo_model_dir, demo_text_splits
+from .evals.report import write_report
 from .pipeline import prune
 
 _RELOAD_SCRIPT = """
@@ -80,11 +81,16 @@ def run_demo(output: Path, *, num_layers: int = 2, progress: bool = True) -> dic
     for name, layers, params, ppl, retained, seconds in rows:
         print(f"{name:<12} {layers:>6} {params:>11,} {ppl:>11.2f} {retained:>9.1%} "
               f"{'' if seconds is None else f'{seconds:.2f}':>8}")
+    runs = [{"label": method, "params_before": result.report["params_before"],
+             "params_after": result.report["params_after"], "evaluation": result.report["evaluation"]}
+            for method, result in results.items()]
+    report = write_report(output, title="hf-prune demo: ReplaceMe vs layer_drop on the embedded model", runs=runs)
     removed = replaceme.stages[0]["removed_layers"]
     print(f"\nremoved layers {removed} (angular distance); perplexity on held-out pydoc text, 128-token windows")
     print(f"ReplaceMe checkpoint: {replaceme.output}")
     print(f"reloaded with plain transformers in a fresh process (hf_prune imported there: "
           f"{reloaded['hf_prune_imported']}): {reloaded['layers']} layers, max |logit diff| {max_diff:.2e}")
     print(f"greedy continuation of the probe sentence by the reloaded model: {reloaded['text']!r}")
+    print(f"report with plots: {report}")
     print(f"demo finished in {time.perf_counter() - start:.0f}s")
     return {"results": results, "max_logit_diff": max_diff, "reloaded": reloaded}

@@ -25,6 +25,8 @@ from .checkpoint import (
 from .context import PruneContext
 from .data import looks_like_local_path
 from .errors import ConfigFieldError, HfPruneError, RecipeError, UnsupportedModelError
+from .evals.harness import TaskModelMismatch, check_task_fits, get_task, retained_fraction, run_task
+from .evals.report import write_report
 from .recipe import Recipe, load_recipe
 from .registry import get_method, run_stage
 
@@ -63,13 +65,13 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
         name = recipe.model or getattr(source_model, "name_or_path", "") or None
         preprocessor = tokenizer or (load_preprocessor(name, vision_language=adapter.is_vision_language)
                                      if name and Path(name).exists() else None)
-    text_tok = text_tokenizer(preprocessor)
-    if recipe.evaluate and text_tok is None:
+    if recipe.evaluate and preprocessor is None:
         raise HfPruneError("evaluate: needs a tokenizer, and none was found with the model (pass tokenizer=)")
 
     params_before = count_parameters(model)
-    original_scores = [_evaluate(model, text_tok, task, progress) for task in recipe.evaluate]
-    context = PruneContext(adapter, text_tok, recipe.calibration, progress)
+    experts_before = adapter.experts_per_layer(model) if adapter.spec.is_moe else None
+    original_scores = [run_task(model, preprocessor, task, progress=progress) for task in recipe.evaluate]
+    context = PruneContext(adapter, text_tokenizer(preprocessor), recipe.calibration, progress)
     stage_reports = []
     for stage in recipe.stages:
         params = count_parameters(model)
@@ -78,8 +80,9 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
         stage_reports.append(report)
     evaluation = []
     for task, original in zip(recipe.evaluate, original_scores, strict=True):
-        pruned = _evaluate(model, text_tok, task, progress)
-        evaluation.append({"task": task.task, "data": task.data, "original": original, "pruned": pruned,
+        pruned = run_task(model, preprocessor, task, progress=progress)
+        evaluation.append({"task": task.task, "metric": pruned["metric"], "task_type": get_task(task.task).card_task_type,
+                           "data": task.data, "original": original, "pruned": pruned,
                            "retained": retained_fraction(task.task, original, pruned)})
 
     report = {
@@ -92,22 +95,19 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
         "evaluation": evaluation,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    output = save_pruned_model(model, preprocessor, recipe.output, report) if recipe.output else None
+    expert_counts = ({"original": experts_before, "pruned": adapter.experts_per_layer(model)}
+                     if experts_before is not None else None)
+
+    def write_run_report(folder: Path) -> None:
+        if evaluation or expert_counts:
+            run = {"label": "+".join(s.method for s in recipe.stages), "params_before": params_before,
+                   "params_after": report["params_after"], "evaluation": evaluation}
+            write_report(folder, title=f"Pruning report: {recipe.model or 'in-memory model'}", runs=[run],
+                         expert_counts=expert_counts)
+
+    output = (save_pruned_model(model, preprocessor, recipe.output, report, write_run_report)
+              if recipe.output else None)
     return PruneResult(model, preprocessor, report, output)
-
-
-def retained_fraction(task: str, original: dict[str, Any], pruned: dict[str, Any]) -> float:
-    """Pruned / original quality; for perplexity (lower is better) original / pruned."""
-    if task == "perplexity":
-        return original["perplexity"] / pruned["perplexity"]
-    return pruned[task] / original[task]
-
-
-def _evaluate(model: Any, tokenizer: Any, task: Any, progress: bool) -> dict[str, Any]:
-    from .evals.perplexity import evaluate_perplexity
-
-    return evaluate_perplexity(model, tokenizer, task.data, seq_len=task.seq_len, batch_size=task.batch_size,
-                               limit=task.limit, text_field=task.text_field, progress=progress)
 
 
 def _load_config(recipe: Recipe) -> Any:
@@ -128,6 +128,11 @@ def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> 
             raise RecipeError(f"stages[{i}].{exc.field}: {exc.message}") from None
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"stages[{i}] ({stage.method}): {exc}") from None
+    for i, task in enumerate(recipe.evaluate):
+        try:
+            check_task_fits(task.task, config)
+        except TaskModelMismatch as exc:
+            raise RecipeError(f"evaluate[{i}].task: {exc}") from None
     if recipe.output:
         source = recipe.model or getattr(source_model, "name_or_path", None)
         check_output_path(recipe.output, source)

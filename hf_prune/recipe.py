@@ -22,7 +22,7 @@ from .registry import MethodConfig, config_field, get_method
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: Evaluation tasks a recipe may name (the harness in hf_prune.evals implements them).
-EVAL_TASKS = ("perplexity",)
+EVAL_TASKS = ("perplexity", "multiple_choice", "classification", "vqa")
 
 
 def _check_positive(name: str, value: int | None) -> None:
@@ -62,15 +62,18 @@ class EvaluationTask:
 
     task: str = config_field(help=f"task name: {' | '.join(EVAL_TASKS)}")
     data: str = config_field(help="local file or datasets hub id")
-    seq_len: int | None = config_field(None, help="window length (default: model maximum, at most 1024)")
-    batch_size: int = config_field(8, help="windows per forward pass")
-    limit: int | None = config_field(None, help="evaluate at most this many windows")
-    text_field: str = config_field("text", help="text column for jsonl/json/parquet data")
+    seq_len: int | None = config_field(None, help="perplexity: window length (default: model maximum, at most 1024)")
+    batch_size: int = config_field(8, help="examples (perplexity: windows) per forward pass")
+    limit: int | None = config_field(None, help="evaluate at most this many examples (perplexity: windows)")
+    text_field: str = config_field("text", help="perplexity / classification: text column")
+    text_pair_field: str | None = config_field(None, help="classification: second text column of sentence pairs")
+    label_field: str = config_field("label", help="classification: label column")
+    max_new_tokens: int = config_field(8, help="vqa: answer length limit")
 
     def __post_init__(self) -> None:
         if self.task not in EVAL_TASKS:
             raise ConfigFieldError("task", f"unknown task {self.task!r} (allowed: {', '.join(EVAL_TASKS)})")
-        for name in ("seq_len", "batch_size", "limit"):
+        for name in ("seq_len", "batch_size", "limit", "max_new_tokens"):
             _check_positive(name, getattr(self, name))
 
 

@@ -29,3 +29,6 @@ def test_demo_prunes_evaluates_saves_and_reloads(quick_demo_model, tmp_path, cap
     # layer_drop removes the same layers (same angular-distance choice) without the map.
     drop = json.loads((tmp_path / "out" / "layer_drop" / "hf_prune.json").read_text())
     assert drop["stages"][0]["removed_layers"] == report["stages"][0]["removed_layers"]
+    summary = (tmp_path / "out" / "report.md").read_text()
+    assert "| replaceme |" in summary and "| layer_drop |" in summary
+    assert (tmp_path / "out" / "quality_vs_compression.png").stat().st_size > 10_000

@@ -66,7 +66,7 @@ def test_valid_recipe_from_yaml_and_json_files(tmp_path):
          "calibration.num_samples: must be a positive integer, got -3"),
         (with_changes(calibration={"num_samples": 3}), "calibration.data: missing required key"),
         (with_changes(evaluate=[{"task": "bleu", "data": "x.txt"}]),
-         "evaluate[0].task: unknown task 'bleu' (allowed: perplexity)"),
+         "evaluate[0].task: unknown task 'bleu' (allowed: perplexity, multiple_choice, classification, vqa)"),
         (with_changes(evaluate={"task": "perplexity"}), "evaluate: expected list, got dict"),
     ],
 )

@@ -1,0 +1,427 @@
+"""Speed, memory, size and analytic FLOPs of models side by side: the engine behind ``hf-prune bench``.
+
+    results = benchmark_models({"original": (m0, tok0, "out/orig"), "pruned": (m1, tok1, None)},
+                               BenchSettings(), baseline="original")
+    print(format_bench_table(results, "original"))
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from ..adapters import count_parameters, get_adapter
+
+CPU_MEMORY = "CPU: peak process RSS increase over the RSS before the run (psutil sampling, every 1 ms)"
+CUDA_MEMORY = "CUDA: torch.cuda.max_memory_allocated (absolute: weights + activations + KV cache)"
+#: Leaves that get a ratio vs the baseline (value / baseline value; for tokens_per_s that is the speed-up).
+RATIO_KEYS = {"parameters", "disk_bytes", "median_ms", "peak_memory_mib", "tokens_per_s", "params_active",
+              "prefill_flops_per_token", "decode_flops_per_token", "vision_flops_per_image"}
+
+
+@dataclass
+class BenchSettings:
+    seq_lens: tuple[int, ...] = (128, 512, 1024)   # prefill lengths (clipped to the model's max positions)
+    batch_size: int = 1
+    decode_tokens: int = 64
+    warmup: int = 1
+    repeats: int = 5                                # medians over repeats
+    image: bool | None = None                       # vision-language: prefill with one image (None: if it has a vision tower)
+
+
+# ---- analytic FLOPs ---------------------------------------------------------------------------
+
+
+def _causal_context_sum(seq_len: int, window: int | None) -> int:
+    """sum over t = 1..seq_len of the keys token t attends to: min(t, window)."""
+    if not window or seq_len <= window:
+        return seq_len * (seq_len + 1) // 2
+    return window * (window + 1) // 2 + (seq_len - window) * window
+
+
+def analytic_flops_per_token(config: Any, seq_len: int) -> dict:
+    """FLOPs per token of the language model (one sequence), from the config alone.
+
+    Per decoder layer, with H hidden, nh / nkv heads, d head_dim, the matmul parameters are
+    attention ``H·nh·d + 2·H·nkv·d + nh·d·H`` plus MLP ``3·H·I`` (gated) or, in a MoE layer, router
+    ``H·E`` + top-k experts ``k·3·H·I_moe`` + shared expert ``3·H·I_shared + H`` (Qwen2-MoE); which layers
+    are sparse follows ``mlp_only_layers`` / ``decoder_sparse_step``. With M the sum over layers and
+    V the vocabulary, and attention scores + values costing ``4·nh·d`` per attended key and layer
+    (keys capped at the sliding window on sliding layers):
+
+    - ``decode_flops_per_token`` = 2·M + 2·V·H + Σ_layers 4·nh·d·min(seq_len, window)
+      (one new token attending ``seq_len`` keys, itself included);
+    - ``prefill_flops_per_token`` = 2·M + 2·V·H / seq_len + Σ_layers 4·nh·d·Σ_t min(t, window) / seq_len
+      (a causal prefill of ``seq_len`` tokens that, like ``generate``, computes logits for the last one);
+    - ``params_active`` = parameters one token touches: M + embedding + head (once if tied) + norms + biases.
+
+    Vision-language configs: the text config as above (``seq_len`` counts the image placeholders) plus
+    ``vision_flops_per_crop`` for one vision-tower pass (ViT: 2·params·T + 4·layers·Hv·T² for T tokens,
+    the patch embedding, the projector on the image tokens) and ``image_tokens_per_crop``; a LLaVA image
+    is one crop, a LLaVA-NeXT image several (base + tiles).
+    """
+    adapter = get_adapter(config)
+    t = adapter.text_config(config)
+    hidden, vocab, layers = t.hidden_size, t.vocab_size, adapter.num_layers(config)
+    nh = t.num_attention_heads
+    nkv = getattr(t, "num_key_value_heads", None) or nh
+    hd = getattr(t, "head_dim", None) or hidden // nh
+    attn = hidden * nh * hd + 2 * hidden * nkv * hd + nh * hd * hidden
+    extra = 2 * hidden  # input and post-attention norms
+    if getattr(t, "attention_bias", False) or t.model_type in ("qwen2", "qwen2_moe"):
+        extra += (nh + 2 * nkv) * hd + (hidden if getattr(t, "attention_bias", False) else 0)
+    if t.model_type in ("qwen3", "qwen3_moe"):
+        extra += 2 * hd  # per-head q/k norms
+    elif t.model_type == "olmoe":
+        extra += (nh + nkv) * hd
+    dense_mlp = 3 * hidden * t.intermediate_size + (2 * t.intermediate_size + hidden) * getattr(t, "mlp_bias", False)
+    sparse_mlp = 0
+    if adapter.spec.is_moe:
+        moe_inter = getattr(t, "moe_intermediate_size", None) or t.intermediate_size
+        sparse_mlp = hidden * adapter.num_experts(config) + t.num_experts_per_tok * 3 * hidden * moe_inter
+        if getattr(t, "shared_expert_intermediate_size", 0):
+            sparse_mlp += 3 * hidden * t.shared_expert_intermediate_size + hidden
+    step, dense_only = getattr(t, "decoder_sparse_step", None) or 1, set(getattr(t, "mlp_only_layers", None) or [])
+    layer_types = getattr(t, "layer_types", None)
+    window = getattr(t, "sliding_window", None) if getattr(t, "use_sliding_window", True) is not False else None
+    matmul = attn_decode = attn_prefill = 0
+    for i in range(layers):
+        sparse = adapter.spec.is_moe and i not in dense_only and (i + 1) % step == 0
+        matmul += attn + (sparse_mlp if sparse else dense_mlp)
+        w = window if layer_types is None else (getattr(t, "sliding_window", None)
+                                                 if layer_types[i] == "sliding_attention" else None)
+        attn_decode += 4 * nh * hd * min(seq_len, w or seq_len)
+        attn_prefill += 4 * nh * hd * _causal_context_sum(seq_len, w)
+    head = vocab * hidden
+    tied = getattr(t, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    out = {
+        "prefill_flops_per_token": 2 * matmul + (2 * head + attn_prefill) / seq_len,
+        "decode_flops_per_token": 2 * matmul + 2 * head + attn_decode,
+        "params_active": matmul + layers * extra + hidden + head * (1 if tied else 2),
+    }
+    if adapter.is_vision_language:
+        out.update(_vision_flops_per_crop(config))
+    return out
+
+
+def _vision_flops_per_crop(config: Any) -> dict:
+    v, text_hidden = config.vision_config, config.get_text_config().hidden_size
+    hv, patches = v.hidden_size, (v.image_size // v.patch_size) ** 2
+    cls = 0 if "siglip" in v.model_type else 1
+    tokens = patches + cls
+    image_tokens = patches if getattr(config, "vision_feature_select_strategy", "default") == "default" else tokens
+    feature_layers = getattr(config, "vision_feature_layer", -1)
+    proj_in = hv * (len(feature_layers) if isinstance(feature_layers, (list, tuple)) else 1)
+    tower = v.num_hidden_layers * (2 * tokens * (4 * hv * hv + 2 * hv * v.intermediate_size) + 4 * hv * tokens ** 2)
+    patch_embed = 2 * patches * getattr(v, "num_channels", 3) * v.patch_size ** 2 * hv
+    projector = 2 * image_tokens * (proj_in * text_hidden + text_hidden * text_hidden)
+    return {"vision_flops_per_crop": tower + patch_embed + projector, "image_tokens_per_crop": image_tokens}
+
+
+# ---- measurement ------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory during a block, in bytes (``.peak``): CUDA allocator peak, or sampled RSS increase on CPU.
+
+    On CPU, freed heap is first handed back to the OS (glibc ``malloc_trim``) so the increase reflects
+    this block's allocations rather than memory an earlier run left in the allocator.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop, self._rss = device, 0, threading.Event(), psutil.Process().memory_info
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._max = max(self._max, self._rss().rss)
+
+    def __enter__(self) -> PeakMemory:
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self.base = self._max = self._rss().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _sync(self.device)
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self._max, self._rss().rss) - self.base
+
+
+class _StepClock:
+    """A logits processor that only notes the time of each generation step (after each forward)."""
+
+    def __init__(self, device: torch.device, steps: int):
+        self.device, self.steps, self.times = device, steps, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.times or len(self.times) == self.steps - 1:
+            _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _image_size(processor: Any) -> tuple[int, int]:
+    """(height, width) the image processor produces: its crop size, else its size; 336 if it names none."""
+    size = (getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None)) or processor.size
+    height = size.get("height") or size.get("shortest_edge") or 336
+    return int(height), int(size.get("width") or height)
+
+
+def _make_inputs(model: Any, preprocessor: Any, seq_len: int, batch: int, image: bool) -> dict[str, torch.Tensor]:
+    """Random token ids (fixed seed; never the image token), after one image's expanded placeholders."""
+    config, generator = model.config, torch.Generator().manual_seed(seq_len)
+    vocab = get_adapter(config).text_config(config).vocab_size
+    image_id = getattr(config, "image_token_id", None)
+    inputs: dict[str, torch.Tensor] = {}
+    if image:
+        import numpy as np
+        from PIL import Image
+
+        size = (*_image_size(preprocessor.image_processor), 3)
+        picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8))
+        token = getattr(preprocessor, "image_token", "<image>")
+        inputs = dict(preprocessor(images=[picture] * batch, text=[token] * batch, return_tensors="pt"))
+    prefix = inputs.get("input_ids", torch.empty(batch, 0, dtype=torch.long))
+    skip = image_id is not None and image_id < vocab
+    ids = torch.randint(0, vocab - skip, (batch, max(seq_len - prefix.shape[1], 0)), generator=generator)
+    if skip:
+        ids[ids >= image_id] += 1
+    inputs["input_ids"] = torch.cat([prefix, ids], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def _disk_bytes(folder: Any) -> int | None:
+    if folder is None or not Path(folder).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def _summary(values: list[float]) -> tuple[float, float]:
+    """Median and inter-quartile range."""
+    if len(values) < 2:
+        return values[0], 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), q[2] - q[0]
+
+
+class _Case:
+    """One model under test: its inputs, its timings, its result."""
+
+    def __init__(self, name: str, model: Any, preprocessor: Any, folder: Any, settings: BenchSettings):
+        self.name, self.model, self.settings, config = name, model, settings, model.config
+        self.device, adapter = torch.device(model.device), get_adapter(config)
+        image = adapter.is_vision_language if settings.image is None else settings.image and adapter.is_vision_language
+        if image and preprocessor is None and settings.image:
+            raise ValueError(f"{name}: an image prefill needs the model's processor")
+        self.image = bool(image and preprocessor is not None)
+        max_pos = getattr(adapter.text_config(config), "max_position_embeddings", None) or 10**9
+        keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.forward_kwargs = {"use_cache": True, **({"logits_to_keep": 1} if keep else {})}
+        self.inputs = {s: _make_inputs(model, preprocessor, min(s, max_pos), settings.batch_size, self.image)
+                       for s in settings.seq_lens}
+        prompt = max(1, min(min(settings.seq_lens), max_pos - settings.decode_tokens))
+        self.inputs["decode"] = _make_inputs(model, preprocessor, prompt, settings.batch_size, self.image)
+        gen = model.generation_config
+        eos = gen.eos_token_id[0] if isinstance(gen.eos_token_id, list) else gen.eos_token_id
+        pad = gen.pad_token_id if gen.pad_token_id is not None else (eos if eos is not None else 0)
+        self.generate_kwargs = dict(do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
+                                    max_new_tokens=settings.decode_tokens, min_new_tokens=settings.decode_tokens)
+        self.times: dict[Any, list[float]] = {key: [] for key in self.inputs}
+        self.peak_mib: dict[Any, float] = {}
+        lengths = {key: inputs["input_ids"].shape[1] for key, inputs in self.inputs.items()}
+        self.result: dict[str, Any] = {
+            "model_type": config.model_type, "dtype": str(model.dtype).removeprefix("torch."),
+            "device": str(self.device), "layers": adapter.num_layers(config), "image": self.image,
+            "parameters": count_parameters(model), "disk_bytes": _disk_bytes(folder),
+            "prefill": {str(s): {"seq_len": lengths[s]} for s in settings.seq_lens},
+            "decode": {"prompt_len": lengths["decode"], "new_tokens": settings.decode_tokens},
+            "flops": {"decode_prompt" if k == "decode" else str(k): analytic_flops_per_token(config, n)
+                      for k, n in lengths.items()},
+        }
+        if self.image:
+            pixels = self.inputs["decode"]["pixel_values"]
+            crops = pixels.shape[1] if pixels.dim() == 5 else 1
+            per_crop = self.result["flops"]["decode_prompt"]["vision_flops_per_crop"]
+            self.result.update(crops_per_image=crops, vision_flops_per_image=crops * per_crop)
+
+    @torch.inference_mode()
+    def run(self, key: Any) -> float:
+        """One measurement: prefill (ms) at seq len ``key``, or decode (tokens/s) when ``key == "decode"``."""
+        _sync(self.device)
+        start = time.perf_counter()
+        if key != "decode":
+            self.model(**self.inputs[key], **self.forward_kwargs)
+            _sync(self.device)
+            return (time.perf_counter() - start) * 1000
+        clock = _StepClock(self.device, self.settings.decode_tokens)
+        self.model.generate(**self.inputs[key], logits_processor=[clock], **self.generate_kwargs)
+        _sync(self.device)
+        if len(clock.times) >= 2:  # steps 2..N: decode only, the prefill ends at the first step
+            return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+        return self.settings.decode_tokens / (time.perf_counter() - start)
+
+    def step(self, phase: str, key: Any) -> None:
+        if phase == "memory":
+            with PeakMemory(self.device) as peak:
+                self.run(key)
+            self.peak_mib[key] = peak.peak / 2**20
+        elif phase == "time":
+            self.times[key].append(self.run(key))
+        else:
+            self.run(key)
+
+    def finish(self) -> dict[str, Any]:
+        for s in self.settings.seq_lens:
+            median, iqr = _summary(self.times[s])
+            self.result["prefill"][str(s)].update(median_ms=median, iqr_ms=iqr, times_ms=self.times[s],
+                                                  peak_memory_mib=self.peak_mib[s])
+        median, iqr = _summary(self.times["decode"])
+        self.result["decode"].update(tokens_per_s=median, iqr_tokens_per_s=iqr, tokens_per_s_runs=self.times["decode"],
+                                     peak_memory_mib=self.peak_mib["decode"])
+        return self.result
+
+
+def _ratios(value: dict, base: dict) -> dict:
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        b = base.get(key)
+        if isinstance(v, dict) and isinstance(b, dict):
+            if sub := _ratios(v, b):
+                out[key] = sub
+        elif key in RATIO_KEYS and isinstance(v, (int, float)) and isinstance(b, (int, float)) and b:
+            out[key] = v / b
+    return out
+
+
+def add_ratios(results: dict, baseline: str) -> dict:
+    """Give every model a ``ratios`` dict mirroring its figures: value / baseline value."""
+    if baseline not in results["models"]:
+        raise KeyError(f"baseline {baseline!r} is not among the models: {', '.join(results['models'])}")
+    base = results["models"][baseline]
+    for res in results["models"].values():
+        res["ratios"] = _ratios({k: v for k, v in res.items() if k != "ratios"}, base)
+    results["baseline"] = baseline
+    return results
+
+
+def benchmark_models(models: dict[str, tuple[Any, Any, Any]], settings: BenchSettings, *,
+                     baseline: str | None = None, progress: bool = True) -> dict:
+    """Benchmark ``{name: (model, preprocessor, folder or None)}``; JSON-serialisable results.
+
+    Per model: prefill latency per seq len (median / IQR over repeats, ms), greedy decode tokens/s
+    (steps 2..N of ``generate``, so the prefill is excluded), peak memory (one extra pass per
+    measurement, outside the timed runs; see ``memory_metric``), unique parameters, safetensors bytes on
+    disk, and ``analytic_flops_per_token`` at each actual length. With ``baseline``, also ``ratios``.
+    """
+    from tqdm.auto import tqdm
+
+    cases = [_Case(name, *spec, settings) for name, spec in models.items()]
+    keys = [*settings.seq_lens, "decode"]
+    # Warm-up, one memory pass (outside the timed runs), then the timed repeats; each phase interleaved
+    # (every model at one measurement before the next), in reversed order every other round.
+    rounds = [("warmup", r) for r in range(settings.warmup)] + [("memory", 0)]
+    rounds += [("time", r) for r in range(settings.repeats)]
+    with tqdm(total=len(rounds) * len(keys) * len(cases), desc="bench", disable=not progress) as bar:
+        for phase, r in rounds:
+            for key in keys:
+                for case in cases if r % 2 == 0 else cases[::-1]:
+                    case.step(phase, key)
+                    bar.update()
+    devices = {case.device.type for case in cases}
+    results = {
+        "settings": asdict(settings),
+        "memory_metric": CUDA_MEMORY if devices == {"cuda"} else CPU_MEMORY if devices == {"cpu"}
+        else f"per device: {CUDA_MEMORY}; {CPU_MEMORY}",
+        "baseline": None,
+        "models": {case.name: case.finish() for case in cases},
+    }
+    return add_ratios(results, baseline) if baseline else results
+
+
+# ---- table ------------------------------------------------------------------------------------
+
+
+def _human(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{suffix}{unit}"
+    return f"{value:.0f}{unit}" if float(value).is_integer() else f"{value:.2f}{unit}"
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for part in path:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def format_bench_table(results: dict, baseline: str | None) -> str:
+    """Fixed-width table: a row per figure, a column per model, then ``model/baseline`` ratio columns.
+
+    With ``baseline`` the ratios are (re)computed into ``results`` first, see ``add_ratios``.
+    """
+    if baseline and results.get("baseline") != baseline:
+        add_ratios(results, baseline)
+    models, s = results["models"], results["settings"]
+    names, first = list(models), next(iter(models.values()))
+    others = [n for n in names if n != baseline] if baseline else []
+    mib = lambda v: f"{v:.1f} MiB"  # noqa: E731
+    rows: list[tuple[str, tuple[str, ...], Any]] = [
+        ("parameters", ("parameters",), _human), ("on-disk (safetensors)", ("disk_bytes",), lambda v: _human(v, "B"))]
+    for key, entry in first["prefill"].items():
+        n = entry["seq_len"]
+        rows += [(f"prefill ms @{n} (median ±IQR)", ("prefill", key, "median_ms"), None),
+                 (f"prefill peak memory @{n}", ("prefill", key, "peak_memory_mib"), mib),
+                 (f"prefill FLOPs/token @{n}", ("flops", key, "prefill_flops_per_token"), _human)]
+    n = first["decode"]["prompt_len"]
+    rows += [(f"decode tokens/s (after {n} tokens)", ("decode", "tokens_per_s"), lambda v: f"{v:.1f}"),
+             ("decode peak memory", ("decode", "peak_memory_mib"), mib),
+             (f"decode FLOPs/token @{n}", ("flops", "decode_prompt", "decode_flops_per_token"), _human),
+             ("active params/token", ("flops", "decode_prompt", "params_active"), _human)]
+    if any("vision_flops_per_image" in m for m in models.values()):
+        rows.append(("vision FLOPs/image", ("vision_flops_per_image",), _human))
+    table = [["figure", *names, *(f"{n}/{baseline}" for n in others)]]
+    for label, path, fmt in rows:
+        values = [_get(models[name], path) for name in names]
+        if fmt is None:  # latency: median ± IQR
+            cells = [f"{v:.2f} ±{_get(models[m], (*path[:-1], 'iqr_ms')):.2f}" for m, v in zip(names, values, strict=False)]
+        else:
+            cells = ["-" if v is None else fmt(v) for v in values]
+        ratios = [_get(models[name].get("ratios", {}), path) for name in others]
+        table.append([label, *cells, *("-" if r is None else f"{r:.3f}x" for r in ratios)])
+    widths = [max(map(len, column)) for column in zip(*table, strict=False)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False)))
+             for row in table]
+    devices = ", ".join(sorted({f"{m['device']} {m['dtype']}" for m in models.values()}))
+    head = [f"bench: {devices} · batch {s['batch_size']} · median of {s['repeats']} after {s['warmup']} warm-up · "
+            f"decode {s['decode_tokens']} tokens", f"memory: {results['memory_metric']}"]
+    note = [f"ratios: model / {baseline} (for tokens/s: the speed-up)"] if others else []
+    return "\n".join([*head, lines[0], "-" * len(lines[0]), *lines[1:], *note])
