@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from hf_prune.evals.harness import TASKS, TaskModelMismatch, check_task_fits, retained_fraction
+from hf_prune.evals.report import write_report
 from transformers import BertConfig, LlamaConfig
 
 import hf_prune
 from hf_prune import RecipeError
-from hf_prune.evals.harness import TASKS, TaskModelMismatch, check_task_fits, retained_fraction
-from hf_prune.evals.report import write_report
 from hf_prune.recipe import EVAL_TASKS
 
 
