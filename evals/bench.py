@@ -21,10 +21,12 @@ import torch
 
 from ..adapters import count_parameters, get_adapter
 
-CPU_MEMORY = "CPU: peak process RSS increase over the RSS before the run (psutil sampling, every 1 ms)"
-CUDA_MEMORY = "CUDA: torch.cuda.max_memory_allocated (absolute: weights + activations + KV cache)"
+#: Peak memory is the increase during a run (activations, KV cache, workspace); weights are ``weights_mib``.
+#: An absolute CUDA peak would count every model loaded in this process, hence the difference.
+CPU_MEMORY = "CPU peak RSS increase over the RSS before each run (psutil, sampled every 1 ms)"
+CUDA_MEMORY = "CUDA torch.cuda.max_memory_allocated minus memory allocated before each run"
 #: Leaves that get a ratio vs the baseline (value / baseline value; for tokens_per_s that is the speed-up).
-RATIO_KEYS = {"parameters", "disk_bytes", "median_ms", "peak_memory_mib", "tokens_per_s", "params_active",
+RATIO_KEYS = {"parameters", "weights_mib", "disk_bytes", "median_ms", "peak_memory_mib", "tokens_per_s", "params_active",
               "prefill_flops_per_token", "decode_flops_per_token", "vision_flops_per_image"}
 
 
@@ -36,16 +38,6 @@ class BenchSettings:
     warmup: int = 1
     repeats: int = 5                                # medians over repeats
     image: bool | None = None                       # vision-language: prefill with one image (None: if it has a vision tower)
-
-
-# ---- analytic FLOPs ---------------------------------------------------------------------------
-
-
-def _causal_context_sum(seq_len: int, window: int | None) -> int:
-    """sum over t = 1..seq_len of the keys token t attends to: min(t, window)."""
-    if not window or seq_len <= window:
-        return seq_len * (seq_len + 1) // 2
-    return window * (window + 1) // 2 + (seq_len - window) * window
 
 
 def analytic_flops_per_token(config: Any, seq_len: int) -> dict:
@@ -83,7 +75,7 @@ def analytic_flops_per_token(config: Any, seq_len: int) -> dict:
         extra += 2 * hd  # per-head q/k norms
     elif t.model_type == "olmoe":
         extra += (nh + nkv) * hd
-    dense_mlp = 3 * hidden * t.intermediate_size + (2 * t.intermediate_size + hidden) * getattr(t, "mlp_bias", False)
+    dense_mlp, dense_bias = 3 * hidden * t.intermediate_size, (2 * t.intermediate_size + hidden) * getattr(t, "mlp_bias", False)
     sparse_mlp = 0
     if adapter.spec.is_moe:
         moe_inter = getattr(t, "moe_intermediate_size", None) or t.intermediate_size
@@ -94,26 +86,25 @@ def analytic_flops_per_token(config: Any, seq_len: int) -> dict:
     layer_types = getattr(t, "layer_types", None)
     window = getattr(t, "sliding_window", None) if getattr(t, "use_sliding_window", True) is not False else None
     matmul = attn_decode = attn_prefill = 0
+    extra *= layers
     for i in range(layers):
         sparse = adapter.spec.is_moe and i not in dense_only and (i + 1) % step == 0
         matmul += attn + (sparse_mlp if sparse else dense_mlp)
+        extra += 0 if sparse else dense_bias
         w = window if layer_types is None else (getattr(t, "sliding_window", None)
                                                  if layer_types[i] == "sliding_attention" else None)
-        attn_decode += 4 * nh * hd * min(seq_len, w or seq_len)
-        attn_prefill += 4 * nh * hd * _causal_context_sum(seq_len, w)
+        w = min(w or seq_len, seq_len)  # keys attended: min(t, w) for token t = 1..seq_len
+        attn_decode += 4 * nh * hd * w
+        attn_prefill += 4 * nh * hd * (w * (w + 1) // 2 + (seq_len - w) * w)
     head = vocab * hidden
     tied = getattr(t, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
     out = {
         "prefill_flops_per_token": 2 * matmul + (2 * head + attn_prefill) / seq_len,
         "decode_flops_per_token": 2 * matmul + 2 * head + attn_decode,
-        "params_active": matmul + layers * extra + hidden + head * (1 if tied else 2),
+        "params_active": matmul + extra + hidden + head * (1 if tied else 2),
     }
-    if adapter.is_vision_language:
-        out.update(_vision_flops_per_crop(config))
-    return out
-
-
-def _vision_flops_per_crop(config: Any) -> dict:
+    if not adapter.is_vision_language:
+        return out
     v, text_hidden = config.vision_config, config.get_text_config().hidden_size
     hv, patches = v.hidden_size, (v.image_size // v.patch_size) ** 2
     cls = 0 if "siglip" in v.model_type else 1
@@ -124,10 +115,7 @@ def _vision_flops_per_crop(config: Any) -> dict:
     tower = v.num_hidden_layers * (2 * tokens * (4 * hv * hv + 2 * hv * v.intermediate_size) + 4 * hv * tokens ** 2)
     patch_embed = 2 * patches * getattr(v, "num_channels", 3) * v.patch_size ** 2 * hv
     projector = 2 * image_tokens * (proj_in * text_hidden + text_hidden * text_hidden)
-    return {"vision_flops_per_crop": tower + patch_embed + projector, "image_tokens_per_crop": image_tokens}
-
-
-# ---- measurement ------------------------------------------------------------------------------
+    return {**out, "vision_flops_per_crop": tower + patch_embed + projector, "image_tokens_per_crop": image_tokens}
 
 
 def _sync(device: torch.device) -> None:
@@ -136,7 +124,7 @@ def _sync(device: torch.device) -> None:
 
 
 class PeakMemory:
-    """Peak memory during a block, in bytes (``.peak``): CUDA allocator peak, or sampled RSS increase on CPU.
+    """Peak memory increase during a block, in bytes (``.peak``): CUDA allocator, or sampled RSS on CPU.
 
     On CPU, freed heap is first handed back to the OS (glibc ``malloc_trim``) so the increase reflects
     this block's allocations rather than memory an earlier run left in the allocator.
@@ -153,6 +141,7 @@ class PeakMemory:
         _sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
             return self
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -166,7 +155,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         _sync(self.device)
         if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
             return
         self._stop.set()
         self._thread.join()
@@ -217,10 +206,13 @@ def _make_inputs(model: Any, preprocessor: Any, seq_len: int, batch: int, image:
     return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
-def _disk_bytes(folder: Any) -> int | None:
-    if folder is None or not Path(folder).is_dir():
-        return None
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+def _sizes(model: Any, folder: Any) -> dict[str, Any]:
+    """Unique parameters, bytes of parameters + buffers (MiB), *.safetensors bytes in ``folder`` (or None)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    disk = None if folder is None or not Path(folder).is_dir() else sum(
+        f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    return {"parameters": count_parameters(model), "disk_bytes": disk,
+            "weights_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20}
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
@@ -259,7 +251,7 @@ class _Case:
         self.result: dict[str, Any] = {
             "model_type": config.model_type, "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(self.device), "layers": adapter.num_layers(config), "image": self.image,
-            "parameters": count_parameters(model), "disk_bytes": _disk_bytes(folder),
+            **_sizes(model, folder),
             "prefill": {str(s): {"seq_len": lengths[s]} for s in settings.seq_lens},
             "decode": {"prompt_len": lengths["decode"], "new_tokens": settings.decode_tokens},
             "flops": {"decode_prompt" if k == "decode" else str(k): analytic_flops_per_token(config, n)
@@ -283,9 +275,10 @@ class _Case:
         clock = _StepClock(self.device, self.settings.decode_tokens)
         self.model.generate(**self.inputs[key], logits_processor=[clock], **self.generate_kwargs)
         _sync(self.device)
+        batch = self.inputs[key]["input_ids"].shape[0]
         if len(clock.times) >= 2:  # steps 2..N: decode only, the prefill ends at the first step
-            return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
-        return self.settings.decode_tokens / (time.perf_counter() - start)
+            return batch * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+        return batch * self.settings.decode_tokens / (time.perf_counter() - start)
 
     def step(self, phase: str, key: Any) -> None:
         if phase == "memory":
@@ -333,12 +326,17 @@ def add_ratios(results: dict, baseline: str) -> dict:
 
 def benchmark_models(models: dict[str, tuple[Any, Any, Any]], settings: BenchSettings, *,
                      baseline: str | None = None, progress: bool = True) -> dict:
-    """Benchmark ``{name: (model, preprocessor, folder or None)}``; JSON-serialisable results.
+    """Benchmark ``{name: (model, preprocessor, folder or None)}`` on the devices the models sit on.
 
-    Per model: prefill latency per seq len (median / IQR over repeats, ms), greedy decode tokens/s
-    (steps 2..N of ``generate``, so the prefill is excluded), peak memory (one extra pass per
-    measurement, outside the timed runs; see ``memory_metric``), unique parameters, safetensors bytes on
-    disk, and ``analytic_flops_per_token`` at each actual length. With ``baseline``, also ``ratios``.
+    Returns JSON-serialisable ``{"settings", "memory_metric", "baseline", "models": {name: result}}``; a
+    result holds ``parameters`` (unique), ``weights_mib``, ``disk_bytes`` (*.safetensors in the folder, or
+    None), ``prefill[str(seq_len)]`` = {seq_len (actual), median_ms, iqr_ms, times_ms, peak_memory_mib},
+    ``decode`` = {prompt_len, new_tokens, tokens_per_s, iqr_tokens_per_s, tokens_per_s_runs,
+    peak_memory_mib} (greedy ``generate``; tokens/s summed over the batch, over steps 2..N: the prefill is excluded),
+    ``flops[str(seq_len) | "decode_prompt"]`` (``analytic_flops_per_token`` at the actual length) and,
+    for an image prefill, ``crops_per_image`` / ``vision_flops_per_image``. Peak memory comes from one
+    extra pass per measurement, outside the timed runs (``memory_metric`` says how it was taken). With
+    ``baseline``, each result also gets ``ratios`` (see ``add_ratios``).
     """
     from tqdm.auto import tqdm
 
@@ -363,9 +361,6 @@ def benchmark_models(models: dict[str, tuple[Any, Any, Any]], settings: BenchSet
         "models": {case.name: case.finish() for case in cases},
     }
     return add_ratios(results, baseline) if baseline else results
-
-
-# ---- table ------------------------------------------------------------------------------------
 
 
 def _human(value: float | None, unit: str = "") -> str:
@@ -395,15 +390,16 @@ def format_bench_table(results: dict, baseline: str | None) -> str:
     others = [n for n in names if n != baseline] if baseline else []
     mib = lambda v: f"{v:.1f} MiB"  # noqa: E731
     rows: list[tuple[str, tuple[str, ...], Any]] = [
-        ("parameters", ("parameters",), _human), ("on-disk (safetensors)", ("disk_bytes",), lambda v: _human(v, "B"))]
+        ("parameters", ("parameters",), _human), ("weights in memory", ("weights_mib",), mib),
+        ("on-disk (safetensors)", ("disk_bytes",), lambda v: _human(v, "B"))]
     for key, entry in first["prefill"].items():
-        n = entry["seq_len"]
+        n = entry["seq_len"] if str(entry["seq_len"]) == key else f"{entry['seq_len']} (asked {key})"
         rows += [(f"prefill ms @{n} (median ±IQR)", ("prefill", key, "median_ms"), None),
-                 (f"prefill peak memory @{n}", ("prefill", key, "peak_memory_mib"), mib),
+                 (f"prefill peak mem increase @{n}", ("prefill", key, "peak_memory_mib"), mib),
                  (f"prefill FLOPs/token @{n}", ("flops", key, "prefill_flops_per_token"), _human)]
     n = first["decode"]["prompt_len"]
     rows += [(f"decode tokens/s (after {n} tokens)", ("decode", "tokens_per_s"), lambda v: f"{v:.1f}"),
-             ("decode peak memory", ("decode", "peak_memory_mib"), mib),
+             ("decode peak mem increase", ("decode", "peak_memory_mib"), mib),
              (f"decode FLOPs/token @{n}", ("flops", "decode_prompt", "decode_flops_per_token"), _human),
              ("active params/token", ("flops", "decode_prompt", "params_active"), _human)]
     if any("vision_flops_per_image" in m for m in models.values()):
@@ -422,6 +418,6 @@ def format_bench_table(results: dict, baseline: str | None) -> str:
              for row in table]
     devices = ", ".join(sorted({f"{m['device']} {m['dtype']}" for m in models.values()}))
     head = [f"bench: {devices} · batch {s['batch_size']} · median of {s['repeats']} after {s['warmup']} warm-up · "
-            f"decode {s['decode_tokens']} tokens", f"memory: {results['memory_metric']}"]
+            f"decode {s['decode_tokens']} tokens", f"peak memory: {results['memory_metric']} (weights: 'weights in memory')"]
     note = [f"ratios: model / {baseline} (for tokens/s: the speed-up)"] if others else []
     return "\n".join([*head, lines[0], "-" * len(lines[0]), *lines[1:], *note])

@@ -85,11 +85,12 @@ def evaluate_multiple_choice(
         examples = examples[:limit]
 
     prefix = _prefix_token_ids(tokenizer)
-    requests = []  # (example index, choice index, token ids, number of continuation tokens)
+    requests = []  # (example index, choice index, input ids, continuation ids)
     for example_index, example in enumerate(examples):
         for choice_index, choice in enumerate(example["choices"]):
             context, continuation = split_context_continuation(example["question"], choice)
-            tokens, num_continuation = _encode_pair(tokenizer, prefix, context, continuation)
+            tokens, num_continuation = _encode_pair(tokenizer, prefix, context, continuation,
+                                                    where=f"{example['where']}: choice {choice_index}")
             if num_continuation > max_length:
                 raise DataError(
                     f"{example['where']}: choice {choice_index} is {num_continuation} tokens long, more "
@@ -212,20 +213,22 @@ def _prefix_token_ids(tokenizer) -> list[int]:
     return []
 
 
-def _encode_pair(tokenizer, prefix: list[int], context: str, continuation: str) -> tuple[list[int], int]:
+def _encode_pair(tokenizer, prefix: list[int], context: str, continuation: str, *,
+                 where: str) -> tuple[list[int], int]:
     """``(prefix + context + continuation tokens, number of continuation tokens)``."""
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+    # verbose=False: an over-long input is cut to max_length later, the "too long" warning is noise.
+    whole = tokenizer(context + continuation, add_special_tokens=False, verbose=False)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=False, verbose=False)["input_ids"] if context else []
     num_continuation = len(whole) - len(context_ids)
     if num_continuation < 1:
-        raise DataError(f"continuation {continuation!r} after {context[-40:]!r} encodes to no tokens of its own")
+        raise DataError(f"{where}: {continuation!r} after the question encodes to no tokens of its own")
     tokens = prefix + whole
     if len(tokens) == num_continuation:
         # Nothing in front of the first continuation token (an empty question and a tokenizer
         # that adds no BOS): score it after the BOS/EOS token, as lm-eval does.
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
-            raise DataError("an empty question needs a tokenizer with a BOS or EOS token to start from")
+            raise DataError(f"{where}: an empty question needs a tokenizer with a BOS or EOS token to start from")
         tokens = [start, *tokens]
     return tokens, num_continuation
 

@@ -51,6 +51,7 @@ def test_two_llamas_have_every_field_and_exact_ratios(llama_pair):
     for name, model in (("original", original), ("pruned", pruned)):
         res = results["models"][name]
         assert res["parameters"] == count_parameters(model)
+        assert res["weights_mib"] == pytest.approx(4 * count_parameters(model) / 2**20, rel=0.01)  # float32
         assert res["layers"] == model.config.num_hidden_layers
         for key in ("8", "16"):
             entry = res["prefill"][key]
@@ -64,6 +65,7 @@ def test_two_llamas_have_every_field_and_exact_ratios(llama_pair):
 
     ratios = results["models"]["pruned"]["ratios"]
     assert ratios["parameters"] == count_parameters(pruned) / count_parameters(original) < 1
+    assert ratios["weights_mib"] < 1
     for key in ("8", "16"):
         small, big = analytic_flops_per_token(pruned.config, int(key)), analytic_flops_per_token(original.config, int(key))
         for figure in ("prefill_flops_per_token", "decode_flops_per_token", "params_active"):
@@ -94,6 +96,16 @@ def test_llama_flops_by_hand():
     assert got["prefill_flops_per_token"] == 2 * L * per_layer + (2 * V * H + L * 4 * nh * d * S * (S + 1) // 2) / S
     assert got["prefill_flops_per_token"] == 79_280
     assert got["params_active"] == L * (per_layer + 2 * H) + H + 2 * V * H == 56_352
+
+
+def test_sliding_window_caps_attended_keys():
+    llama, mistral = build_tiny_model("llama").config, build_tiny_model("mistral").config  # mistral: window 8
+    full, windowed = analytic_flops_per_token(llama, 16), analytic_flops_per_token(mistral, 16)
+    per_key = llama.num_hidden_layers * 4 * llama.num_attention_heads * llama.head_dim
+    assert full["decode_flops_per_token"] - windowed["decode_flops_per_token"] == per_key * (16 - 8)
+    keys_full, keys_windowed = sum(range(1, 17)), sum(min(t, 8) for t in range(1, 17))
+    assert full["prefill_flops_per_token"] - windowed["prefill_flops_per_token"] == per_key * (keys_full - keys_windowed) / 16
+    assert analytic_flops_per_token(mistral, 8) == analytic_flops_per_token(llama, 8)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
@@ -138,6 +150,10 @@ def test_llava_benchmarks_with_an_image():
                                  BenchSettings(seq_lens=(8,), decode_tokens=2, warmup=0, repeats=1, image=False),
                                  progress=False)["models"]["llava"]
     assert text_only["image"] is False and text_only["prefill"]["8"]["seq_len"] == 8
+    batched = benchmark_models({"llava": (model, processor, None)},
+                               BenchSettings(seq_lens=(24,), decode_tokens=2, warmup=0, repeats=1, batch_size=2),
+                               progress=False)["models"]["llava"]
+    assert batched["image"] is True and batched["prefill"]["24"]["seq_len"] == 24 and batched["decode"]["tokens_per_s"] > 0
 
 
 @pytest.mark.gpu
@@ -147,7 +163,7 @@ def test_cuda_path():
     pruned = drop_layer(build_tiny_model("llama"), 2).to("cuda")
     results = benchmark_models({"original": (original, None, None), "pruned": (pruned, None, None)},
                                FAST, baseline="original", progress=False)
-    assert "max_memory_allocated" in results["memory_metric"]
+    assert "max_memory_allocated" in results["memory_metric"] and "cuda" in format_bench_table(results, None)
     for res in results["models"].values():
         assert res["device"].startswith("cuda") and res["prefill"]["16"]["peak_memory_mib"] > 0
         assert res["decode"]["tokens_per_s"] > 0
