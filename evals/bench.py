@@ -363,6 +363,12 @@ def benchmark_models(models: dict[str, tuple[Any, Any, Any]], settings: BenchSet
     return add_ratios(results, baseline) if baseline else results
 
 
+def prefill_latency_ms(results: dict) -> dict[str, dict[int, float]]:
+    """``{model: {actual seq len: median prefill ms}}`` (for latency-vs-length plots)."""
+    return {name: {entry["seq_len"]: entry["median_ms"] for entry in reversed(res["prefill"].values())}
+            for name, res in results["models"].items()}
+
+
 def _human(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data import read_jsonl_records
+from ..data import read_records
 from ..errors import DataError
 from .metrics import load_metric
 
@@ -69,12 +68,11 @@ def evaluate_classification(
 
     data_name = os.fspath(data)
     fields = (text_field,) + ((text_pair_field,) if text_pair_field else ()) + (label_field,)
-    records = jsonl_records_with_lines(data_name, required=fields)
+    records = read_records(data_name, required=fields)
     if limit is not None:
         records = records[:limit]
     examples = []
-    for line, row in records:
-        where = f"{data_name}:{line}"
+    for where, row in records:
         texts = tuple(_text(row, name, where) for name in fields[:-1])
         examples.append((texts, _label_index(row[label_field], model.config, num_labels, label_field, where)))
 
@@ -108,20 +106,6 @@ def evaluate_classification(
         "data": data_name,
         "seconds": time.perf_counter() - started,
     }
-
-
-def jsonl_records_with_lines(path: str, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
-    """``(line number, row)`` pairs of a JSONL file, read with ``hf_prune.data.read_jsonl_records``.
-
-    That reader skips blank lines and raises on every other bad line, so its rows correspond one to
-    one with the file's non-blank lines, whose 1-based numbers are paired here for later messages.
-    """
-    rows = read_jsonl_records(path, required=required)
-    with Path(path).expanduser().open(encoding="utf-8") as handle:
-        lines = [number for number, text in enumerate(handle, start=1) if text.strip()]
-    if len(lines) != len(rows):  # the file changed between the two reads
-        raise DataError(f"{path}: the file changed while it was being read")
-    return list(zip(lines, rows, strict=True))
 
 
 def model_max_length(model, tokenizer) -> int | None:
@@ -177,4 +161,4 @@ def _label_index(value: Any, config, num_labels: int, field: str, where: str) ->
     return int(label2id[value])
 
 
-__all__ = ["evaluate_classification", "jsonl_records_with_lines", "model_max_length"]
+__all__ = ["evaluate_classification", "model_max_length"]

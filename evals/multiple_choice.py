@@ -21,13 +21,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data import read_jsonl_records
+from ..data import read_records
 from ..errors import DataError
 from .metrics import load_metric
 
@@ -142,8 +141,7 @@ def load_examples(data: str | os.PathLike | Sequence[Mapping[str, Any]]) -> tupl
     """``(name, rows)``: validated rows with ``answer`` as an index and ``where`` naming their origin."""
     if isinstance(data, (str, os.PathLike)):
         name = os.fspath(data)
-        rows = read_jsonl_records(name, required=REQUIRED_FIELDS)
-        wheres = [f"{name}:{number}" for number in _record_line_numbers(name)]
+        wheres, rows = map(list, zip(*read_records(name, required=REQUIRED_FIELDS), strict=True))
     else:
         name = "<in-memory rows>"
         rows = list(data)
@@ -194,12 +192,6 @@ def _validate_row(row: Mapping[str, Any], where: str) -> dict:
         raise DataError(f"{where}: 'answer' index {answer} is out of range for {len(choices)} choices "
                         f"(0 to {len(choices) - 1})")
     return {"question": question, "choices": list(choices), "answer": answer, "where": where}
-
-
-def _record_line_numbers(path: str) -> list[int]:
-    """1-based line numbers of the non-blank lines, i.e. of the rows ``read_jsonl_records`` returns."""
-    with Path(path).expanduser().open(encoding="utf-8") as handle:
-        return [number for number, line in enumerate(handle, start=1) if line.strip()]
 
 
 def _prefix_token_ids(tokenizer) -> list[int]:

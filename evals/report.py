@@ -35,7 +35,8 @@ def plot_quality_vs_compression(runs: list[dict[str, Any]], path: Path) -> Path 
     for run, entry in points:
         kept = run["params_after"] / run["params_before"]
         ax.scatter([kept], [entry["retained"]], marker=markers[entry["task"]], s=60, zorder=3,
-                   label=f"{run['label']} ({entry['task']}: {entry['metric']})")
+                   label=f"{run['label']} ({entry['task']})" if entry["task"] == entry["metric"]
+                   else f"{run['label']} ({entry['task']}: {entry['metric']})")
         ax.annotate(run["label"], (kept, entry["retained"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("parameters kept (fraction of original)")
     ax.set_ylabel("quality retained (fraction of original)")

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data import read_records
 from ..errors import DataError
-from .classification import jsonl_records_with_lines
 from .metrics import load_metric
 
 #: Prompt used when the processor has no chat template; ``{image}`` is the processor's image token.
@@ -165,13 +165,12 @@ def read_vqa_records(path: str, *, limit: int | None = None) -> list[dict[str, A
 
     Every image is checked to exist up front, so a bad row fails before any generation runs.
     """
-    records = jsonl_records_with_lines(path, required=("image", "question"))
+    records = read_records(path, required=("image", "question"))
     if limit is not None:
         records = records[:limit]
     base = Path(path).expanduser().resolve().parent
     examples = []
-    for line, row in records:
-        where = f"{path}:{line}"
+    for where, row in records:
         image, question = row["image"], row["question"]
         if not isinstance(image, str) or not image:
             raise DataError(f"{where}: field 'image' must be a non-empty path string, got {image!r}")
@@ -205,12 +204,13 @@ def majority_answer(answers: list[str]) -> str:
 
 
 def _answers(row: dict, where: str) -> list[str]:
-    if "answers" in row:
+    # A field absent from this row but present in others reads as null through datasets.
+    if row.get("answers") is not None:
         answers = row["answers"]
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r}")
         return list(answers)
-    if "answer" in row:
+    if row.get("answer") is not None:
         answer = row["answer"]
         if not isinstance(answer, str):
             raise DataError(f"{where}: field 'answer' must be a string, got {answer!r}")

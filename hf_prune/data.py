@@ -56,29 +56,64 @@ def load_text_records(data: str, *, text_field: str = "text", split: str = "trai
     return records
 
 
-def read_jsonl_records(path: str, required: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a local JSONL file; errors name the file and the 1-based line (bad JSON, missing fields)."""
+def read_records(data: str, required: tuple[str, ...] = (), *, split: str = "test") -> list[tuple[str, dict]]:
+    """``(where, row)`` pairs of a local .jsonl/.json/.parquet file or a datasets hub id, read through
+    ``datasets``. ``where`` is ``file:line`` for JSONL (``file:row N`` / ``id:row N`` otherwise), so every
+    later error can name it; a row lacking a ``required`` field (or holding null there) fails here."""
+    import datasets
+
+    path = Path(data).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if LOCAL_DATA_BUILDERS.get(suffix) not in ("json", "parquet"):
+            raise DataError(f"{data}: unsupported file type {path.suffix!r} for records (allowed: .jsonl, .json, .parquet)")
+        try:
+            dataset = datasets.load_dataset(LOCAL_DATA_BUILDERS[suffix], data_files=str(path), split="train")
+        except Exception as exc:  # StopIteration included: the json builder's answer to an empty file
+            if suffix != ".jsonl":
+                raise DataError(f"{data}: cannot be read as a table ({type(exc).__name__}: {exc})") from exc
+            # Bad JSON, or fields whose type changes from row to row (no Arrow table): read line by line.
+            records = _jsonl_lines(path, data)
+        else:
+            if suffix == ".jsonl":
+                with path.open(encoding="utf-8") as handle:
+                    wheres = [f"{data}:{n}" for n, line in enumerate(handle, start=1) if line.strip()]
+            else:
+                wheres = [f"{data}:row {n}" for n in range(1, dataset.num_rows + 1)]
+            records = list(zip(wheres, dataset.to_list(), strict=True))
+    elif looks_like_local_path(data):
+        raise FileNotFoundError(f"data file not found: {data}")
+    else:
+        try:
+            dataset = datasets.load_dataset(data, split=split)
+        except Exception as exc:
+            raise FileNotFoundError(
+                f"data file not found: {data!r}; loading it as a datasets hub id (split {split!r}) also failed, "
+                f"and hub datasets need network access ({type(exc).__name__}: {exc})") from exc
+        records = [(f"{data}:row {n}", row) for n, row in enumerate(dataset.to_list(), start=1)]
+    if not records:
+        raise DataError(f"{data}: the file holds no records")
+    for where, row in records:
+        missing = [name for name in required if row.get(name) is None]
+        if missing:
+            raise DataError(f"{where}: missing field {', '.join(repr(m) for m in missing)} "
+                            f"(each row needs {', '.join(required)})")
+    return records
+
+
+def _jsonl_lines(path: Path, name: str) -> list[tuple[str, dict]]:
     import json
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    rows = []
-    with file.open(encoding="utf-8") as handle:
+    records = []
+    with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{name}:{number}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            missing = [name for name in required if name not in row]
-            if missing:
-                raise DataError(f"{path}:{number}: missing field {', '.join(repr(m) for m in missing)} "
-                                f"(each row needs {', '.join(required)})")
-            rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: the file holds no records")
-    return rows
+                raise DataError(f"{name}:{number}: expected a JSON object, got {type(row).__name__}")
+            records.append((f"{name}:{number}", row))
+    return records

@@ -71,6 +71,7 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
     params_before = count_parameters(model)
     experts_before = adapter.experts_per_layer(model) if adapter.spec.is_moe else None
     original_scores = [run_task(model, preprocessor, task, progress=progress) for task in recipe.evaluate]
+    latency = {"original": _prefill_sweep(model, preprocessor)} if recipe.evaluate else {}
     context = PruneContext(adapter, text_tokenizer(preprocessor), recipe.calibration, progress)
     stage_reports = []
     for stage in recipe.stages:
@@ -95,6 +96,8 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
         "evaluation": evaluation,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if recipe.evaluate:
+        latency["pruned"] = _prefill_sweep(model, preprocessor)
     expert_counts = ({"original": experts_before, "pruned": adapter.experts_per_layer(model)}
                      if experts_before is not None else None)
 
@@ -103,11 +106,22 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
             run = {"label": "+".join(s.method for s in recipe.stages), "params_before": params_before,
                    "params_after": report["params_after"], "evaluation": evaluation}
             write_report(folder, title=f"Pruning report: {recipe.model or 'in-memory model'}", runs=[run],
-                         expert_counts=expert_counts)
+                         latency_ms=latency, expert_counts=expert_counts,
+                         notes=["Latency: median prefill of 3 runs, original measured before pruning and "
+                                "pruned after, in the same process (`hf-prune bench` interleaves them)."])
 
     output = (save_pruned_model(model, preprocessor, recipe.output, report, write_run_report)
               if recipe.output else None)
     return PruneResult(model, preprocessor, report, output)
+
+
+def _prefill_sweep(model: Any, preprocessor: Any) -> dict[int, float]:
+    """Median prefill latency (ms) at a few lengths, for the report's latency plot."""
+    from .evals.bench import BenchSettings, benchmark_models, prefill_latency_ms
+
+    settings = BenchSettings(seq_lens=(32, 64, 128, 256), decode_tokens=2, repeats=3)
+    results = benchmark_models({"model": (model, preprocessor, None)}, settings, progress=False)
+    return prefill_latency_ms(results)["model"]
 
 
 def _load_config(recipe: Recipe) -> Any:

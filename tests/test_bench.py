@@ -6,7 +6,13 @@ import json
 
 import pytest
 import torch
-from hf_prune.evals.bench import BenchSettings, analytic_flops_per_token, benchmark_models, format_bench_table
+from hf_prune.evals.bench import (
+    BenchSettings,
+    analytic_flops_per_token,
+    benchmark_models,
+    format_bench_table,
+    prefill_latency_ms,
+)
 from tiny_models import build_preprocessor, build_tiny_model, save_tiny_model
 
 from hf_prune.adapters import count_parameters
@@ -83,6 +89,8 @@ def test_table_shows_every_model_and_ratio(llama_pair):
     ratio = results["models"]["pruned"]["ratios"]["flops"]["decode_prompt"]["params_active"]
     assert "RSS" in table and f"{ratio:.3f}x" in table
     assert "pruned/original" not in format_bench_table(results, None)
+    assert prefill_latency_ms(results)["pruned"] == {n: results["models"]["pruned"]["prefill"][str(n)]["median_ms"]
+                                                     for n in (8, 16)}
 
 
 def test_llama_flops_by_hand():

@@ -87,3 +87,33 @@ def test_moe_prune_with_evaluation_writes_report_into_the_checkpoint(tmp_path):
     assert (out / "expert_counts.png").stat().st_size > 5_000
     card = (out / "README.md").read_text()
     assert "type: text-generation" in card and "type: perplexity" in card
+
+
+def test_moe_report_has_latency_plot(tmp_path):
+    from tiny_models import save_tiny_model, write_calibration_file
+
+    source = save_tiny_model("mixtral", tmp_path / "src")
+    calibration = write_calibration_file(tmp_path / "calib.txt")
+    result = hf_prune.prune({
+        "model": str(source), "output": str(tmp_path / "out"),
+        "calibration": {"data": str(calibration), "num_samples": 4, "seq_len": 32},
+        "stages": [{"method": "layer_drop", "num_layers": 1}],
+        "evaluate": [{"task": "perplexity", "data": str(calibration), "seq_len": 32, "limit": 2}],
+    }, progress=False)
+    assert (result.output / "latency_vs_seq_len.png").stat().st_size > 5_000
+    assert "latency_vs_seq_len.png" in (result.output / "report.md").read_text()
+
+
+def test_records_from_parquet_and_hub_ids(tmp_path):
+    import datasets
+
+    from hf_prune.data import read_records
+    from hf_prune.errors import DataError
+
+    path = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list([{"question": "q1", "answer": 1}, {"question": "q2", "answer": None}]).to_parquet(path)
+    with pytest.raises(DataError, match=r"rows\.parquet:row 2: missing field 'answer'"):
+        read_records(str(path), required=("question", "answer"))
+    assert read_records(str(path), required=("question",))[0] == (f"{path}:row 1", {"question": "q1", "answer": 1})
+    with pytest.raises(FileNotFoundError, match="hub datasets need network access"):
+        read_records("nobody/no-such-dataset")
