@@ -7,13 +7,13 @@ from transformers import Gemma2Config
 from hf_prune.cli import main
 
 
-@pytest.mark.parametrize("command", ["prune", "eval", "inspect", "methods", "demo"])
+@pytest.mark.parametrize("command", ["prune", "eval", "bench", "inspect", "methods", "demo"])
 def test_every_command_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "example:" in text and f"hf-prune {command}" in text and "--quiet" in text
+    assert ("example:" in text or "examples:" in text) and f"hf-prune {command} " in text and "--quiet" in text
 
 
 def test_methods_lists_fields_and_help(capsys):
