@@ -79,6 +79,34 @@ def plot_expert_counts(counts: dict[str, list[int]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_kept_tokens(image: Any, kept: Any, path: Path, *, title: str = "Kept visual tokens") -> Path:
+    """Heat map of which image patches a token-pruning method kept, over the image itself.
+
+    ``image``: an H×W or H×W×3 array (or PIL image); ``kept``: a [rows, cols] grid of 0/1 (or scores) over
+    the patch grid, e.g. the keep mask of a 24×24 LLaVA patch grid. Dropped patches are dimmed.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    pixels = np.asarray(image, dtype=np.float32)
+    grid = np.asarray(kept, dtype=np.float32)
+    if grid.ndim != 2:
+        raise ValueError(f"kept must be a [rows, cols] grid over the image patches, got shape {grid.shape}")
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.8))
+    axes[0].imshow(pixels / max(float(pixels.max()), 1.0), cmap="gray" if pixels.ndim == 2 else None)
+    axes[0].set_title("image")
+    height, width = pixels.shape[:2]
+    axes[1].imshow(pixels / max(float(pixels.max()), 1.0), cmap="gray" if pixels.ndim == 2 else None)
+    # Pixel centres sit on integers, so the image spans -0.5 … size-0.5; the grid must span the same.
+    axes[1].imshow(grid, cmap="viridis", alpha=0.55, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                   interpolation="nearest",
+                   vmin=0.0, vmax=max(float(grid.max()), 1.0))
+    axes[1].set_title(f"{title} ({int((grid > 0).sum())} of {grid.size})")
+    for axis in axes:
+        axis.axis("off")
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -117,3 +117,17 @@ def test_records_from_parquet_and_hub_ids(tmp_path):
     assert read_records(str(path), required=("question",))[0] == (f"{path}:row 1", {"question": "q1", "answer": 1})
     with pytest.raises(FileNotFoundError, match="hub datasets need network access"):
         read_records("nobody/no-such-dataset")
+
+
+def test_kept_token_heat_map(tmp_path):
+    import numpy as np
+
+    from hf_prune.evals.report import plot_kept_tokens
+
+    image = np.random.default_rng(0).integers(0, 255, size=(32, 32, 3))
+    kept = np.zeros((8, 8))
+    kept[2:5, 3:6] = 1
+    path = plot_kept_tokens(image, kept, tmp_path / "kept.png")
+    assert path.stat().st_size > 5_000
+    with pytest.raises(ValueError, match="rows, cols"):
+        plot_kept_tokens(image, kept.ravel(), tmp_path / "bad.png")
