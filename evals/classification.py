@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import max_positions
 from ..data import read_records
 from ..errors import DataError
 from .metrics import load_metric
@@ -119,8 +120,8 @@ def model_max_length(model, tokenizer) -> int | None:
     tokenizer_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_max, int) and 0 < tokenizer_max < 1_000_000_000:
         limits.append(tokenizer_max)
-    config_max = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(config_max, int) and config_max > 0:
+    config_max = max_positions(model)
+    if config_max:
         limits.append(config_max)
     return min(limits) if limits else None
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import max_positions
 from ..data import read_records
 from ..errors import DataError
 from .metrics import load_metric
@@ -160,16 +161,7 @@ def load_examples(data: str | os.PathLike | Sequence[Mapping[str, Any]]) -> tupl
 
 def default_max_length(model) -> int:
     """The model config's maximum positions (the text config's, for multimodal models); 2048 when unknown."""
-    config = getattr(model, "config", None)
-    candidates = []
-    if config is not None and hasattr(config, "get_text_config"):
-        candidates.append(config.get_text_config())
-    candidates.append(config)
-    for candidate in candidates:
-        max_positions = getattr(candidate, "max_position_embeddings", None)
-        if isinstance(max_positions, int) and max_positions > 0:
-            return max_positions
-    return _FALLBACK_MAX_LENGTH
+    return max_positions(model) or _FALLBACK_MAX_LENGTH
 
 
 def _validate_row(row: Mapping[str, Any], where: str) -> dict:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import max_positions
 from ..data import load_text_records
 from .metrics import load_metric
 
@@ -134,18 +135,7 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, *, seq_len: int, batch_siz
 
 def default_seq_len(model) -> int:
     """The model's maximum positions capped at 1024 (1024 when the config does not say)."""
-    config = getattr(model, "config", None)
-    candidates = []
-    # Multimodal configs nest the language model's settings; get_text_config() returns the
-    # config itself when nothing is nested.
-    if config is not None and hasattr(config, "get_text_config"):
-        candidates.append(config.get_text_config())
-    candidates.append(config)
-    for candidate in candidates:
-        max_positions = getattr(candidate, "max_position_embeddings", None)
-        if isinstance(max_positions, int) and max_positions > 0:
-            return min(max_positions, _MAX_DEFAULT_SEQ_LEN)
-    return _MAX_DEFAULT_SEQ_LEN
+    return min(max_positions(model) or _MAX_DEFAULT_SEQ_LEN, _MAX_DEFAULT_SEQ_LEN)
 
 
 def load_text(data: str, *, text_field: str = "text") -> str:

@@ -203,6 +203,17 @@ def auto_model_class(adapter: ModelAdapter) -> Any:
     return transformers.AutoModelForCausalLM
 
 
+def max_positions(model: Any) -> int | None:
+    """``max_position_embeddings`` of a model's (text) config, or None when the config does not say."""
+    config = getattr(model, "config", None)
+    candidates = [config.get_text_config()] if hasattr(config, "get_text_config") else []
+    for candidate in [*candidates, config]:
+        value = getattr(candidate, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     seen: set[int] = set()

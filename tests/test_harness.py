@@ -121,7 +121,6 @@ def test_records_from_parquet_and_hub_ids(tmp_path):
 
 def test_kept_token_heat_map(tmp_path):
     import numpy as np
-
     from hf_prune.evals.report import plot_kept_tokens
 
     image = np.random.default_rng(0).integers(0, 255, size=(32, 32, 3))
