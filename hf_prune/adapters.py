@@ -128,10 +128,24 @@ class ModelAdapter:
     def is_moe_layer(self, layer: nn.Module) -> bool:
         return self.spec.is_moe and hasattr(self.mlp(layer), self.spec.experts_attr)
 
+    def top_k(self, config: Any) -> int | None:
+        """Experts each token is routed to (``num_experts_per_tok``), None for dense models."""
+        return int(self.text_config(config).num_experts_per_tok) if self.spec.is_moe else None
+
+    def experts(self, layer: nn.Module) -> nn.Module:
+        """The fused experts module of an MoE layer (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I])."""
+        return getattr(self.mlp(layer), self.spec.experts_attr)
+
+    def router(self, layer: nn.Module) -> nn.Module:
+        """The router of an MoE layer: ``weight`` [E, H]; forward returns (logits, top-k weights, top-k indices)."""
+        return getattr(self.mlp(layer), self.spec.router_attr)
+
+    def moe_layer_indices(self, model: nn.Module) -> list[int]:
+        return [i for i, layer in enumerate(self.layers(model)) if self.is_moe_layer(layer)]
+
     def experts_per_layer(self, model: nn.Module) -> list[int]:
         """Routed experts in each decoder layer (0 for a dense layer)."""
-        return [int(getattr(self.mlp(layer), self.spec.experts_attr).num_experts) if self.is_moe_layer(layer) else 0
-                for layer in self.layers(model)]
+        return [int(self.experts(layer).num_experts) if self.is_moe_layer(layer) else 0 for layer in self.layers(model)]
 
     def mlp_output_projections(self, layer: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter | None]]:
         """(name, weight, bias) of every projection whose output sums into the layer's MLP output.
