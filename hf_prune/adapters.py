@@ -56,6 +56,11 @@ TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "olmo2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
 }
 
+# Expert-pruned checkpoints with different expert counts per layer (model_patches/nonuniform_moe.py) keep
+# their family's layout under an hf_prune_ model type.
+TEXT_ARCHITECTURES.update({f"hf_prune_{family}": TEXT_ARCHITECTURES[family]
+                           for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")})
+
 #: Vision-language wrappers: the language model inside is looked up in TEXT_ARCHITECTURES by its own type.
 VISION_LANGUAGE_ARCHITECTURES = ("llava", "llava_next")
 
@@ -185,6 +190,8 @@ class ModelAdapter:
         config.num_hidden_layers = len(new_layers)
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = [config.layer_types[i] for i in kept_old]
+        if getattr(config, "experts_per_layer", None) is not None:  # non-uniform expert counts
+            config.experts_per_layer = [config.experts_per_layer[i] for i in kept_old]
         if hasattr(config, "mlp_only_layers") and hasattr(config, "decoder_sparse_step"):
             # Qwen-MoE decides sparse vs dense from the layer index; rewrite so a reload rebuilds the
             # same mix of layers after the indices shifted.
