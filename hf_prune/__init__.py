@@ -27,3 +27,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'hf_prune' has no attribute {name!r}")
+
+# Registers the hf_prune_<family> per-layer-expert classes with AutoConfig / AutoModelForCausalLM (DESIGN.md §5).
+from .model_patches import nonuniform_moe as _nonuniform_moe  # noqa: F401,E402

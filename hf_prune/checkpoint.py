@@ -132,7 +132,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_model_card(report: dict[str, Any]) -> str:
+def build_model_card(report: dict[str, Any], *, model_type: str | None = None) -> str:
     """A ``huggingface_hub.ModelCard`` with base_model, tags and evaluation results as model-index."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -161,6 +161,9 @@ def build_model_card(report: dict[str, Any]) -> str:
         if removed is not None:
             lines.append(f"- `{stage['method']}`: removed decoder layers {removed} "
                          f"({stage['layers_before']} → {stage['layers_after']})")
+        elif "experts_after" in stage:
+            lines.append(f"- `{stage['method']}` ({stage.get('algorithm')}): experts {stage['experts_before']} → "
+                         f"{stage['experts_after']}")
     if report.get("evaluation"):
         lines += ["", "| task | metric | data | original | pruned | retained |", "|---|---|---|---|---|---|"]
         for entry in report["evaluation"]:
@@ -169,9 +172,15 @@ def build_model_card(report: dict[str, Any]) -> str:
             retained = entry.get("retained")
             lines.append(f"| {entry['task']} | {metric} | {Path(entry['data']).name} | {original:.4g} | "
                          f"{entry['pruned'][metric]:.4g} | {'' if retained is None else format(retained, '.1%')} |")
-    lines += ["", "Loads with plain `transformers`:", "", "```python",
-              "from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-              "```", "", f"The full report (recipe, per-stage details, timings) is in `{REPORT_FILE}`.", ""]
+    if model_type and model_type.startswith("hf_prune_"):
+        load = ["Its architecture changed (`model_type: " + model_type + "`): load it after `import hf_prune`, or",
+                "without hf_prune through the modeling code saved beside the weights:", "", "```python",
+                "from transformers import AutoModelForCausalLM",
+                f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)', "```"]
+    else:
+        load = ["Loads with plain `transformers`:", "", "```python", "from transformers import AutoModelForCausalLM",
+                f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```"]
+    lines += ["", *load, "", f"The full report (recipe, per-stage details, timings) is in `{REPORT_FILE}`.", ""]
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)))
 
 
@@ -187,7 +196,7 @@ def save_pruned_model(model: Any, tokenizer: Any, output: str | os.PathLike, rep
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-        (folder / "README.md").write_text(build_model_card(report))
+        (folder / "README.md").write_text(build_model_card(report, model_type=model.config.model_type))
 
     return atomic_write_dir(output, write)
 

@@ -42,7 +42,7 @@ def test_valid_recipe_from_yaml_and_json_files(tmp_path):
         (with_changes(stages=[]), "stages: must be a non-empty list"),
         (with_changes(stages=[{"num_layers": 1}]), "stages[0].method: missing required key"),
         (with_changes(stages=[{"method": "prune_everything"}]),
-         "stages[0].method: unknown method 'prune_everything' (registered: layer_drop, replaceme"),
+         "stages[0].method: unknown method 'prune_everything' (registered: expert_pruning, layer_drop, replaceme"),
         (with_changes(stages=[{"method": "replaceme", "num_layer": 1}]),
          "stages[0].num_layer: unknown key (allowed: num_layers, num_cuts, layers"),
         (with_changes(stages=[{"method": "replaceme", "num_layers": "four"}]),

@@ -1,3 +1,4 @@
 """Built-in pruning methods; importing a module registers its method."""
 
 from .depth import layer_drop, replaceme  # noqa: F401
+from .experts import expert_pruning  # noqa: F401

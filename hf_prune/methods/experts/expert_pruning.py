@@ -1,0 +1,233 @@
+"""Expert pruning for Mixture-of-Experts models: score routed experts, keep the best, remove the rest.
+
+Algorithms (``algorithm``):
+
+- ``diep`` (NeurIPS 2025): learned scores |α_{l,e}|·β_l (see ``scoring.diep_scores``); non-uniform by
+  default, since DiEP's point is one ranking across layers, so counts differ per layer;
+- ``frequency``: tokens routed to the expert (top-k membership) on calibration data; uniform by default;
+- ``router_weight``: summed routing probability on calibration data; uniform by default.
+
+How α enters DiEP's forward (``alpha_weighting``, default ``router``): layer l computes
+β_l·Σ_{e∈topk(x)} α_{l,e}·w_e(x)·E_e(x), i.e. α rescales the router's own top-k weights w_e(x) instead of
+replacing them (the official code's choice, kept as ``replace``: β_l·Σ α_{l,e}·E_e(x)). Why: with α = 1
+and β = 1 this is exactly the original model, so the LM loss starts from the model's own loss and the
+reconstruction error measures only what the scores change; the router's per-token confidence is kept
+(replacing it makes every selected expert count equally for every token); and it behaves the same for
+every top-k and normalisation (top-1 with normalised weights gives w = 1 and both choices coincide;
+un-normalised top-k, e.g. Qwen-MoE with ``norm_topk_prob: false``, would otherwise be rescaled wholesale).
+
+Removal slices the fused experts and the router rows (``removal.remove_experts``): uniform counts keep
+the stock architecture with a smaller expert count, non-uniform counts become an ``hf_prune_<family>``
+model that reloads with its per-layer counts. Every layer keeps at least top-k experts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ...adapters import ModelAdapter
+from ...context import PruneContext
+from ...errors import CalibrationError, ConfigFieldError, UnsupportedModelError
+from ...registry import MethodConfig, StageReport, config_field, register_method
+from .removal import remove_experts
+from .scoring import diep_scores, moe_layers, round_half_up, router_statistics, select_experts
+
+
+@dataclass
+class ExpertPruningConfig(MethodConfig):
+    """Expert pruning (DiEP, frequency or router weight): remove the lowest-scoring routed experts of an MoE model."""
+
+    algorithm: Literal["diep", "frequency", "router_weight"] = config_field(
+        "diep", help="how experts are scored: diep (learned α·β), frequency (top-k count), router_weight (summed probability)")
+    keep_ratio: float | None = config_field(
+        None, help="fraction of routed experts to keep, in (0, 1] (give this or keep_experts)")
+    keep_experts: int | None = config_field(
+        None, help="experts to keep per layer (non-uniform: on average, i.e. keep_experts × MoE layers in total)")
+    uniform: bool | None = config_field(
+        None, help="same count in every layer (default: false for diep, true for frequency / router_weight)")
+    min_experts_per_layer: int | None = config_field(
+        None, help="non-uniform: every layer keeps at least this many (and never fewer than top-k)")
+    # ---- DiEP (official defaults where the paper / code gives them) ----
+    lambda_recon: float = config_field(0.12, help="diep: weight λ of the layer-wise reconstruction loss")
+    lr_alpha: float = config_field(0.1, help="diep: SGD learning rate of the expert scores α (the official value is unknown here: a project choice)")
+    lr_beta: float = config_field(0.1, help="diep: SGD learning rate of the layer scales β (a project choice, like lr_alpha)")
+    epochs: int = config_field(11, help="diep: passes over the calibration batches")
+    alpha_epochs: int = config_field(2, help="diep: epochs updating α in each α/β cycle")
+    beta_epochs: int = config_field(1, help="diep: epochs updating β in each α/β cycle")
+    beta_init: Literal["official"] | float = config_field(
+        "official", help="diep: β start: official (2.0 for the first half of the MoE layers, 0.2 after) or a constant")
+    clamp_min: float = config_field(1e-5, help="diep: α and β are clamped to [clamp_min, clamp_max] after each step")
+    clamp_max: float = config_field(5.0, help="diep: upper clamp of α and β")
+    max_cached_tokens: int = config_field(
+        4096, help="diep: calibration tokens whose MoE inputs/outputs are cached per layer (CPU, float32)")
+    lm_loss_weight: float = config_field(
+        1.0, help="diep: weight of the language-model loss (0 skips the full forward/backward: reconstruction only)")
+    alpha_weighting: Literal["router", "replace"] = config_field(
+        "router", help="diep: α multiplies the router's top-k weights (router) or replaces them (replace, official code)")
+
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        if (self.keep_ratio is None) == (self.keep_experts is None):
+            raise ConfigFieldError("keep_ratio", "give exactly one of keep_ratio or keep_experts")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise ConfigFieldError("keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
+        if self.keep_experts is not None and self.keep_experts < 1:
+            raise ConfigFieldError("keep_experts", f"must be a positive integer, got {self.keep_experts}")
+        if self.min_experts_per_layer is not None and self.min_experts_per_layer < 1:
+            raise ConfigFieldError("min_experts_per_layer", f"must be a positive integer, got {self.min_experts_per_layer}")
+        if self.uniform is None:
+            self.uniform = self.algorithm != "diep"
+        for name in ("lambda_recon", "lm_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigFieldError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.algorithm == "diep" and self.lambda_recon == 0 and self.lm_loss_weight == 0:
+            raise ConfigFieldError("lm_loss_weight", "lambda_recon and lm_loss_weight are both 0: DiEP has nothing to fit")
+        for name in ("lr_alpha", "lr_beta", "clamp_min"):
+            if getattr(self, name) <= 0:
+                raise ConfigFieldError(name, f"must be > 0, got {getattr(self, name)}")
+        if self.clamp_max <= self.clamp_min:
+            raise ConfigFieldError("clamp_max", f"must be > clamp_min ({self.clamp_min}), got {self.clamp_max}")
+        for name in ("epochs", "max_cached_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigFieldError(name, f"must be a positive integer, got {getattr(self, name)}")
+        for name in ("alpha_epochs", "beta_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigFieldError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.alpha_epochs == 0:
+            raise ConfigFieldError("alpha_epochs", "must be at least 1: α gives the expert scores")
+        if self.beta_init != "official" and not self.beta_init > 0:
+            raise ConfigFieldError("beta_init", f"must be 'official' or a number > 0, got {self.beta_init}")
+
+    @staticmethod
+    def unsupported_reason(adapter: ModelAdapter) -> str | None:
+        if not adapter.spec.is_moe:
+            return f"expert pruning needs a Mixture-of-Experts model; {adapter.text_model_type} has no experts"
+        return None
+
+    def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
+        reason = self.unsupported_reason(adapter)
+        if reason:
+            raise UnsupportedModelError(reason)
+        counts = [n for n in experts_per_layer_from_config(model_config, adapter) if n > 0]
+        if not counts:
+            raise UnsupportedModelError(f"expert pruning: this {adapter.text_model_type} model has no MoE layers")
+        if adapter.is_vision_language and not self.uniform:
+            raise ConfigFieldError("uniform", f"must be true for {adapter.model_type}: different expert counts per "
+                                              "layer are only supported for decoder-only models")
+        top_k = adapter.top_k(model_config)
+        floor = max(top_k, self.min_experts_per_layer or 0)
+        why = (f"its {top_k} experts per token" if floor == top_k
+               else f"min_experts_per_layer {self.min_experts_per_layer}")
+        if floor > min(counts):
+            raise ConfigFieldError("min_experts_per_layer", f"must be at most {min(counts)} (the fewest experts in a "
+                                                            f"layer of this model), got {self.min_experts_per_layer}")
+        layers = len(counts)
+        if self.keep_experts is not None:
+            high = min(counts) if self.uniform else sum(counts) // layers
+            if not floor <= self.keep_experts <= high:
+                raise ConfigFieldError(
+                    "keep_experts", f"must be in [{floor}, {high}] for this model (at least {why}, at most its "
+                                    f"{high} experts per layer), got {self.keep_experts}")
+            return
+        if self.uniform:
+            low = max(floor / n for n in counts)
+            short = [n for n in counts if round_half_up(self.keep_ratio * n) < floor]
+            kept = f"keeps {round_half_up(self.keep_ratio * short[0])} of {short[0]} experts in a layer" if short else ""
+        else:
+            low = floor * layers / sum(counts)
+            short = round_half_up(self.keep_ratio * sum(counts)) < floor * layers
+            kept = f"keeps {round_half_up(self.keep_ratio * sum(counts))} of {sum(counts)} experts in total" if short else ""
+        if short:
+            raise ConfigFieldError(
+                "keep_ratio", f"must be in [{low:.4g}, 1] for this model ({kept}, fewer than {why}"
+                              f"{'' if self.uniform else ' in each of its ' + str(layers) + ' MoE layers'}), "
+                              f"got {self.keep_ratio}")
+
+
+def experts_per_layer_from_config(model_config: Any, adapter: ModelAdapter) -> list[int]:
+    """Routed experts in each decoder layer (0 for a dense layer), from the config alone (no weights)."""
+    text = adapter.text_config(model_config)
+    per_layer = getattr(text, "experts_per_layer", None)
+    if per_layer is not None:
+        return [int(n) for n in per_layer]
+    experts = adapter.num_experts(model_config) or 0
+    num_layers = adapter.num_layers(model_config)
+    if hasattr(text, "decoder_sparse_step") and hasattr(text, "mlp_only_layers"):  # Qwen2/3-MoE
+        step = int(text.decoder_sparse_step or 1)
+        dense = set(text.mlp_only_layers or [])
+        return [experts if i not in dense and experts > 0 and (i + 1) % step == 0 else 0 for i in range(num_layers)]
+    return [experts] * num_layers
+
+
+def _significant(value: float, digits: int = 6) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: PruneContext) -> StageReport:
+    adapter = context.adapter
+    config.check_model(model.config, adapter)
+    layers = adapter.layers(model)
+    moe = moe_layers(model, adapter)
+    before = {i: int(adapter.experts(layers[i]).num_experts) for i in moe}
+    batches = context.calibration_batches()
+    tokens = sum(batch.num_tokens for batch in batches)
+    if tokens < max(before.values()):
+        raise CalibrationError(
+            f"expert pruning: the calibration data gave {tokens} tokens, fewer than the {max(before.values())} "
+            "experts per layer it must rank (shorter than one batch); add calibration data or raise "
+            "calibration.num_samples / seq_len")
+
+    started = time.perf_counter()
+    diep: dict[str, Any] | None = None
+    if config.algorithm == "diep":
+        scores, diep = diep_scores(model, context, config)
+    else:
+        stats = router_statistics(model, context)
+        scores = {i: stats[i][config.algorithm].double() for i in moe}
+    scoring_seconds = time.perf_counter() - started
+
+    top_k = adapter.top_k(model.config)
+    keep = select_experts(scores, top_k=top_k, keep_ratio=config.keep_ratio, keep_experts=config.keep_experts,
+                          uniform=bool(config.uniform), min_experts_per_layer=config.min_experts_per_layer)
+    removal = remove_experts(model, adapter, keep)
+
+    per_layer = []
+    for i in moe:
+        entry: dict[str, Any] = {
+            "layer": i, "experts_before": before[i], "experts_after": len(keep[i]), "kept": keep[i],
+            "scores": [_significant(float(s)) for s in scores[i]],
+        }
+        if diep is not None:
+            entry["alpha"] = [_significant(float(a)) for a in diep["alpha"][i]]
+            entry["beta"] = _significant(float(diep["beta"][i]))
+            entry["beta_init"] = diep["beta_init"][i]
+            entry["scoring_seconds"] = round(diep["seconds"]["per_layer"][i], 4)
+        per_layer.append(entry)
+    details: dict[str, Any] = {
+        "algorithm": config.algorithm,
+        "uniform": bool(config.uniform),
+        "top_k": top_k,
+        "experts_before": sum(before.values()),
+        "experts_after": sum(len(k) for k in keep.values()),
+        "layers": per_layer,
+        "calibration_tokens": tokens,
+        "scoring_seconds": round(scoring_seconds, 4),
+        "removal": removal,
+    }
+    if diep is not None:
+        seconds = diep["seconds"]
+        details["diep"] = {
+            "alpha_weighting": diep["alpha_weighting"],
+            "cached_tokens": diep["cached_tokens"],
+            "history": [{k: (_significant(v) if isinstance(v, float) else v) for k, v in h.items()}
+                        for h in diep["history"]],
+            "seconds": {"cache": round(seconds["cache"], 4), "lm_loss": round(seconds["lm_loss"], 4),
+                        "total": round(seconds["total"], 4)},
+        }
+    return StageReport("expert_pruning", details)
+
+
+register_method("expert_pruning", ExpertPruningConfig, apply_expert_pruning)

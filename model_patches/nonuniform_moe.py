@@ -1,0 +1,198 @@
+"""Mixture-of-experts models with a different number of routed experts in each decoder layer.
+
+Expert pruning that keeps the same count in every MoE layer is saved in the stock architecture (the
+expert-count key rewritten). When the counts differ, the checkpoint gets its own ``model_type``
+(``hf_prune_<family>``) and the classes below: a config subclass of the stock config with one extra field,
+``experts_per_layer`` (routed experts per decoder layer, 0 for a dense layer), and a ``*ForCausalLM``
+subclass of the stock class whose ``__init__`` builds the stock model and then shrinks each MoE layer's
+fused experts and router to its own count, before any weight is loaded. Forward is the stock one.
+
+Weights are saved with fused expert keys (``...mlp.experts.gate_up_proj`` [E_l, 2I, H]), not the legacy
+per-expert layout: transformers' key conversion is keyed by the stock ``model_type`` and is not applied to
+these classes, so the fused tensors load as they are and a checkpoint whose shapes disagree with
+``experts_per_layer`` is refused by ``from_pretrained``.
+
+This file imports only torch, transformers and the standard library: ``save_pretrained`` copies it next to
+the weights as remote code, so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works
+without hf_prune.
+
+Importing it registers the classes with ``AutoConfig`` / ``AutoModelForCausalLM``; ``import hf_prune``
+imports it (that pulls in torch and transformers, as ``import peft`` does).
+"""
+
+import sys
+
+#: family -> (stock config class, stock causal-LM class, expert-count key in the config).
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "num_local_experts"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "num_experts"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "num_experts"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "num_experts"),
+}
+PREFIX = "hf_prune_"
+
+
+def moe_layer_flags(config) -> list:
+    """Which decoder layers the stock class builds as MoE layers (Qwen-MoE: ``mlp_only_layers`` and
+    ``decoder_sparse_step``; Mixtral and OLMoE: every layer)."""
+    n = config.num_hidden_layers
+    if not hasattr(config, "decoder_sparse_step"):
+        return [True] * n
+    dense = set(config.mlp_only_layers or [])
+    step = config.decoder_sparse_step
+    return [i not in dense and config.num_experts > 0 and (i + 1) % step == 0 for i in range(n)]
+
+
+def select_experts(experts, router, indices) -> None:
+    """Keep only the experts ``indices`` (in this order) of one MoE layer, in place: every parameter or
+    buffer of the fused experts module and the router whose first dimension is the expert count is
+    indexed, and ``num_experts`` is updated on both. Works on meta tensors too."""
+    import torch
+    from torch import nn
+
+    old = int(experts.num_experts)
+    indices = [int(i) for i in indices]
+    for module in (experts, router):
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.dim() == 0 or tensor.shape[0] != old:
+                continue
+            index = torch.tensor(indices, dtype=torch.long, device=tensor.device)
+            new = tensor.detach().index_select(0, index).clone()
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
+            else:
+                module.register_buffer(name, new, persistent=name not in module._non_persistent_buffers_set)
+        module.num_experts = len(indices)
+
+
+def _moe_blocks(model):
+    """(layer index, fused experts module, router) of every MoE layer."""
+    for i, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            yield i, layer.mlp.experts, layer.mlp.gate
+
+
+def _build(family: str):
+    import transformers
+
+    cfg_name, model_name, count_key = FAMILIES[family]
+    stock_config = getattr(transformers, cfg_name)
+    stock_model = getattr(transformers, model_name)
+    prefix = "HfPrune" + model_name[: -len("ForCausalLM")]
+
+    class Config(stock_config):
+        model_type = PREFIX + family
+        experts_per_layer: list[int] | None = None
+
+        def __post_init__(self, **kwargs):
+            super().__post_init__(**kwargs)
+            self.check_experts_per_layer()
+
+        def check_experts_per_layer(self):
+            counts = self.experts_per_layer
+            if counts is None:
+                return
+            top_k, most = self.num_experts_per_tok, getattr(self, count_key)
+            if len(counts) != self.num_hidden_layers:
+                raise ValueError(f"experts_per_layer has {len(counts)} entries for {self.num_hidden_layers} layers")
+            for i, (n, moe) in enumerate(zip(counts, moe_layer_flags(self), strict=True)):
+                if type(n) is not int or (moe and not top_k <= n <= most) or (not moe and n != 0):
+                    allowed = f"an int in [{top_k}, {most}] (top-k to {count_key})" if moe else "0 (a dense layer)"
+                    raise ValueError(f"experts_per_layer[{i}] = {n!r}: must be {allowed}")
+
+    class ForCausalLM(stock_model):
+        config_class = Config
+
+        def __init__(self, config):
+            super().__init__(config)
+            counts = config.experts_per_layer
+            if counts is None:
+                raise ValueError(f"{type(self).__name__} needs config.experts_per_layer")
+            blocks = list(_moe_blocks(self))
+            moe = {i for i, _, _ in blocks}
+            if moe != {i for i, n in enumerate(counts) if n}:
+                raise ValueError(f"experts_per_layer {counts} does not match the MoE layers {sorted(moe)}")
+            for i, experts, router in blocks:
+                if counts[i] != experts.num_experts:
+                    select_experts(experts, router, range(counts[i]))
+            self.num_experts = max(counts)
+
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            # Fused expert tensors: the per-expert conversion is keyed by the stock model_type only.
+            kwargs["save_original_format"] = False
+            return super().save_pretrained(save_directory, *args, **kwargs)
+
+        def forward(self, *args, **kwargs):
+            want = kwargs.get("output_router_logits")
+            if not (self.config.output_router_logits if want is None else want):
+                return super().forward(*args, **kwargs)
+            # The stock load-balancing loss needs one expert count for all layers: collect the router
+            # logits with hooks instead and average the loss of each layer over its own experts.
+            logits = []
+            hooks = [router.register_forward_hook(lambda _m, _a, out: logits.append(out[0]))
+                     for _, _, router in _moe_blocks(self)]
+            try:
+                out = super().forward(*args, **{**kwargs, "output_router_logits": False})
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            loss_fn = sys.modules[stock_model.__module__].load_balancing_loss_func
+            aux = sum(loss_fn((x,), x.shape[-1], self.num_experts_per_tok, mask) for x in logits) / max(len(logits), 1)
+            out.router_logits, out.aux_loss = tuple(logits), aux
+            if out.loss is not None:
+                out.loss = out.loss + self.router_aux_loss_coef * aux.to(out.loss.device)
+            return out
+
+    for cls, name in ((Config, prefix + "Config"), (ForCausalLM, prefix + "ForCausalLM")):
+        cls.__name__ = cls.__qualname__ = name
+    return Config, ForCausalLM
+
+
+def _register(config_class, model_class) -> None:
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class.register_for_auto_class()
+    model_class.register_for_auto_class("AutoModelForCausalLM")
+    if config_class.model_type in CONFIG_MAPPING:  # first registration wins (e.g. hf_prune, then a remote copy)
+        return
+    transformers.AutoConfig.register(config_class.model_type, config_class)
+    transformers.AutoModelForCausalLM.register(config_class, model_class)
+
+
+#: family -> (config class, causal-LM class), filled by register().
+CLASSES = {}
+
+
+def register() -> None:
+    """Build the classes of every family and register them with the Auto classes (idempotent)."""
+    if CLASSES:
+        return
+    for family in FAMILIES:
+        classes = _build(family)
+        for cls in classes:
+            globals()[cls.__name__] = cls
+        _register(*classes)
+        CLASSES[family] = classes
+
+
+# Build and register every family on import: `import hf_prune` imports this module, and so does
+# transformers when it loads the copy saved next to a checkpoint as remote code.
+register()
+
+
+def stock_family(model_type: str):
+    """The stock family (``mixtral``…) of a stock or ``hf_prune_`` model type, or None."""
+    family = model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
+    return family if family in FAMILIES else None
+
+
+def nonuniform_classes(model_type: str):
+    """(config class, causal-LM class) for a stock or ``hf_prune_`` model type of a supported family."""
+    family = stock_family(model_type)
+    register()
+    if family is None:
+        raise ValueError(f"no per-layer expert classes for model_type {model_type!r} "
+                         f"(supported: {', '.join(sorted(FAMILIES))})")
+    return CLASSES[family]
