@@ -226,7 +226,7 @@ def _methods(args: argparse.Namespace) -> int:
     for spec in specs:
         print(f"{spec.name}: {spec.summary}")
         for name, type_name, default, help_text in spec.fields():
-            print(f"    {name:<16} {type_name:<28} default {default!r:<12} {help_text}")
+            print(f"    {name:<22} {type_name:<46} default {default!r:<12} {help_text}")
         print()
     return 0
 
