@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .perplexity import perplexity_of_tokens
+from .training import adamw_warmup_cosine, cache_root
 
 # Bump when the recipe changes so stale caches are ignored rather than reused.
 DEMO_MODEL_VERSION = "demo-llama-v1"
@@ -39,14 +39,9 @@ WARMUP_FRACTION = 0.05
 HELD_OUT_FRACTION = 0.05  # of the characters, for each of calibration and eval
 
 
-def _default_cache_root() -> pathlib.Path:
-    env = os.environ.get("HF_PRUNE_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "hf_prune"
-
-
 def demo_model_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Return the folder of the cached demo model, building it first if missing."""
-    root = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_root()
+    root = pathlib.Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / DEMO_MODEL_VERSION
     # The folder only appears through an atomic rename, so its existence means it is complete.
     if not target.is_dir():
@@ -136,15 +131,7 @@ def _build_model(seed: int) -> LlamaForCausalLM:
 def _train(model: LlamaForCausalLM, tokens: torch.Tensor, steps: int, seed: int, progress: bool) -> float:
     """Train on random windows of ``tokens``; return the mean loss of the last few steps."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, int(WARMUP_FRACTION * steps))
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10% of the peak
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    optimizer, scheduler = adamw_warmup_cosine(model, steps=steps, peak_lr=PEAK_LR, warmup_fraction=WARMUP_FRACTION)
     offsets = torch.arange(SEQ_LEN)
     recent_losses: list[float] = []
     model.train()

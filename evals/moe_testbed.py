@@ -74,6 +74,7 @@ from transformers import (
 )
 
 from .perplexity import perplexity_of_tokens
+from .training import adamw_warmup_cosine, cache_root
 
 # Bump when the recipe changes so stale caches are ignored rather than reused.
 MOE_TESTBED_VERSION = "moe-testbed-v1"
@@ -122,11 +123,6 @@ MIN_NORMALISED_LOAD_ENTROPY = 0.75  # load entropy / ln(num_experts)
 MIN_ABLATION_RATIO = 1.10  # perplexity(most-used removed) / perplexity(least-used removed), every domain
 
 
-def _default_cache_root() -> pathlib.Path:
-    env = os.environ.get("HF_PRUNE_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "hf_prune"
-
-
 def default_assets_dir() -> pathlib.Path:
     """The shared assets beside a source checkout: ``<repo>/../shared/assets``."""
     return pathlib.Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -135,7 +131,7 @@ def default_assets_dir() -> pathlib.Path:
 def moe_testbed_dir(cache_dir: str | os.PathLike | None = None, *,
                     assets: str | os.PathLike | None = None) -> pathlib.Path:
     """Return the folder of the cached MoE testbed, building it first (a few minutes) if missing."""
-    root = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_root()
+    root = pathlib.Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / MOE_TESTBED_VERSION
     # The folder only appears through an atomic rename, so its existence means it is complete.
     if not target.is_dir():
@@ -320,15 +316,7 @@ def _train(model: MixtralForCausalLM, streams: Mapping[str, torch.Tensor], steps
            progress: bool) -> dict[str, Any]:
     """Train on balanced batches of random windows; return the mean losses of the last steps."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, int(WARMUP_FRACTION * steps))
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10% of the peak
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    optimizer, scheduler = adamw_warmup_cosine(model, steps=steps, peak_lr=PEAK_LR, warmup_fraction=WARMUP_FRACTION)
     offsets = torch.arange(SEQ_LEN)
     names = list(streams)
     window = max(20, steps // 20)
