@@ -72,6 +72,8 @@ def plot_expert_counts(counts: dict[str, list[int]], path: Path) -> Path | None:
     width = 0.8 / len(counts)
     for i, (label, per_layer) in enumerate(counts.items()):
         ax.bar([layer + i * width for layer in range(len(per_layer))], per_layer, width=width, label=label)
+    num_layers = max(len(per_layer) for per_layer in counts.values())
+    ax.set_xticks([layer + width * (len(counts) - 1) / 2 for layer in range(num_layers)], labels=range(num_layers))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("experts")
     ax.set_title("Experts per layer")
