@@ -62,7 +62,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -74,7 +73,7 @@ from transformers import (
 )
 
 from .perplexity import perplexity_of_tokens
-from .training import adamw_warmup_cosine, cache_root
+from .training import BOS_ID, EOS_ID, PAD_ID, adamw_warmup_cosine, cache_root, train_byte_level_bpe
 
 # Bump when the recipe changes so stale caches are ignored rather than reused.
 MOE_TESTBED_VERSION = "moe-testbed-v1"
@@ -95,8 +94,6 @@ STORY_SAMPLES = 640
 STORY_MAX_NEW_TOKENS = 320
 STORY_SEED = 0  # fixed: the data do not change with the training seed
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # list order fixes ids 0..3
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
 VOCAB_SIZE = 1024
 TOKENIZER_CHARS_PER_DOMAIN = 200_000
 
@@ -231,30 +228,10 @@ def mixed_calibration_text(calibration: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------------------- tokenizer
 
 def _train_tokenizer(train_texts: Mapping[str, str]) -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    # An equal share of every domain, fed by line: a balanced vocabulary, and quick to train.
+    # An equal share of every domain, fed by line: a balanced vocabulary, and quick to train. WikiText's
+    # literal "<unk>" stays text (split_special_tokens), not the unknown token.
     lines = [line for text in train_texts.values() for line in text[:TOKENIZER_CHARS_PER_DOMAIN].split("\n")]
-    backend.train_from_iterator(lines, trainer=trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        model_max_length=SEQ_LEN * 4,
-        split_special_tokens=True,  # WikiText's literal "<unk>" is text, not the unknown token
-    )
+    return train_byte_level_bpe(lines, vocab_size=VOCAB_SIZE, model_max_length=SEQ_LEN * 4, split_special_tokens=True)
 
 
 def _token_stream(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+from collections.abc import Iterable
 
 import torch
 
@@ -26,3 +27,27 @@ def adamw_warmup_cosine(model: torch.nn.Module, *, steps: int, peak_lr: float, w
         return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+#: Special tokens of the testbeds' tokenizers; the list order fixes their ids 0..3.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 3
+
+
+def train_byte_level_bpe(pieces: Iterable[str], *, vocab_size: int, model_max_length: int,
+                         split_special_tokens: bool = False):
+    """A byte-level BPE trained offline on ``pieces``, wrapped for transformers; every encoding starts with BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(pieces, trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=model_max_length,
+                                   split_special_tokens=split_special_tokens)
