@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 
 import torch
@@ -20,7 +18,15 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .perplexity import perplexity_of_tokens
-from .training import BOS_ID, EOS_ID, PAD_ID, adamw_warmup_cosine, cache_root, train_byte_level_bpe
+from .training import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    adamw_warmup_cosine,
+    cache_root,
+    publish_when_done,
+    train_byte_level_bpe,
+)
 
 # Bump when the recipe changes so stale caches are ignored rather than reused.
 DEMO_MODEL_VERSION = "demo-llama-v1"
@@ -138,7 +144,6 @@ def build_demo_model(
     training steps (tests use a handful).
     """
     out_dir = pathlib.Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     steps = TRAIN_STEPS if _steps is None else _steps
     started = time.perf_counter()
 
@@ -150,9 +155,7 @@ def build_demo_model(
                                     batch_size=32)["perplexity"]
     seconds = time.perf_counter() - started  # the whole build bar saving
 
-    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp_dir.chmod(0o755)  # mkdtemp makes it private, but the cache is shared like any folder
+    with publish_when_done(out_dir) as tmp_dir:
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
         record = {
@@ -166,12 +169,4 @@ def build_demo_model(
             "eval_perplexity": round(eval_ppl, 3),
         }
         (tmp_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        try:
-            os.replace(tmp_dir, out_dir)
-        except OSError:
-            # Renaming onto a non-empty folder fails: another build finished first; keep its result.
-            if not out_dir.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir

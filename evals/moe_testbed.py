@@ -53,9 +53,7 @@ import math
 import os
 import pathlib
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -73,7 +71,15 @@ from transformers import (
 )
 
 from .perplexity import perplexity_of_tokens
-from .training import BOS_ID, EOS_ID, PAD_ID, adamw_warmup_cosine, cache_root, train_byte_level_bpe
+from .training import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    adamw_warmup_cosine,
+    cache_root,
+    publish_when_done,
+    train_byte_level_bpe,
+)
 
 # Bump when the recipe changes so stale caches are ignored rather than reused.
 MOE_TESTBED_VERSION = "moe-testbed-v1"
@@ -547,7 +553,6 @@ def build_moe_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, 
     (tests use a handful).
     """
     out_dir = pathlib.Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     steps = TRAIN_STEPS if _steps is None else _steps
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
@@ -581,8 +586,7 @@ def build_moe_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, 
     mark = lap("evaluation", mark)
     seconds = time.perf_counter() - started  # the whole build bar saving
 
-    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with publish_when_done(out_dir) as tmp_dir:
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
         data_dir = tmp_dir / "data"
@@ -615,17 +619,6 @@ def build_moe_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, 
             "checks": checks,
         }
         (tmp_dir / "testbed.json").write_text(json.dumps(record, indent=2) + "\n")
-        # mkdtemp (and the weights writer) make things private, but the cache is shared like any folder.
-        for path in [tmp_dir, *tmp_dir.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        try:
-            os.replace(tmp_dir, out_dir)
-        except OSError:
-            # Renaming onto a non-empty folder fails: another build finished first; keep its result.
-            if not out_dir.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -51,3 +54,23 @@ def train_byte_level_bpe(pieces: Iterable[str], *, vocab_size: int, model_max_le
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", model_max_length=model_max_length,
                                    split_special_tokens=split_special_tokens)
+
+
+@contextmanager
+def publish_when_done(out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yield a fresh hidden sibling of ``out_dir`` to build into; when the block succeeds, rename it into
+    place (a folder that a concurrent build finished first is kept). Nothing half-built is ever left."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp_dir
+        # mkdtemp (and the weights writer) make things private, but the cache is shared like any folder.
+        for path in [tmp_dir, *tmp_dir.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        try:
+            os.replace(tmp_dir, out_dir)
+        except OSError:  # renaming onto a non-empty folder fails: another build finished first
+            if not out_dir.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

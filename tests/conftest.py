@@ -47,6 +47,19 @@ def shared_asset(relpath: str | os.PathLike) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for modules of tiny models (``pytestmark = usefixtures(...)``), restored after:
+    tiny matmuls gain nothing from threads, and on a busy 2-core machine two threads waiting on each
+    other make a forward pass ~20x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def shared_assets() -> Path:
     """Root of the shared assets, under the same skip-or-fail rule as :func:`shared_asset`."""

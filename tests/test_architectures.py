@@ -88,14 +88,8 @@ def _text_config(model: Any) -> Any:
     return get_adapter(model.config).text_config(model.config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes each
-    op ~100× slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one intra-op thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

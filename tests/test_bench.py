@@ -21,13 +21,8 @@ from hf_prune.checkpoint import load_model
 FAST = BenchSettings(seq_lens=(8, 16), decode_tokens=4, warmup=1, repeats=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from intra-op threads and crawl when a busy machine oversubscribes them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def drop_layer(model, index: int):

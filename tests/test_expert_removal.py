@@ -44,12 +44,8 @@ NONUNIFORM_KEEP = [[0, 1, 3], [2, 1], [1, 2, 3], [3, 0]]
 MODES = ("uniform", "nonuniform")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass
@@ -265,7 +261,6 @@ RELOAD_SCRIPT = textwrap.dedent(r'''
     if spec["import_hf_prune"]:
         import hf_prune
         results["_registered"] = "hf_prune_mixtral" in __import__("transformers").models.auto.configuration_auto.CONFIG_MAPPING
-        from transformers import MixtralForCausalLM  # a model module first: registration must wait for it
     import torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)

@@ -33,14 +33,8 @@ from hf_prune.methods.experts.scoring import (
 )
 from hf_prune.recipe import CalibrationConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Many tiny forwards: threads only add overhead on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one intra-op thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,8 @@ from hf_prune.errors import DataError
 WORDS = [f"w{i}" for i in range(30)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: one intra-op thread costs ~1.5x when the machine is idle, but on a
-    busy 2-core machine two threads wait on each other and a forward pass gets ~20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny models: one intra-op thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- a tiny random Llama with a word-level tokenizer that adds BOS ------------------------------
