@@ -198,9 +198,9 @@ def test_alpha_one_beta_one_is_the_original_model(tokenizer):
     reference = logits_of(model, ids)
     moe = adapter.moe_layer_indices(model)
     ones = {i: torch.ones(NUM_EXPERTS) for i in moe}
-    with alpha_weighted_routing(model, adapter, ones, {i: torch.tensor(1.0) for i in moe}):
+    with alpha_weighted_routing(model, adapter, ones, {i: torch.tensor(1.0) for i in moe}, weighting="router"):
         torch.testing.assert_close(logits_of(model, ids), reference, rtol=0, atol=0)
-    with alpha_weighted_routing(model, adapter, ones, {i: torch.tensor(0.5) for i in moe}):
+    with alpha_weighted_routing(model, adapter, ones, {i: torch.tensor(0.5) for i in moe}, weighting="router"):
         assert not torch.allclose(logits_of(model, ids), reference)
     torch.testing.assert_close(logits_of(model, ids), reference, rtol=0, atol=0)  # hooks removed
 

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 import pytest
 import torch
 from conftest import shared_asset
-from hf_prune.evals import moe_testbed
+from hf_prune.evals import moe_routing, moe_testbed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,18 +169,18 @@ def test_ablation_check_fields(tiny_dir, tiny_model):
         assert {"most_used", "least_used", "most_used_removed", "least_used_removed", "most_vs_least"} <= set(own)
     json.dumps(result)
     # Hooks are removed afterwards: the model is unchanged.
-    tokens = moe_testbed._token_stream(tokenizer, texts["stories"], 256)
-    before = moe_testbed._perplexity_without(model, tokens, {})
+    tokens = moe_routing.token_stream(tokenizer, texts["stories"], 256)
+    before = moe_routing._perplexity_without(model, tokens, {})
     assert math.isclose(before, perplexity["baseline"]["stories"], rel_tol=1e-3)
 
 
 def test_masked_experts_get_no_tokens(tiny_dir, tiny_model):
     model, tokenizer = tiny_model
-    tokens = moe_testbed._token_stream(tokenizer, _split_texts(tiny_dir, "eval")["wikitext"], 200)
+    tokens = moe_routing.token_stream(tokenizer, _split_texts(tiny_dir, "eval")["wikitext"], 200)
     seen = []
     hook = model.model.layers[1].mlp.experts.register_forward_hook(lambda m, args, out: seen.append(args[1]))
     try:
-        moe_testbed._perplexity_without(model, tokens, {1: [0, 1, 2, 3, 4, 5]})
+        moe_routing._perplexity_without(model, tokens, {1: [0, 1, 2, 3, 4, 5]})
     finally:
         hook.remove()
     assert seen and set(torch.cat([s.reshape(-1) for s in seen]).tolist()) == {6, 7}

@@ -183,9 +183,9 @@ def cache_moe_io(model: nn.Module, context: PruneContext, max_tokens: int,
 
 @contextmanager
 def alpha_weighted_routing(model: nn.Module, adapter: ModelAdapter, alphas: dict[int, torch.Tensor],
-                           betas: dict[int, torch.Tensor], weighting: str = "router") -> Iterator[None]:
-    """Temporarily make every MoE layer l compute β_l·Σ_{e∈topk(x)} α_{l,e}·w_e(x)·E_e(x) (``router``)
-    or β_l·Σ_{e∈topk(x)} α_{l,e}·E_e(x) (``replace``), via a forward hook on its router.
+                           betas: dict[int, torch.Tensor], weighting: str = "replace") -> Iterator[None]:
+    """Temporarily make every MoE layer l compute β_l·Σ_{e∈topk(x)} α_{l,e}·E_e(x) (``replace``)
+    or β_l·Σ_{e∈topk(x)} α_{l,e}·w_e(x)·E_e(x) (``router``), via a forward hook on its router.
 
     The router still chooses the top-k experts; the hook rescales (or replaces) the top-k weights it
     returns, which the experts module multiplies into each expert's output. Everything else in the block
@@ -247,10 +247,10 @@ def diep_scores(model: nn.Module, context: PruneContext, config: Any) -> tuple[d
     ``max_cached_tokens``, ``lm_loss_weight``, ``alpha_weighting``.
 
     Per MoE layer: α_l ∈ R^E (init 1) and β_l (init :func:`beta_initial_values`). The candidate output
-    of layer l on a token x is β_l·Σ_{e∈topk(x)} α_{l,e}·w_e(x)·E_e(x) (``alpha_weighting: router``: α
-    rescales the model's own top-k routing weights, so α = 1, β = 1 is exactly the original model) or
-    β_l·Σ α_{l,e}·E_e(x) (``replace``: α replaces the routing weights, as in the official code), plus the
-    shared expert where the block has one. Loss per step =
+    of layer l on a token x is β_l·Σ_{e∈topk(x)} α_{l,e}·E_e(x) (``alpha_weighting: replace``: α replaces
+    the routing weights, as in METHODS.md and the official code) or β_l·Σ α_{l,e}·w_e(x)·E_e(x)
+    (``router``: α rescales the model's own top-k weights, so α = 1, β = 1 is exactly the original
+    model), plus the shared expert where the block has one. Loss per step =
     ``lm_loss_weight``·CE(model with every MoE layer α-weighted, on one calibration batch)
     + ``lambda_recon``·Σ_l mean_tokens ‖Z_l − candidate_l(X_l)‖₂ on that step's share of the cached
     (X_l, Z_l). X_l / Z_l come from the unmodified model, so the reconstruction terms are layer-local.
