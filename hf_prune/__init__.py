@@ -28,5 +28,7 @@ def __getattr__(name: str) -> Any:
         return getattr(pipeline, name)
     raise AttributeError(f"module 'hf_prune' has no attribute {name!r}")
 
-# Registers the hf_prune_<family> per-layer-expert classes with AutoConfig / AutoModelForCausalLM (DESIGN.md §5).
+# Registers the hf_prune_<family> classes with the Auto classes (DESIGN.md §5): per-layer expert counts and
+# visual token pruning.
 from .model_patches import nonuniform_moe as _nonuniform_moe  # noqa: F401,E402
+from .model_patches import visual_token_pruning as _visual_token_pruning  # noqa: F401,E402

@@ -62,7 +62,9 @@ TEXT_ARCHITECTURES.update({f"hf_prune_{family}": TEXT_ARCHITECTURES[family]
                            for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")})
 
 #: Vision-language wrappers: the language model inside is looked up in TEXT_ARCHITECTURES by its own type.
-VISION_LANGUAGE_ARCHITECTURES = ("llava", "llava_next")
+VISION_LANGUAGE_ARCHITECTURES = ("llava", "llava_next",
+                                 # visual-token-pruned checkpoints (model_patches/visual_token_pruning.py)
+                                 "hf_prune_llava", "hf_prune_llava_next")
 
 
 def supported_model_types() -> list[str]:

@@ -22,6 +22,7 @@ from torch import nn
 from ...adapters import ModelAdapter, count_parameters
 from ...errors import ConfigFieldError, UnsupportedModelError
 from ...model_patches import nonuniform_moe
+from ..class_swap import swap_config_and_class
 
 FIELD = "keep_experts"
 
@@ -118,7 +119,7 @@ def _make_stock(model: nn.Module, adapter: ModelAdapter, count: int) -> None:
     """Uniform counts: rewrite the family's count key; an ``hf_prune_`` model goes back to the stock class."""
     if model.config.model_type.startswith(nonuniform_moe.PREFIX):
         config_class, model_class = (type(model.config).__mro__[1], type(model).__mro__[1])
-        _swap(model, config_class, model_class, {adapter.spec.num_experts_key: count}, drop=("experts_per_layer",))
+        swap_config_and_class(model, config_class, model_class, {adapter.spec.num_experts_key: count}, drop=("experts_per_layer",))
     else:
         setattr(adapter.text_config(model.config), adapter.spec.num_experts_key, count)
     if hasattr(model, "num_experts"):
@@ -130,26 +131,8 @@ def _make_nonuniform(model: nn.Module, adapter: ModelAdapter, counts: list[int])
         raise UnsupportedModelError(f"{adapter.model_type}: a different expert count per layer is only "
                                     "supported for decoder-only models; keep the same count in every MoE layer")
     config_class, model_class = nonuniform_moe.nonuniform_classes(model.config.model_type)
-    _swap(model, config_class, model_class, {adapter.spec.num_experts_key: max(counts), "experts_per_layer": counts})
+    swap_config_and_class(model, config_class, model_class, {adapter.spec.num_experts_key: max(counts), "experts_per_layer": counts})
     model.num_experts = max(counts)
-
-
-def _swap(model: nn.Module, config_class: type, model_class: type, updates: dict[str, Any],
-          drop: tuple[str, ...] = ()) -> None:
-    """Replace ``model.config`` by a ``config_class`` built from its dict (plus ``updates``) everywhere a
-    module holds it, and ``model.__class__`` by ``model_class`` (same modules, same forward)."""
-    old = model.config
-    aliases = getattr(config_class, "attribute_map", {})  # Qwen3-MoE: num_experts is num_local_experts
-    updates = {aliases.get(k, k): v for k, v in updates.items()}
-    data = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "auto_map", *drop)}
-    new = config_class.from_dict({**data, **updates})
-    for attr in ("_attn_implementation", "_experts_implementation"):
-        setattr(new, attr, getattr(old, attr))
-    new.name_or_path = old.name_or_path
-    for module in model.modules():
-        if module.__dict__.get("config") is old:  # PreTrainedModels, experts (implementation), attention...
-            module.config = new
-    model.__class__ = model_class
 
 
 def _as_int(value: Any, what: str) -> int:

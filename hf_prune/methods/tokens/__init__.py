@@ -1,0 +1,1 @@
+"""Token pruning: fewer tokens through the model, the weights unchanged."""

@@ -1,0 +1,282 @@
+"""Visual token pruning: the selection algorithms, and the pruned forward / generate contract on tiny LLaVA models."""
+
+import itertools
+
+import pytest
+import torch
+from tiny_models import build_processor, build_tiny_model, build_tokenizer, sample_image
+
+import hf_prune
+from hf_prune.adapters import get_adapter
+from hf_prune.context import PruneContext
+from hf_prune.errors import ConfigFieldError, RecipeError, UnsupportedModelError
+from hf_prune.model_patches import visual_token_pruning as patch
+from hf_prune.recipe import build_dataclass
+from hf_prune.registry import get_method, run_stage
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = ["USER: <image>\nwhat is in the picture? ASSISTANT:",
+           "USER: <image>\ndescribe the colours of this image in a few words ASSISTANT:"]
+
+
+# ---- selection functions -------------------------------------------------------------------------------
+
+
+def brute_force_greedy_map(kernel: torch.Tensor, count: int) -> list[int]:
+    """Greedy MAP by definition: add the item that maximises det(L_S) at each step."""
+    chosen: list[int] = []
+    for _ in range(count):
+        best = max((j for j in range(kernel.shape[0]) if j not in chosen),
+                   key=lambda j: torch.linalg.det(kernel[[*chosen, j]][:, [*chosen, j]].double()).item())
+        chosen.append(best)
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dpp_greedy_map_matches_the_determinant_definition(seed):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(3, 12, 6, generator=generator)
+    relevance = torch.rand(3, 12, generator=generator)
+    kernel = relevance[:, :, None] * patch.cosine_similarity_matrix(features) * relevance[:, None, :]
+    chosen = patch.dpp_greedy_map(kernel, 5)
+    assert chosen.shape == (3, 5)
+    for b in range(3):
+        assert chosen[b].tolist() == brute_force_greedy_map(kernel[b], 5)
+
+
+def test_dpp_keeps_going_past_the_kernel_rank():
+    features = torch.randn(1, 10, 2, generator=torch.Generator().manual_seed(0))  # rank 2
+    chosen = patch.dpp_greedy_map(patch.cosine_similarity_matrix(features), 6)[0]
+    assert chosen.tolist() == sorted(set(chosen.tolist())) and len(chosen) == 6
+
+
+def test_dpp_prefers_diverse_tokens():
+    # Four near-copies of one vector and one different vector: two picks take one of each.
+    base, other = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    features = torch.stack([base, base + 0.01, base - 0.01, base * 1.1, other])[None]
+    chosen = patch.dpp_greedy_map(patch.cosine_similarity_matrix(features), 2)[0].tolist()
+    assert 4 in chosen
+
+
+def test_instruction_relevance_range_and_sign():
+    features = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    instruction = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    positive = patch.instruction_relevance(features, instruction, "positive")
+    negative = patch.instruction_relevance(features, instruction, "negative")
+    assert positive.min() == 0 and positive.max() == 1
+    torch.testing.assert_close(positive + negative, torch.ones(16))
+    assert torch.equal(patch.instruction_relevance(features, None), torch.ones(16))
+    assert torch.equal(patch.instruction_relevance(features, instruction[:0]), torch.ones(16))
+
+
+@pytest.mark.parametrize(("grid", "count", "shape"), [((8, 8), 16, (4, 4)), ((8, 8), 32, (4, 8)),
+                                                       ((4, 8), 8, (2, 4)), ((8, 8), 7, (1, 7))])
+def test_pool_grid_averages_blocks(grid, count, shape):
+    h0, w0 = grid
+    features = torch.arange(h0 * w0, dtype=torch.float32)[:, None].repeat(1, 3)
+    pooled = patch.pool_grid(features, grid, count)
+    assert pooled.shape == (count, 3)
+    expected = torch.nn.functional.adaptive_avg_pool2d(features[:, 0].reshape(1, 1, h0, w0), shape).reshape(-1)
+    torch.testing.assert_close(pooled[:, 0], expected)
+
+
+def test_kept_count():
+    settings = patch.check_settings({"budget": 8})
+    assert patch.kept_count(settings, 64) == 8 and patch.kept_count(settings, 5) == 5
+    assert patch.kept_count(settings, 40, crops=2.5) == 20
+    assert patch.kept_count(patch.check_settings({"keep_ratio": 0.25}), 10) == 3
+
+
+# ---- the pruned model ---------------------------------------------------------------------------------------
+
+
+def pruned_model(model_type: str, tokenizer, **fields):
+    model = build_tiny_model(model_type, tokenizer).eval()
+    config = build_dataclass(get_method("visual_token_pruning").config_cls, {"budget": 4, **fields}, "stage")
+    report = run_stage(get_method("visual_token_pruning"), model, config,
+                       PruneContext(get_adapter(model.config), tokenizer, None, progress=False))
+    return model, report
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(image_token=True)
+
+
+def batch(model_type, tokenizer, prompts=PROMPTS, seeds=(1, 2)):
+    processor = build_processor(model_type, tokenizer)
+    processor.tokenizer.padding_side = "left"
+    return processor(images=[sample_image(seed=s) for s in seeds], text=list(prompts), return_tensors="pt",
+                     padding=True)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_next"])
+def test_budget_at_or_above_the_token_count_changes_nothing(model_type, tokenizer):
+    stock = build_tiny_model(model_type, tokenizer).eval()
+    model, report = pruned_model(model_type, tokenizer, budget=10_000)
+    assert "nothing is pruned" in report.details["note"]
+    inputs = batch(model_type, tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, stock(**inputs).logits, rtol=0, atol=0)
+
+
+ALGORITHMS = ["cdpruner", "diversity", "random", "pooling", "fastv"]
+
+
+@pytest.mark.parametrize(("model_type", "algorithm"), list(itertools.product(["llava", "llava_next"], ALGORITHMS)))
+def test_pruned_forward_is_the_stock_model_on_the_kept_tokens(model_type, algorithm, tokenizer):
+    """The pruned logits equal the stock forward on the kept tokens' embeddings, with labels cut alike."""
+    model, _ = pruned_model(model_type, tokenizer, algorithm=algorithm, fastv_layer=1)
+    inputs = batch(model_type, tokenizer)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+        extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+        features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output)
+        cut = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features, labels=labels)
+        embeds = model.get_input_embeddings()(cut["input_ids"])
+        image_mask = (cut["input_ids"] == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_mask, torch.cat(cut["features"]))
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=cut["attention_mask"]).last_hidden_state
+        expected = model.lm_head(hidden)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    image_tokens = (cut["input_ids"] == model.config.image_token_id).sum(dim=1)
+    per_image = 8 if model_type == "llava_next" else 4  # NeXT: base crop 4 + high-res 4, plus its newlines
+    newlines = 4 if model_type == "llava_next" else 0
+    assert image_tokens.tolist() == [per_image + newlines] * 2
+    assert cut["kept_tokens"] == [per_image + newlines] * 2
+    # Text tokens are all kept, in order; padding never counts as kept.
+    for row in range(2):
+        real = inputs["attention_mask"][row].bool()
+        text = inputs["input_ids"][row][real & (inputs["input_ids"][row] != model.config.image_token_id)]
+        kept = cut["input_ids"][row][cut["attention_mask"][row].bool()]
+        assert kept[kept != model.config.image_token_id].tolist() == text.tolist()
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    target = cut["labels"][:, 1:].reshape(-1)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, target, ignore_index=-100))
+
+
+def test_llava_next_keeps_every_newline_token(tokenizer):
+    model, _ = pruned_model("llava_next", tokenizer, algorithm="random", budget=1)
+    inputs = batch("llava_next", tokenizer)
+    with torch.no_grad():
+        features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                       image_sizes=inputs["image_sizes"]).pooler_output)
+        cut = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features)
+    newline = model.model.image_newline
+    for full, kept in zip(features, cut["features"], strict=True):
+        assert int((full == newline).all(-1).sum()) == int((kept == newline).all(-1).sum()) > 0
+
+
+@pytest.mark.parametrize("algorithm", ["cdpruner", "pooling"])
+@pytest.mark.parametrize("model_type", ["llava", "llava_next"])
+def test_generate_equals_the_pruned_forward_step_by_step(model_type, algorithm, tokenizer):
+    model, _ = pruned_model(model_type, tokenizer, algorithm=algorithm)
+    inputs = batch(model_type, tokenizer)
+    pad = model.config.text_config.pad_token_id
+    # The instruction is fixed to the prompt's, so the step-by-step forward (which sees the generated
+    # tokens too) selects the same visual tokens as generate did once.
+    instruction = [row[row != pad] for row in inputs["input_ids"][:, -12:]]
+    with torch.no_grad():
+        generated = model.generate(**inputs, instruction_ids=instruction, max_new_tokens=6, do_sample=False)
+        assert torch.equal(generated[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        for _ in range(6):
+            logits = model(input_ids=ids, attention_mask=mask, instruction_ids=instruction, **extra).logits
+            step = logits[:, -1].argmax(dim=-1, keepdim=True)
+            ids, mask = torch.cat([ids, step], dim=1), torch.cat([mask, torch.ones_like(step)], dim=1)
+    assert torch.equal(generated, ids)
+
+
+def test_generate_samples_and_returns_several_sequences(tokenizer):
+    model, _ = pruned_model("llava", tokenizer)
+    inputs = batch("llava", tokenizer)
+    torch.manual_seed(0)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=0, num_return_sequences=2,
+                         return_dict_in_generate=True)
+    assert out.sequences.shape == (4, inputs["input_ids"].shape[1] + 4)
+    assert torch.equal(out.sequences[::2, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+def test_the_instruction_comes_from_the_prompt(tokenizer):
+    model, _ = pruned_model("llava", tokenizer, algorithm="cdpruner")
+    selections = {}
+    for prompt in ("USER: <image>\nwhat is it? ASSISTANT:", "USER: <image>\ncount the red dots on the left ASSISTANT:",
+                   "USER: <image>\nwhere is the shadow falling? ASSISTANT:"):
+        inputs = batch("llava", tokenizer, prompts=[prompt], seeds=(3,))
+        with torch.no_grad():
+            features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+            auto = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features)
+            text_after = inputs["input_ids"][0][(inputs["input_ids"][0] == model.config.image_token_id).nonzero()[-1] + 1:]
+            explicit = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features,
+                                                 instruction_ids=[text_after])
+        assert torch.equal(auto["keep"], explicit["keep"])
+        selections[prompt] = tuple(auto["keep"][0].nonzero().reshape(-1).tolist())
+    assert len(set(selections.values())) > 1, "the kept tokens never depend on the instruction"
+
+
+def test_training_with_labels_reaches_the_vision_side(tokenizer):
+    model, _ = pruned_model("llava", tokenizer, algorithm="random")
+    model.train()
+    inputs = batch("llava", tokenizer)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_source_model_is_left_alone(tokenizer):
+    source = build_tiny_model("llava", tokenizer).eval()
+    result = hf_prune.prune(source, {"stages": [{"method": "visual_token_pruning", "budget": 4}]},
+                            tokenizer=build_processor("llava", tokenizer), progress=False)
+    assert type(source).__name__ == "LlavaForConditionalGeneration" and source.config.model_type == "llava"
+    assert result.model.config.model_type == "hf_prune_llava"
+    assert result.model.config.token_pruning["budget"] == 4
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+
+
+def test_image_count_must_match_the_placeholders(tokenizer):
+    model, _ = pruned_model("llava", tokenizer)
+    inputs = batch("llava", tokenizer)
+    with pytest.raises(ValueError, match=r"image tokens but the images give .* features \(1 images\)"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+              pixel_values=inputs["pixel_values"][:1])
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"budget": 0}, r"budget: must be a positive integer"),
+    ({"budget": -3}, r"budget: must be a positive integer"),
+    ({"keep_ratio": 1.5}, r"keep_ratio: must be in \(0, 1\]"),
+    ({"budget": 4, "keep_ratio": 0.5}, r"budget: give exactly one of budget or keep_ratio"),
+    ({"budget": 4, "algorithm": "tome"}, r"algorithm: must be one of 'cdpruner' \| 'diversity'"),
+])
+def test_bad_settings_name_the_key(fields, message):
+    spec = get_method("visual_token_pruning")
+    with pytest.raises(RecipeError, match=r"stages\[0\]\." + message):
+        build_dataclass(spec.config_cls, fields, "stages[0]")
+
+
+def test_models_without_a_supported_vision_tower_are_refused(tokenizer, tmp_path):
+    dense = build_tiny_model("llama", build_tokenizer())
+    with pytest.raises(UnsupportedModelError, match="needs a vision-language model; llama has no vision tower"):
+        hf_prune.prune(dense, {"stages": [{"method": "visual_token_pruning", "budget": 4}]}, progress=False)
+    config = get_method("visual_token_pruning").config_cls(budget=4, algorithm="fastv", fastv_layer=9)
+    llava = build_tiny_model("llava", tokenizer)
+    with pytest.raises(ConfigFieldError, match="fastv_layer: must be below"):
+        config.check_model(llava.config, get_adapter(llava.config))
+
+
+def test_unsupported_vision_language_family(tmp_path):
+    import transformers
+
+    config = transformers.Qwen2VLConfig()
+    with pytest.raises(UnsupportedModelError, match="model_type 'qwen2_vl' is not supported"):
+        get_adapter(config)
+    with pytest.raises(ValueError, match="does not support model_type 'qwen2_vl'"):
+        patch.token_pruning_classes("qwen2_vl")
