@@ -29,6 +29,8 @@ class ArchitectureSpec:
     num_experts_key: str | None = None
     #: Why the MLP output does not enter the residual stream directly (None when it does).
     mlp_not_on_residual: str | None = None
+    #: Why only visual token pruning applies to this language model (None when every method may).
+    token_pruning_only: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -61,10 +63,17 @@ TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
 TEXT_ARCHITECTURES.update({f"hf_prune_{family}": TEXT_ARCHITECTURES[family]
                            for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")})
 
+# Qwen2-VL's language model: visual token pruning only, since calibration forwards through a bare decoder
+# would need its 3-D rotary positions.
+_MROPE = ArchitectureSpec(token_pruning_only=(
+    "its language model takes 3-D rotary positions from the image grid, which calibration forwards do not "
+    "build; only visual token pruning supports it"))
+TEXT_ARCHITECTURES.update({"qwen2_vl_text": _MROPE, "qwen2_5_vl_text": _MROPE})
+
 #: Vision-language wrappers: the language model inside is looked up in TEXT_ARCHITECTURES by its own type.
-VISION_LANGUAGE_ARCHITECTURES = ("llava", "llava_next",
-                                 # visual-token-pruned checkpoints (model_patches/visual_token_pruning.py)
-                                 "hf_prune_llava", "hf_prune_llava_next")
+VISION_LANGUAGE_ARCHITECTURES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl",
+                                 # visual-token-pruned checkpoints (model_patches/*token_pruning.py)
+                                 "hf_prune_llava", "hf_prune_llava_next", "hf_prune_qwen2_vl", "hf_prune_qwen2_5_vl")
 
 
 def supported_model_types() -> list[str]:

@@ -29,115 +29,26 @@ the weights, so ``AutoModelForImageTextToText.from_pretrained(path, trust_remote
 without hf_prune. Importing it registers the classes with the Auto classes.
 """
 
-import math
+import inspect
 
 import torch
-import torch.nn.functional as F
+
+from .token_selection import (
+    check_settings,
+    cosine_similarity_matrix,
+    dpp_greedy_map,
+    instruction_relevance,
+    kept_count,
+    pool_grid,
+    square_grid,
+)
 
 PREFIX = "hf_prune_"
-ALGORITHMS = ("cdpruner", "diversity", "random", "pooling", "fastv")
-RELEVANCE_SIGNS = ("positive", "negative")
-DEFAULTS = {"algorithm": "cdpruner", "budget": None, "keep_ratio": None, "relevance_sign": "positive",
-            "seed": 0, "fastv_layer": 2}
 #: family -> (stock config class, stock model class)
 FAMILIES = {
     "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
     "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
 }
-
-
-def check_settings(settings) -> dict:
-    """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise."""
-    if not isinstance(settings, dict):
-        raise ValueError(f"token_pruning must be a dict, got {type(settings).__name__}")
-    unknown = sorted(set(settings) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"token_pruning.{unknown[0]}: unknown key (allowed: {', '.join(DEFAULTS)})")
-    merged = {**DEFAULTS, **settings}
-    if merged["algorithm"] not in ALGORITHMS:
-        raise ValueError(f"token_pruning.algorithm: {merged['algorithm']!r} is not one of {', '.join(ALGORITHMS)}")
-    budget, ratio = merged["budget"], merged["keep_ratio"]
-    if (budget is None) == (ratio is None):
-        raise ValueError("token_pruning: give exactly one of budget or keep_ratio")
-    if budget is not None and (type(budget) is not int or budget < 1):
-        raise ValueError(f"token_pruning.budget: must be a positive integer (tokens kept per image or crop), got {budget!r}")
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise ValueError(f"token_pruning.keep_ratio: must be in (0, 1], got {ratio!r}")
-    if merged["relevance_sign"] not in RELEVANCE_SIGNS:
-        raise ValueError(f"token_pruning.relevance_sign: {merged['relevance_sign']!r} is not one of "
-                         f"{', '.join(RELEVANCE_SIGNS)}")
-    for key in ("seed", "fastv_layer"):
-        if type(merged[key]) is not int or merged[key] < 0:
-            raise ValueError(f"token_pruning.{key}: must be a non-negative integer, got {merged[key]!r}")
-    return merged
-
-
-def kept_count(settings: dict, num_tokens: int, crops: float = 1.0) -> int:
-    """Tokens kept out of ``num_tokens`` that stand for ``crops`` crops' worth of tokens (a budget at or
-    above the count keeps them all)."""
-    if settings["budget"] is not None:
-        return min(math.ceil(settings["budget"] * crops - 1e-9), num_tokens)
-    return min(num_tokens, max(1, math.ceil(settings["keep_ratio"] * num_tokens)))
-
-
-# ---- selection: pure tensor functions ------------------------------------------------------------
-
-
-def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
-    """[..., N, D] -> [..., N, N] cosine similarities in float32."""
-    unit = F.normalize(features.float(), dim=-1)
-    return unit @ unit.transpose(-1, -2)
-
-
-def instruction_relevance(features: torch.Tensor, instruction: torch.Tensor | None, sign: str = "positive") -> torch.Tensor:
-    """[N] relevance in [0, 1]: mean cosine of each token [N, D] with the instruction embeddings [M, D],
-    optionally negated, min-max normalised; all ones without an instruction or when every token ties."""
-    if instruction is None or instruction.shape[0] == 0:
-        return torch.ones(features.shape[0], device=features.device)
-    cosine = F.normalize(features.float(), dim=-1) @ F.normalize(instruction.float(), dim=-1).T
-    relevance = cosine.mean(dim=-1) * (-1.0 if sign == "negative" else 1.0)
-    spread = relevance.max() - relevance.min()
-    if spread <= 1e-6:
-        return torch.ones_like(relevance)
-    return (relevance - relevance.min()) / spread
-
-
-def dpp_greedy_map(kernel: torch.Tensor, count: int, eps: float = 1e-10) -> torch.Tensor:
-    """Fast greedy MAP inference for a DPP (Chen, Zhang & Zhou 2018), batched: kernel [B, N, N] -> [B, count]
-    indices in ascending order. Once the kernel's rank is exhausted, the remaining picks go by index."""
-    batch, n, _ = kernel.shape
-    kernel = kernel.float()
-    rows = torch.arange(batch, device=kernel.device)
-    gains = torch.diagonal(kernel, dim1=-2, dim2=-1).clone()  # d²_i
-    vectors = kernel.new_zeros(batch, count, n)  # c_k, one row per pick so far
-    chosen = torch.empty(batch, count, dtype=torch.long, device=kernel.device)
-    for t in range(count):
-        j = gains.argmax(dim=-1)
-        chosen[:, t] = j
-        gain = gains[rows, j]
-        projection = torch.einsum("bk,bkn->bn", vectors[rows, :t, j], vectors[:, :t]) if t else 0
-        e = (kernel[rows, j] - projection) / gain.clamp_min(eps).sqrt()[:, None]
-        e = torch.where((gain > eps)[:, None], e, torch.zeros_like(e))
-        vectors[:, t] = e
-        gains = gains - e.square()
-        gains[rows, j] = float("-inf")
-    return chosen.sort(dim=-1).values
-
-
-def pool_grid(features: torch.Tensor, grid: tuple[int, int], count: int) -> torch.Tensor:
-    """Average-pool [h0*w0, D] features laid out on ``grid`` (h0, w0) to ``count`` tokens [count, D], on the
-    h × w grid with h·w = count whose aspect ratio is closest to the input's."""
-    h0, w0 = grid
-    shapes = [(h, count // h) for h in range(1, count + 1) if count % h == 0]
-    h, w = min(shapes, key=lambda s: (round(abs(math.log(s[0] / s[1]) - math.log(h0 / w0)), 9), s[0]))
-    image = features.T.reshape(1, features.shape[1], h0, w0).float()
-    pooled = F.adaptive_avg_pool2d(image, (h, w))
-    return pooled.reshape(features.shape[1], h * w).T.to(features.dtype)
-
-
-def square_grid(num_tokens: int) -> tuple[int, int]:
-    side = math.isqrt(num_tokens)
-    return (side, side) if side * side == num_tokens else (1, num_tokens)
 
 
 # ---- the model side --------------------------------------------------------------------------------
@@ -177,8 +88,13 @@ def _mixin(stock_model):
         """Image features already cut to the budget: ``forward`` passes them on as they are."""
 
     class TokenPruning(stock_model):
-        # ---- what each image offers: groups of tokens, each with its own budget -----------------
-        def token_groups(self, features: torch.Tensor) -> tuple[list, torch.Tensor]:
+        #: Keyword arguments the vision side consumes (dropped once the features are computed and cut).
+        VISION_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+        #: [B, L] keyword arguments cut along with the input ids.
+        SEQUENCE_KWARGS = ()
+
+        # ---- family hooks (Qwen2-VL overrides them) --------------------------------------------------
+        def token_groups(self, features: torch.Tensor, index: int, kwargs: dict) -> tuple[list, torch.Tensor]:
             """([(indices into the image's tokens, grid, crops)], indices always kept) for one image.
 
             LLaVA: one group, the whole square grid, one crop. LLaVA-NeXT: the base image (one crop) and the
@@ -207,9 +123,20 @@ def _mixin(stock_model):
                 return list(mm_encoder_outputs["image"].pooler_output)
             if pixel_values is None:
                 return None
-            extra = {k: kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
-                     if kwargs.get(k) is not None}
+            extra = {k: kwargs[k] for k in self.VISION_KWARGS if kwargs.get(k) is not None}
             return list(self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra).pooler_output)
+
+        def _full_position_ids(self, input_ids, attention_mask, kwargs):
+            """Position ids of the uncut sequence, when the family's positions are not simply 0..L-1 (LLaVA: None:
+            the cut sequence is numbered afresh)."""
+            return None
+
+        def _after_prune(self, pruned: dict) -> None:
+            """Bookkeeping once ``forward`` has cut a batch (nothing for LLaVA)."""
+
+        def _generation_kwargs(self, pruned: dict) -> dict:
+            """Extra keyword arguments for the stock ``generate`` on the cut prompt."""
+            return {}
 
         def _instructions(self, input_ids, attention_mask, image_mask, runs, instruction_ids) -> list:
             """Instruction embeddings per image: the override, or the row's text after the image up to the next one."""
@@ -233,7 +160,7 @@ def _mixin(stock_model):
                 out.append(embed(ids))
             return out
 
-        def _fastv_received(self, input_ids, attention_mask, features, layer) -> torch.Tensor:
+        def _fastv_received(self, input_ids, attention_mask, features, layer, position_ids=None) -> torch.Tensor:
             """[B, L] attention each position receives at decoder layer ``layer`` (mean over heads and real queries)."""
             language_model = self.model.language_model
             if layer >= len(language_model.layers):
@@ -253,7 +180,8 @@ def _mixin(stock_model):
             handle = language_model.layers[layer].self_attn.register_forward_hook(hook)
             text_config._attn_implementation = "eager"  # scores exist only with eager attention
             try:
-                language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+                language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False)
             except _StopScoring:
                 pass
             finally:
@@ -284,27 +212,31 @@ def _mixin(stock_model):
             return keep, tokens[keep]
 
         def prune_visual_tokens(self, input_ids, attention_mask=None, features=None, *, labels=None,
-                                position_ids=None, instruction_ids=None) -> dict | None:
+                                position_ids=None, instruction_ids=None, **kwargs) -> dict | None:
             """Cut the visual tokens of a batch; None when nothing is to be cut.
 
-            Returns ``input_ids``, ``attention_mask``, ``labels``, ``position_ids`` (the given ones cut, or None),
+            ``kwargs``: the family's vision and sequence keyword arguments (``image_sizes``, ``image_grid_thw``,
+            ``mm_token_type_ids``...). Returns ``input_ids``, ``attention_mask``, ``labels``, ``position_ids`` (the
+            given or the family's own, cut; None for LLaVA without given ones), the cut ``SEQUENCE_KWARGS``,
             ``features`` (the kept features per image), ``keep`` ([B, L] bool over the input) and ``kept_tokens``.
             """
             settings = self._settings()
             image_mask = input_ids == self.config.image_token_id
             runs = _image_runs(image_mask, [f.shape[0] for f in features])
             plans = []
-            for (row, positions), image in zip(runs, features, strict=True):
-                groups, always = self.token_groups(image)
+            for index, ((row, positions), image) in enumerate(zip(runs, features, strict=True)):
+                groups, always = self.token_groups(image, index, kwargs)
                 plans.append((row, positions, image,
                               [(g, grid, kept_count(settings, g.numel(), crops)) for g, grid, crops in groups], always))
             if all(count == g.numel() for *_, groups, _ in plans for g, _, count in groups):
                 return None
+            if position_ids is None:
+                position_ids = self._full_position_ids(input_ids, attention_mask, kwargs)
             with torch.no_grad():
                 instructions = (self._instructions(input_ids, attention_mask, image_mask, runs, instruction_ids)
                                 if settings["algorithm"] == "cdpruner" else [None] * len(runs))
-                received = (self._fastv_received(input_ids, attention_mask, features, settings["fastv_layer"])
-                            if settings["algorithm"] == "fastv" else None)
+                received = (self._fastv_received(input_ids, attention_mask, features, settings["fastv_layer"],
+                                                 position_ids) if settings["algorithm"] == "fastv" else None)
             generator = torch.Generator().manual_seed(settings["seed"])
             keep = ~image_mask
             kept_features = []
@@ -323,18 +255,22 @@ def _mixin(stock_model):
             width = int(keep.sum(dim=1).max())
 
             def cut(tensor, fill):
+                """Keep the ``keep`` positions of a [B, L, ...] (or [k, B, L] position) tensor, left-padded."""
                 if tensor is None:
                     return None
+                if tensor.dim() == 3 and tensor.shape[1:] == keep.shape:  # multimodal rotary positions
+                    return cut(tensor.permute(1, 2, 0), fill).permute(2, 0, 1)
                 out = tensor.new_full((tensor.shape[0], width, *tensor.shape[2:]), fill)
                 for row in range(tensor.shape[0]):
                     kept = tensor[row][keep[row]]
-                    out[row, width - kept.shape[0]:] = kept  # left padding
+                    out[row, width - kept.shape[0]:] = kept
                 return out
 
             pad = self.config.get_text_config().pad_token_id
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             return {"input_ids": cut(input_ids, pad if pad is not None else 0), "attention_mask": cut(mask, 0),
                     "labels": cut(labels, -100), "position_ids": cut(position_ids, 0), "features": kept_features,
+                    **{k: cut(kwargs[k], 0) for k in self.SEQUENCE_KWARGS if kwargs.get(k) is not None},
                     "keep": keep, "kept_tokens": [f.shape[0] for f in kept_features]}
 
         def save_pretrained(self, save_directory, *args, **kwargs):
@@ -352,10 +288,12 @@ def _mixin(stock_model):
             pruned = None
             if features:
                 pruned = self.prune_visual_tokens(input_ids, attention_mask, features, labels=labels,
-                                                  position_ids=position_ids, instruction_ids=instruction_ids)
+                                                  position_ids=position_ids, instruction_ids=instruction_ids, **kwargs)
             if pruned is not None:
+                self._after_prune(pruned)
                 input_ids, attention_mask, labels = pruned["input_ids"], pruned["attention_mask"], pruned["labels"]
                 position_ids = pruned["position_ids"]
+                kwargs.update({k: pruned[k] for k in self.SEQUENCE_KWARGS if k in pruned})
                 pixel_values = None
                 mm_encoder_outputs = {"image": PrunedImageFeatures(pooler_output=pruned["features"])}
             elif features is not None and pixel_values is not None:
@@ -369,15 +307,16 @@ def _mixin(stock_model):
             if input_ids is not None and pixel_values is not None:
                 features = self._image_features(pixel_values, None, kwargs)
             pruned = features and self.prune_visual_tokens(input_ids, attention_mask, features,
-                                                           instruction_ids=instruction_ids)
+                                                           instruction_ids=instruction_ids, **kwargs)
             if not pruned:
                 return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                         **kwargs)
-            for key in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes"):
+            for key in self.VISION_KWARGS:
                 kwargs.pop(key, None)
+            kwargs.update({k: pruned[k] for k in self.SEQUENCE_KWARGS if k in pruned})
             out = super().generate(input_ids=pruned["input_ids"], attention_mask=pruned["attention_mask"],
                                    mm_encoder_outputs={"image": PrunedImageFeatures(pooler_output=pruned["features"])},
-                                   **kwargs)
+                                   **self._generation_kwargs(pruned), **kwargs)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
             restored = torch.cat([prompt, sequences[:, pruned["input_ids"].shape[1]:]], dim=1)
@@ -386,16 +325,20 @@ def _mixin(stock_model):
             out.sequences = restored
             return out
 
+    # generate() checks its keyword arguments against forward's signature: show the stock one plus ours.
+    stock = inspect.signature(stock_model.forward)
+    parameters = list(stock.parameters.values())
+    extra = inspect.Parameter("instruction_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    TokenPruning.forward.__signature__ = stock.replace(parameters=[*parameters[:-1], extra, parameters[-1]])
     return TokenPruning
 
 
-def _build(family: str):
+def build_classes(family: str, config_name: str, model_name: str, mixin, module: str) -> tuple:
+    """(config class, model class) of ``hf_prune_<family>``: the stock config plus ``token_pruning``, and
+    ``mixin(stock model class)``, both named and placed in ``module`` (where remote code will look for them)."""
     import transformers
 
-    config_name, model_name = FAMILIES[family]
-    stock_config = getattr(transformers, config_name)
-
-    class Config(stock_config):
+    class Config(getattr(transformers, config_name)):
         model_type = PREFIX + family
         token_pruning: dict | None = None
 
@@ -404,11 +347,12 @@ def _build(family: str):
             if self.token_pruning is not None:
                 self.token_pruning = check_settings(self.token_pruning)
 
-    model_class = _mixin(getattr(transformers, model_name))
+    model_class = mixin(getattr(transformers, model_name))
     model_class.config_class = Config
     prefix = "HfPrune" + config_name[: -len("Config")]
     for cls, name in ((Config, prefix + "Config"), (model_class, prefix + "ForConditionalGeneration")):
         cls.__name__ = cls.__qualname__ = name
+        cls.__module__ = module
     return Config, model_class
 
 
@@ -424,31 +368,19 @@ def _register(config_class, model_class) -> None:
     transformers.AutoModelForImageTextToText.register(config_class, model_class)
 
 
-#: family -> (config class, model class), filled by register().
-CLASSES = {}
-
-
-def register() -> None:
-    """Build the classes of every family and register them with the Auto classes (idempotent)."""
-    if CLASSES:
+def register_families(families: dict, mixin, classes: dict, namespace: dict) -> None:
+    """Build and register the classes of ``families`` into ``classes`` and the module ``namespace`` (idempotent)."""
+    if classes:
         return
-    for family in FAMILIES:
-        classes = _build(family)
-        for cls in classes:
-            globals()[cls.__name__] = cls
-        _register(*classes)
-        CLASSES[family] = classes
+    for family, (config_name, model_name) in families.items():
+        built = build_classes(family, config_name, model_name, mixin, namespace["__name__"])
+        for cls in built:
+            namespace[cls.__name__] = cls
+        _register(*built)
+        classes[family] = built
 
 
+#: family -> (config class, model class)
+CLASSES = {}
 # `import hf_prune` imports this module, and so does transformers when it loads the copy saved as remote code.
-register()
-
-
-def token_pruning_classes(model_type: str):
-    """(config class, model class) for a stock or ``hf_prune_`` model type of a supported family."""
-    family = model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
-    if family not in FAMILIES:
-        raise ValueError(f"visual token pruning does not support model_type {model_type!r} "
-                         f"(supported: {', '.join(FAMILIES)})")
-    register()
-    return CLASSES[family]
+register_families(FAMILIES, _mixin, CLASSES, globals())

@@ -4,13 +4,14 @@ import itertools
 
 import pytest
 import torch
+from hf_prune.model_patches import token_selection as patch
 from tiny_models import build_processor, build_tiny_model, build_tokenizer, sample_image
 
 import hf_prune
 from hf_prune.adapters import get_adapter
 from hf_prune.context import PruneContext
 from hf_prune.errors import ConfigFieldError, RecipeError, UnsupportedModelError
-from hf_prune.model_patches import visual_token_pruning as patch
+from hf_prune.methods.tokens.visual_token_pruning import token_pruning_classes
 from hf_prune.recipe import build_dataclass
 from hf_prune.registry import get_method, run_stage
 
@@ -275,8 +276,8 @@ def test_models_without_a_supported_vision_tower_are_refused(tokenizer, tmp_path
 def test_unsupported_vision_language_family(tmp_path):
     import transformers
 
-    config = transformers.Qwen2VLConfig()
-    with pytest.raises(UnsupportedModelError, match="model_type 'qwen2_vl' is not supported"):
+    config = transformers.Idefics3Config()
+    with pytest.raises(UnsupportedModelError, match="model_type 'idefics3' is not supported"):
         get_adapter(config)
-    with pytest.raises(ValueError, match="does not support model_type 'qwen2_vl'"):
-        patch.token_pruning_classes("qwen2_vl")
+    with pytest.raises(UnsupportedModelError, match="does not support model_type 'idefics3'"):
+        token_pruning_classes("idefics3")

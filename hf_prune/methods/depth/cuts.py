@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ...activations import capture_outputs, run_decoder
 from ...adapters import ModelAdapter
 from ...context import PruneContext
-from ...errors import ConfigFieldError
+from ...errors import ConfigFieldError, UnsupportedModelError
 from ...registry import MethodConfig, config_field
 
 
@@ -52,7 +52,16 @@ class DepthCutConfig(MethodConfig):
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.layers is None
 
+    @staticmethod
+    def unsupported_reason(adapter: ModelAdapter) -> str | None:
+        if adapter.spec.token_pruning_only:
+            return f"depth pruning does not support {adapter.model_type}: {adapter.spec.token_pruning_only}"
+        return None
+
     def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
+        reason = self.unsupported_reason(adapter)
+        if reason:
+            raise UnsupportedModelError(reason)
         total = adapter.num_layers(model_config)
         if self.num_layers is not None and self.num_layers >= total:
             raise ConfigFieldError(

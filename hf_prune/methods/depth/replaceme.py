@@ -52,6 +52,8 @@ class ReplaceMeConfig(DepthCutConfig):
 
     @staticmethod
     def unsupported_reason(adapter: ModelAdapter) -> str | None:
+        if adapter.spec.token_pruning_only:
+            return DepthCutConfig.unsupported_reason(adapter)
         if adapter.spec.mlp_not_on_residual:
             return f"ReplaceMe cannot fold its map into {adapter.text_model_type}: {adapter.spec.mlp_not_on_residual}"
         return None
