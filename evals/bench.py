@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from ..adapters import count_parameters, get_adapter
+from .flops import analytic_flops_per_token
 
 #: Peak memory is the increase during a run (activations, KV cache, workspace); weights are ``weights_mib``.
 #: An absolute CUDA peak would count every model loaded in this process, hence the difference.
@@ -38,84 +39,6 @@ class BenchSettings:
     warmup: int = 1
     repeats: int = 5                                # medians over repeats
     image: bool | None = None                       # vision-language: prefill with one image (None: if it has a vision tower)
-
-
-def analytic_flops_per_token(config: Any, seq_len: int) -> dict:
-    """FLOPs per token of the language model (one sequence), from the config alone.
-
-    Per decoder layer, with H hidden, nh / nkv heads, d head_dim, the matmul parameters are
-    attention ``H·nh·d + 2·H·nkv·d + nh·d·H`` plus MLP ``3·H·I`` (gated) or, in a MoE layer, router
-    ``H·E`` + top-k experts ``k·3·H·I_moe`` + shared expert ``3·H·I_shared + H`` (Qwen2-MoE); which layers
-    are sparse follows ``mlp_only_layers`` / ``decoder_sparse_step``. With M the sum over layers and
-    V the vocabulary, and attention scores + values costing ``4·nh·d`` per attended key and layer
-    (keys capped at the sliding window on sliding layers):
-
-    - ``decode_flops_per_token`` = 2·M + 2·V·H + Σ_layers 4·nh·d·min(seq_len, window)
-      (one new token attending ``seq_len`` keys, itself included);
-    - ``prefill_flops_per_token`` = 2·M + 2·V·H / seq_len + Σ_layers 4·nh·d·Σ_t min(t, window) / seq_len
-      (a causal prefill of ``seq_len`` tokens that, like ``generate``, computes logits for the last one);
-    - ``params_active`` = parameters one token touches: M + embedding + head (once if tied) + norms + biases.
-
-    Vision-language configs: the text config as above (``seq_len`` counts the image placeholders) plus
-    ``vision_flops_per_crop`` for one vision-tower pass (ViT: 2·params·T + 4·layers·Hv·T² for T tokens,
-    the patch embedding, the projector on the image tokens) and ``image_tokens_per_crop``; a LLaVA image
-    is one crop, a LLaVA-NeXT image several (base + tiles).
-    """
-    adapter = get_adapter(config)
-    t = adapter.text_config(config)
-    hidden, vocab, layers = t.hidden_size, t.vocab_size, adapter.num_layers(config)
-    nh = t.num_attention_heads
-    nkv = getattr(t, "num_key_value_heads", None) or nh
-    hd = getattr(t, "head_dim", None) or hidden // nh
-    attn = hidden * nh * hd + 2 * hidden * nkv * hd + nh * hd * hidden
-    extra = 2 * hidden  # input and post-attention norms
-    if getattr(t, "attention_bias", False) or t.model_type in ("qwen2", "qwen2_moe"):
-        extra += (nh + 2 * nkv) * hd + (hidden if getattr(t, "attention_bias", False) else 0)
-    if t.model_type in ("qwen3", "qwen3_moe"):
-        extra += 2 * hd  # per-head q/k norms
-    elif t.model_type == "olmoe":
-        extra += (nh + nkv) * hd
-    dense_mlp, dense_bias = 3 * hidden * t.intermediate_size, (2 * t.intermediate_size + hidden) * getattr(t, "mlp_bias", False)
-    sparse_mlp = 0
-    if adapter.spec.is_moe:
-        moe_inter = getattr(t, "moe_intermediate_size", None) or t.intermediate_size
-        sparse_mlp = hidden * adapter.num_experts(config) + t.num_experts_per_tok * 3 * hidden * moe_inter
-        if getattr(t, "shared_expert_intermediate_size", 0):
-            sparse_mlp += 3 * hidden * t.shared_expert_intermediate_size + hidden
-    step, dense_only = getattr(t, "decoder_sparse_step", None) or 1, set(getattr(t, "mlp_only_layers", None) or [])
-    layer_types = getattr(t, "layer_types", None)
-    window = getattr(t, "sliding_window", None) if getattr(t, "use_sliding_window", True) is not False else None
-    matmul = attn_decode = attn_prefill = 0
-    extra *= layers
-    for i in range(layers):
-        sparse = adapter.spec.is_moe and i not in dense_only and (i + 1) % step == 0
-        matmul += attn + (sparse_mlp if sparse else dense_mlp)
-        extra += 0 if sparse else dense_bias
-        w = window if layer_types is None else (getattr(t, "sliding_window", None)
-                                                 if layer_types[i] == "sliding_attention" else None)
-        w = min(w or seq_len, seq_len)  # keys attended: min(t, w) for token t = 1..seq_len
-        attn_decode += 4 * nh * hd * w
-        attn_prefill += 4 * nh * hd * (w * (w + 1) // 2 + (seq_len - w) * w)
-    head = vocab * hidden
-    tied = getattr(t, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
-    out = {
-        "prefill_flops_per_token": 2 * matmul + (2 * head + attn_prefill) / seq_len,
-        "decode_flops_per_token": 2 * matmul + 2 * head + attn_decode,
-        "params_active": matmul + extra + hidden + head * (1 if tied else 2),
-    }
-    if not adapter.is_vision_language:
-        return out
-    v, text_hidden = config.vision_config, config.get_text_config().hidden_size
-    hv, patches = v.hidden_size, (v.image_size // v.patch_size) ** 2
-    cls = 0 if "siglip" in v.model_type else 1
-    tokens = patches + cls
-    image_tokens = patches if getattr(config, "vision_feature_select_strategy", "default") == "default" else tokens
-    feature_layers = getattr(config, "vision_feature_layer", -1)
-    proj_in = hv * (len(feature_layers) if isinstance(feature_layers, (list, tuple)) else 1)
-    tower = v.num_hidden_layers * (2 * tokens * (4 * hv * hv + 2 * hv * v.intermediate_size) + 4 * hv * tokens ** 2)
-    patch_embed = 2 * patches * getattr(v, "num_channels", 3) * v.patch_size ** 2 * hv
-    projector = 2 * image_tokens * (proj_in * text_hidden + text_hidden * text_hidden)
-    return {**out, "vision_flops_per_crop": tower + patch_embed + projector, "image_tokens_per_crop": image_tokens}
 
 
 def _sync(device: torch.device) -> None:
@@ -254,7 +177,8 @@ class _Case:
             **_sizes(model, folder),
             "prefill": {str(s): {"seq_len": lengths[s]} for s in settings.seq_lens},
             "decode": {"prompt_len": lengths["decode"], "new_tokens": settings.decode_tokens},
-            "flops": {"decode_prompt" if k == "decode" else str(k): analytic_flops_per_token(config, n)
+            "flops": {"decode_prompt" if k == "decode" else str(k):
+                      analytic_flops_per_token(config, n, image_tokens=self._image_tokens(key=k))
                       for k, n in lengths.items()},
         }
         if self.image:
@@ -264,6 +188,13 @@ class _Case:
             self.result.update(crops_per_image=crops, vision_flops_per_image=crops * per_crop)
 
     @torch.inference_mode()
+    def _image_tokens(self, key: Any) -> int | None:
+        """Image placeholders in the first row of one input (None without an image)."""
+        image_id = getattr(self.model.config, "image_token_id", None)
+        if not self.image or image_id is None:
+            return None
+        return int((self.inputs[key]["input_ids"][0] == image_id).sum())
+
     def run(self, key: Any) -> float:
         """One measurement: prefill (ms) at seq len ``key``, or decode (tokens/s) when ``key == "decode"``."""
         _sync(self.device)

@@ -111,9 +111,12 @@ def run_task(model: Any, preprocessor: Any, task: EvaluationTask, *, progress: b
     return {"task": spec.name, "metric": spec.metric, **result}
 
 
-def retained_fraction(name: str, original: dict[str, Any], pruned: dict[str, Any]) -> float:
-    """Share of the original's quality the pruned model keeps (original / pruned when lower is better)."""
+def retained_fraction(name: str, original: dict[str, Any], pruned: dict[str, Any]) -> float | None:
+    """Share of the original's quality the pruned model keeps (original / pruned when lower is better);
+    None when the original scores 0 on a higher-is-better metric (no baseline to keep a share of)."""
     spec = get_task(name)
+    if spec.higher_is_better and original[spec.metric] == 0:
+        return None
     metric = load_metric("retained_performance")
     result = metric.compute(pruned=[pruned[spec.metric]], original=[original[spec.metric]],
                             higher_is_better=spec.higher_is_better)

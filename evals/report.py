@@ -25,7 +25,7 @@ def _pyplot():
 
 
 def plot_quality_vs_compression(runs: list[dict[str, Any]], path: Path) -> Path | None:
-    points = [(run, entry) for run in runs for entry in run.get("evaluation", [])]
+    points = [(run, entry) for run in runs for entry in run.get("evaluation", []) if entry.get("retained") is not None]
     if not points:
         return None
     plt = _pyplot()
@@ -142,7 +142,7 @@ def write_report(folder: str | Path, *, title: str, runs: list[dict[str, Any]],
             else:
                 metric = entry["metric"]
                 cells += [entry["task"], metric, Path(entry["data"]).name, f"{entry['original'][metric]:.4g}",
-                          f"{entry['pruned'][metric]:.4g}", f"{entry['retained']:.1%}"]
+                          f"{entry['pruned'][metric]:.4g}", format_retained(entry["retained"])]
             lines.append("| " + " | ".join(cells) + " |")
     plots = [
         plot_quality_vs_compression(runs, folder / "quality_vs_compression.png"),
@@ -159,3 +159,8 @@ def write_report(folder: str | Path, *, title: str, runs: list[dict[str, Any]],
     path = folder / REPORT_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def format_retained(retained: float | None) -> str:
+    """The retained fraction as a percentage, or why there is none (an original scoring 0)."""
+    return "n/a (original scores 0)" if retained is None else f"{retained:.1%}"

@@ -134,6 +134,7 @@ def _silence_library_progress() -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from .evals.report import format_retained
     from .pipeline import prune
 
     result = prune(args.recipe, progress=not args.quiet)
@@ -147,12 +148,13 @@ def _prune(args: argparse.Namespace) -> int:
     for entry in report["evaluation"]:
         metric = entry["metric"]
         print(f"{entry['task']} ({metric}) on {entry['data']}: original {entry['original'][metric]:.4g}, "
-              f"pruned {entry['pruned'][metric]:.4g}, retained {entry['retained']:.1%}")
+              f"pruned {entry['pruned'][metric]:.4g}, retained {format_retained(entry['retained'])}")
     print(f"saved to {result.output}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .evals.report import format_retained
     from .evaluation import compare_checkpoints, evaluate_checkpoint
     from .recipe import EvaluationTask, build_dataclass
 
@@ -168,7 +170,7 @@ def _eval(args: argparse.Namespace) -> int:
         results = evaluate_checkpoint(args.model, task, progress=not args.quiet, **placement)
     _print_and_write(results, args.output)
     if args.compare:
-        print(f"retained {results['retained']:.1%}; report: {results['report']}", file=sys.stderr)
+        print(f"retained {format_retained(results['retained'])}; report: {results['report']}", file=sys.stderr)
     return 0
 
 

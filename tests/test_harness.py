@@ -32,6 +32,8 @@ def test_task_model_mismatches_are_named():
 def test_retained_fraction_follows_the_metric_direction():
     assert retained_fraction("perplexity", {"perplexity": 10.0}, {"perplexity": 12.5}) == pytest.approx(0.8)
     assert retained_fraction("multiple_choice", {"accuracy": 0.5}, {"accuracy": 0.4}) == pytest.approx(0.8)
+    # A zero baseline (an untrained model) has no share to keep: no figure, and no crash losing the run.
+    assert retained_fraction("multiple_choice", {"accuracy": 0.0}, {"accuracy": 0.25}) is None
 
 
 def test_recipe_with_vqa_on_a_text_model_fails_before_loading(tmp_path, monkeypatch):
