@@ -32,4 +32,5 @@ def __getattr__(name: str) -> Any:
 # visual token pruning.
 from .model_patches import nonuniform_moe as _nonuniform_moe  # noqa: F401,E402
 from .model_patches import qwen2_vl_token_pruning as _qwen2_vl_token_pruning  # noqa: F401,E402
+from .model_patches import text_token_pruning as _text_token_pruning  # noqa: F401,E402
 from .model_patches import visual_token_pruning as _visual_token_pruning  # noqa: F401,E402

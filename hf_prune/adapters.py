@@ -70,6 +70,11 @@ _MROPE = ArchitectureSpec(token_pruning_only=(
     "build; only visual token pruning supports it"))
 TEXT_ARCHITECTURES.update({"qwen2_vl_text": _MROPE, "qwen2_5_vl_text": _MROPE})
 
+#: Encoder classifiers (BERT family): text token pruning only (the other methods assume a decoder).
+ENCODER_ARCHITECTURES = ("bert", "hf_prune_bert")
+_ENCODER = ArchitectureSpec(token_pruning_only="an encoder classifier: only text token pruning supports it")
+TEXT_ARCHITECTURES.update(dict.fromkeys(ENCODER_ARCHITECTURES, _ENCODER))
+
 #: Vision-language wrappers: the language model inside is looked up in TEXT_ARCHITECTURES by its own type.
 VISION_LANGUAGE_ARCHITECTURES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl",
                                  # visual-token-pruned checkpoints (model_patches/*token_pruning.py)
@@ -88,6 +93,10 @@ class ModelAdapter:
     text_model_type: str
     spec: ArchitectureSpec
     is_vision_language: bool
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.model_type in ENCODER_ARCHITECTURES
 
     # ---- config -------------------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
@@ -232,6 +241,8 @@ def auto_model_class(adapter: ModelAdapter) -> Any:
 
     if adapter.is_vision_language:
         return transformers.AutoModelForImageTextToText
+    if adapter.is_encoder:
+        return transformers.AutoModelForSequenceClassification
     return transformers.AutoModelForCausalLM
 
 

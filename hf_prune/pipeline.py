@@ -71,12 +71,18 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
     params_before = count_parameters(model)
     experts_before = adapter.experts_per_layer(model) if adapter.spec.is_moe else None
     original_scores = [run_task(model, preprocessor, task, progress=progress) for task in recipe.evaluate]
-    latency = {"original": _prefill_sweep(model, preprocessor)} if recipe.evaluate else {}
+    # The prefill sweep runs causal LMs (with generate); an encoder classifier has neither.
+    sweep = bool(recipe.evaluate) and not adapter.is_encoder
+    latency = {"original": _prefill_sweep(model, preprocessor)} if sweep else {}
     context = PruneContext(adapter, text_tokenizer(preprocessor), recipe.calibration, progress)
     stage_reports = []
     for stage in recipe.stages:
         params = count_parameters(model)
         report = run_stage(get_method(stage.method), model, stage.config, context).to_dict()
+        if getattr(stage.config, "needs_training", False):  # AD-TP's retainer learns right after the stage
+            from .integrations.token_retainer import train_token_retainer
+
+            report["training"] = train_token_retainer(model, context.tokenizer, stage.config, progress=progress)
         report.update(params_before=params, params_after=count_parameters(model))
         stage_reports.append(report)
     evaluation = []
@@ -96,7 +102,7 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
         "evaluation": evaluation,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    if recipe.evaluate:
+    if sweep:
         latency["pruned"] = _prefill_sweep(model, preprocessor)
     expert_counts = ({"original": experts_before, "pruned": adapter.experts_per_layer(model)}
                      if experts_before is not None else None)

@@ -1,0 +1,124 @@
+"""Text token pruning for BERT-family classifiers (AD-TP and baselines): the setting is saved into the checkpoint.
+
+The stage turns the classifier into an ``hf_prune_bert`` model (``model_patches/text_token_pruning.py``)
+with a retainer (saliency and ratio heads) and the ``token_pruning`` settings in its config, so the saved
+checkpoint drops tokens by itself. ``adtp`` and ``fixed`` need a trained retainer: give ``train_data``
+and the pipeline trains it with ``transformers.Trainer`` (``hf_prune.integrations.token_retainer``)
+right after this stage: task loss + distillation of the teacher's Integrated Gradients into the saliency
+head + the student's own IG, the teacher's weight annealed from 1 to 0, and a FLOPs term pulling the mean
+retention ratio to ``target_ratio``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ...adapters import ModelAdapter
+from ...context import PruneContext
+from ...errors import ConfigFieldError, UnsupportedModelError
+from ...model_patches import text_token_pruning as patch
+from ...registry import MethodConfig, StageReport, config_field, register_method
+from ..class_swap import swap_config_and_class
+
+#: Settings that go into the checkpoint's config (the rest of the stage describes training).
+SETTINGS = tuple(k for k in patch.DEFAULTS if k != "special_token_ids")
+
+
+@dataclass
+class TextTokenPruningConfig(MethodConfig):
+    """Text token pruning (AD-TP: attribution-driven, adaptive per sequence; attention, random, fixed) for BERT classifiers."""
+
+    algorithm: Literal["adtp", "fixed", "attention", "random"] = config_field(
+        "adtp", help="adtp (learned saliency, ratio chosen per sequence), fixed (learned saliency, one ratio), "
+                     "attention (attention received at layer-1), random")
+    layer: int = config_field(0, help="encoder layer at which tokens are dropped (0: the embeddings, as the paper)")
+    keep_ratio: float | None = config_field(None, help="fixed / attention / random: share of real tokens kept, in (0, 1]")
+    candidate_ratios: list[float] = config_field(
+        default_factory=lambda: list(patch.DEFAULTS["candidate_ratios"]),
+        help="adtp: the retention ratios the ratio head chooses from")
+    retainer_size: int = config_field(64, help="hidden width of the saliency and ratio heads")
+    temperature: float = config_field(0.05, help="adtp training: sharpness of the soft keep mask")
+    seed: int = config_field(0, help="random: seed; training: seed of the retainer's initialisation and batches")
+    # ---- training the retainer (adtp, fixed) ----
+    train_data: str | None = config_field(None, help="labelled data (jsonl/json/parquet/csv or hub id) to train the retainer")
+    text_field: str = config_field("text", help="training data: column with the text")
+    label_field: str = config_field("label", help="training data: column with the label (int or a name in id2label)")
+    train_steps: int = config_field(300, help="optimizer steps")
+    batch_size: int = config_field(16, help="training batch size")
+    learning_rate: float = config_field(1e-3, help="AdamW learning rate of the retainer")
+    max_length: int = config_field(64, help="tokens per training example (longer ones are truncated)")
+    target_ratio: float = config_field(0.3, help="adtp: mean retention ratio the FLOPs term steers to")
+    flops_weight: float = config_field(4.0, help="adtp: weight of (mean ratio - target_ratio)^2")
+    distill_weight: float = config_field(1.0, help="weight of the IG distillation terms (teacher + self)")
+    ig_steps: int = config_field(1, help="Integrated-Gradients steps m (zero baseline)")
+
+    def __post_init__(self) -> None:
+        self.candidate_ratios = list(self.candidate_ratios)
+        try:
+            patch.check_settings(self.settings())
+        except ValueError as error:
+            key, _, message = str(error).partition(": ")
+            key = key.removeprefix("token_pruning.")
+            raise ConfigFieldError(key if key in patch.DEFAULTS else "algorithm", message or str(error)) from None
+        for name in ("train_steps", "batch_size", "max_length", "ig_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigFieldError(name, f"must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.target_ratio <= 1:
+            raise ConfigFieldError("target_ratio", f"must be in (0, 1], got {self.target_ratio}")
+        for name in ("learning_rate", "flops_weight", "distill_weight"):
+            if getattr(self, name) < 0 or (name == "learning_rate" and self.learning_rate == 0):
+                raise ConfigFieldError(name, f"must be {'> 0' if name == 'learning_rate' else '>= 0'}, got {getattr(self, name)}")
+
+    def settings(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in SETTINGS}
+
+    @property
+    def needs_training(self) -> bool:
+        return self.algorithm in ("adtp", "fixed")
+
+    @staticmethod
+    def unsupported_reason(adapter: ModelAdapter) -> str | None:
+        if not adapter.is_encoder:
+            return (f"text token pruning supports BERT-family classifiers ({', '.join(patch.FAMILIES)}); "
+                    f"{adapter.model_type} is not one")
+        return None
+
+    def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
+        reason = self.unsupported_reason(adapter)
+        if reason:
+            raise UnsupportedModelError(reason)
+        layers = adapter.num_layers(model_config)
+        if self.layer >= layers:
+            raise ConfigFieldError("layer", f"must be below the model's {layers} layers, got {self.layer}")
+        if self.needs_training and not self.train_data:
+            raise ConfigFieldError("train_data", f"{self.algorithm} learns its saliency (and ratio) heads: give "
+                                                 "labelled training data")
+
+
+def apply_text_token_pruning(model: Any, config: TextTokenPruningConfig, context: PruneContext) -> StageReport:
+    config.check_model(model.config, context.adapter)
+    tokenizer = context.tokenizer
+    specials = sorted({int(i) for i in getattr(tokenizer, "all_special_ids", [])} - {tokenizer.pad_token_id}
+                      if tokenizer is not None else set())
+    settings = patch.check_settings({**config.settings(), "special_token_ids": specials}, model.config.num_hidden_layers)
+    family = model.config.model_type.removeprefix(patch.PREFIX)
+    config_class, model_class = patch.CLASSES[family]
+    if not isinstance(model, model_class):
+        swap_config_and_class(model, config_class, model_class, {"token_pruning": settings})
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(config.seed)  # the retainer starts the same for the same seed
+        model.retainer = patch.TokenRetainer(model.config.hidden_size, len(settings["candidate_ratios"]),
+                                             settings["retainer_size"]).to(model.device, model.dtype)
+        torch.random.set_rng_state(generator_state)
+    else:
+        model.config.token_pruning = settings
+    details = {"token_pruning": settings, "retainer_parameters": sum(p.numel() for p in model.retainer.parameters())}
+    if config.needs_training:
+        details["training"] = "pending: the pipeline trains the retainer next (train_data)"
+    return StageReport("text_token_pruning", details)
+
+
+register_method("text_token_pruning", TextTokenPruningConfig, apply_text_token_pruning)

@@ -1,0 +1,279 @@
+"""BERT-family classifiers that drop tokens by themselves at a chosen layer (AD-TP and baselines).
+
+The config of an ``hf_prune_bert`` checkpoint holds a ``token_pruning`` dict. Up to layer ``layer`` the
+encoder sees every token; there the model keeps, per sequence, the special tokens ([CLS], [SEP]) and the
+top ⌈ρ·n⌉ of the other n real tokens by a score, and runs the remaining layers on that shorter sequence
+(order kept, right padding). ``layer: 0`` prunes the embeddings, as the AD-TP paper does. Algorithms:
+
+- ``adtp``: the scores come from the retainer's saliency head and ρ from its ratio head, which picks one of
+  ``candidate_ratios`` per sequence from the pooled hidden state at the pruning layer ([CLS] and the
+  mean of the real tokens): the ratio adapts to each sequence. Trained with ``hf_prune.integrations``;
+- ``fixed``: the retainer's saliency with one ratio, ``keep_ratio``, for every sequence;
+- ``attention``: the attention each token receives at layer ``layer - 1`` (mean over heads and real
+  queries; that layer runs with eager attention), ``keep_ratio`` for every sequence;
+- ``random``: seeded, ``keep_ratio`` for every sequence.
+
+In training mode ``adtp`` keeps every token and turns the choice into a soft mask instead (see
+``_soft_keep``), so the task loss reaches both heads. Outputs carry ``kept_fraction`` (kept real tokens /
+real tokens, per sequence), ``saliency`` and ``expected_ratio`` for training and measurement.
+
+Imports only torch and transformers: ``save_pretrained`` copies this file next to the weights, so
+``AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`` works without hf_prune.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+PREFIX = "hf_prune_"
+ALGORITHMS = ("adtp", "fixed", "attention", "random")
+DEFAULTS = {"algorithm": "adtp", "layer": 0, "keep_ratio": None, "candidate_ratios": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+            "retainer_size": 64, "temperature": 0.05, "seed": 0, "special_token_ids": []}
+#: family -> (stock config class, stock classifier class, attribute holding the encoder model)
+FAMILIES = {"bert": ("BertConfig", "BertForSequenceClassification", "bert")}
+
+
+def check_settings(settings, num_layers: int | None = None) -> dict:
+    """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"token_pruning must be a dict, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"token_pruning.{unknown[0]}: unknown key (allowed: {', '.join(DEFAULTS)})")
+    merged = {**DEFAULTS, **settings}
+    algorithm, ratio, layer = merged["algorithm"], merged["keep_ratio"], merged["layer"]
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"token_pruning.algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if algorithm != "adtp" and ratio is None:
+        raise ValueError(f"token_pruning.keep_ratio: {algorithm} needs a retention ratio in (0, 1]")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
+        raise ValueError(f"token_pruning.keep_ratio: must be in (0, 1], got {ratio!r}")
+    candidates = merged["candidate_ratios"]
+    if (not isinstance(candidates, (list, tuple)) or not candidates
+            or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in candidates)):
+        raise ValueError(f"token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], got {candidates!r}")
+    merged["candidate_ratios"] = sorted({float(c) for c in candidates})
+    if type(layer) is not int or layer < 0 or (num_layers is not None and layer >= num_layers):
+        top = f" and below the {num_layers} layers" if num_layers is not None else ""
+        raise ValueError(f"token_pruning.layer: must be an integer >= 0{top}, got {layer!r}")
+    if algorithm == "attention" and layer < 1:
+        raise ValueError("token_pruning.layer: attention scores come from the layer before; use layer >= 1")
+    for key in ("retainer_size", "seed"):
+        if type(merged[key]) is not int or merged[key] < (1 if key == "retainer_size" else 0):
+            raise ValueError(f"token_pruning.{key}: must be a {'positive' if key == 'retainer_size' else 'non-negative'} "
+                             f"integer, got {merged[key]!r}")
+    specials = merged["special_token_ids"]
+    if not isinstance(specials, (list, tuple)) or any(type(i) is not int for i in specials):
+        raise ValueError(f"token_pruning.special_token_ids: must be a list of token ids, got {specials!r}")
+    merged["special_token_ids"] = sorted(set(specials))
+    if not isinstance(merged["temperature"], (int, float)) or merged["temperature"] <= 0:
+        raise ValueError(f"token_pruning.temperature: must be > 0, got {merged['temperature']!r}")
+    return merged
+
+
+class TokenRetainer(nn.Module):
+    """AD-TP's retainer: a per-token saliency head and a per-sequence ratio head (over candidate ratios)."""
+
+    def __init__(self, hidden_size: int, num_ratios: int, size: int):
+        super().__init__()
+        self.saliency = nn.Sequential(nn.Linear(hidden_size, size), nn.GELU(), nn.Linear(size, 1))
+        self.ratio = nn.Sequential(nn.Linear(2 * hidden_size, size), nn.GELU(), nn.Linear(size, num_ratios))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(saliency [B, L], ratio logits [B, R]) from hidden states [B, L, H] and the real-token mask [B, L]."""
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return self.saliency(hidden).squeeze(-1), self.ratio(torch.cat([hidden[:, 0], mean], dim=-1))
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, L] additive attention bias: 0 where ``keep`` (bool, or a probability), very negative elsewhere."""
+    if keep.dtype == torch.bool:
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)[:, None, None]
+    return torch.log(keep.to(dtype).clamp_min(torch.finfo(dtype).tiny))[:, None, None]
+
+
+def top_fraction(scores: torch.Tensor, eligible: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: in each row, the ⌈ratio·n⌉ highest-scoring eligible positions (n eligible ones)."""
+    counts = torch.ceil(ratios * eligible.sum(1) - 1e-6).long()
+    order = scores.masked_fill(~eligible, float("-inf")).argsort(dim=1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return eligible & (ranks < counts[:, None])
+
+
+@dataclass
+class PrunedClassifierOutput(SequenceClassifierOutput):
+    """The stock classifier output plus the pruning measurements: ``kept_fraction`` [B] (kept real tokens
+    over real tokens), ``saliency`` [B, L] and ``expected_ratio`` [B] (the ratio head's mean ratio)."""
+
+    kept_fraction: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None
+    expected_ratio: torch.Tensor | None = None
+
+
+def _mixin(stock_model, encoder_attr: str):
+    class TextTokenPruning(stock_model):
+        def __init__(self, config):
+            super().__init__(config)
+            settings = check_settings(config.token_pruning or {}, config.num_hidden_layers)
+            self.retainer = TokenRetainer(config.hidden_size, len(settings["candidate_ratios"]),
+                                          settings["retainer_size"])
+            self.post_init()
+
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            kwargs["save_original_format"] = False  # native keys: the stock renaming is keyed by model_type
+            return super().save_pretrained(save_directory, *args, **kwargs)
+
+        @property
+        def settings(self) -> dict:
+            return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
+
+        def _special(self, input_ids: torch.Tensor) -> torch.Tensor:
+            """[B, L] bool: the tokens always kept, the first one (the [CLS] the pooler reads) and every
+            ``special_token_ids`` ([SEP]...)."""
+            ids = torch.tensor(self.settings["special_token_ids"], dtype=input_ids.dtype, device=input_ids.device)
+            special = torch.isin(input_ids, ids)
+            special[:, 0] = True
+            return special
+
+        def _run_layer(self, layer: nn.Module, hidden, bias, capture_attention: bool = False):
+            if not capture_attention:
+                return layer(hidden, bias), None
+            captured = {}
+
+            def hook(module, args, output):
+                captured["w"] = output[1]
+
+            handle = layer.attention.self.register_forward_hook(hook)
+            previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
+            try:
+                return layer(hidden, bias), captured["w"]
+            finally:
+                self.config._attn_implementation = previous
+                handle.remove()
+
+        def _soft_keep(self, saliency, eligible, expected_ratio) -> torch.Tensor:
+            """Training: p_i = σ((s_i − q)/T), q the score at rank ρ·n among the eligible tokens (interpolated,
+            so the task loss reaches the ratio head through q and the saliency head through s)."""
+            sorted_scores = saliency.masked_fill(~eligible, float("-inf")).sort(dim=1, descending=True).values
+            n = eligible.sum(1).clamp_min(1)
+            position = (expected_ratio * n - 1).clamp(min=0)
+            low = position.floor().long().clamp(max=sorted_scores.shape[1] - 1)
+            high = (low + 1).clamp(max=(n - 1))
+            frac = position - low
+            threshold = (1 - frac) * sorted_scores.gather(1, low[:, None])[:, 0] + frac * sorted_scores.gather(1, high[:, None])[:, 0]
+            threshold = torch.where(expected_ratio >= 1, torch.full_like(threshold, float("-inf")), threshold)
+            return torch.sigmoid((saliency - threshold[:, None]) / self.settings["temperature"])
+
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                    inputs_embeds=None, labels=None, **kwargs):
+            settings = self.settings
+            encoder = getattr(self, encoder_attr)
+            if input_ids is None:
+                raise ValueError("token pruning needs input_ids (to find the special tokens it always keeps)")
+            mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
+            hidden = encoder.embeddings(input_ids=None if inputs_embeds is not None else input_ids,
+                                        token_type_ids=token_type_ids, position_ids=position_ids,
+                                        inputs_embeds=inputs_embeds)
+            bias = additive_mask(mask, hidden.dtype)
+            special = self._special(input_ids) & mask
+            eligible = mask & ~special
+            kept_fraction = torch.ones(input_ids.shape[0], device=hidden.device)
+            saliency = expected = attention = None
+            ratios = torch.tensor(settings["candidate_ratios"], device=hidden.device)
+            for index, layer in enumerate(encoder.encoder.layer):
+                if index == settings["layer"]:
+                    algorithm = settings["algorithm"]
+                    saliency, ratio_logits = self.retainer(hidden, mask)
+                    expected = (ratio_logits.softmax(-1) * ratios).sum(-1)
+                    if algorithm == "adtp" and self.training:
+                        keep_p = torch.where(eligible, self._soft_keep(saliency, eligible, expected), mask.to(saliency.dtype))
+                        bias = additive_mask(keep_p, hidden.dtype) + additive_mask(mask, hidden.dtype)
+                        kept_fraction = (keep_p * mask).sum(1) / mask.sum(1)
+                    else:
+                        if algorithm == "adtp":
+                            rho = ratios[ratio_logits.argmax(-1)]
+                        else:
+                            rho = torch.full_like(expected, settings["keep_ratio"])
+                        scores = {"adtp": saliency, "fixed": saliency, "attention": attention,
+                                  "random": torch.rand(mask.shape, generator=torch.Generator().manual_seed(settings["seed"]))
+                                  .to(hidden.device)}[algorithm]
+                        keep = special | top_fraction(scores.detach(), eligible, rho)
+                        kept_fraction = keep.sum(1) / mask.sum(1)
+                        width = int(keep.sum(1).max())
+                        order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
+                        hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+                        mask = keep.gather(1, order)
+                        bias = additive_mask(mask, hidden.dtype)
+                capture = settings["algorithm"] == "attention" and index == settings["layer"] - 1
+                hidden, weights = self._run_layer(layer, hidden, bias, capture)
+                if weights is not None:  # [B, heads, query, key] -> attention each key receives
+                    queries = mask.to(weights.dtype)[:, None, :, None]
+                    attention = ((weights * queries).sum(dim=(1, 2)) / (queries.sum(dim=(1, 2)) * weights.shape[1]).clamp_min(1))
+            pooled = encoder.pooler(hidden) if encoder.pooler is not None else hidden[:, 0]
+            logits = self.classifier(self.dropout(pooled))
+            loss = None
+            if labels is not None:
+                loss = (F.mse_loss(logits.squeeze(-1), labels.float()) if self.num_labels == 1
+                        else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1)))
+            return PrunedClassifierOutput(loss=loss, logits=logits, kept_fraction=kept_fraction, saliency=saliency,
+                                          expected_ratio=expected)
+
+    return TextTokenPruning
+
+
+def build_classes(family: str, module: str) -> tuple:
+    import transformers
+
+    config_name, model_name, encoder_attr = FAMILIES[family]
+
+    class Config(getattr(transformers, config_name)):
+        model_type = PREFIX + family
+        token_pruning: dict | None = None
+
+        def __post_init__(self, **kwargs):
+            super().__post_init__(**kwargs)
+            if self.token_pruning is not None:
+                self.token_pruning = check_settings(self.token_pruning, self.num_hidden_layers)
+
+    model_class = _mixin(getattr(transformers, model_name), encoder_attr)
+    model_class.config_class = Config
+    prefix = "HfPrune" + config_name[: -len("Config")]
+    for cls, name in ((Config, prefix + "Config"), (model_class, prefix + "ForSequenceClassification")):
+        cls.__name__ = cls.__qualname__ = name
+        cls.__module__ = module
+    return Config, model_class
+
+
+def _register(config_class, model_class) -> None:
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class.register_for_auto_class()
+    model_class.register_for_auto_class("AutoModelForSequenceClassification")
+    if config_class.model_type in CONFIG_MAPPING:  # first registration wins (e.g. hf_prune, then a remote copy)
+        return
+    transformers.AutoConfig.register(config_class.model_type, config_class)
+    transformers.AutoModelForSequenceClassification.register(config_class, model_class)
+
+
+#: family -> (config class, model class)
+CLASSES = {}
+
+
+def register() -> None:
+    if CLASSES:
+        return
+    for family in FAMILIES:
+        built = build_classes(family, __name__)
+        for cls in built:
+            globals()[cls.__name__] = cls
+        _register(*built)
+        CLASSES[family] = built
+
+
+register()
