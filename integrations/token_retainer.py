@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from ..data import read_records
@@ -102,7 +101,7 @@ class RetainerTrainer(Trainer):
         if self.stage.algorithm == "adtp":
             flops = (outputs.expected_ratio.mean() - self.stage.target_ratio) ** 2
             loss = loss + self.stage.flops_weight * flops
-        self.history.append({"task": float(outputs.loss), "distill": float(distill), "flops": float(flops),
+        self.history.append({"task": float(outputs.loss.detach()), "distill": float(distill.detach()), "flops": float(flops.detach()),
                              "kept": float(outputs.kept_fraction.mean()), "teacher_weight": self.teacher_weight})
         return (loss, outputs) if return_outputs else loss
 
