@@ -101,8 +101,8 @@ class RetainerTrainer(Trainer):
         if self.stage.algorithm == "adtp":
             flops = (outputs.expected_ratio.mean() - self.stage.target_ratio) ** 2
             loss = loss + self.stage.flops_weight * flops
-        self.history.append({"task": float(outputs.loss.detach()), "distill": float(distill.detach()), "flops": float(flops.detach()),
-                             "kept": float(outputs.kept_fraction.mean()), "teacher_weight": self.teacher_weight})
+        self.history.append({"task": outputs.loss.item(), "distill": distill.item(), "flops": flops.item(),
+                             "kept": outputs.kept_fraction.detach().mean().item(), "teacher_weight": self.teacher_weight})
         return (loss, outputs) if return_outputs else loss
 
 

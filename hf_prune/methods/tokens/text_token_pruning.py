@@ -101,8 +101,9 @@ class TextTokenPruningConfig(MethodConfig):
 def apply_text_token_pruning(model: Any, config: TextTokenPruningConfig, context: PruneContext) -> StageReport:
     config.check_model(model.config, context.adapter)
     tokenizer = context.tokenizer
-    specials = sorted({int(i) for i in getattr(tokenizer, "all_special_ids", [])} - {tokenizer.pad_token_id}
-                      if tokenizer is not None else set())
+    # Sequence markers are always kept ([UNK] and [MASK] are ordinary tokens here).
+    specials = sorted({int(getattr(tokenizer, f"{name}_token_id")) for name in ("cls", "sep", "bos", "eos")
+                       if getattr(tokenizer, f"{name}_token_id", None) is not None})
     settings = patch.check_settings({**config.settings(), "special_token_ids": specials}, model.config.num_hidden_layers)
     family = model.config.model_type.removeprefix(patch.PREFIX)
     config_class, model_class = patch.CLASSES[family]

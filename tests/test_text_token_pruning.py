@@ -1,0 +1,184 @@
+"""Text token pruning on BERT classifiers: the contract (ratio 1 is the unpruned model, ratios adapt, padding
+never counts, specials always kept), training through the pipeline, fresh-process reloads and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from tiny_models import pydoc_text
+
+import hf_prune
+from hf_prune.errors import DataError, RecipeError, UnsupportedModelError
+from hf_prune.recipe import build_dataclass
+from hf_prune.registry import get_method
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WORDS = sorted(set(pydoc_text(20_000).lower().replace("\n", " ").split()))[:400]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return transformers.BertTokenizerFast(vocab_file=str(vocab))
+
+
+def tiny_bert(tokenizer, seed: int = 0):
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=4, intermediate_size=64, num_labels=3,
+                                     id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def sentences(count: int, seed: int = 0) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=generator))
+            for n in torch.randint(4, 30, (count,), generator=generator)]
+
+
+def pruned(model, tokenizer, **fields):
+    result = hf_prune.prune(model, {"stages": [{"method": "text_token_pruning", **fields}]}, tokenizer=tokenizer,
+                            progress=False)
+    return result.model.eval()
+
+
+def batch(tokenizer, texts):
+    return tokenizer(texts, padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("fields", [{"algorithm": "fixed", "keep_ratio": 1.0, "train_data": "unused.jsonl"},
+                                    {"algorithm": "random", "keep_ratio": 1.0},
+                                    {"algorithm": "attention", "keep_ratio": 1.0, "layer": 2},
+                                    {"algorithm": "random", "keep_ratio": 1.0, "layer": 1}])
+def test_ratio_one_is_the_unpruned_model(tokenizer, fields, monkeypatch):
+    monkeypatch.setattr("hf_prune.integrations.token_retainer.train_token_retainer", lambda *a, **k: {})
+    stock = tiny_bert(tokenizer)
+    model = pruned(stock, tokenizer, **fields)
+    inputs = batch(tokenizer, sentences(6))
+    with torch.no_grad():
+        out = model(**inputs)
+        torch.testing.assert_close(out.logits, stock(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert out.kept_fraction.tolist() == [1.0] * 6
+
+
+def test_specials_always_kept_and_padding_never_counts(tokenizer):
+    model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="random", keep_ratio=0.2, layer=1)
+    texts = sentences(5, seed=3)
+    inputs = batch(tokenizer, texts)
+    with torch.no_grad():
+        together = model(**inputs)
+        for row, text in enumerate(texts):
+            alone = model(**batch(tokenizer, [text]))
+            real = int(inputs["attention_mask"][row].sum())
+            assert together.kept_fraction[row] * real == pytest.approx(2 + -(-(real - 2) * 2 // 10))  # CLS, SEP + ⌈0.2·n⌉
+            assert torch.equal(alone.kept_fraction, together.kept_fraction[row:row + 1])
+    # Different lengths in one batch: the padded rows keep the same tokens as alone (random scores are per
+    # position, so compare the attention baseline, which depends on the content only).
+    attention = pruned(tiny_bert(tokenizer), tokenizer, algorithm="attention", keep_ratio=0.3, layer=1)
+    with torch.no_grad():
+        together = attention(**inputs)
+        for row, text in enumerate(texts):
+            alone = attention(**batch(tokenizer, [text]))
+            torch.testing.assert_close(alone.logits[0], together.logits[row], rtol=1e-4, atol=1e-5)
+            assert alone.kept_fraction[0] == together.kept_fraction[row]
+
+
+def test_adtp_ratio_adapts_per_sequence(tokenizer, monkeypatch):
+    monkeypatch.setattr("hf_prune.integrations.token_retainer.train_token_retainer", lambda *a, **k: {})
+    model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="adtp", train_data="unused.jsonl")
+    with torch.no_grad():
+        model.retainer.ratio[2].weight.mul_(200)  # a sharper ratio head: its choice follows the input
+        out = model(**batch(tokenizer, sentences(16, seed=5)))
+    assert len({round(float(f), 4) for f in out.kept_fraction}) > 1  # sequences keep different fractions
+    assert out.expected_ratio.shape == (16,)
+
+
+def write_labelled(path, tokenizer, rows: int, with_labels: bool = True):
+    texts = sentences(rows, seed=9)
+    with open(path, "w") as f:
+        for text in texts:
+            row = {"text": text, **({"label": ["a", "b", "c"][len(text.split()) % 3]} if with_labels else {})}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_training_through_the_pipeline_and_fresh_reload(tokenizer, tmp_path):
+    data = write_labelled(tmp_path / "train.jsonl", tokenizer, 64)
+    stage = {"method": "text_token_pruning", "algorithm": "adtp", "train_data": str(data), "train_steps": 6,
+             "batch_size": 8, "target_ratio": 0.3, "learning_rate": 5e-3}
+    source = tiny_bert(tokenizer)
+    result = hf_prune.prune(source, {"stages": [stage], "output": str(tmp_path / "out")}, tokenizer=tokenizer,
+                            progress=False)
+    training = result.report["stages"][0]["training"]
+    assert training["steps"] == 6 and training["examples"] == 64
+    assert set(training["final"]) == {"task", "distill", "flops", "kept"}
+    assert type(source).__name__ == "BertForSequenceClassification"  # the source is untouched
+    saved = json.loads((result.output / "config.json").read_text())
+    assert saved["model_type"] == "hf_prune_bert" and saved["token_pruning"]["algorithm"] == "adtp"
+    assert (result.output / "text_token_pruning.py").is_file()
+    inputs = batch(tokenizer, sentences(4, seed=11))
+    with torch.no_grad():
+        expected = result.model(**inputs)
+    script = r"""
+import json, sys, torch
+if sys.argv[2] == "hf_prune":
+    import hf_prune
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "remote").eval()
+inputs = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
+with torch.no_grad():
+    out = model(**inputs)
+print(json.dumps({"logits": out.logits.tolist(), "kept": out.kept_fraction.tolist(), "class": type(model).__name__,
+                  "hf_prune_imported": "hf_prune" in sys.modules}))
+"""
+    payload = json.dumps({k: v.tolist() for k, v in inputs.items()})
+    for mode in ("hf_prune", "remote"):
+        done = subprocess.run([sys.executable, "-c", script, str(result.output), mode, payload], capture_output=True,
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        assert got["class"] == "HfPruneBertForSequenceClassification"
+        assert got["hf_prune_imported"] == (mode == "hf_prune")
+        torch.testing.assert_close(torch.tensor(got["logits"]), expected.logits, atol=1e-5, rtol=0)
+        assert got["kept"] == expected.kept_fraction.tolist()
+
+
+def test_training_without_labels_is_refused(tokenizer, tmp_path):
+    data = write_labelled(tmp_path / "unlabelled.jsonl", tokenizer, 16, with_labels=False)
+    with pytest.raises(DataError, match="label"):
+        hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning", "algorithm": "fixed",
+                                                          "keep_ratio": 0.5, "train_data": str(data)}]},
+                       tokenizer=tokenizer, progress=False)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"algorithm": "random", "keep_ratio": 0}, r"keep_ratio: must be in \(0, 1\], got 0"),
+    ({"algorithm": "random", "keep_ratio": 1.5}, r"keep_ratio: must be in \(0, 1\], got 1.5"),
+    ({"algorithm": "random"}, r"keep_ratio: random needs a retention ratio in \(0, 1\]"),
+    ({"algorithm": "attention", "keep_ratio": 0.5, "layer": 0}, r"layer: attention scores come from the layer before"),
+    ({"candidate_ratios": [0.5, 2.0]}, r"candidate_ratios: must be a non-empty list of ratios in \(0, 1\]"),
+])
+def test_bad_settings_name_the_key(fields, message):
+    with pytest.raises(RecipeError, match=r"stages\[0\]\." + message):
+        build_dataclass(get_method("text_token_pruning").config_cls, fields, "stages[0]")
+
+
+def test_unsupported_models_and_missing_training_data(tokenizer):
+    from tiny_models import build_tiny_model, build_tokenizer
+
+    llama = build_tiny_model("llama", build_tokenizer())
+    with pytest.raises(UnsupportedModelError, match="supports BERT-family classifiers"):
+        hf_prune.prune(llama, {"stages": [{"method": "text_token_pruning", "algorithm": "random", "keep_ratio": 0.5}]},
+                       progress=False)
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.train_data: adtp learns its saliency"):
+        hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning"}]}, tokenizer=tokenizer,
+                       progress=False)
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.layer: must be below the model's 3 layers"):
+        hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning", "algorithm": "random",
+                                                          "keep_ratio": 0.5, "layer": 3}]}, progress=False)
