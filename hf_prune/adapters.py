@@ -58,10 +58,11 @@ TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "olmo2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
 }
 
-# Expert-pruned checkpoints with different expert counts per layer (model_patches/nonuniform_moe.py) keep
-# their family's layout under an hf_prune_ model type.
+# Expert-pruned checkpoints with different expert counts per layer (model_patches/nonuniform_moe.py) and
+# prompt-token-pruned causal LMs (model_patches/prompt_token_pruning.py) keep their family's layout under an
+# hf_prune_ model type.
 TEXT_ARCHITECTURES.update({f"hf_prune_{family}": TEXT_ARCHITECTURES[family]
-                           for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")})
+                           for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "mistral")})
 
 # Qwen2-VL's language model: visual token pruning only, since calibration forwards through a bare decoder
 # would need its 3-D rotary positions.

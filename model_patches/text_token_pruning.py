@@ -36,8 +36,9 @@ DEFAULTS = {"algorithm": "adtp", "layer": 0, "keep_ratio": None, "candidate_rati
 FAMILIES = {"bert": ("BertConfig", "BertForSequenceClassification", "bert")}
 
 
-def check_settings(settings, num_layers: int | None = None) -> dict:
-    """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise."""
+def check_settings(settings, num_layers: int | None = None, *, attention_from_previous_layer: bool = True) -> dict:
+    """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise.
+    (``attention_from_previous_layer=False`` skips the check that ``attention`` prunes at layer >= 1.)"""
     if not isinstance(settings, dict):
         raise ValueError(f"token_pruning must be a dict, got {type(settings).__name__}")
     unknown = sorted(set(settings) - set(DEFAULTS))
@@ -59,7 +60,7 @@ def check_settings(settings, num_layers: int | None = None) -> dict:
     if type(layer) is not int or layer < 0 or (num_layers is not None and layer >= num_layers):
         top = f" and below the {num_layers} layers" if num_layers is not None else ""
         raise ValueError(f"token_pruning.layer: must be an integer >= 0{top}, got {layer!r}")
-    if algorithm == "attention" and layer < 1:
+    if algorithm == "attention" and layer < 1 and attention_from_previous_layer:
         raise ValueError("token_pruning.layer: attention scores come from the layer before; use layer >= 1")
     for key in ("retainer_size", "seed"):
         if type(merged[key]) is not int or merged[key] < (1 if key == "retainer_size" else 0):

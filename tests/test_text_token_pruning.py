@@ -161,7 +161,6 @@ def test_training_without_labels_is_refused(tokenizer, tmp_path):
     ({"algorithm": "random", "keep_ratio": 0}, r"keep_ratio: must be in \(0, 1\], got 0"),
     ({"algorithm": "random", "keep_ratio": 1.5}, r"keep_ratio: must be in \(0, 1\], got 1.5"),
     ({"algorithm": "random"}, r"keep_ratio: random needs a retention ratio in \(0, 1\]"),
-    ({"algorithm": "attention", "keep_ratio": 0.5, "layer": 0}, r"layer: attention scores come from the layer before"),
     ({"candidate_ratios": [0.5, 2.0]}, r"candidate_ratios: must be a non-empty list of ratios in \(0, 1\]"),
 ])
 def test_bad_settings_name_the_key(fields, message):
@@ -172,13 +171,69 @@ def test_bad_settings_name_the_key(fields, message):
 def test_unsupported_models_and_missing_training_data(tokenizer):
     from tiny_models import build_tiny_model, build_tokenizer
 
-    llama = build_tiny_model("llama", build_tokenizer())
-    with pytest.raises(UnsupportedModelError, match="supports BERT-family classifiers"):
-        hf_prune.prune(llama, {"stages": [{"method": "text_token_pruning", "algorithm": "random", "keep_ratio": 0.5}]},
+    mixtral = build_tiny_model("mixtral", build_tokenizer())
+    with pytest.raises(UnsupportedModelError, match="supports BERT-family classifiers .* mixtral is neither"):
+        hf_prune.prune(mixtral, {"stages": [{"method": "text_token_pruning", "algorithm": "random", "keep_ratio": 0.5}]},
                        progress=False)
     with pytest.raises(RecipeError, match=r"stages\[0\]\.train_data: adtp learns its saliency"):
         hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning"}]}, tokenizer=tokenizer,
                        progress=False)
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.layer: attention scores come from the layer before"):
+        hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning", "algorithm": "attention",
+                                                          "keep_ratio": 0.5, "layer": 0}]}, progress=False)
     with pytest.raises(RecipeError, match=r"stages\[0\]\.layer: must be below the model's 3 layers"):
         hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning", "algorithm": "random",
                                                           "keep_ratio": 0.5, "layer": 3}]}, progress=False)
+
+
+# ---- causal LMs: prompt tokens dropped before prefill ------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["attention", "random"])
+def test_causal_lm_prompt_pruning_keeps_generate_working(algorithm, tmp_path):
+    from tiny_models import build_tiny_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    stock = build_tiny_model("llama", tokenizer).eval()
+    prompts = ["The for statement iterates over the items of any sequence, in order.", "Modules can import other modules."]
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    whole = hf_prune.prune(stock, {"stages": [{"method": "text_token_pruning", "algorithm": algorithm, "keep_ratio": 1.0}]},
+                           progress=False).model.eval()
+    result = hf_prune.prune(stock, {"output": str(tmp_path / "out"), "stages": [
+        {"method": "text_token_pruning", "algorithm": algorithm, "keep_ratio": 0.4, "layer": 1}]}, tokenizer=tokenizer,
+        progress=False)
+    model = result.model.eval()
+    with torch.no_grad():
+        # keep_ratio 1 is the stock model, in forward and generate.
+        torch.testing.assert_close(whole(**inputs).logits, stock(**inputs).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(whole.generate(**inputs, max_new_tokens=5, do_sample=False),
+                           stock.generate(**inputs, max_new_tokens=5, do_sample=False))
+        cut = model.prune_prompt(inputs["input_ids"], inputs["attention_mask"])
+        real = inputs["attention_mask"].sum(1)
+        assert cut["keep"].sum(1).tolist() == [2 + -(-(int(n) - 2) * 4 // 10) for n in real]  # BOS, last + ⌈0.4·n⌉
+        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        expected = stock.generate(input_ids=cut["input_ids"], attention_mask=cut["attention_mask"], max_new_tokens=5,
+                                  do_sample=False)
+    assert torch.equal(generated[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected[:, cut["input_ids"].shape[1]:])
+    script = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+inputs = {k: torch.tensor(v) for k, v in json.loads(sys.argv[2]).items()}
+print(json.dumps(model.generate(**inputs, max_new_tokens=5, do_sample=False).tolist()))
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(result.output),
+                           json.dumps({k: v.tolist() for k, v in inputs.items()})], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == generated.tolist()
+
+
+def test_causal_lms_take_no_retainer():
+    from tiny_models import build_tiny_model, build_tokenizer
+
+    with pytest.raises(RecipeError, match="algorithm: adtp needs a trained retainer, which exists for BERT classifiers"):
+        hf_prune.prune(build_tiny_model("llama", build_tokenizer()),
+                       {"stages": [{"method": "text_token_pruning", "algorithm": "adtp"}]}, progress=False)

@@ -1,4 +1,8 @@
-"""Text token pruning for BERT-family classifiers (AD-TP and baselines): the setting is saved into the checkpoint.
+"""Text token pruning (AD-TP and baselines): the setting is saved into the checkpoint.
+
+Two kinds of model: BERT-family classifiers (below), and Llama-family causal LMs, whose prompts lose
+tokens before prefill (``model_patches/prompt_token_pruning.py``: ``attention`` or ``random``; the retainer
+of ``adtp`` / ``fixed`` exists for classifiers only).
 
 The stage turns the classifier into an ``hf_prune_bert`` model (``model_patches/text_token_pruning.py``)
 with a retainer (saliency and ratio heads) and the ``token_pruning`` settings in its config, so the saved
@@ -19,6 +23,7 @@ import torch
 from ...adapters import ModelAdapter
 from ...context import PruneContext
 from ...errors import ConfigFieldError, UnsupportedModelError
+from ...model_patches import prompt_token_pruning
 from ...model_patches import text_token_pruning as patch
 from ...registry import MethodConfig, StageReport, config_field, register_method
 from ..class_swap import swap_config_and_class
@@ -57,8 +62,8 @@ class TextTokenPruningConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self.candidate_ratios = list(self.candidate_ratios)
-        try:
-            patch.check_settings(self.settings())
+        try:  # causal LMs score attention at the layer itself, so layer 0 is checked per model kind
+            patch.check_settings(self.settings(), attention_from_previous_layer=False)
         except ValueError as error:
             key, _, message = str(error).partition(": ")
             key = key.removeprefix("token_pruning.")
@@ -81,25 +86,54 @@ class TextTokenPruningConfig(MethodConfig):
 
     @staticmethod
     def unsupported_reason(adapter: ModelAdapter) -> str | None:
-        if not adapter.is_encoder:
-            return (f"text token pruning supports BERT-family classifiers ({', '.join(patch.FAMILIES)}); "
-                    f"{adapter.model_type} is not one")
+        if not adapter.is_encoder and _causal_family(adapter.model_type) is None:
+            return (f"text token pruning supports BERT-family classifiers ({', '.join(patch.FAMILIES)}) and the prompts "
+                    f"of causal LMs ({', '.join(prompt_token_pruning.FAMILIES)}); {adapter.model_type} is neither")
         return None
 
     def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
         reason = self.unsupported_reason(adapter)
         if reason:
             raise UnsupportedModelError(reason)
+        if not adapter.is_encoder:
+            if self.algorithm not in prompt_token_pruning.ALGORITHMS:
+                raise ConfigFieldError("algorithm", f"{self.algorithm} needs a trained retainer, which exists for BERT "
+                                                    f"classifiers only; causal LMs take {' or '.join(prompt_token_pruning.ALGORITHMS)}")
+            layers = adapter.num_layers(model_config)
+            if self.layer >= layers:
+                raise ConfigFieldError("layer", f"must be below the model's {layers} layers, got {self.layer}")
+            return
         layers = adapter.num_layers(model_config)
         if self.layer >= layers:
             raise ConfigFieldError("layer", f"must be below the model's {layers} layers, got {self.layer}")
+        if self.algorithm == "attention" and self.layer < 1:
+            raise ConfigFieldError("layer", "attention scores come from the layer before the pruning layer; use layer >= 1")
         if self.needs_training and not self.train_data:
             raise ConfigFieldError("train_data", f"{self.algorithm} learns its saliency (and ratio) heads: give "
                                                  "labelled training data")
 
 
+def _causal_family(model_type: str) -> str | None:
+    family = model_type.removeprefix(prompt_token_pruning.PREFIX)
+    return family if family in prompt_token_pruning.FAMILIES else None
+
+
+def apply_prompt_token_pruning(model: Any, config: TextTokenPruningConfig) -> StageReport:
+    settings = prompt_token_pruning.check_settings(
+        {"algorithm": config.algorithm, "keep_ratio": config.keep_ratio, "layer": config.layer, "seed": config.seed},
+        model.config.num_hidden_layers)
+    config_class, model_class = prompt_token_pruning.CLASSES[_causal_family(model.config.model_type)]
+    if isinstance(model, model_class):
+        model.config.token_pruning = settings
+    else:
+        swap_config_and_class(model, config_class, model_class, {"token_pruning": settings})
+    return StageReport("text_token_pruning", {"token_pruning": settings, "kind": "causal LM prompt"})
+
+
 def apply_text_token_pruning(model: Any, config: TextTokenPruningConfig, context: PruneContext) -> StageReport:
     config.check_model(model.config, context.adapter)
+    if not context.adapter.is_encoder:
+        return apply_prompt_token_pruning(model, config)
     tokenizer = context.tokenizer
     # Sequence markers are always kept ([UNK] and [MASK] are ordinary tokens here).
     specials = sorted({int(getattr(tokenizer, f"{name}_token_id")) for name in ("cls", "sep", "bos", "eos")

@@ -1,0 +1,145 @@
+"""Text token pruning on the MiniLM source-classification testbed: accuracy against FLOPs, kept tokens, latency.
+
+    python -m hf_prune.evals.bench_text_tokens [--train-steps 80] [--target-ratio 0.3] [--limit 600]
+
+Builds (or reuses) ``hf_prune.evals.text_testbed`` (a real 6-layer BERT fine-tuned to tell WikiText-2,
+tiny-shakespeare and stories260K text apart), trains AD-TP's retainer through the recipe pipeline, then
+compares on held-out test sentences, at matched average FLOPs: ``adtp`` (ratio chosen per sentence),
+``fixed`` (the same trained saliency, one ratio), ``attention`` (attention received at layer 1, pruned
+there) and ``random`` (pruned at the embeddings). Each baseline's ``keep_ratio`` is set by bisection so its
+analytic FLOPs on the test sentences match adtp's. Prints accuracy, average FLOPs per sentence, kept-token
+share and CPU latency per batch of 32 (median of 5), each also as a ratio to the unpruned teacher measured
+in the same run. Prints figures; passes or fails nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+from ..checkpoint import load_model, load_preprocessor
+from ..pipeline import prune
+from .text_testbed import text_testbed_dir
+
+
+def bert_flops(config: Any, lengths: torch.Tensor, kept: torch.Tensor, layer: int, retainer: bool) -> torch.Tensor:
+    """Analytic FLOPs per sentence: ``layer`` encoder layers on ``lengths`` tokens, the rest on ``kept``.
+
+    A layer on n tokens costs 2·n·(4H² + 2·H·I) for its matmuls plus 4·n²·H for attention scores and
+    values; the pooler and classifier 2·H² + 2·H·C; the retainer (adtp / fixed) 2·n·H·r + 4·H·r.
+    """
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+
+    def per_layer(n: torch.Tensor) -> torch.Tensor:
+        return 2 * n * (4 * hidden ** 2 + 2 * hidden * inter) + 4 * n ** 2 * hidden
+
+    total = layer * per_layer(lengths.double()) + (layers - layer) * per_layer(kept.double())
+    total += 2 * hidden ** 2 + 2 * hidden * config.num_labels
+    if retainer:
+        size = (config.token_pruning or {}).get("retainer_size", 64)
+        total += 2 * lengths.double() * hidden * size + 4 * hidden * size
+    return total
+
+
+def kept_counts(lengths: torch.Tensor, ratio: float) -> torch.Tensor:
+    """[CLS] and [SEP] plus ⌈ratio·(n − 2)⌉ of the other real tokens, as the model keeps them."""
+    return 2 + torch.ceil(ratio * (lengths - 2) - 1e-6)
+
+
+def matching_ratio(config: Any, lengths: torch.Tensor, layer: int, target: float, retainer: bool) -> float:
+    """The keep_ratio whose mean FLOPs on ``lengths`` is closest to ``target`` (bisection)."""
+    low, high = 1e-3, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        flops = bert_flops(config, lengths, kept_counts(lengths, middle), layer, retainer).mean()
+        low, high = (middle, high) if flops < target else (low, middle)
+    return round(high, 4)
+
+
+def measure(model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) -> dict[str, Any]:
+    """Accuracy, per-sentence kept fraction and real length, and the median latency of one batch."""
+    correct, kept, lengths = 0, [], []
+    label2id = model.config.label2id
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            inputs = tokenizer([r["text"] for r in chunk], padding=True, truncation=True, return_tensors="pt")
+            out = model(**inputs)
+            labels = torch.tensor([r["label"] if isinstance(r["label"], int) else label2id[r["label"]] for r in chunk])
+            correct += int((out.logits.argmax(-1) == labels).sum())
+            lengths += inputs["attention_mask"].sum(1).tolist()
+            kept += (getattr(out, "kept_fraction", None) if getattr(out, "kept_fraction", None) is not None
+                     else torch.ones(len(chunk))).tolist()
+        inputs = tokenizer([r["text"] for r in rows[:batch_size]], padding=True, truncation=True, return_tensors="pt")
+        model(**inputs)  # warm-up
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            model(**inputs)
+            times.append((time.perf_counter() - started) * 1000)
+    return {"accuracy": correct / len(rows), "kept_fraction": torch.tensor(kept), "lengths": torch.tensor(lengths),
+            "latency_ms": statistics.median(times)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-steps", type=int, default=80)
+    parser.add_argument("--target-ratio", type=float, default=0.3)
+    parser.add_argument("--limit", type=int, default=600, help="test sentences (default 600)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    folder = text_testbed_dir()
+    tokenizer = load_preprocessor(str(folder))
+    teacher = load_model(str(folder)).eval()  # the adapter names AutoModelForSequenceClassification for BERT
+    rows = [json.loads(line) for line in (folder / "data" / "test.jsonl").read_text().splitlines()][: args.limit]
+    started = time.perf_counter()
+    stage = {"method": "text_token_pruning", "algorithm": "adtp", "train_data": str(folder / "data" / "train.jsonl"),
+             "train_steps": args.train_steps, "target_ratio": args.target_ratio}
+    adtp = prune(teacher, {"stages": [stage]}, tokenizer=tokenizer, progress=False).model.eval()
+    training_seconds = time.perf_counter() - started
+
+    base = measure(teacher, tokenizer, rows)
+    config = adtp.config
+    results = {"unpruned": (base, bert_flops(config, base["lengths"], base["lengths"], 0, False))}
+    found = measure(adtp, tokenizer, rows)
+    kept = torch.round(found["kept_fraction"] * found["lengths"])
+    results["adtp"] = (found, bert_flops(config, found["lengths"], kept, 0, True))
+    target = float(results["adtp"][1].mean())
+    ratios = {}
+    for algorithm, layer, retainer in (("fixed", 0, True), ("attention", 1, False), ("random", 0, False)):
+        ratio = ratios[algorithm] = matching_ratio(config, base["lengths"], layer, target, retainer)
+        if algorithm == "fixed":  # adtp's trained saliency head, one ratio for every sentence
+            model = copy.deepcopy(adtp)
+            model.config.token_pruning = {**adtp.config.token_pruning, "algorithm": "fixed", "keep_ratio": ratio}
+        else:
+            model = prune(teacher, {"stages": [{"method": "text_token_pruning", "algorithm": algorithm,
+                                                "keep_ratio": ratio, "layer": layer}]},
+                          tokenizer=tokenizer, progress=False).model.eval()
+        measured = measure(model, tokenizer, rows)
+        kept = torch.round(measured["kept_fraction"] * measured["lengths"])
+        results[algorithm] = (measured, bert_flops(config, measured["lengths"], kept, layer, retainer))
+
+    print(f"testbed {folder.name}: {len(rows)} test sentences, mean {float(base['lengths'].double().mean()):.1f} tokens; "
+          f"adtp retainer trained {args.train_steps} steps (target ratio {args.target_ratio}) in {training_seconds:.0f} s")
+    print(f"{'method':<10} {'keep_ratio':>10} {'accuracy':>9} {'FLOPs/sentence':>15} {'ratio':>6} {'kept tokens':>12} "
+          f"{'ms/batch of 32':>15} {'ratio':>6}")
+    base_flops = float(results["unpruned"][1].mean())
+    for name, (measured, flops) in results.items():
+        ratio = {"unpruned": "-", "adtp": "adaptive"}.get(name, f"{ratios.get(name, 0):.3f}")
+        print(f"{name:<10} {ratio:>10} {measured['accuracy']:>9.4f} {float(flops.mean()) / 1e6:>13.2f}M "
+              f"{float(flops.mean()) / base_flops:>6.3f} {float(measured['kept_fraction'].mean()):>12.3f} "
+              f"{measured['latency_ms']:>15.1f} {measured['latency_ms'] / base['latency_ms']:>6.3f}")
+    chosen = Counter(round(float(f), 1) for f in results["adtp"][0]["kept_fraction"])
+    print("adtp kept share per sentence (rounded to 0.1): "
+          + ", ".join(f"{k:.1f}: {v}" for k, v in sorted(chosen.items())))
+
+
+if __name__ == "__main__":
+    main()
