@@ -129,7 +129,7 @@ def train_token_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: bo
     """Train ``model.retainer`` in place (the rest frozen); returns a summary for the stage report."""
     started = time.perf_counter()
     teacher = copy.deepcopy(model)
-    teacher.__class__ = type(model).__mro__[1]  # the stock classifier: same weights, no token pruning
+    teacher.__class__ = type(model).stock_class  # the stock classifier: same weights, no token pruning
     teacher.eval().requires_grad_(False)
     examples = training_examples(stage, tokenizer, dict(model.config.label2id))
     flags = {name: p.requires_grad for name, p in model.named_parameters()}

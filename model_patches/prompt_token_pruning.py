@@ -18,7 +18,16 @@ Imports only torch and transformers: ``save_pretrained`` copies this file next t
 
 import torch
 
-PREFIX = "hf_prune_"
+from .patch_classes import (
+    NativeLayoutSaving,
+    cut_rows,
+    make_config_class,
+    name_classes,
+    register_auto_classes,
+    settings_with_defaults,
+    with_callers_prompt,
+)
+
 ALGORITHMS = ("attention", "random")
 DEFAULTS = {"algorithm": "attention", "keep_ratio": None, "layer": 1, "seed": 0}
 #: family -> (stock config class, stock causal-LM class)
@@ -28,12 +37,7 @@ FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config
 
 def check_settings(settings, num_layers: int | None = None) -> dict:
     """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise."""
-    if not isinstance(settings, dict):
-        raise ValueError(f"token_pruning must be a dict, got {type(settings).__name__}")
-    unknown = sorted(set(settings) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"token_pruning.{unknown[0]}: unknown key (allowed: {', '.join(DEFAULTS)})")
-    merged = {**DEFAULTS, **settings}
+    merged = settings_with_defaults(settings, DEFAULTS)
     if merged["algorithm"] not in ALGORITHMS:
         raise ValueError(f"token_pruning.algorithm: {merged['algorithm']!r} is not one of {', '.join(ALGORITHMS)} "
                          "(for causal LMs)")
@@ -53,14 +57,10 @@ class _StopScoring(Exception):
 
 
 def _mixin(stock_model):
-    class PromptTokenPruning(stock_model):
+    class PromptTokenPruning(NativeLayoutSaving, stock_model):
         @property
         def settings(self) -> dict:
             return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
-
-        def save_pretrained(self, save_directory, *args, **kwargs):
-            kwargs["save_original_format"] = False
-            return super().save_pretrained(save_directory, *args, **kwargs)
 
         @torch.no_grad()
         def _attention_received(self, input_ids, mask) -> torch.Tensor:
@@ -102,20 +102,9 @@ def _mixin(stock_model):
             order = scores.masked_fill(~eligible, float("-inf")).argsort(dim=1, descending=True)
             ranks = torch.empty_like(order).scatter_(1, order, positions.clone())
             keep = anchors | (eligible & (ranks < counts[:, None]))
-            width = int(keep.sum(1).max())
-
-            def cut(tensor, fill):
-                if tensor is None:
-                    return None
-                out = tensor.new_full((tensor.shape[0], width), fill)
-                for row in range(tensor.shape[0]):
-                    kept = tensor[row][keep[row]]
-                    out[row, width - kept.shape[0]:] = kept
-                return out
-
             pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-            return {"input_ids": cut(input_ids, pad), "attention_mask": cut(mask.long(), 0),
-                    "labels": cut(labels, -100), "keep": keep}
+            return {"input_ids": cut_rows(input_ids, keep, pad), "attention_mask": cut_rows(mask.long(), keep, 0),
+                    "labels": cut_rows(labels, keep, -100), "keep": keep}
 
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                     labels=None, **kwargs):
@@ -131,13 +120,7 @@ def _mixin(stock_model):
                 return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             cut = self.prune_prompt(input_ids, attention_mask)
             out = super().generate(input_ids=cut["input_ids"], attention_mask=cut["attention_mask"], **kwargs)
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-            restored = torch.cat([prompt, sequences[:, cut["input_ids"].shape[1]:]], dim=1)
-            if isinstance(out, torch.Tensor):
-                return restored
-            out.sequences = restored
-            return out
+            return with_callers_prompt(out, input_ids, cut["input_ids"].shape[1])
 
     return PromptTokenPruning
 
@@ -146,22 +129,13 @@ def _build(family: str):
     import transformers
 
     config_name, model_name = FAMILIES[family]
-
-    class Config(getattr(transformers, config_name)):
-        model_type = PREFIX + family
-        token_pruning: dict | None = None
-
-        def __post_init__(self, **kwargs):
-            super().__post_init__(**kwargs)
-            if self.token_pruning is not None:
-                self.token_pruning = check_settings(self.token_pruning, self.num_hidden_layers)
-
+    config_class = make_config_class(getattr(transformers, config_name), family,
+                                     lambda settings, config: check_settings(settings, config.num_hidden_layers))
     model_class = _mixin(getattr(transformers, model_name))
-    model_class.config_class = Config
+    model_class.config_class = config_class
     prefix = "HfPrune" + config_name[: -len("Config")]
-    for cls, name in ((Config, prefix + "Config"), (model_class, prefix + "ForCausalLM")):
-        cls.__name__ = cls.__qualname__ = name
-    return Config, model_class
+    name_classes({config_class: prefix + "Config", model_class: prefix + "ForCausalLM"}, __name__)
+    return config_class, model_class
 
 
 #: family -> (config class, model class)
@@ -169,19 +143,12 @@ CLASSES = {}
 
 
 def register() -> None:
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     if CLASSES:
         return
     for family in FAMILIES:
         config_class, model_class = CLASSES[family] = _build(family)
         globals()[config_class.__name__], globals()[model_class.__name__] = config_class, model_class
-        config_class.register_for_auto_class()
-        model_class.register_for_auto_class("AutoModelForCausalLM")
-        if config_class.model_type not in CONFIG_MAPPING:  # first registration wins (hf_prune, then a remote copy)
-            transformers.AutoConfig.register(config_class.model_type, config_class)
-            transformers.AutoModelForCausalLM.register(config_class, model_class)
+        register_auto_classes(config_class, model_class, "AutoModelForCausalLM")
 
 
 register()

@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-PREFIX = "hf_prune_"
+from .patch_classes import (
+    NativeLayoutSaving,
+    make_config_class,
+    name_classes,
+    register_auto_classes,
+    settings_with_defaults,
+)
+
 ALGORITHMS = ("adtp", "fixed", "attention", "random")
 DEFAULTS = {"algorithm": "adtp", "layer": 0, "keep_ratio": None, "candidate_ratios": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
             "retainer_size": 64, "temperature": 0.05, "seed": 0, "special_token_ids": []}
@@ -39,12 +46,7 @@ FAMILIES = {"bert": ("BertConfig", "BertForSequenceClassification", "bert")}
 def check_settings(settings, num_layers: int | None = None, *, attention_from_previous_layer: bool = True) -> dict:
     """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise.
     (``attention_from_previous_layer=False`` skips the check that ``attention`` prunes at layer >= 1.)"""
-    if not isinstance(settings, dict):
-        raise ValueError(f"token_pruning must be a dict, got {type(settings).__name__}")
-    unknown = sorted(set(settings) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"token_pruning.{unknown[0]}: unknown key (allowed: {', '.join(DEFAULTS)})")
-    merged = {**DEFAULTS, **settings}
+    merged = settings_with_defaults(settings, DEFAULTS)
     algorithm, ratio, layer = merged["algorithm"], merged["keep_ratio"], merged["layer"]
     if algorithm not in ALGORITHMS:
         raise ValueError(f"token_pruning.algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
@@ -117,17 +119,13 @@ class PrunedClassifierOutput(SequenceClassifierOutput):
 
 
 def _mixin(stock_model, encoder_attr: str):
-    class TextTokenPruning(stock_model):
+    class TextTokenPruning(NativeLayoutSaving, stock_model):
         def __init__(self, config):
             super().__init__(config)
             settings = check_settings(config.token_pruning or {}, config.num_hidden_layers)
             self.retainer = TokenRetainer(config.hidden_size, len(settings["candidate_ratios"]),
                                           settings["retainer_size"])
             self.post_init()
-
-        def save_pretrained(self, save_directory, *args, **kwargs):
-            kwargs["save_original_format"] = False  # native keys: the stock renaming is keyed by model_type
-            return super().save_pretrained(save_directory, *args, **kwargs)
 
         @property
         def settings(self) -> dict:
@@ -224,6 +222,7 @@ def _mixin(stock_model, encoder_attr: str):
             return PrunedClassifierOutput(loss=loss, logits=logits, kept_fraction=kept_fraction, saliency=saliency,
                                           expected_ratio=expected)
 
+    TextTokenPruning.stock_class = stock_model  # the same model without token pruning (the AD-TP teacher)
     return TextTokenPruning
 
 
@@ -231,35 +230,13 @@ def build_classes(family: str, module: str) -> tuple:
     import transformers
 
     config_name, model_name, encoder_attr = FAMILIES[family]
-
-    class Config(getattr(transformers, config_name)):
-        model_type = PREFIX + family
-        token_pruning: dict | None = None
-
-        def __post_init__(self, **kwargs):
-            super().__post_init__(**kwargs)
-            if self.token_pruning is not None:
-                self.token_pruning = check_settings(self.token_pruning, self.num_hidden_layers)
-
+    config_class = make_config_class(getattr(transformers, config_name), family,
+                                     lambda settings, config: check_settings(settings, config.num_hidden_layers))
     model_class = _mixin(getattr(transformers, model_name), encoder_attr)
-    model_class.config_class = Config
+    model_class.config_class = config_class
     prefix = "HfPrune" + config_name[: -len("Config")]
-    for cls, name in ((Config, prefix + "Config"), (model_class, prefix + "ForSequenceClassification")):
-        cls.__name__ = cls.__qualname__ = name
-        cls.__module__ = module
-    return Config, model_class
-
-
-def _register(config_class, model_class) -> None:
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    config_class.register_for_auto_class()
-    model_class.register_for_auto_class("AutoModelForSequenceClassification")
-    if config_class.model_type in CONFIG_MAPPING:  # first registration wins (e.g. hf_prune, then a remote copy)
-        return
-    transformers.AutoConfig.register(config_class.model_type, config_class)
-    transformers.AutoModelForSequenceClassification.register(config_class, model_class)
+    name_classes({config_class: prefix + "Config", model_class: prefix + "ForSequenceClassification"}, module)
+    return config_class, model_class
 
 
 #: family -> (config class, model class)
@@ -273,7 +250,7 @@ def register() -> None:
         built = build_classes(family, __name__)
         for cls in built:
             globals()[cls.__name__] = cls
-        _register(*built)
+        register_auto_classes(*built, "AutoModelForSequenceClassification")
         CLASSES[family] = built
 
 

@@ -13,18 +13,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .patch_classes import settings_with_defaults
+
 ALGORITHMS = ("cdpruner", "diversity", "random", "pooling", "fastv")
 RELEVANCE_SIGNS = ("positive", "negative")
 DEFAULTS = {"algorithm": "cdpruner", "budget": None, "keep_ratio": None, "relevance_sign": "positive",
             "seed": 0, "fastv_layer": 2}
 def check_settings(settings) -> dict:
     """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise."""
-    if not isinstance(settings, dict):
-        raise ValueError(f"token_pruning must be a dict, got {type(settings).__name__}")
-    unknown = sorted(set(settings) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"token_pruning.{unknown[0]}: unknown key (allowed: {', '.join(DEFAULTS)})")
-    merged = {**DEFAULTS, **settings}
+    merged = settings_with_defaults(settings, DEFAULTS)
     if merged["algorithm"] not in ALGORITHMS:
         raise ValueError(f"token_pruning.algorithm: {merged['algorithm']!r} is not one of {', '.join(ALGORITHMS)}")
     budget, ratio = merged["budget"], merged["keep_ratio"]

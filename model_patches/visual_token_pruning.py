@@ -33,6 +33,14 @@ import inspect
 
 import torch
 
+from .patch_classes import (
+    NativeLayoutSaving,
+    cut_rows,
+    make_config_class,
+    name_classes,
+    register_auto_classes,
+    with_callers_prompt,
+)
 from .token_selection import (
     check_settings,
     cosine_similarity_matrix,
@@ -43,7 +51,6 @@ from .token_selection import (
     square_grid,
 )
 
-PREFIX = "hf_prune_"
 #: family -> (stock config class, stock model class)
 FAMILIES = {
     "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
@@ -87,7 +94,7 @@ def _mixin(stock_model):
     class PrunedImageFeatures(BaseModelOutputWithPooling):
         """Image features already cut to the budget: ``forward`` passes them on as they are."""
 
-    class TokenPruning(stock_model):
+    class TokenPruning(NativeLayoutSaving, stock_model):
         #: Keyword arguments the vision side consumes (dropped once the features are computed and cut).
         VISION_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
         #: [B, L] keyword arguments cut along with the input ids.
@@ -252,31 +259,13 @@ def _mixin(stock_model):
                 order = slots_all.argsort()
                 keep[row, positions[slots_all]] = True
                 kept_features.append(torch.cat(values)[order])
-            width = int(keep.sum(dim=1).max())
-
-            def cut(tensor, fill):
-                """Keep the ``keep`` positions of a [B, L, ...] (or [k, B, L] position) tensor, left-padded."""
-                if tensor is None:
-                    return None
-                if tensor.dim() == 3 and tensor.shape[1:] == keep.shape:  # multimodal rotary positions
-                    return cut(tensor.permute(1, 2, 0), fill).permute(2, 0, 1)
-                out = tensor.new_full((tensor.shape[0], width, *tensor.shape[2:]), fill)
-                for row in range(tensor.shape[0]):
-                    kept = tensor[row][keep[row]]
-                    out[row, width - kept.shape[0]:] = kept
-                return out
-
             pad = self.config.get_text_config().pad_token_id
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            return {"input_ids": cut(input_ids, pad if pad is not None else 0), "attention_mask": cut(mask, 0),
-                    "labels": cut(labels, -100), "position_ids": cut(position_ids, 0), "features": kept_features,
-                    **{k: cut(kwargs[k], 0) for k in self.SEQUENCE_KWARGS if kwargs.get(k) is not None},
+            return {"input_ids": cut_rows(input_ids, keep, pad if pad is not None else 0),
+                    "attention_mask": cut_rows(mask, keep, 0), "labels": cut_rows(labels, keep, -100),
+                    "position_ids": cut_rows(position_ids, keep, 0), "features": kept_features,
+                    **{k: cut_rows(kwargs[k], keep, 0) for k in self.SEQUENCE_KWARGS if kwargs.get(k) is not None},
                     "keep": keep, "kept_tokens": [f.shape[0] for f in kept_features]}
-
-        def save_pretrained(self, save_directory, *args, **kwargs):
-            # Native key layout: the legacy renaming is keyed by the stock model_type and would not be undone.
-            kwargs["save_original_format"] = False
-            return super().save_pretrained(save_directory, *args, **kwargs)
 
         # ---- forward and generate ----------------------------------------------------------------
         def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
@@ -317,13 +306,7 @@ def _mixin(stock_model):
             out = super().generate(input_ids=pruned["input_ids"], attention_mask=pruned["attention_mask"],
                                    mm_encoder_outputs={"image": PrunedImageFeatures(pooler_output=pruned["features"])},
                                    **self._generation_kwargs(pruned), **kwargs)
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-            restored = torch.cat([prompt, sequences[:, pruned["input_ids"].shape[1]:]], dim=1)
-            if isinstance(out, torch.Tensor):
-                return restored
-            out.sequences = restored
-            return out
+            return with_callers_prompt(out, input_ids, pruned["input_ids"].shape[1])
 
     # generate() checks its keyword arguments against forward's signature: show the stock one plus ours.
     stock = inspect.signature(stock_model.forward)
@@ -338,34 +321,13 @@ def build_classes(family: str, config_name: str, model_name: str, mixin, module:
     ``mixin(stock model class)``, both named and placed in ``module`` (where remote code will look for them)."""
     import transformers
 
-    class Config(getattr(transformers, config_name)):
-        model_type = PREFIX + family
-        token_pruning: dict | None = None
-
-        def __post_init__(self, **kwargs):
-            super().__post_init__(**kwargs)
-            if self.token_pruning is not None:
-                self.token_pruning = check_settings(self.token_pruning)
-
+    config_class = make_config_class(getattr(transformers, config_name), family,
+                                     lambda settings, config: check_settings(settings))
     model_class = mixin(getattr(transformers, model_name))
-    model_class.config_class = Config
+    model_class.config_class = config_class
     prefix = "HfPrune" + config_name[: -len("Config")]
-    for cls, name in ((Config, prefix + "Config"), (model_class, prefix + "ForConditionalGeneration")):
-        cls.__name__ = cls.__qualname__ = name
-        cls.__module__ = module
-    return Config, model_class
-
-
-def _register(config_class, model_class) -> None:
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    config_class.register_for_auto_class()
-    model_class.register_for_auto_class("AutoModelForImageTextToText")
-    if config_class.model_type in CONFIG_MAPPING:  # first registration wins (e.g. hf_prune, then a remote copy)
-        return
-    transformers.AutoConfig.register(config_class.model_type, config_class)
-    transformers.AutoModelForImageTextToText.register(config_class, model_class)
+    name_classes({config_class: prefix + "Config", model_class: prefix + "ForConditionalGeneration"}, module)
+    return config_class, model_class
 
 
 def register_families(families: dict, mixin, classes: dict, namespace: dict) -> None:
@@ -376,7 +338,7 @@ def register_families(families: dict, mixin, classes: dict, namespace: dict) -> 
         built = build_classes(family, config_name, model_name, mixin, namespace["__name__"])
         for cls in built:
             namespace[cls.__name__] = cls
-        _register(*built)
+        register_auto_classes(*built, "AutoModelForImageTextToText")
         classes[family] = built
 
 

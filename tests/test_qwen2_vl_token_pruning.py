@@ -169,7 +169,7 @@ def test_checkpoint_reloads_in_fresh_processes(tokenizer, tmp_path, family):
     result = hf_prune.prune(build_qwen2_vl(tokenizer, family), {"output": str(tmp_path / "out"), "stages": [
         {"method": "visual_token_pruning", "algorithm": "pooling", "budget": 4}]}, tokenizer=tokenizer, progress=False)
     saved = sorted(p.name for p in result.output.glob("*.py"))
-    assert saved == ["qwen2_vl_token_pruning.py", "token_selection.py", "visual_token_pruning.py"]
+    assert saved == ["patch_classes.py", "qwen2_vl_token_pruning.py", "token_selection.py", "visual_token_pruning.py"]
     inputs = qwen_inputs(tokenizer)
     with torch.no_grad():
         logits = result.model(**inputs).logits

@@ -23,7 +23,7 @@ import torch
 from ...adapters import ModelAdapter
 from ...context import PruneContext
 from ...errors import ConfigFieldError, UnsupportedModelError
-from ...model_patches import prompt_token_pruning
+from ...model_patches import patch_classes, prompt_token_pruning
 from ...model_patches import text_token_pruning as patch
 from ...registry import MethodConfig, StageReport, config_field, register_method
 from ..class_swap import swap_config_and_class
@@ -114,7 +114,7 @@ class TextTokenPruningConfig(MethodConfig):
 
 
 def _causal_family(model_type: str) -> str | None:
-    family = model_type.removeprefix(prompt_token_pruning.PREFIX)
+    family = model_type.removeprefix(patch_classes.PREFIX)
     return family if family in prompt_token_pruning.FAMILIES else None
 
 
@@ -139,7 +139,7 @@ def apply_text_token_pruning(model: Any, config: TextTokenPruningConfig, context
     specials = sorted({int(getattr(tokenizer, f"{name}_token_id")) for name in ("cls", "sep", "bos", "eos")
                        if getattr(tokenizer, f"{name}_token_id", None) is not None})
     settings = patch.check_settings({**config.settings(), "special_token_ids": specials}, model.config.num_hidden_layers)
-    family = model.config.model_type.removeprefix(patch.PREFIX)
+    family = model.config.model_type.removeprefix(patch_classes.PREFIX)
     config_class, model_class = patch.CLASSES[family]
     if not isinstance(model, model_class):
         swap_config_and_class(model, config_class, model_class, {"token_pruning": settings})

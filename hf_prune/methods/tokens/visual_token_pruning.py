@@ -15,7 +15,7 @@ from typing import Any, Literal
 from ...adapters import ModelAdapter
 from ...context import PruneContext
 from ...errors import ConfigFieldError, UnsupportedModelError
-from ...model_patches import qwen2_vl_token_pruning, token_selection, visual_token_pruning
+from ...model_patches import patch_classes, qwen2_vl_token_pruning, token_selection, visual_token_pruning
 from ...registry import MethodConfig, StageReport, config_field, register_method
 from ..class_swap import swap_config_and_class
 
@@ -52,7 +52,7 @@ class VisualTokenPruningConfig(MethodConfig):
         if not adapter.is_vision_language:
             return (f"visual token pruning needs a vision-language model; {adapter.model_type} has no vision tower "
                     f"(supported: {', '.join(FAMILY_CLASSES)})")
-        family = adapter.model_type.removeprefix(visual_token_pruning.PREFIX)
+        family = adapter.model_type.removeprefix(patch_classes.PREFIX)
         if family not in FAMILY_CLASSES:
             return f"visual token pruning supports {', '.join(FAMILY_CLASSES)}, not {adapter.model_type}"
         return None
@@ -73,7 +73,7 @@ FAMILY_CLASSES = {**visual_token_pruning.CLASSES, **qwen2_vl_token_pruning.CLASS
 
 def token_pruning_classes(model_type: str) -> tuple[type, type]:
     """(config class, model class) for a stock or ``hf_prune_`` model type of a supported family."""
-    family = model_type.removeprefix(visual_token_pruning.PREFIX)
+    family = model_type.removeprefix(patch_classes.PREFIX)
     if family not in FAMILY_CLASSES:
         raise UnsupportedModelError(f"visual token pruning does not support model_type {model_type!r} "
                                     f"(supported: {', '.join(FAMILY_CLASSES)})")
