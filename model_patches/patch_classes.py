@@ -20,6 +20,32 @@ def settings_with_defaults(settings, defaults: dict) -> dict:
     return {**defaults, **settings}
 
 
+def build_classes(family: str, config_name: str, model_name: str, mixin, check, suffix: str, module: str) -> tuple:
+    """(config class, model class) of ``hf_prune_<family>``: the stock ``config_name`` plus a ``token_pruning``
+    dict checked by ``check(settings, config)``, and ``mixin(stock model_name class)``, named
+    ``HfPrune<Stock>Config`` / ``HfPrune<Stock><suffix>`` in ``module`` (where remote code looks them up)."""
+    import transformers
+
+    config_class = make_config_class(getattr(transformers, config_name), family, check)
+    model_class = mixin(getattr(transformers, model_name))
+    model_class.config_class = config_class
+    prefix = "HfPrune" + config_name[: -len("Config")]
+    name_classes({config_class: prefix + "Config", model_class: prefix + suffix}, module)
+    return config_class, model_class
+
+
+def build_and_register(families, build, namespace: dict, auto_model: str) -> dict:
+    """{family: build(family)} for every family, each class published in the module ``namespace`` and
+    registered with AutoConfig and ``auto_model``."""
+    classes = {}
+    for family in families:
+        built = classes[family] = build(family)
+        for cls in built:
+            namespace[cls.__name__] = cls
+        register_auto_classes(*built, auto_model)
+    return classes
+
+
 def make_config_class(stock_config: type, family: str, check) -> type:
     """``stock_config`` plus a ``token_pruning`` dict, validated by ``check(settings, config)``, under the
     ``hf_prune_<family>`` model type."""

@@ -20,10 +20,9 @@ import torch
 
 from .patch_classes import (
     NativeLayoutSaving,
+    build_and_register,
+    build_classes,
     cut_rows,
-    make_config_class,
-    name_classes,
-    register_auto_classes,
     settings_with_defaults,
     with_callers_prompt,
 )
@@ -125,30 +124,12 @@ def _mixin(stock_model):
     return PromptTokenPruning
 
 
-def _build(family: str):
-    import transformers
-
+def _build(family: str) -> tuple:
     config_name, model_name = FAMILIES[family]
-    config_class = make_config_class(getattr(transformers, config_name), family,
-                                     lambda settings, config: check_settings(settings, config.num_hidden_layers))
-    model_class = _mixin(getattr(transformers, model_name))
-    model_class.config_class = config_class
-    prefix = "HfPrune" + config_name[: -len("Config")]
-    name_classes({config_class: prefix + "Config", model_class: prefix + "ForCausalLM"}, __name__)
-    return config_class, model_class
+    return build_classes(family, config_name, model_name, _mixin,
+                         lambda settings, config: check_settings(settings, config.num_hidden_layers),
+                         "ForCausalLM", __name__)
 
 
 #: family -> (config class, model class)
-CLASSES = {}
-
-
-def register() -> None:
-    if CLASSES:
-        return
-    for family in FAMILIES:
-        config_class, model_class = CLASSES[family] = _build(family)
-        globals()[config_class.__name__], globals()[model_class.__name__] = config_class, model_class
-        register_auto_classes(config_class, model_class, "AutoModelForCausalLM")
-
-
-register()
+CLASSES = build_and_register(FAMILIES, _build, globals(), "AutoModelForCausalLM")

@@ -18,7 +18,8 @@ Imports only torch, transformers and its sibling files, which ``save_pretrained`
 
 import torch
 
-from .visual_token_pruning import _mixin, register_families
+from .patch_classes import build_and_register
+from .visual_token_pruning import _mixin, build_family
 
 #: family -> (stock config class, stock model class)
 FAMILIES = {
@@ -70,5 +71,5 @@ def _qwen_mixin(stock_model):
 
 
 #: family -> (config class, model class)
-CLASSES = {}
-register_families(FAMILIES, _qwen_mixin, CLASSES, globals())
+CLASSES = build_and_register(FAMILIES, lambda family: build_family(family, FAMILIES, _qwen_mixin, __name__), globals(),
+                             "AutoModelForImageTextToText")

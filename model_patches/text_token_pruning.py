@@ -30,9 +30,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .patch_classes import (
     NativeLayoutSaving,
-    make_config_class,
-    name_classes,
-    register_auto_classes,
+    build_and_register,
+    build_classes,
     settings_with_defaults,
 )
 
@@ -226,32 +225,12 @@ def _mixin(stock_model, encoder_attr: str):
     return TextTokenPruning
 
 
-def build_classes(family: str, module: str) -> tuple:
-    import transformers
-
+def _build(family: str) -> tuple:
     config_name, model_name, encoder_attr = FAMILIES[family]
-    config_class = make_config_class(getattr(transformers, config_name), family,
-                                     lambda settings, config: check_settings(settings, config.num_hidden_layers))
-    model_class = _mixin(getattr(transformers, model_name), encoder_attr)
-    model_class.config_class = config_class
-    prefix = "HfPrune" + config_name[: -len("Config")]
-    name_classes({config_class: prefix + "Config", model_class: prefix + "ForSequenceClassification"}, module)
-    return config_class, model_class
+    return build_classes(family, config_name, model_name, lambda stock: _mixin(stock, encoder_attr),
+                         lambda settings, config: check_settings(settings, config.num_hidden_layers),
+                         "ForSequenceClassification", __name__)
 
 
 #: family -> (config class, model class)
-CLASSES = {}
-
-
-def register() -> None:
-    if CLASSES:
-        return
-    for family in FAMILIES:
-        built = build_classes(family, __name__)
-        for cls in built:
-            globals()[cls.__name__] = cls
-        register_auto_classes(*built, "AutoModelForSequenceClassification")
-        CLASSES[family] = built
-
-
-register()
+CLASSES = build_and_register(FAMILIES, _build, globals(), "AutoModelForSequenceClassification")

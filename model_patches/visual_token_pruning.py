@@ -35,10 +35,9 @@ import torch
 
 from .patch_classes import (
     NativeLayoutSaving,
+    build_and_register,
+    build_classes,
     cut_rows,
-    make_config_class,
-    name_classes,
-    register_auto_classes,
     with_callers_prompt,
 )
 from .token_selection import (
@@ -316,33 +315,14 @@ def _mixin(stock_model):
     return TokenPruning
 
 
-def build_classes(family: str, config_name: str, model_name: str, mixin, module: str) -> tuple:
-    """(config class, model class) of ``hf_prune_<family>``: the stock config plus ``token_pruning``, and
-    ``mixin(stock model class)``, both named and placed in ``module`` (where remote code will look for them)."""
-    import transformers
-
-    config_class = make_config_class(getattr(transformers, config_name), family,
-                                     lambda settings, config: check_settings(settings))
-    model_class = mixin(getattr(transformers, model_name))
-    model_class.config_class = config_class
-    prefix = "HfPrune" + config_name[: -len("Config")]
-    name_classes({config_class: prefix + "Config", model_class: prefix + "ForConditionalGeneration"}, module)
-    return config_class, model_class
+def build_family(family: str, families: dict, mixin, module: str) -> tuple:
+    """(config class, model class) of ``hf_prune_<family>`` for an image-text-to-text family of ``families``."""
+    config_name, model_name = families[family]
+    return build_classes(family, config_name, model_name, mixin, lambda settings, config: check_settings(settings),
+                         "ForConditionalGeneration", module)
 
 
-def register_families(families: dict, mixin, classes: dict, namespace: dict) -> None:
-    """Build and register the classes of ``families`` into ``classes`` and the module ``namespace`` (idempotent)."""
-    if classes:
-        return
-    for family, (config_name, model_name) in families.items():
-        built = build_classes(family, config_name, model_name, mixin, namespace["__name__"])
-        for cls in built:
-            namespace[cls.__name__] = cls
-        register_auto_classes(*built, "AutoModelForImageTextToText")
-        classes[family] = built
-
-
-#: family -> (config class, model class)
-CLASSES = {}
-# `import hf_prune` imports this module, and so does transformers when it loads the copy saved as remote code.
-register_families(FAMILIES, _mixin, CLASSES, globals())
+#: family -> (config class, model class). `import hf_prune` imports this module, and so does transformers
+#: when it loads the copy saved as remote code.
+CLASSES = build_and_register(FAMILIES, lambda family: build_family(family, FAMILIES, _mixin, __name__), globals(),
+                             "AutoModelForImageTextToText")
