@@ -1,4 +1,4 @@
-"""BERT-family classifiers that drop tokens by themselves at a chosen layer (AD-TP and baselines).
+"""BERT-family classifiers (BERT, RoBERTa) that drop tokens by themselves at a chosen layer (AD-TP and baselines).
 
 The config of an ``hf_prune_bert`` checkpoint holds a ``token_pruning`` dict. Up to layer ``layer`` the
 encoder sees every token; there the model keeps, per sequence, the special tokens ([CLS], [SEP]) and the
@@ -39,7 +39,8 @@ ALGORITHMS = ("adtp", "fixed", "attention", "random")
 DEFAULTS = {"algorithm": "adtp", "layer": 0, "keep_ratio": None, "candidate_ratios": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
             "retainer_size": 64, "temperature": 0.05, "seed": 0, "special_token_ids": []}
 #: family -> (stock config class, stock classifier class, attribute holding the encoder model)
-FAMILIES = {"bert": ("BertConfig", "BertForSequenceClassification", "bert")}
+FAMILIES = {"bert": ("BertConfig", "BertForSequenceClassification", "bert"),
+            "roberta": ("RobertaConfig", "RobertaForSequenceClassification", "roberta")}
 
 
 def check_settings(settings, num_layers: int | None = None, *, attention_from_previous_layer: bool = True) -> dict:
@@ -212,8 +213,10 @@ def _mixin(stock_model, encoder_attr: str):
                 if weights is not None:  # [B, heads, query, key] -> attention each key receives
                     queries = mask.to(weights.dtype)[:, None, :, None]
                     attention = ((weights * queries).sum(dim=(1, 2)) / (queries.sum(dim=(1, 2)) * weights.shape[1]).clamp_min(1))
-            pooled = encoder.pooler(hidden) if encoder.pooler is not None else hidden[:, 0]
-            logits = self.classifier(self.dropout(pooled))
+            if getattr(encoder, "pooler", None) is not None:  # BERT: pooler on [CLS], dropout, linear
+                logits = self.classifier(self.dropout(encoder.pooler(hidden)))
+            else:  # RoBERTa: its classification head reads the first token itself
+                logits = self.classifier(hidden)
             loss = None
             if labels is not None:
                 loss = (F.mse_loss(logits.squeeze(-1), labels.float()) if self.num_labels == 1

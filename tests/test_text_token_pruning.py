@@ -28,12 +28,15 @@ def tokenizer(tmp_path_factory):
     return transformers.BertTokenizerFast(vocab_file=str(vocab))
 
 
-def tiny_bert(tokenizer, seed: int = 0):
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
-                                     num_attention_heads=4, intermediate_size=64, num_labels=3,
-                                     id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+def tiny_bert(tokenizer, seed: int = 0, family: str = "bert"):
+    config_class, model_class = {"bert": (transformers.BertConfig, transformers.BertForSequenceClassification),
+                                 "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification)}[family]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                          intermediate_size=64, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                          label2id={"a": 0, "b": 1, "c": 2}, pad_token_id=tokenizer.pad_token_id,
+                          max_position_embeddings=128)
     torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(config).eval()
+    return model_class(config).eval()
 
 
 def sentences(count: int, seed: int = 0) -> list[str]:
@@ -52,13 +55,14 @@ def batch(tokenizer, texts):
     return tokenizer(texts, padding=True, return_tensors="pt")
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta"])
 @pytest.mark.parametrize("fields", [{"algorithm": "fixed", "keep_ratio": 1.0, "train_data": "unused.jsonl"},
                                     {"algorithm": "random", "keep_ratio": 1.0},
                                     {"algorithm": "attention", "keep_ratio": 1.0, "layer": 2},
                                     {"algorithm": "random", "keep_ratio": 1.0, "layer": 1}])
-def test_ratio_one_is_the_unpruned_model(tokenizer, fields, monkeypatch):
+def test_ratio_one_is_the_unpruned_model(tokenizer, fields, family, monkeypatch):
     monkeypatch.setattr("hf_prune.integrations.token_retainer.train_token_retainer", lambda *a, **k: {})
-    stock = tiny_bert(tokenizer)
+    stock = tiny_bert(tokenizer, family=family)
     model = pruned(stock, tokenizer, **fields)
     inputs = batch(tokenizer, sentences(6))
     with torch.no_grad():
@@ -108,19 +112,21 @@ def write_labelled(path, tokenizer, rows: int, with_labels: bool = True):
     return path
 
 
-def test_training_through_the_pipeline_and_fresh_reload(tokenizer, tmp_path):
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_training_through_the_pipeline_and_fresh_reload(tokenizer, tmp_path, family):
     data = write_labelled(tmp_path / "train.jsonl", tokenizer, 64)
     stage = {"method": "text_token_pruning", "algorithm": "adtp", "train_data": str(data), "train_steps": 6,
              "batch_size": 8, "target_ratio": 0.3, "learning_rate": 5e-3}
-    source = tiny_bert(tokenizer)
+    source = tiny_bert(tokenizer, family=family)
     result = hf_prune.prune(source, {"stages": [stage], "output": str(tmp_path / "out")}, tokenizer=tokenizer,
                             progress=False)
     training = result.report["stages"][0]["training"]
     assert training["steps"] == 6 and training["examples"] == 64
     assert set(training["final"]) == {"task", "distill", "flops", "kept"}
-    assert type(source).__name__ == "BertForSequenceClassification"  # the source is untouched
+    stock_name = {"bert": "Bert", "roberta": "Roberta"}[family]
+    assert type(source).__name__ == f"{stock_name}ForSequenceClassification"  # the source is untouched
     saved = json.loads((result.output / "config.json").read_text())
-    assert saved["model_type"] == "hf_prune_bert" and saved["token_pruning"]["algorithm"] == "adtp"
+    assert saved["model_type"] == f"hf_prune_{family}" and saved["token_pruning"]["algorithm"] == "adtp"
     assert (result.output / "text_token_pruning.py").is_file()
     inputs = batch(tokenizer, sentences(4, seed=11))
     with torch.no_grad():
@@ -143,7 +149,7 @@ print(json.dumps({"logits": out.logits.tolist(), "kept": out.kept_fraction.tolis
                               text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         got = json.loads(done.stdout.strip().splitlines()[-1])
-        assert got["class"] == "HfPruneBertForSequenceClassification"
+        assert got["class"] == f"HfPrune{stock_name}ForSequenceClassification"
         assert got["hf_prune_imported"] == (mode == "hf_prune")
         torch.testing.assert_close(torch.tensor(got["logits"]), expected.logits, atol=1e-5, rtol=0)
         assert got["kept"] == expected.kept_fraction.tolist()

@@ -1,5 +1,7 @@
 """Text token pruning (AD-TP and baselines): the setting is saved into the checkpoint.
 
+Classifiers: BERT and RoBERTa (``*ForSequenceClassification``).
+
 Two kinds of model: BERT-family classifiers (below), and Llama-family causal LMs, whose prompts lose
 tokens before prefill (``model_patches/prompt_token_pruning.py``: ``attention`` or ``random``; the retainer
 of ``adtp`` / ``fixed`` exists for classifiers only).
