@@ -158,7 +158,7 @@ def print_accuracy_table(limit: int | None, device: torch.device) -> None:
     from .vqa import evaluate_vqa
 
     folder = vlm_testbed_dir()
-    processor = load_preprocessor(str(folder))
+    processor = load_preprocessor(str(folder), vision_language=True)
     model = load_model(str(folder)).to(device).eval()
     data = folder / "data" / "eval.jsonl"
     inputs = processor(images=[_first_image(data)], text=[f"USER: {processor.image_token}\nIs there a bag? ASSISTANT:"],
