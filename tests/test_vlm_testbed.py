@@ -113,7 +113,8 @@ def test_training_batches_are_balanced():
     composites, qa = vlm_testbed._sample_batch(images, labels, pools, torch.Generator().manual_seed(0))
     assert composites.shape == (vlm_testbed.BATCH_SIZE, 56, 56)
     kinds = Counter(kind for kind, _, _ in qa)
-    assert kinds == {"position": vlm_testbed.BATCH_SIZE // 2, "presence": vlm_testbed.BATCH_SIZE // 2}
+    presence = vlm_testbed.BATCH_SIZE // vlm_testbed.PRESENCE_EVERY
+    assert kinds == {"position": vlm_testbed.BATCH_SIZE - presence, "presence": presence}
     assert Counter(answer for kind, _, answer in qa if kind == "presence") == {"yes": kinds["presence"] // 2,
                                                                                 "no": kinds["presence"] // 2}
 
