@@ -46,7 +46,6 @@ thread count); float reductions may differ across machines.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -77,7 +76,9 @@ from .training import (
     PAD_ID,
     adamw_warmup_cosine,
     cache_root,
+    default_assets_dir,
     publish_when_done,
+    testbed_cli,
     train_byte_level_bpe,
 )
 
@@ -119,11 +120,6 @@ WARMUP_FRACTION = 0.05
 AUX_LOSS_COEF = 0.005
 Z_LOSS_COEF = 1e-3  # router z-loss (ST-MoE): mean squared logsumexp of the router logits
 
-
-
-def default_assets_dir() -> pathlib.Path:
-    """The shared assets beside a source checkout: ``<repo>/../shared/assets``."""
-    return pathlib.Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 
 def moe_testbed_dir(cache_dir: str | os.PathLike | None = None, *,
@@ -440,14 +436,7 @@ def summary(record: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=None, help="cache root (default: $HF_PRUNE_CACHE or ~/.cache/hf_prune)")
-    parser.add_argument("--assets", default=None, help=f"shared assets folder (default: {default_assets_dir()})")
-    args = parser.parse_args(argv)
-    folder = moe_testbed_dir(args.cache, assets=args.assets)
-    record = json.loads((folder / "testbed.json").read_text())
-    print(folder)
-    print(summary(record))
+    record = testbed_cli(argv, __doc__, moe_testbed_dir, summary)
     return 0 if record["checks"]["passed"] else 1
 
 

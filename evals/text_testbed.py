@@ -37,7 +37,6 @@ same environment (same torch build), though float reductions may differ across m
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -54,7 +53,7 @@ import torch
 import transformers
 
 from .classification import evaluate_classification
-from .training import cache_root, publish_when_done
+from .training import cache_root, default_assets_dir, publish_when_done, testbed_cli
 
 # Bump when the recipe changes so stale caches are ignored rather than reused.
 TEXT_TESTBED_VERSION = "text-testbed-v1"
@@ -79,11 +78,6 @@ TRAIN_STEPS = 240
 BATCH_SIZE = 16
 PEAK_LR = 1e-4
 WARMUP_FRACTION = 0.1
-
-
-def default_assets_dir() -> pathlib.Path:
-    """The shared assets beside a source checkout: ``<repo>/../shared/assets``."""
-    return pathlib.Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 
 def base_model_path() -> pathlib.Path:
@@ -359,13 +353,7 @@ def summary(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=None, help="cache root (default: $HF_PRUNE_CACHE or ~/.cache/hf_prune)")
-    parser.add_argument("--assets", default=None, help=f"shared assets folder (default: {default_assets_dir()})")
-    args = parser.parse_args(argv)
-    folder = text_testbed_dir(args.cache, assets=args.assets)
-    print(folder)
-    print(summary(json.loads((folder / "testbed.json").read_text())))
+    testbed_cli(argv, __doc__, text_testbed_dir, summary)
     return 0
 
 

@@ -74,3 +74,25 @@ def publish_when_done(out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
                 raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def default_assets_dir() -> pathlib.Path:
+    """The shared assets beside a source checkout: ``<repo>/../shared/assets``."""
+    return pathlib.Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+def testbed_cli(argv: list[str] | None, doc: str, testbed_dir, summary) -> dict:
+    """``python -m hf_prune.evals.<name>_testbed [--cache DIR] [--assets DIR]``: build (or find) the cached
+    testbed with ``testbed_dir(cache, assets=...)``, print its folder and ``summary(record)``; returns the record."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--cache", default=None, help="cache root (default: $HF_PRUNE_CACHE or ~/.cache/hf_prune)")
+    parser.add_argument("--assets", default=None, help=f"shared assets folder (default: {default_assets_dir()})")
+    args = parser.parse_args(argv)
+    folder = testbed_dir(args.cache, assets=args.assets)
+    record = json.loads((folder / "testbed.json").read_text())
+    print(folder)
+    print(summary(record))
+    return record

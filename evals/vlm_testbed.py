@@ -49,7 +49,6 @@ reductions may differ across machines.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -81,7 +80,9 @@ from .training import (
     PAD_ID,
     adamw_warmup_cosine,
     cache_root,
+    default_assets_dir,
     publish_when_done,
+    testbed_cli,
     train_byte_level_bpe,
 )
 from .vqa import build_prompt, evaluate_vqa
@@ -132,11 +133,6 @@ PEAK_LR = 3e-3
 VISION_STAGE2_PEAK_LR = 0.0
 TRAIN_THREADS = 1  # tiny matmuls: a second thread only adds waiting (measured: ~2x slower on 2 busy cores)
 EVAL_BATCH_SIZE = 50
-
-
-def default_assets_dir() -> pathlib.Path:
-    """The shared assets beside a source checkout: ``<repo>/../shared/assets``."""
-    return pathlib.Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 
 def vlm_testbed_dir(cache_dir: str | os.PathLike | None = None, *, assets: str | os.PathLike | None = None,
@@ -533,13 +529,7 @@ def summary(record: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=None, help="cache root (default: $HF_PRUNE_CACHE or ~/.cache/hf_prune)")
-    parser.add_argument("--assets", default=None, help=f"shared assets folder (default: {default_assets_dir()})")
-    args = parser.parse_args(argv)
-    folder = vlm_testbed_dir(args.cache, assets=args.assets)
-    print(folder)
-    print(summary(json.loads((folder / "testbed.json").read_text())))
+    testbed_cli(argv, __doc__, vlm_testbed_dir, summary)
     return 0
 
 
