@@ -8,7 +8,9 @@ removes the others from the sequence before the first language-model layer, in `
 - ``cdpruner`` (CDPruner, NeurIPS 2025): kernel L = diag(r)·S·diag(r), S the cosine similarity of the
   projected visual features, r the instruction relevance of each token (mean cosine between the token
   and the language model's input embeddings of the instruction tokens, min-max normalised; ``relevance_sign:
-  negative`` flips the cosine, as the official code does with CLIP), then greedy MAP inference of the DPP;
+  negative`` flips the cosine, as the official code does with CLIP), then greedy MAP inference of the DPP.
+  With a CLIP text tower in the checkpoint (``relevance_text_tower``, see ``clip_relevance.py``) the
+  relevance is measured in CLIP's joint space instead, as in the paper;
 - ``diversity``: the same DPP with r ≡ 1 (DivPrune-style, no instruction);
 - ``random``: a seeded uniform choice;
 - ``pooling``: the visual features average-pooled on their spatial grid down to the budget;
@@ -20,7 +22,8 @@ Kept tokens stay in their original order. ``input_ids`` placeholders, ``attentio
 given ``position_ids`` are cut the same way, so logits (and the loss) are those of the shorter sequence:
 positions are renumbered contiguously (the stock behaviour of a shorter prompt). Rows that lose different
 numbers of tokens are left-padded. The instruction is the text after each image in its row (up to the next
-image), or ``instruction_ids`` when given (one 1-D tensor per row, or a [B, M] tensor; pad ids ignored).
+image), or ``instruction_ids`` when given (one 1-D tensor per row, or a [B, M] tensor; pad ids ignored), or,
+with a CLIP text tower, ``instruction_text`` (one string per row).
 ``generate`` prunes once, then runs the stock loop on the shorter prompt; the returned sequences start
 with the caller's own ``input_ids``.
 
@@ -33,6 +36,12 @@ import inspect
 
 import torch
 
+from .clip_relevance import (
+    ClipTextTowerRelevance,
+    ProjectorInputCapture,
+    clip_patch_embeddings,
+    clip_text_embeddings,
+)
 from .patch_classes import (
     NativeLayoutSaving,
     build_and_register,
@@ -93,7 +102,7 @@ def _mixin(stock_model):
     class PrunedImageFeatures(BaseModelOutputWithPooling):
         """Image features already cut to the budget: ``forward`` passes them on as they are."""
 
-    class TokenPruning(NativeLayoutSaving, stock_model):
+    class TokenPruning(ClipTextTowerRelevance, NativeLayoutSaving, stock_model):
         #: Keyword arguments the vision side consumes (dropped once the features are computed and cut).
         VISION_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
         #: [B, L] keyword arguments cut along with the input ids.
@@ -124,13 +133,22 @@ def _mixin(stock_model):
         def _settings(self) -> dict:
             return check_settings(self.config.token_pruning or {})
 
-        def _image_features(self, pixel_values, mm_encoder_outputs, kwargs) -> list | None:
+        def _uses_clip_relevance(self) -> bool:
+            return self.has_clip_text_tower() and self._settings()["algorithm"] == "cdpruner"
+
+        def _image_features(self, pixel_values, mm_encoder_outputs, kwargs) -> tuple[list | None, list | None]:
+            """(features per image, and their CLIP-space embeddings when CLIP relevance is in use, else None)."""
             if mm_encoder_outputs and mm_encoder_outputs.get("image") is not None:
-                return list(mm_encoder_outputs["image"].pooler_output)
+                return list(mm_encoder_outputs["image"].pooler_output), None
             if pixel_values is None:
-                return None
+                return None, None
             extra = {k: kwargs[k] for k in self.VISION_KWARGS if kwargs.get(k) is not None}
-            return list(self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra).pooler_output)
+            if not self._uses_clip_relevance():
+                output = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+                return list(output.pooler_output), None
+            with ProjectorInputCapture(self.model.multi_modal_projector) as captured:
+                output = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+            return list(output.pooler_output), clip_patch_embeddings(self, captured.inputs, extra)
 
         def _full_position_ids(self, input_ids, attention_mask, kwargs):
             """Position ids of the uncut sequence, when the family's positions are not simply 0..L-1 (LLaVA: None:
@@ -144,27 +162,49 @@ def _mixin(stock_model):
             """Extra keyword arguments for the stock ``generate`` on the cut prompt."""
             return {}
 
-        def _instructions(self, input_ids, attention_mask, image_mask, runs, instruction_ids) -> list:
-            """Instruction embeddings per image: the override, or the row's text after the image up to the next one."""
-            embed = self.get_input_embeddings()
+        def _instruction_ids(self, input_ids, attention_mask, image_mask, runs, instruction_ids) -> list:
+            """Instruction token ids per image: the override's row, or the row's text after the image up to the next one."""
             pad = self.config.get_text_config().pad_token_id
             if instruction_ids is not None:
                 rows = list(instruction_ids) if not isinstance(instruction_ids, torch.Tensor) or instruction_ids.dim() > 1 \
                     else [instruction_ids]
                 if len(rows) != input_ids.shape[0]:
                     raise ValueError(f"instruction_ids has {len(rows)} rows for a batch of {input_ids.shape[0]}")
-                per_row = [embed(r[r != pad] if pad is not None else r) for r in
-                           (torch.as_tensor(r, device=input_ids.device) for r in rows)]
-                return [per_row[row] for row, _ in runs]
+                rows = [torch.as_tensor(r, device=input_ids.device) for r in rows]
+                rows = [r[r != pad] if pad is not None else r for r in rows]
+                return [rows[row] for row, _ in runs]
             real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             text = real & ~image_mask
             out = []
             for i, (row, positions) in enumerate(runs):
                 end = next((p[0] for r, p in runs[i + 1:] if r == row), input_ids.shape[1])
                 after = torch.arange(int(positions[-1]) + 1, int(end), device=input_ids.device)
-                ids = input_ids[row, after[text[row, after]]]
-                out.append(embed(ids))
+                out.append(input_ids[row, after[text[row, after]]])
             return out
+
+        def _instructions(self, input_ids, attention_mask, image_mask, runs, instruction_ids, instruction_text) -> list:
+            """Instruction embeddings per image: the language model's input embeddings of its tokens, or (with a
+            CLIP text tower) CLIP text embeddings of its text, given as ``instruction_text`` or decoded."""
+            if not self._uses_clip_relevance():
+                if instruction_text is not None:
+                    raise ValueError("instruction_text needs a checkpoint with a CLIP text tower (text_tower in the "
+                                     "recipe); pass instruction_ids instead")
+                embed = self.get_input_embeddings()
+                return [embed(ids) for ids in self._instruction_ids(input_ids, attention_mask, image_mask, runs,
+                                                                     instruction_ids)]
+            tokenizers = getattr(self, "relevance_tokenizers", None)
+            if tokenizers is None:
+                raise ValueError("this model scores relevance with a CLIP text tower but has no tokenizers for it: "
+                                 "call set_relevance_tokenizers(language_tokenizer, clip_tokenizer)")
+            if instruction_text is not None:
+                rows = [instruction_text] if isinstance(instruction_text, str) else list(instruction_text)
+                if len(rows) != input_ids.shape[0]:
+                    raise ValueError(f"instruction_text has {len(rows)} rows for a batch of {input_ids.shape[0]}")
+                texts = [rows[row] for row, _ in runs]
+            else:
+                texts = [tokenizers["language"].decode(ids.tolist(), skip_special_tokens=True) for ids in
+                         self._instruction_ids(input_ids, attention_mask, image_mask, runs, instruction_ids)]
+            return [clip_text_embeddings(self.relevance_text_tower, tokenizers["clip"], text) for text in texts]
 
         def _fastv_received(self, input_ids, attention_mask, features, layer, position_ids=None) -> torch.Tensor:
             """[B, L] attention each position receives at decoder layer ``layer`` (mean over heads and real queries)."""
@@ -198,9 +238,10 @@ def _mixin(stock_model):
             return (weights * queries[:, :, None]).sum(dim=1) / queries.sum(dim=1, keepdim=True).clamp_min(1)
 
         def _choose(self, features: torch.Tensor, group: torch.Tensor, grid, count: int, settings: dict,
-                    instruction, received, generator) -> tuple[torch.Tensor, torch.Tensor]:
+                    instruction, received, generator, relevance_space=None) -> tuple[torch.Tensor, torch.Tensor]:
             """(indices kept within ``group``, their features) for one group of one image; the scores carry no
-            gradient, the kept (or pooled) features do."""
+            gradient, the kept (or pooled) features do. ``relevance_space``: the image's tokens in the space of
+            ``instruction`` (CLIP's), when not the features' own."""
             tokens = features[group]
             algorithm = settings["algorithm"]
             if algorithm == "pooling":
@@ -211,17 +252,20 @@ def _mixin(stock_model):
                 elif algorithm == "fastv":
                     keep = received[group].topk(count).indices.sort().values
                 else:
-                    relevance = (instruction_relevance(tokens, instruction, settings["relevance_sign"])
+                    space = tokens if relevance_space is None else relevance_space[group]
+                    relevance = (instruction_relevance(space, instruction, settings["relevance_sign"])
                                  if algorithm == "cdpruner" else torch.ones(group.numel(), device=tokens.device))
                     kernel = relevance[:, None] * cosine_similarity_matrix(tokens) * relevance[None, :]
                     keep = dpp_greedy_map(kernel[None], count)[0]
             return keep, tokens[keep]
 
         def prune_visual_tokens(self, input_ids, attention_mask=None, features=None, *, labels=None,
-                                position_ids=None, instruction_ids=None, **kwargs) -> dict | None:
+                                position_ids=None, instruction_ids=None, instruction_text=None,
+                                relevance_features=None, **kwargs) -> dict | None:
             """Cut the visual tokens of a batch; None when nothing is to be cut.
 
-            ``kwargs``: the family's vision and sequence keyword arguments (``image_sizes``, ``image_grid_thw``,
+            ``relevance_features``: each image's tokens in CLIP space (from ``_image_features``), needed with a
+            CLIP text tower. ``kwargs``: the family's vision and sequence keyword arguments (``image_sizes``, ``image_grid_thw``,
             ``mm_token_type_ids``...). Returns ``input_ids``, ``attention_mask``, ``labels``, ``position_ids`` (the
             given or the family's own, cut; None for LLaVA without given ones), the cut ``SEQUENCE_KWARGS``,
             ``features`` (the kept features per image), ``keep`` ([B, L] bool over the input) and ``kept_tokens``.
@@ -238,8 +282,12 @@ def _mixin(stock_model):
                 return None
             if position_ids is None:
                 position_ids = self._full_position_ids(input_ids, attention_mask, kwargs)
+            if self._uses_clip_relevance() and relevance_features is None:
+                raise ValueError("CLIP text-tower relevance needs the images as pixel_values (it embeds the vision "
+                                 "tower's features), not precomputed image features")
             with torch.no_grad():
-                instructions = (self._instructions(input_ids, attention_mask, image_mask, runs, instruction_ids)
+                instructions = (self._instructions(input_ids, attention_mask, image_mask, runs, instruction_ids,
+                                                   instruction_text)
                                 if settings["algorithm"] == "cdpruner" else [None] * len(runs))
                 received = (self._fastv_received(input_ids, attention_mask, features, settings["fastv_layer"],
                                                  position_ids) if settings["algorithm"] == "fastv" else None)
@@ -250,8 +298,9 @@ def _mixin(stock_model):
                 slots, values = [always], [image[always]]
                 for group, grid, count in groups:
                     scores = received[row, positions] if received is not None else None
-                    chosen, chosen_features = self._choose(image, group, grid, count, settings, instructions[index],
-                                                           scores, generator)
+                    chosen, chosen_features = self._choose(
+                        image, group, grid, count, settings, instructions[index], scores, generator,
+                        relevance_features[index] if relevance_features is not None else None)
                     slots.append(group[chosen])
                     values.append(chosen_features)
                 slots_all = torch.cat(slots)
@@ -268,15 +317,18 @@ def _mixin(stock_model):
 
         # ---- forward and generate ----------------------------------------------------------------
         def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
-                    inputs_embeds=None, labels=None, mm_encoder_outputs=None, instruction_ids=None, **kwargs):
-            features = None
+                    inputs_embeds=None, labels=None, mm_encoder_outputs=None, instruction_ids=None,
+                    instruction_text=None, **kwargs):
+            features = relevance_features = None
             done = bool(mm_encoder_outputs) and isinstance(mm_encoder_outputs.get("image"), PrunedImageFeatures)
             if input_ids is not None and not done and (pixel_values is not None or mm_encoder_outputs):
-                features = self._image_features(pixel_values, mm_encoder_outputs, kwargs)
+                features, relevance_features = self._image_features(pixel_values, mm_encoder_outputs, kwargs)
             pruned = None
             if features:
                 pruned = self.prune_visual_tokens(input_ids, attention_mask, features, labels=labels,
-                                                  position_ids=position_ids, instruction_ids=instruction_ids, **kwargs)
+                                                  position_ids=position_ids, instruction_ids=instruction_ids,
+                                                  instruction_text=instruction_text,
+                                                  relevance_features=relevance_features, **kwargs)
             if pruned is not None:
                 self._after_prune(pruned)
                 input_ids, attention_mask, labels = pruned["input_ids"], pruned["attention_mask"], pruned["labels"]
@@ -290,12 +342,15 @@ def _mixin(stock_model):
                                    position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, labels=labels,
                                    mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
-        def generate(self, input_ids=None, pixel_values=None, attention_mask=None, instruction_ids=None, **kwargs):
-            features = None
+        def generate(self, input_ids=None, pixel_values=None, attention_mask=None, instruction_ids=None,
+                     instruction_text=None, **kwargs):
+            features = relevance_features = None
             if input_ids is not None and pixel_values is not None:
-                features = self._image_features(pixel_values, None, kwargs)
+                features, relevance_features = self._image_features(pixel_values, None, kwargs)
             pruned = features and self.prune_visual_tokens(input_ids, attention_mask, features,
-                                                           instruction_ids=instruction_ids, **kwargs)
+                                                           instruction_ids=instruction_ids,
+                                                           instruction_text=instruction_text,
+                                                           relevance_features=relevance_features, **kwargs)
             if not pruned:
                 return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                         **kwargs)
@@ -310,8 +365,9 @@ def _mixin(stock_model):
     # generate() checks its keyword arguments against forward's signature: show the stock one plus ours.
     stock = inspect.signature(stock_model.forward)
     parameters = list(stock.parameters.values())
-    extra = inspect.Parameter("instruction_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-    TokenPruning.forward.__signature__ = stock.replace(parameters=[*parameters[:-1], extra, parameters[-1]])
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for name in ("instruction_ids", "instruction_text")]
+    TokenPruning.forward.__signature__ = stock.replace(parameters=[*parameters[:-1], *extra, parameters[-1]])
     return TokenPruning
 
 

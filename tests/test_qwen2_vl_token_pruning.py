@@ -16,7 +16,7 @@ from tiny_models import build_tokenizer, sample_image
 
 import hf_prune
 from hf_prune.adapters import get_adapter
-from hf_prune.errors import UnsupportedModelError
+from hf_prune.errors import RecipeError, UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -147,6 +147,12 @@ def test_depth_pruning_refuses_qwen2_vl(tokenizer):
         hf_prune.prune(model, {"stages": [{"method": "layer_drop", "layers": [1, 1]}]}, progress=False)
 
 
+def test_a_clip_text_tower_is_refused_for_qwen2_vl(tokenizer, tmp_path):
+    with pytest.raises(RecipeError, match=r"stages\[0\].text_tower: qwen2_vl has no CLIP vision tower"):
+        hf_prune.prune(build_qwen2_vl(tokenizer), {"stages": [{"method": "visual_token_pruning", "budget": 4,
+                                                               "text_tower": str(tmp_path)}]}, progress=False)
+
+
 RELOAD = r"""
 import json, sys, torch
 folder, mode = sys.argv[1], sys.argv[2]
@@ -169,7 +175,8 @@ def test_checkpoint_reloads_in_fresh_processes(tokenizer, tmp_path, family):
     result = hf_prune.prune(build_qwen2_vl(tokenizer, family), {"output": str(tmp_path / "out"), "stages": [
         {"method": "visual_token_pruning", "algorithm": "pooling", "budget": 4}]}, tokenizer=tokenizer, progress=False)
     saved = sorted(p.name for p in result.output.glob("*.py"))
-    assert saved == ["patch_classes.py", "qwen2_vl_token_pruning.py", "token_selection.py", "visual_token_pruning.py"]
+    assert saved == ["clip_relevance.py", "patch_classes.py", "qwen2_vl_token_pruning.py", "token_selection.py",
+                     "visual_token_pruning.py"]
     inputs = qwen_inputs(tokenizer)
     with torch.no_grad():
         logits = result.model(**inputs).logits

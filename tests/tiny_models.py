@@ -277,3 +277,39 @@ def sample_image(height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, seed: int = 
     base = np.stack([xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), (xx + yy) % 256], axis=-1)
     pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype("uint8")
     return Image.fromarray(pixels)  # uint8 H×W×3: RGB
+
+
+#: The tiny CLIP text tower's context: short, so that instructions are cut into several chunks.
+CLIP_CONTEXT = 16
+
+
+def build_clip_tokenizer() -> Any:
+    """A character-level CLIP tokenizer (byte alphabet, word-end variants, no merges): offline and tiny."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+
+
+def save_tiny_clip(folder: str | os.PathLike, vision_tower: Any = None, *, seed: int = SEED,
+                   vision_width: int = HIDDEN) -> Path:
+    """A tiny random CLIPModel (vision width = the tiny LLaVA's) with its tokenizer, saved to ``folder``;
+    ``vision_tower`` (a CLIPVisionModel) supplies its vision weights, as the real CLIP of a LLaVA would."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    tokenizer = build_clip_tokenizer()
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                          num_hidden_layers=2, num_attention_heads=HEADS, max_position_embeddings=CLIP_CONTEXT,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, projection_dim=16)
+    vision = {**tiny_vision_config().to_dict(), "hidden_size": vision_width}
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=16)
+    torch.manual_seed(seed)
+    model = randomize_(CLIPModel(config), seed)
+    if vision_tower is not None:
+        model.vision_model.load_state_dict(vision_tower.state_dict())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)

@@ -15,7 +15,13 @@ from typing import Any, Literal
 from ...adapters import ModelAdapter
 from ...context import PruneContext
 from ...errors import ConfigFieldError, UnsupportedModelError
-from ...model_patches import patch_classes, qwen2_vl_token_pruning, token_selection, visual_token_pruning
+from ...model_patches import (
+    clip_relevance,
+    patch_classes,
+    qwen2_vl_token_pruning,
+    token_selection,
+    visual_token_pruning,
+)
 from ...registry import MethodConfig, StageReport, config_field, register_method
 from ..class_swap import swap_config_and_class
 
@@ -34,6 +40,11 @@ class VisualTokenPruningConfig(MethodConfig):
         "positive", help="cdpruner: instruction relevance as the paper (positive) or negated (the official code)")
     seed: int = config_field(0, help="random: seed of the choice")
     fastv_layer: int = config_field(2, help="fastv: the decoder layer whose attention scores the tokens")
+    text_tower: str | None = config_field(
+        None, help="cdpruner: a CLIP checkpoint (folder or Hub id of a CLIPModel) whose text tower scores the "
+                   "instruction relevance in CLIP space, as in the paper; stored in the pruned checkpoint. Its "
+                   "vision width must match the model's CLIP vision tower (LLaVA, LLaVA-NeXT). Default: the "
+                   "language model's own embeddings of the instruction")
 
     def __post_init__(self) -> None:
         try:
@@ -43,6 +54,8 @@ class VisualTokenPruningConfig(MethodConfig):
             key = message.split(":")[0].removeprefix("token_pruning.").removeprefix("token_pruning")
             raise ConfigFieldError(key if key in token_selection.DEFAULTS else "budget",
                                    message.split(": ", 1)[-1]) from None
+        if self.text_tower is not None and self.algorithm != "cdpruner":
+            raise ConfigFieldError("text_tower", f"only cdpruner scores instruction relevance, not {self.algorithm}")
 
     def settings(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in token_selection.DEFAULTS}
@@ -61,6 +74,10 @@ class VisualTokenPruningConfig(MethodConfig):
         reason = self.unsupported_reason(adapter)
         if reason:
             raise UnsupportedModelError(reason)
+        family = model_config.model_type.removeprefix(patch_classes.PREFIX)
+        if self.text_tower is not None and family not in visual_token_pruning.CLASSES:
+            raise ConfigFieldError("text_tower", f"{model_config.model_type} has no CLIP vision tower; a CLIP text "
+                                                 f"tower works with {', '.join(visual_token_pruning.CLASSES)}")
         layers = adapter.num_layers(model_config)
         if self.algorithm == "fastv" and self.fastv_layer >= layers:
             raise ConfigFieldError("fastv_layer", f"must be below the language model's {layers} layers, "
@@ -97,6 +114,10 @@ def apply_visual_token_pruning(model: Any, config: VisualTokenPruningConfig, con
     config_class, model_class = token_pruning_classes(model.config.model_type)
     swap_config_and_class(model, config_class, model_class, {"token_pruning": settings})
     details: dict[str, Any] = {"token_pruning": settings}
+    if config.text_tower is not None:
+        details.update(attach_clip_text_tower(model, config.text_tower, context.tokenizer))
+    if settings["algorithm"] == "cdpruner":
+        details.setdefault("relevance", "clip_text_tower" if model.has_clip_text_tower() else "language_model_embeddings")
     per_crop = visual_tokens_per_crop(model.config)
     if per_crop is None:
         return StageReport("visual_token_pruning", details)
@@ -106,6 +127,53 @@ def apply_visual_token_pruning(model: Any, config: VisualTokenPruningConfig, con
         details["note"] = (f"the budget keeps all {per_crop} visual tokens of a crop: nothing is pruned "
                            "(the checkpoint still records the setting)")
     return StageReport("visual_token_pruning", details)
+
+
+def attach_clip_text_tower(model: Any, source: str, language_tokenizer: Any) -> dict[str, Any]:
+    """Copy the text tower, text projection and visual projection of the CLIP model at ``source`` into
+    ``model`` (an ``hf_prune_llava*`` model) with the tokenizers that carry the instruction over to it."""
+    import torch
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        clip = CLIPModel.from_pretrained(source, dtype=torch.float32)
+        clip_tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigFieldError("text_tower", f"cannot load a CLIP model and its tokenizer from {source!r}: "
+                                             f"{str(error).splitlines()[0]}") from None
+    vision = model.config.vision_config
+    if clip.config.vision_config.hidden_size != vision.hidden_size:
+        raise ConfigFieldError("text_tower", f"its vision width {clip.config.vision_config.hidden_size} does not "
+                                             f"match the model's vision tower ({vision.hidden_size})")
+    if not isinstance(model.config.vision_feature_layer, int):
+        raise ConfigFieldError("text_tower", "needs a single vision_feature_layer (the model concatenates "
+                                             f"layers {model.config.vision_feature_layer})")
+    if language_tokenizer is None:
+        raise ConfigFieldError("text_tower", "needs the model's tokenizer, to turn the instruction into text")
+    tower = model.model.vision_tower
+    try:
+        clip_relevance.post_layernorm(tower)
+    except ValueError as error:
+        raise ConfigFieldError("text_tower", str(error)) from None
+    model.add_relevance_text_tower({**clip.config.text_config.to_dict(), "projection_dim": clip.config.projection_dim})
+    model.relevance_text_tower.text_model.load_state_dict(clip.text_model.state_dict())
+    model.relevance_text_tower.text_projection.load_state_dict(clip.text_projection.state_dict())
+    model.relevance_visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    model.relevance_text_tower.to(tower.dtype)
+    model.relevance_visual_projection.to(tower.dtype)
+    model.set_relevance_tokenizers(language_tokenizer, clip_tokenizer)
+    ours = getattr(tower, "vision_model", tower).embeddings.patch_embedding.weight  # v5 CLIPVisionModel is flat
+    theirs = clip.vision_model.embeddings.patch_embedding.weight
+    same_tower = ours.shape == theirs.shape and torch.equal(ours.detach().float().cpu(), theirs.detach())
+    details: dict[str, Any] = {
+        "relevance": "clip_text_tower", "text_tower": str(source),
+        "text_tower_parameters": sum(p.numel() for p in model.relevance_text_tower.parameters())
+        + model.relevance_visual_projection.weight.numel(),
+        "text_tower_matches_vision_tower": same_tower}
+    if not same_tower:
+        details["text_tower_note"] = ("the CLIP model's vision weights differ from the model's vision tower: the "
+                                      "relevance compares tokens and text across two embedding spaces")
+    return details
 
 
 register_method("visual_token_pruning", VisualTokenPruningConfig, apply_visual_token_pruning)
