@@ -1,6 +1,6 @@
 """Visual token pruning: what selection costs, what it saves, and what it keeps.
 
-    python -m hf_prune.evals.bench_visual_tokens [--skip-accuracy] [--limit 400]
+    python -m hf_prune.evals.bench_visual_tokens [--skip-accuracy] [--limit 400] [--only cdpruner+clip ...]
 
 1. Selection overhead per image at N = 576 visual tokens, d = 4,096 (LLaVA-1.5-7B's projected features),
    T = 64 and 128 kept, for every algorithm but fastv (whose cost is a partial prefill), against the
@@ -10,7 +10,8 @@
 2. Prefill latency (median of 5, batch 1) and analytic FLOPs against the budget on a random LLaVA with a
    CLIP-336/14 tower (576 tokens) and a 1,024-wide 8-layer Llama, and on the trained testbed.
 3. Accuracy against the budget on the held-out testbed questions (``hf_prune.evals.vlm_testbed``), for
-   every algorithm, both relevance signs for cdpruner, per question kind.
+   every algorithm, both relevance signs for cdpruner, per question kind; ``cdpruner+clip`` is cdpruner with
+   relevance from a CLIP text tower trained for the testbed's vision tower (``hf_prune.evals.vlm_testbed_clip``).
 
 Prints figures; passes or fails nothing. GPU figures when CUDA is present (``--device cuda``).
 """
@@ -33,6 +34,14 @@ from ..registry import get_method, run_stage
 from .flops import analytic_flops_per_token
 
 ALGORITHMS = ("cdpruner", "diversity", "random", "pooling", "fastv")
+#: The accuracy table's rows: label -> visual_token_pruning fields (besides the budget).
+ACCURACY_VARIANTS = {
+    "cdpruner": {"algorithm": "cdpruner"},
+    "cdpruner (negative)": {"algorithm": "cdpruner", "relevance_sign": "negative"},
+    "cdpruner+clip": {"algorithm": "cdpruner", "text_tower": "<testbed clip>"},
+    "cdpruner+clip (negative)": {"algorithm": "cdpruner", "text_tower": "<testbed clip>", "relevance_sign": "negative"},
+    **{name: {"algorithm": name, "fastv_layer": 1} for name in ALGORITHMS[1:]},
+}
 
 
 def _median_ms(fn, repeats: int = 5, device: torch.device | None = None) -> float:
@@ -152,9 +161,10 @@ def print_prefill_vs_budget(title: str, model: Any, tokenizer: Any, inputs: dict
               f"{flops['prefill_flops_per_token'] / 1e6:>16.2f}M {flops['prefill_flops_per_token'] / base_flops:>7.3f}")
 
 
-def print_accuracy_table(limit: int | None, device: torch.device) -> None:
+def print_accuracy_table(limit: int | None, device: torch.device, only: list[str] | None = None) -> None:
     from ..checkpoint import load_model, load_preprocessor
     from .vlm_testbed import vlm_testbed_dir
+    from .vlm_testbed_clip import vlm_testbed_clip_dir
     from .vqa import evaluate_vqa
 
     folder = vlm_testbed_dir()
@@ -175,17 +185,17 @@ def print_accuracy_table(limit: int | None, device: torch.device) -> None:
     base = accuracy(model)
     keys = sorted(base)
     print(f"\n3. testbed accuracy vs visual tokens kept (of {image_tokens}); {limit or 'all'} held-out questions")
-    print(f"   {'algorithm':<22} {'kept':>5} " + " ".join(f"{k:>22}" for k in keys))
-    print(f"   {'none':<22} {image_tokens:>5} " + " ".join(f"{base[k]:>22.3f}" for k in keys))
+    print(f"   {'algorithm':<24} {'kept':>5} " + " ".join(f"{k:>22}" for k in keys))
+    print(f"   {'none':<24} {image_tokens:>5} " + " ".join(f"{base[k]:>22.3f}" for k in keys))
+    variants = {label: fields for label, fields in ACCURACY_VARIANTS.items() if not only or label in only}
+    if any("text_tower" in fields for fields in variants.values()):
+        clip = str(vlm_testbed_clip_dir())
+        variants = {label: {**fields, "text_tower": clip} if "text_tower" in fields else fields
+                    for label, fields in variants.items()}
     for budget in budgets:
-        for algorithm in ALGORITHMS:
-            signs = ("positive", "negative") if algorithm == "cdpruner" else ("positive",)
-            for sign in signs:
-                pruned = prune_copy(model, processor, algorithm=algorithm, budget=budget, relevance_sign=sign,
-                                    fastv_layer=1)
-                label = algorithm + (f" ({sign})" if algorithm == "cdpruner" else "")
-                scores = accuracy(pruned)
-                print(f"   {label:<22} {budget:>5} " + " ".join(f"{scores.get(k, float('nan')):>22.3f}" for k in keys))
+        for label, fields in variants.items():
+            scores = accuracy(prune_copy(model, processor, budget=budget, **fields))
+            print(f"   {label:<24} {budget:>5} " + " ".join(f"{scores.get(k, float('nan')):>22.3f}" for k in keys))
 
 
 def _first_image(jsonl) -> Any:
@@ -202,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the testbed (parts 2b and 3)")
     parser.add_argument("--limit", type=int, default=None, help="held-out questions to score (default: all)")
+    parser.add_argument("--only", nargs="+", choices=list(ACCURACY_VARIANTS), default=None,
+                        help="accuracy table: only these rows (default: all)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     print_prefill_vs_budget("random LLaVA, CLIP-336/14 (576 tokens) + Llama 1,024 × 8 layers", model, None, inputs,
                             [576, 256, 128, 64, 32], device)
     if not args.skip_accuracy:
-        print_accuracy_table(args.limit, device)
+        print_accuracy_table(args.limit, device, args.only)
 
 
 if __name__ == "__main__":

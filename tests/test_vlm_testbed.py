@@ -218,3 +218,46 @@ def test_testbed_dir_builds_only_when_missing(tmp_path, monkeypatch):
     vlm_testbed.vlm_testbed_dir()
     assert calls[-1] == (tmp_path / "cache" / vlm_testbed.VLM_TESTBED_VERSION,
                          {"assets": vlm_testbed.default_assets_dir(), "progress": True})
+
+
+# ---- the CLIP text tower trained for the testbed (evals/vlm_testbed_clip.py) ----------------------------------
+
+
+def test_clip_targets_mark_the_tokens_each_question_is_about():
+    from hf_prune.evals import vlm_testbed_clip
+
+    labels = np.array([[8, 1, 8, 0], [2, 3, 4, 5]])
+    questions, targets = vlm_testbed_clip.question_targets(labels)
+    assert targets.shape == (2, len(questions), 64)
+    cells = vlm_testbed.token_cells()
+    top_right = questions.index("What is in the top-right?")
+    assert torch.equal(targets[0, top_right], (cells == 1).float())
+    bag = questions.index("Is there a bag?")
+    assert torch.equal(targets[0, bag], ((cells == 0) | (cells == 2)).float())
+    assert targets[1, bag].sum() == 0  # no bag: the question is about no token
+
+
+def test_testbed_clip_builds_and_drives_cdpruner(tiny_dir, tmp_path):
+    from hf_prune.evals import vlm_testbed_clip
+
+    import hf_prune
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vlm_testbed_clip, "STEPS", TINY_STEPS)
+        vlm_testbed_clip.build_testbed_clip(tmp_path / "clip", tiny_dir, assets=_assets(), progress=False)
+    result = hf_prune.prune({"model": str(tiny_dir), "output": str(tmp_path / "pruned"), "stages": [
+        {"method": "visual_token_pruning", "budget": 8, "text_tower": str(tmp_path / "clip")}]}, progress=False)
+    report = result.report["stages"][0]
+    assert report["relevance"] == "clip_text_tower" and report["text_tower_matches_vision_tower"] is True
+    # The text tower was trained on the very string the pruned model decodes from a prompt.
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    question = "Is there a bag?"
+    inputs = processor(images=[Image.new("RGB", (56, 56))], text=[build_prompt(processor, question)], return_tensors="pt")
+    model = result.model
+    image_mask = inputs["input_ids"] == model.config.image_token_id
+    runs = [(0, torch.nonzero(image_mask[0]).squeeze(1))]
+    ids = model._instruction_ids(inputs["input_ids"], inputs["attention_mask"], image_mask, runs, None)[0]
+    decoded = model.relevance_tokenizers["language"].decode(ids.tolist(), skip_special_tokens=True)
+    assert decoded == vlm_testbed_clip.instruction_text(processor, question)
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1] - 64 + 8
