@@ -283,23 +283,14 @@ def sample_image(height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, seed: int = 
 CLIP_CONTEXT = 16
 
 
-def build_clip_tokenizer() -> Any:
-    """A character-level CLIP tokenizer (byte alphabet, word-end variants, no merges): offline and tiny."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
-
-
 def save_tiny_clip(folder: str | os.PathLike, vision_tower: Any = None, *, seed: int = SEED,
                    vision_width: int = HIDDEN) -> Path:
     """A tiny random CLIPModel (vision width = the tiny LLaVA's) with its tokenizer, saved to ``folder``;
     ``vision_tower`` (a CLIPVisionModel) supplies its vision weights, as the real CLIP of a LLaVA would."""
+    from hf_prune.evals.vlm_testbed_clip import character_clip_tokenizer
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
-    tokenizer = build_clip_tokenizer()
+    tokenizer = character_clip_tokenizer()
     text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                           num_hidden_layers=2, num_attention_heads=HEADS, max_position_embeddings=CLIP_CONTEXT,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
