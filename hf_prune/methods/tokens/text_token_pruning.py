@@ -64,8 +64,8 @@ class TextTokenPruningConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self.candidate_ratios = list(self.candidate_ratios)
-        try:  # causal LMs score attention at the layer itself, so layer 0 is checked per model kind
-            patch.check_settings(self.settings(), attention_from_previous_layer=False)
+        try:  # attention scores come from layer - 1, for classifiers and causal LMs alike
+            patch.check_settings(self.settings())
         except ValueError as error:
             key, _, message = str(error).partition(": ")
             key = key.removeprefix("token_pruning.")
