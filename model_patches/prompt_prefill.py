@@ -72,9 +72,13 @@ def layer_masks(config, hidden: torch.Tensor, mask: torch.Tensor, positions: tor
 
 def attention_received(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, L]: the attention each key receives (eager weights [B, heads, query, key]), averaged over heads
-    and over the real queries (``mask`` [B, L] bool)."""
-    queries = mask.float()[:, :, None]
-    return (weights.detach().float().mean(1) * queries).sum(1) / queries.sum(1).clamp_min(1)
+    and over the real queries (``mask`` [B, L] bool) that can see it, those at or after it. (Averaged over
+    every real query, as in an encoder, a causal model's early tokens would win by the sheer number of
+    queries that see them; on stories260K that choice did worse than random.)"""
+    queries = mask.float()
+    received = (weights.detach().float().mean(1) * queries[:, :, None]).sum(1)
+    seeing = queries.flip(1).cumsum(1).flip(1)
+    return received / seeing.clamp_min(1)
 
 
 @dataclass
