@@ -106,16 +106,29 @@ def _mixin(stock_model):
             kwargs["use_cache"] = True
             return super().generate(*args, **kwargs)
 
-        def _layer_with_weights(self, layer, hidden, **inputs):
-            """Run one decoder layer with eager attention; (its output, its attention weights)."""
-            captured = {}
-            handle = layer.self_attn.register_forward_hook(lambda module, args, output: captured.update(w=output[1]))
-            previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
-            try:
-                return layer(hidden, **inputs), captured["w"]
-            finally:
-                self.config._attn_implementation = previous
-                handle.remove()
+        def _layers_before_the_cut(self, hidden, mask, positions, cache, use_cache) -> tuple:
+            """Layers 0..layer-1 on every prompt token, caching them in ``cache``; (hidden states, the attention
+            each token receives at layer - 1 if the algorithm is ``attention``, else None)."""
+            split, decoder, scores, captured = self.settings["layer"], self.model, None, {}
+            scoring = split - 1 if self.settings["algorithm"] == "attention" else None
+            masks = layer_masks(self.config, hidden, mask, positions, range(split), eager_layer=scoring)
+            inputs = {"position_embeddings": decoder.rotary_emb(hidden, positions), "position_ids": positions,
+                      "cache": cache, "use_cache": use_cache}
+            for index in range(split):
+                layer = decoder.layers[index]
+                if index != scoring:
+                    hidden = layer(hidden, attention_mask=masks[index], **inputs)
+                    continue
+                # That layer alone runs eager attention, the one that returns its weights.
+                hook = layer.self_attn.register_forward_hook(lambda module, args, output: captured.update(w=output[1]))
+                previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
+                try:
+                    hidden = layer(hidden, attention_mask=masks[index], **inputs)
+                finally:
+                    self.config._attn_implementation = previous
+                    hook.remove()
+                scores = attention_received(captured["w"], mask)
+            return hidden, scores
 
         def _pruned_prefill(self, input_ids, attention_mask, position_ids, cache, labels, use_cache, logits_to_keep,
                             return_dict=True, **kwargs):
@@ -135,20 +148,8 @@ def _mixin(stock_model):
                 cache = DynamicCache(config=config)
             # The layers before the cut cache every prompt token here first; the kept ones move on to `cache`.
             full_cache = DynamicCache() if cache is not None and split > 0 else None
-            hidden = decoder.embed_tokens(input_ids)
-            scores = None
-            if split > 0:
-                scoring = split - 1 if settings["algorithm"] == "attention" else None
-                masks = layer_masks(config, hidden, mask, positions, range(split), eager_layer=scoring)
-                inputs = {"position_embeddings": decoder.rotary_emb(hidden, positions), "position_ids": positions,
-                          "cache": full_cache, "use_cache": use_cache}
-                for index in range(split):
-                    if index == scoring:
-                        hidden, weights = self._layer_with_weights(layers[index], hidden, attention_mask=masks[index],
-                                                                   **inputs)
-                        scores = attention_received(weights, mask)
-                    else:
-                        hidden = layers[index](hidden, attention_mask=masks[index], **inputs)
+            hidden, scores = self._layers_before_the_cut(decoder.embed_tokens(input_ids), mask, positions, full_cache,
+                                                         use_cache)
             if scores is None:
                 generator = torch.Generator().manual_seed(settings["seed"])
                 scores = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
