@@ -6,6 +6,7 @@ what a pruning removes even where the CPU timings are noisy.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..adapters import get_adapter
@@ -37,9 +38,22 @@ def analytic_flops_per_token(config: Any, seq_len: int, image_tokens: int | None
     visual tokens, out of ``image_tokens`` placeholders in the sequence (default: one crop's); the prefill
     figure stays per *input* token, so it compares directly with the unpruned model's. The kept share is
     one crop's (exact for LLaVA and Qwen2-VL; LLaVA-NeXT keeps its newline tokens on top).
+
+    Prompt-pruned causal LMs (``token_pruning`` with a ``layer``, ``model_patches/prompt_token_pruning.py``):
+    the ``seq_len``-token prompt keeps k = 2 + ⌈keep_ratio·(seq_len − 2)⌉ tokens; layers before ``layer``
+    run the prefill on all ``seq_len``, the others on k (each layer's cost as above at its own length),
+    still counted per input token; decoding attends the k cached tokens in every layer.
     """
     out = _language_model_flops(config, seq_len)
     settings = getattr(config, "token_pruning", None)
+    if settings and getattr(config, "vision_config", None) is None and "layer" in settings:
+        kept_len = min(seq_len, 2 + math.ceil(settings["keep_ratio"] * (seq_len - 2) - 1e-6)) if seq_len > 2 else seq_len
+        split = settings["layer"]
+        prefill = (sum(layer["prefill"] for layer in _layer_costs(config, seq_len)[0][:split])
+                   + sum(layer["prefill"] for layer in _layer_costs(config, kept_len)[0][split:]) + 2 * _head_size(config))
+        out.update(prefill_flops_per_token=prefill / seq_len, language_model_tokens=kept_len,
+                   decode_flops_per_token=_language_model_flops(config, kept_len)["decode_flops_per_token"])
+        return out
     if settings and hasattr(config.vision_config, "image_size"):
         per_crop = _vision_flops(config)["image_tokens_per_crop"]
         count = per_crop if image_tokens is None else image_tokens
@@ -54,9 +68,32 @@ def analytic_flops_per_token(config: Any, seq_len: int, image_tokens: int | None
 
 
 def _language_model_flops(config: Any, seq_len: int) -> dict:
+    layers, norms_and_biases = _layer_costs(config, seq_len)
+    matmul = sum(layer["matmul"] for layer in layers)
+    attn_prefill = sum(layer["attn_prefill"] for layer in layers)
+    attn_decode = sum(layer["attn_decode"] for layer in layers)
+    t = get_adapter(config).text_config(config)
+    head = _head_size(config)
+    tied = getattr(t, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    return {
+        "prefill_flops_per_token": 2 * matmul + (2 * head + attn_prefill) / seq_len,
+        "decode_flops_per_token": 2 * matmul + 2 * head + attn_decode,
+        "params_active": matmul + norms_and_biases + t.hidden_size + head * (1 if tied else 2),
+    }
+
+
+def _head_size(config: Any) -> int:
+    t = get_adapter(config).text_config(config)
+    return t.vocab_size * t.hidden_size
+
+
+def _layer_costs(config: Any, seq_len: int) -> tuple[list[dict], int]:
+    """Per decoder layer: ``matmul`` parameters one token touches, ``attn_prefill`` (scores + values over a
+    causal prefill of ``seq_len`` tokens), ``attn_decode`` (one token after them), ``prefill`` (the layer's
+    whole prefill: 2·matmul·seq_len + attn_prefill); and the norm / bias parameters of all layers."""
     adapter = get_adapter(config)
     t = adapter.text_config(config)
-    hidden, vocab, layers = t.hidden_size, t.vocab_size, adapter.num_layers(config)
+    hidden, layers = t.hidden_size, adapter.num_layers(config)
     nh = t.num_attention_heads
     nkv = getattr(t, "num_key_value_heads", None) or nh
     hd = getattr(t, "head_dim", None) or hidden // nh
@@ -78,24 +115,18 @@ def _language_model_flops(config: Any, seq_len: int) -> dict:
     step, dense_only = getattr(t, "decoder_sparse_step", None) or 1, set(getattr(t, "mlp_only_layers", None) or [])
     layer_types = getattr(t, "layer_types", None)
     window = getattr(t, "sliding_window", None) if getattr(t, "use_sliding_window", True) is not False else None
-    matmul = attn_decode = attn_prefill = 0
-    extra *= layers
+    costs, extra = [], extra * layers
     for i in range(layers):
         sparse = adapter.spec.is_moe and i not in dense_only and (i + 1) % step == 0
-        matmul += attn + (sparse_mlp if sparse else dense_mlp)
+        matmul = attn + (sparse_mlp if sparse else dense_mlp)
         extra += 0 if sparse else dense_bias
         w = window if layer_types is None else (getattr(t, "sliding_window", None)
                                                  if layer_types[i] == "sliding_attention" else None)
         w = min(w or seq_len, seq_len)  # keys attended: min(t, w) for token t = 1..seq_len
-        attn_decode += 4 * nh * hd * w
-        attn_prefill += 4 * nh * hd * (w * (w + 1) // 2 + (seq_len - w) * w)
-    head = vocab * hidden
-    tied = getattr(t, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
-    return {
-        "prefill_flops_per_token": 2 * matmul + (2 * head + attn_prefill) / seq_len,
-        "decode_flops_per_token": 2 * matmul + 2 * head + attn_decode,
-        "params_active": matmul + extra + hidden + head * (1 if tied else 2),
-    }
+        attn_prefill = 4 * nh * hd * (w * (w + 1) // 2 + (seq_len - w) * w)
+        costs.append({"matmul": matmul, "attn_prefill": attn_prefill, "attn_decode": 4 * nh * hd * w,
+                      "prefill": 2 * matmul * seq_len + attn_prefill})
+    return costs, extra
 
 
 def _vision_flops(config: Any) -> dict:

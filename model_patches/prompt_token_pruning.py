@@ -1,30 +1,47 @@
-"""Llama-family causal LMs that drop prompt tokens before prefill, by themselves (attention / random).
+"""Llama-family causal LMs (Llama, Qwen2, Mistral) that drop prompt tokens inside the prefill, at a chosen layer.
 
 The config of an ``hf_prune_<family>`` checkpoint holds ``token_pruning`` = {algorithm, keep_ratio, layer,
-seed}. When a prompt arrives (a forward without cache, or ``generate``), the model keeps its first token
-(BOS), its last real token (the one the next token follows) and ⌈keep_ratio·n⌉ of the other n real tokens:
+seed}. When a prompt arrives (a forward on an empty or no cache: ``generate``'s prefill, or a plain
+forward), decoder layers 0..layer-1 run on every prompt token; the model then keeps, per row, its first
+and its last real token and ⌈keep_ratio·n⌉ of the other n real tokens, and layers layer.. run on those
+only (``layer: 0`` drops them before the first layer). Which ones:
 
-- ``attention``: the tokens that receive the most attention at decoder layer ``layer`` (mean over heads
-  and real queries), from one scoring pass over layers 0..layer with eager attention;
+- ``attention``: the tokens that receive the most attention at layer ``layer - 1`` (mean over heads and
+  real queries), in the same pass: that one layer runs with eager attention so its weights exist (as
+  FastV); needs ``layer >= 1``;
 - ``random``: seeded.
 
-The kept tokens then go through the whole model as a shorter prompt (positions renumbered 0..L'-1, rows
-left-padded), so the cache, the attention mask and ``generate`` stay the stock ones; unlike pruning inside
-layer ``layer``, the layers before it see the shorter prompt too. ``forward`` returns the logits of the
-kept tokens (``labels`` are cut alike); ``generate`` returns the caller's prompt followed by the new tokens.
+Kept tokens keep their original rotary positions (the given ``position_ids``, else 0..L-1 as the stock
+model numbers them). After the prefill every layer's KV cache holds exactly the kept tokens: the entries
+of layers before ``layer`` are cropped to them, rows left-padded to the longest. The cache remembers the
+pruned prompt (``PrunedPrompt``), so later steps line up with it: an attention mask over the caller's
+whole sequence is cut to the cache, and new tokens continue the original positions per row, as
+``generate`` numbers them or, without ``position_ids``, from the last real prompt position + 1. So
+decoding attends to the kept tokens in every layer, and ``generate`` returns the caller's prompt followed
+by the new tokens. Sliding windows count the entries a layer holds (kept tokens after the cut).
 
-Imports only torch and transformers: ``save_pretrained`` copies this file next to the weights as remote code.
+A prefill ``forward`` returns the logits of the kept tokens (``labels`` cut alike, so the loss predicts
+the next kept token) and their mask over the input as ``kept_tokens``.
+
+Imports only torch and transformers: ``save_pretrained`` copies this file (and its sibling files) next to
+the weights as remote code.
 """
 
-import torch
+from dataclasses import dataclass
 
-from .patch_classes import (
-    NativeLayoutSaving,
-    build_and_register,
-    build_classes,
-    cut_rows,
-    settings_with_defaults,
-    with_callers_prompt,
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .patch_classes import NativeLayoutSaving, build_and_register, build_classes, settings_with_defaults
+from .prompt_prefill import (
+    PrunedPrompt,
+    attention_received,
+    gather_tokens,
+    kept_tokens,
+    layer_masks,
+    left_packed_order,
 )
 
 ALGORITHMS = ("attention", "random")
@@ -45,14 +62,22 @@ def check_settings(settings, num_layers: int | None = None) -> dict:
         raise ValueError(f"token_pruning.keep_ratio: must be in (0, 1], got {ratio!r}")
     layer = merged["layer"]
     if type(layer) is not int or layer < 0 or (num_layers is not None and layer >= num_layers):
-        raise ValueError(f"token_pruning.layer: must be an integer in [0, {num_layers}), got {layer!r}")
+        top = f" and below the {num_layers} layers" if num_layers is not None else ""
+        raise ValueError(f"token_pruning.layer: must be an integer >= 0{top}, got {layer!r}")
+    if merged["algorithm"] == "attention" and layer < 1:
+        raise ValueError("token_pruning.layer: attention scores come from the layer before the pruning layer; "
+                         "use layer >= 1 (or algorithm random)")
     if type(merged["seed"]) is not int or merged["seed"] < 0:
         raise ValueError(f"token_pruning.seed: must be a non-negative integer, got {merged['seed']!r}")
     return merged
 
 
-class _StopScoring(Exception):
-    pass
+@dataclass
+class PrunedCausalLMOutput(CausalLMOutputWithPast):
+    """The stock output of a pruned prefill (logits, loss and cache over the kept tokens) plus
+    ``kept_tokens`` [B, L] bool: which input tokens the layers from ``layer`` on saw."""
+
+    kept_tokens: torch.Tensor | None = None
 
 
 def _mixin(stock_model):
@@ -61,65 +86,97 @@ def _mixin(stock_model):
         def settings(self) -> dict:
             return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
 
-        @torch.no_grad()
-        def _attention_received(self, input_ids, mask) -> torch.Tensor:
-            layer, captured = self.settings["layer"], {}
-
-            def hook(module, args, output):
-                captured["weights"] = output[1]
-                raise _StopScoring
-
-            handle = self.model.layers[layer].self_attn.register_forward_hook(hook)
-            previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
-            try:
-                self.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            except _StopScoring:
-                pass
-            finally:
-                self.config._attn_implementation = previous
-                handle.remove()
-            weights = captured["weights"].float().mean(dim=1)  # [B, query, key]
-            queries = mask.float()[:, :, None]
-            return (weights * queries).sum(1) / queries.sum(1).clamp_min(1)
-
-        def prune_prompt(self, input_ids, attention_mask=None, labels=None) -> dict:
-            """Cut a left- or right-padded prompt batch; returns the cut ``input_ids``, ``attention_mask``,
-            ``labels`` (left-padded) and ``keep`` ([B, L] bool over the input)."""
-            settings = self.settings
-            mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            first = positions.masked_fill(~mask, input_ids.shape[1]).amin(1, keepdim=True)
-            last = positions.masked_fill(~mask, -1).amax(1, keepdim=True)
-            anchors = mask & ((positions == first) | (positions == last))
-            eligible = mask & ~anchors
-            if settings["algorithm"] == "attention":
-                scores = self._attention_received(input_ids, mask.long())
-            else:
-                scores = torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(settings["seed"]))
-                scores = scores.to(input_ids.device)
-            counts = torch.ceil(settings["keep_ratio"] * eligible.sum(1) - 1e-6).long()
-            order = scores.masked_fill(~eligible, float("-inf")).argsort(dim=1, descending=True)
-            ranks = torch.empty_like(order).scatter_(1, order, positions.clone())
-            keep = anchors | (eligible & (ranks < counts[:, None]))
-            pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-            return {"input_ids": cut_rows(input_ids, keep, pad), "attention_mask": cut_rows(mask.long(), keep, 0),
-                    "labels": cut_rows(labels, keep, -100), "keep": keep}
-
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                    labels=None, **kwargs):
-            fresh = cache is None or cache.get_seq_length() == 0
-            if input_ids is not None and inputs_embeds is None and fresh and position_ids is None:
-                cut = self.prune_prompt(input_ids, attention_mask, labels)
-                input_ids, attention_mask, labels = cut["input_ids"], cut["attention_mask"], cut["labels"]
+                    labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+            cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+            cached = cache.get_seq_length() if cache is not None else 0
+            if input_ids is not None and inputs_embeds is None and cached == 0:
+                return self._pruned_prefill(input_ids, attention_mask, position_ids, cache, labels, use_cache,
+                                            logits_to_keep, **kwargs)
+            state = getattr(cache, "pruned_prompt", None)
+            if state is not None and cached > 0:
+                new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+                attention_mask, position_ids = state.decode_inputs(cached, new, attention_mask, position_ids)
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+                                   cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)
 
-        def generate(self, input_ids=None, attention_mask=None, **kwargs):
-            if input_ids is None or kwargs.get("inputs_embeds") is not None:
-                return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            cut = self.prune_prompt(input_ids, attention_mask)
-            out = super().generate(input_ids=cut["input_ids"], attention_mask=cut["attention_mask"], **kwargs)
-            return with_callers_prompt(out, input_ids, cut["input_ids"].shape[1])
+        def generate(self, *args, **kwargs):
+            # The pruned prompt lives in the cache: without one, every step would prune its whole input anew.
+            kwargs["use_cache"] = True
+            return super().generate(*args, **kwargs)
+
+        def _layers_before_the_cut(self, hidden, mask, positions, cache, use_cache) -> tuple:
+            """Layers 0..layer-1 on every prompt token, caching them in ``cache``; (hidden states, the attention
+            each token receives at layer - 1 if the algorithm is ``attention``, else None)."""
+            split, decoder, scores, captured = self.settings["layer"], self.model, None, {}
+            scoring = split - 1 if self.settings["algorithm"] == "attention" else None
+            masks = layer_masks(self.config, hidden, mask, positions, range(split), eager_layer=scoring)
+            inputs = {"position_embeddings": decoder.rotary_emb(hidden, positions), "position_ids": positions,
+                      "cache": cache, "use_cache": use_cache}
+            for index in range(split):
+                layer = decoder.layers[index]
+                if index != scoring:
+                    hidden = layer(hidden, attention_mask=masks[index], **inputs)
+                    continue
+                # That layer alone runs eager attention, the one that returns its weights.
+                hook = layer.self_attn.register_forward_hook(lambda module, args, output: captured.update(w=output[1]))
+                previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
+                try:
+                    hidden = layer(hidden, attention_mask=masks[index], **inputs)
+                finally:
+                    self.config._attn_implementation = previous
+                    hook.remove()
+                scores = attention_received(captured["w"], mask)
+            return hidden, scores
+
+        def _pruned_prefill(self, input_ids, attention_mask, position_ids, cache, labels, use_cache, logits_to_keep,
+                            return_dict=True, **kwargs):
+            if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+                raise ValueError("a prompt-pruning prefill returns no attentions or hidden states (the layers "
+                                 "see different tokens)")
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "output_hidden_states")}
+            settings, config, decoder = self.settings, self.config, self.model
+            split, layers = settings["layer"], decoder.layers[: config.num_hidden_layers]
+            batch, length = input_ids.shape
+            mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
+            if position_ids is None:  # the stock numbering of a prompt on an empty cache
+                position_ids = torch.arange(length, device=input_ids.device)
+            positions = position_ids.expand(batch, length)
+            use_cache = config.use_cache if use_cache is None else use_cache
+            if use_cache and cache is None:
+                cache = DynamicCache(config=config)
+            # The layers before the cut cache every prompt token here first; the kept ones move on to `cache`.
+            full_cache = DynamicCache() if cache is not None and split > 0 else None
+            hidden, scores = self._layers_before_the_cut(decoder.embed_tokens(input_ids), mask, positions, full_cache,
+                                                         use_cache)
+            if scores is None:
+                generator = torch.Generator().manual_seed(settings["seed"])
+                scores = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
+            keep = kept_tokens(scores, mask, settings["keep_ratio"])
+            order = left_packed_order(keep)
+            kept_mask, kept_positions = keep.gather(1, order), positions.gather(1, order)
+            hidden = gather_tokens(hidden, order)
+            if full_cache is not None:
+                for index in range(split):
+                    entries = full_cache.layers[index]
+                    cache.update(gather_tokens(entries.keys, order, 2), gather_tokens(entries.values, order, 2), index)
+            masks = layer_masks(config, hidden, kept_mask, kept_positions, range(split, len(layers)))
+            inputs = {"position_embeddings": decoder.rotary_emb(hidden, kept_positions), "position_ids": kept_positions,
+                      "cache": cache, "use_cache": use_cache}
+            for index in range(split, len(layers)):
+                hidden = layers[index](hidden, attention_mask=masks[index], **inputs)
+            hidden = decoder.norm(hidden)
+            logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+            loss = None
+            if labels is not None:
+                kept_labels = labels.gather(1, order).masked_fill(~kept_mask, -100)
+                loss = self.loss_function(logits=logits, labels=kept_labels, vocab_size=config.vocab_size, **kwargs)
+            if cache is not None:
+                next_position = positions.masked_fill(~mask, -1).amax(1) + 1
+                cache.pruned_prompt = PrunedPrompt(kept_mask.long(), length, next_position)
+            out = PrunedCausalLMOutput(loss=loss, logits=logits, cache=cache, kept_tokens=keep)
+            return out if return_dict is not False else out.to_tuple()
 
     return PromptTokenPruning
 

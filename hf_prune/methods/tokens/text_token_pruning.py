@@ -3,8 +3,9 @@
 Classifiers: BERT and RoBERTa (``*ForSequenceClassification``).
 
 Two kinds of model: BERT-family classifiers (below), and Llama-family causal LMs, whose prompts lose
-tokens before prefill (``model_patches/prompt_token_pruning.py``: ``attention`` or ``random``; the retainer
-of ``adtp`` / ``fixed`` exists for classifiers only).
+tokens inside the prefill at decoder layer ``layer`` (``model_patches/prompt_token_pruning.py``: ``attention``
+or ``random``; layers before it see every prompt token, the KV cache then holds the kept ones in every
+layer; the retainer of ``adtp`` / ``fixed`` exists for classifiers only).
 
 The stage turns the classifier into an ``hf_prune_bert`` model (``model_patches/text_token_pruning.py``)
 with a retainer (saliency and ratio heads) and the ``token_pruning`` settings in its config, so the saved
@@ -36,12 +37,13 @@ SETTINGS = tuple(k for k in patch.DEFAULTS if k != "special_token_ids")
 
 @dataclass
 class TextTokenPruningConfig(MethodConfig):
-    """Text token pruning (AD-TP: attribution-driven, adaptive per sequence; attention, random, fixed) for BERT classifiers."""
+    """Text token pruning: AD-TP (adaptive), fixed, attention, random for BERT classifiers; attention, random for LLM prompts."""
 
     algorithm: Literal["adtp", "fixed", "attention", "random"] = config_field(
         "adtp", help="adtp (learned saliency, ratio chosen per sequence), fixed (learned saliency, one ratio), "
                      "attention (attention received at layer-1), random")
-    layer: int = config_field(0, help="encoder layer at which tokens are dropped (0: the embeddings, as the paper)")
+    layer: int = config_field(0, help="layer at which tokens are dropped: layers before it see them all (0: at the "
+                                      "embeddings, as the paper; causal LMs: the prefill's decoder layer)")
     keep_ratio: float | None = config_field(None, help="fixed / attention / random: share of real tokens kept, in (0, 1]")
     candidate_ratios: list[float] = config_field(
         default_factory=lambda: list(patch.DEFAULTS["candidate_ratios"]),
@@ -64,8 +66,8 @@ class TextTokenPruningConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self.candidate_ratios = list(self.candidate_ratios)
-        try:  # causal LMs score attention at the layer itself, so layer 0 is checked per model kind
-            patch.check_settings(self.settings(), attention_from_previous_layer=False)
+        try:  # attention scores come from layer - 1, for classifiers and causal LMs alike
+            patch.check_settings(self.settings())
         except ValueError as error:
             key, _, message = str(error).partition(": ")
             key = key.removeprefix("token_pruning.")
