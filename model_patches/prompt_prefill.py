@@ -25,6 +25,13 @@ def kept_tokens(scores: torch.Tensor, mask: torch.Tensor, keep_ratio: float) -> 
     return anchors | (eligible & (ranks < counts[:, None]))
 
 
+def seeded_scores(mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """[B, L] random scores for the ``random`` algorithm: the i-th real token of every row gets the i-th draw
+    of a generator seeded with ``seed``, so a prompt keeps the same tokens alone or padded in a batch."""
+    draws = torch.rand(mask.shape[1], generator=torch.Generator().manual_seed(seed)).to(mask.device)
+    return draws[(mask.long().cumsum(1) - 1).clamp_min(0)]
+
+
 def left_packed_order(keep: torch.Tensor) -> torch.Tensor:
     """[B, W] indices that gather each row's kept tokens, in order, to the right end of W = the most kept
     in a row; shorter rows start with dropped tokens, which the caller masks as padding. Left padding puts

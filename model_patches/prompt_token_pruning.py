@@ -42,6 +42,7 @@ from .prompt_prefill import (
     kept_tokens,
     layer_masks,
     left_packed_order,
+    seeded_scores,
 )
 
 ALGORITHMS = ("attention", "random")
@@ -151,8 +152,7 @@ def _mixin(stock_model):
             hidden, scores = self._layers_before_the_cut(decoder.embed_tokens(input_ids), mask, positions, full_cache,
                                                          use_cache)
             if scores is None:
-                generator = torch.Generator().manual_seed(settings["seed"])
-                scores = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
+                scores = seeded_scores(mask, settings["seed"])
             keep = kept_tokens(scores, mask, settings["keep_ratio"])
             order = left_packed_order(keep)
             kept_mask, kept_positions = keep.gather(1, order), positions.gather(1, order)

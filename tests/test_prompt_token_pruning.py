@@ -72,9 +72,9 @@ def test_generate_equals_the_pruned_forward_step_by_step(stock_models, tokenizer
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_a_padded_batch_generates_as_each_prompt_alone(stock_models, tokenizer, family):
-    model = pruned(stock_models[family], algorithm="attention", keep_ratio=0.5, layer=2)
+@pytest.mark.parametrize(("family", "algorithm"), [("llama", "attention"), ("qwen2", "attention"), ("llama", "random")])
+def test_a_padded_batch_generates_as_each_prompt_alone(stock_models, tokenizer, family, algorithm):
+    model = pruned(stock_models[family], algorithm=algorithm, keep_ratio=0.5, layer=2)
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         together = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
@@ -109,11 +109,12 @@ def test_layer_zero_is_the_stock_model_on_the_cut_prompt(stock_models, tokenizer
     with torch.no_grad():
         out = model(**inputs, labels=labels)
         keep = out.kept_tokens
-        # Which tokens: the first and last real ones and the best ⌈0.4·n⌉ others by seeded random scores.
-        scores = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3))
+        # Which tokens: the first and last real ones and the best ⌈0.4·n⌉ others by seeded random scores,
+        # the i-th draw going to a row's i-th real token.
+        draws = torch.rand(ids.shape[1], generator=torch.Generator().manual_seed(3))
         for row in range(len(PROMPTS)):
             real = mask[row].nonzero().flatten()
-            others = real[1:-1][scores[row, real[1:-1]].argsort(descending=True)[:-(-(len(real) - 2) * 4 // 10)]]
+            others = real[1:-1][draws[1:len(real) - 1].argsort(descending=True)[:-(-(len(real) - 2) * 4 // 10)]]
             assert set(keep[row].nonzero().flatten().tolist()) == {int(real[0]), int(real[-1]), *others.tolist()}
         # The same as the stock model fed the cut prompt at the kept tokens' original positions.
         positions = torch.arange(ids.shape[1]).expand_as(ids)
