@@ -37,7 +37,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..errors import DataError
 from ..model_patches.prompt_prefill import layer_kinds
-from ..model_patches.prompt_retainer import always_kept, chosen_ratios, expected_ratios, soft_attention_bias, soft_keep
+from ..model_patches.prompt_retainer import (
+    always_kept,
+    chosen_ratios,
+    expected_ratios,
+    soft_attention_bias,
+    soft_keep,
+)
 
 
 def text_windows(stage: Any, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
