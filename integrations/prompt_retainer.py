@@ -6,8 +6,9 @@ Data: a plain text file, tokenised and cut into windows of ``max_length`` tokens
 Soft pruning (training only): layers before ``layer`` run on every token; at ``layer`` the retainer scores
 the prompt tokens and each eligible one (a real prompt token other than the first and the last, which are
 always kept) gets a keep probability p_i = σ((s_i − q)/T), q the saliency at rank ρ·n
-(``model_patches/prompt_retainer.soft_keep``; ρ = the ratio head's softmax-weighted mean candidate for
-``adtp``, ``keep_ratio`` for ``fixed``). In layers ``layer``.. every query adds log p_i to its attention
+(``model_patches/prompt_retainer.soft_keep``; ρ = ``keep_ratio`` for ``fixed``; for ``adtp`` the ratio
+head's argmax candidate, as at inference, with the gradient of its softmax-weighted mean candidate: a
+straight-through estimate). In layers ``layer``.. every query adds log p_i to its attention
 score of key i (a float 4-D attention mask), so a token kept with probability p weighs p times, and a
 dropped one (p → 0) is not seen, as in the hard pruning at inference. The loss of one batch is
 
@@ -21,7 +22,7 @@ weights: an ``inputs_embeds`` forward runs the stock model), the self IG (m = 1)
 on the same forward. Each becomes a distribution over the eligible tokens (|IG| L2-normalised, divided by
 its sum); the saliency goes through a softmax over them. The teacher's weight w falls linearly from 1 to 0.
 The ratio head learns per prompt through q: the continuation's NLL pulls ρ up where dropping tokens
-costs, the FLOPs term pulls the batch mean to ``target_ratio``.
+costs, the FLOPs term pulls the batch mean of the chosen ratios to ``target_ratio``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def soft_pruned_forward(model: Any, embeds: torch.Tensor, prompt_length: int) ->
             prompt[:, prompt_length:] = False
             eligible = prompt & ~always_kept(prompt)
             saliency, ratio_logits = model.retainer(hidden[:, :prompt_length], mask[:, :prompt_length])
-            ratio = expected_ratios(settings, ratio_logits)
+            # Straight through: the ratio inference would choose (the argmax candidate) in the forward, the
+            # gradient of the softmax-weighted mean candidate in the backward.
+            expected = expected_ratios(settings, ratio_logits)
+            ratio = expected + (chosen_ratios(settings, ratio_logits) - expected).detach()
             scores = torch.cat([saliency, saliency.new_zeros(batch, length - prompt_length)], dim=1)
             keep = soft_keep(scores, eligible, ratio, settings["temperature"])
             biases = {}
