@@ -181,15 +181,9 @@ class PromptRetainerTrainer(Trainer):
 def chosen_ratio_counts(model: Any, windows: list[dict[str, torch.Tensor]], prompt_length: int) -> dict[str, int]:
     """{ratio: how many training prompts the retainer gives it at inference}."""
     ids = torch.stack([w["input_ids"][:prompt_length] for w in windows]).to(model.device)
-    hidden = model.get_input_embeddings()(ids)
     mask = torch.ones_like(ids, dtype=torch.bool)
-    decoder, split = model.model, model.settings["layer"]
-    if split > 0:
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        inputs = {"position_embeddings": decoder.rotary_emb(hidden, positions), "position_ids": positions}
-        bias = soft_attention_bias(torch.ones_like(mask, dtype=hidden.dtype), mask)
-        for layer in decoder.layers[:split]:  # full attention: a sliding window is no shorter than a prompt here
-            hidden = layer(hidden, attention_mask=bias, **inputs)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    hidden, _ = model._layers_before_the_cut(model.get_input_embeddings()(ids), mask, positions, None, False)
     ratios = chosen_ratios(model.settings, model.retainer(hidden, mask)[1])
     values, counts = ratios.unique(return_counts=True)
     return {f"{v:g}": int(c) for v, c in zip(values.tolist(), counts.tolist(), strict=True)}
