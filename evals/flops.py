@@ -42,12 +42,15 @@ def analytic_flops_per_token(config: Any, seq_len: int, image_tokens: int | None
     Prompt-pruned causal LMs (``token_pruning`` with a ``layer``, ``model_patches/prompt_token_pruning.py``):
     the ``seq_len``-token prompt keeps k = 2 + ⌈keep_ratio·(seq_len − 2)⌉ tokens; layers before ``layer``
     run the prefill on all ``seq_len``, the others on k (each layer's cost as above at its own length),
-    still counted per input token; decoding attends the k cached tokens in every layer.
+    still counted per input token; decoding attends the k cached tokens in every layer. ``adtp`` (no
+    ``keep_ratio``: a ratio per prompt) is counted at its largest candidate ratio, an upper bound.
     """
     out = _language_model_flops(config, seq_len)
     settings = getattr(config, "token_pruning", None)
     if settings and getattr(config, "vision_config", None) is None and "layer" in settings:
-        kept_len = min(seq_len, 2 + math.ceil(settings["keep_ratio"] * (seq_len - 2) - 1e-6)) if seq_len > 2 else seq_len
+        # adtp chooses its ratio per prompt: counted at its largest candidate, an upper bound
+        ratio = settings["keep_ratio"] if settings.get("keep_ratio") is not None else max(settings["candidate_ratios"])
+        kept_len = min(seq_len, 2 + math.ceil(ratio * (seq_len - 2) - 1e-6)) if seq_len > 2 else seq_len
         split = settings["layer"]
         prefill = (sum(layer["prefill"] for layer in _layer_costs(config, seq_len)[0][:split])
                    + sum(layer["prefill"] for layer in _layer_costs(config, kept_len)[0][split:]) + 2 * _head_size(config))

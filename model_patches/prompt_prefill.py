@@ -11,15 +11,17 @@ import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 
-def kept_tokens(scores: torch.Tensor, mask: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+def kept_tokens(scores: torch.Tensor, mask: torch.Tensor, keep_ratio: float | torch.Tensor) -> torch.Tensor:
     """[B, L] bool: per row, the first and the last real token and the ⌈keep_ratio·n⌉ highest-scoring of the
-    other n real tokens (``mask`` [B, L] bool marks the real ones; padding may sit on either side)."""
+    other n real tokens (``mask`` [B, L] bool marks the real ones; padding may sit on either side).
+    ``keep_ratio``: one ratio for every row, or a [B] tensor of per-row ratios."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     first = positions.masked_fill(~mask, mask.shape[1]).amin(1, keepdim=True)
     last = positions.masked_fill(~mask, -1).amax(1, keepdim=True)
     anchors = mask & ((positions == first) | (positions == last))
     eligible = mask & ~anchors
-    counts = torch.ceil(keep_ratio * eligible.sum(1) - 1e-6).long()
+    ratios = torch.as_tensor(keep_ratio, dtype=torch.float32, device=mask.device).expand(mask.shape[0])
+    counts = torch.ceil(ratios * eligible.sum(1) - 1e-6).long()
     order = scores.float().masked_fill(~eligible, float("-inf")).argsort(dim=1, descending=True)
     ranks = torch.empty_like(order).scatter_(1, order, positions.contiguous())
     return anchors | (eligible & (ranks < counts[:, None]))

@@ -1,7 +1,7 @@
 """Llama-family causal LMs (Llama, Qwen2, Mistral) that drop prompt tokens inside the prefill, at a chosen layer.
 
 The config of an ``hf_prune_<family>`` checkpoint holds ``token_pruning`` = {algorithm, keep_ratio, layer,
-seed}. When a prompt arrives (a forward on an empty or no cache: ``generate``'s prefill, or a plain
+seed, candidate_ratios, retainer_size, temperature}. When a prompt arrives (a forward on an empty or no cache: ``generate``'s prefill, or a plain
 forward), decoder layers 0..layer-1 run on every prompt token; the model then keeps, per row, its first
 and its last real token and ⌈keep_ratio·n⌉ of the other n real tokens, and layers layer.. run on those
 only (``layer: 0`` drops them before the first layer). Which ones:
@@ -9,7 +9,12 @@ only (``layer: 0`` drops them before the first layer). Which ones:
 - ``attention``: the tokens that receive the most attention at layer ``layer - 1`` (mean over heads and
   real queries), in the same pass: that one layer runs with eager attention so its weights exist (as
   FastV); needs ``layer >= 1``;
-- ``random``: seeded.
+- ``random``: seeded;
+- ``adtp``: the learned retainer (``prompt_retainer.py``, weights in the checkpoint) scores the tokens
+  entering layer ``layer`` (the embeddings for layer 0) and its ratio head picks, per prompt, a ratio
+  among ``candidate_ratios`` (the argmax) in place of ``keep_ratio``. Trained by
+  ``hf_prune.integrations.prompt_retainer`` (soft keep masks, see there);
+- ``fixed``: the retainer's saliency with ``keep_ratio`` for every prompt.
 
 Kept tokens keep their original rotary positions (the given ``position_ids``, else 0..L-1 as the stock
 model numbers them). After the prefill every layer's KV cache holds exactly the kept tokens: the entries
@@ -44,9 +49,12 @@ from .prompt_prefill import (
     left_packed_order,
     seeded_scores,
 )
+from .prompt_retainer import PromptRetainer, chosen_ratios
 
-ALGORITHMS = ("attention", "random")
-DEFAULTS = {"algorithm": "attention", "keep_ratio": None, "layer": 1, "seed": 0}
+ALGORITHMS = ("attention", "random", "adtp", "fixed")
+LEARNED = ("adtp", "fixed")  # the algorithms with a retainer
+DEFAULTS = {"algorithm": "attention", "keep_ratio": None, "layer": 1, "seed": 0,
+            "candidate_ratios": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0], "retainer_size": 64, "temperature": 0.05}
 #: family -> (stock config class, stock causal-LM class)
 FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
             "mistral": ("MistralConfig", "MistralForCausalLM")}
@@ -59,8 +67,20 @@ def check_settings(settings, num_layers: int | None = None) -> dict:
         raise ValueError(f"token_pruning.algorithm: {merged['algorithm']!r} is not one of {', '.join(ALGORITHMS)} "
                          "(for causal LMs)")
     ratio = merged["keep_ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+    if not (ratio is None and merged["algorithm"] == "adtp") and (
+            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
         raise ValueError(f"token_pruning.keep_ratio: must be in (0, 1], got {ratio!r}")
+    candidates = merged["candidate_ratios"]
+    if (not isinstance(candidates, (list, tuple)) or not candidates
+            or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in candidates)):
+        raise ValueError(f"token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], "
+                         f"got {candidates!r}")
+    merged["candidate_ratios"] = sorted({float(c) for c in candidates})
+    if type(merged["retainer_size"]) is not int or merged["retainer_size"] < 1:
+        raise ValueError(f"token_pruning.retainer_size: must be a positive integer, got {merged['retainer_size']!r}")
+    temperature = merged["temperature"]
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"token_pruning.temperature: must be > 0, got {temperature!r}")
     layer = merged["layer"]
     if type(layer) is not int or layer < 0 or (num_layers is not None and layer >= num_layers):
         top = f" and below the {num_layers} layers" if num_layers is not None else ""
@@ -83,6 +103,13 @@ class PrunedCausalLMOutput(CausalLMOutputWithPast):
 
 def _mixin(stock_model):
     class PromptTokenPruning(NativeLayoutSaving, stock_model):
+        def __init__(self, config):
+            super().__init__(config)
+            settings = check_settings(config.token_pruning or {}, config.num_hidden_layers)
+            if settings["algorithm"] in LEARNED:
+                self.retainer = new_retainer(config, settings)
+                self.post_init()
+
         @property
         def settings(self) -> dict:
             return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
@@ -151,9 +178,13 @@ def _mixin(stock_model):
             full_cache = DynamicCache() if cache is not None and split > 0 else None
             hidden, scores = self._layers_before_the_cut(decoder.embed_tokens(input_ids), mask, positions, full_cache,
                                                          use_cache)
-            if scores is None:
+            ratio = settings["keep_ratio"]
+            if settings["algorithm"] in LEARNED:
+                scores, ratio_logits = self.retainer(hidden, mask)
+                ratio = chosen_ratios(settings, ratio_logits)
+            elif scores is None:
                 scores = seeded_scores(mask, settings["seed"])
-            keep = kept_tokens(scores, mask, settings["keep_ratio"])
+            keep = kept_tokens(scores.detach(), mask, ratio)
             order = left_packed_order(keep)
             kept_mask, kept_positions = keep.gather(1, order), positions.gather(1, order)
             hidden = gather_tokens(hidden, order)
@@ -179,6 +210,11 @@ def _mixin(stock_model):
             return out if return_dict is not False else out.to_tuple()
 
     return PromptTokenPruning
+
+
+def new_retainer(config, settings: dict) -> PromptRetainer:
+    """A freshly initialised retainer for a model of ``config`` with these (checked) settings."""
+    return PromptRetainer(config.hidden_size, len(settings["candidate_ratios"]), settings["retainer_size"])
 
 
 def _build(family: str) -> tuple:

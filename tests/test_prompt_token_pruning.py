@@ -219,7 +219,7 @@ def test_bad_settings_name_the_key(stock_models):
         pruned(llama, algorithm="attention", keep_ratio=0.5, layer=0)
     with pytest.raises(RecipeError, match=rf"stages\[0\]\.layer: must be below the model's {NUM_LAYERS} layers"):
         pruned(llama, algorithm="random", keep_ratio=0.5, layer=NUM_LAYERS)
-    with pytest.raises(RecipeError, match="algorithm: adtp needs a trained retainer, which exists for BERT classifiers"):
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.train_data: adtp learns its saliency"):
         pruned(llama, algorithm="adtp")
     config_class = prompt_token_pruning.CLASSES["llama"][0]
     with pytest.raises(ValueError, match=r"token_pruning\.layer: attention scores come from the layer before"):

@@ -3,9 +3,11 @@
 Classifiers: BERT and RoBERTa (``*ForSequenceClassification``).
 
 Two kinds of model: BERT-family classifiers (below), and Llama-family causal LMs, whose prompts lose
-tokens inside the prefill at decoder layer ``layer`` (``model_patches/prompt_token_pruning.py``: ``attention``
-or ``random``; layers before it see every prompt token, the KV cache then holds the kept ones in every
-layer; the retainer of ``adtp`` / ``fixed`` exists for classifiers only).
+tokens inside the prefill at decoder layer ``layer`` (``model_patches/prompt_token_pruning.py``: all four
+algorithms; layers before it see every prompt token, the KV cache then holds the kept ones in every
+layer). For causal LMs ``adtp`` / ``fixed`` train their retainer on a plain text file (``train_data``) cut
+into windows of a prompt and ``continuation_length`` tokens after it, the loss being the continuation's
+NLL after the softly pruned prompt (``hf_prune.integrations.prompt_retainer``).
 
 The stage turns the classifier into an ``hf_prune_bert`` model (``model_patches/text_token_pruning.py``)
 with a retainer (saliency and ratio heads) and the ``token_pruning`` settings in its config, so the saved
@@ -19,6 +21,7 @@ retention ratio to ``target_ratio``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -37,7 +40,7 @@ SETTINGS = tuple(k for k in patch.DEFAULTS if k != "special_token_ids")
 
 @dataclass
 class TextTokenPruningConfig(MethodConfig):
-    """Text token pruning: AD-TP (adaptive), fixed, attention, random for BERT classifiers; attention, random for LLM prompts."""
+    """Text token pruning: AD-TP (adaptive), fixed, attention, random, for BERT classifiers and LLM prompts."""
 
     algorithm: Literal["adtp", "fixed", "attention", "random"] = config_field(
         "adtp", help="adtp (learned saliency, ratio chosen per sequence), fixed (learned saliency, one ratio), "
@@ -52,13 +55,16 @@ class TextTokenPruningConfig(MethodConfig):
     temperature: float = config_field(0.05, help="adtp training: sharpness of the soft keep mask")
     seed: int = config_field(0, help="random: seed; training: seed of the retainer's initialisation and batches")
     # ---- training the retainer (adtp, fixed) ----
-    train_data: str | None = config_field(None, help="labelled data (jsonl/json/parquet/csv or hub id) to train the retainer")
+    train_data: str | None = config_field(None, help="labelled data (jsonl/json/parquet/csv or hub id) to train the retainer; "
+                                                     "causal LMs: a plain text file")
     text_field: str = config_field("text", help="training data: column with the text")
     label_field: str = config_field("label", help="training data: column with the label (int or a name in id2label)")
     train_steps: int = config_field(300, help="optimizer steps")
     batch_size: int = config_field(16, help="training batch size")
     learning_rate: float = config_field(1e-3, help="AdamW learning rate of the retainer")
-    max_length: int = config_field(64, help="tokens per training example (longer ones are truncated)")
+    max_length: int = config_field(64, help="tokens per training example (longer ones are truncated; causal LMs: "
+                                            "window = BOS + prompt + continuation)")
+    continuation_length: int = config_field(16, help="causal LMs: tokens after the prompt whose NLL trains the retainer")
     target_ratio: float = config_field(0.3, help="adtp: mean retention ratio the FLOPs term steers to")
     flops_weight: float = config_field(4.0, help="adtp: weight of (mean ratio - target_ratio)^2")
     distill_weight: float = config_field(1.0, help="weight of the IG distillation terms (teacher + self)")
@@ -72,7 +78,7 @@ class TextTokenPruningConfig(MethodConfig):
             key, _, message = str(error).partition(": ")
             key = key.removeprefix("token_pruning.")
             raise ConfigFieldError(key if key in patch.DEFAULTS else "algorithm", message or str(error)) from None
-        for name in ("train_steps", "batch_size", "max_length", "ig_steps"):
+        for name in ("train_steps", "batch_size", "max_length", "ig_steps", "continuation_length"):
             if getattr(self, name) < 1:
                 raise ConfigFieldError(name, f"must be a positive integer, got {getattr(self, name)}")
         if not 0 < self.target_ratio <= 1:
@@ -100,12 +106,11 @@ class TextTokenPruningConfig(MethodConfig):
         if reason:
             raise UnsupportedModelError(reason)
         if not adapter.is_encoder:
-            if self.algorithm not in prompt_token_pruning.ALGORITHMS:
-                raise ConfigFieldError("algorithm", f"{self.algorithm} needs a trained retainer, which exists for BERT "
-                                                    f"classifiers only; causal LMs take {' or '.join(prompt_token_pruning.ALGORITHMS)}")
             layers = adapter.num_layers(model_config)
             if self.layer >= layers:
                 raise ConfigFieldError("layer", f"must be below the model's {layers} layers, got {self.layer}")
+            if self.needs_training:
+                _check_prompt_training(self)
             return
         layers = adapter.num_layers(model_config)
         if self.layer >= layers:
@@ -117,6 +122,19 @@ class TextTokenPruningConfig(MethodConfig):
                                                  "labelled training data")
 
 
+def _check_prompt_training(config: TextTokenPruningConfig) -> None:
+    """A causal LM's retainer learns from a plain text file: it must be given and exist."""
+    if not config.train_data:
+        raise ConfigFieldError("train_data", f"{config.algorithm} learns its saliency (and ratio) heads: give a plain "
+                                             "text file to train them on")
+    if not Path(config.train_data).expanduser().is_file():
+        raise ConfigFieldError("train_data", f"file not found: {config.train_data}")
+    if config.continuation_length + 3 > config.max_length:
+        raise ConfigFieldError("max_length", f"a window holds BOS, a prompt of >= 2 tokens and continuation_length "
+                                             f"({config.continuation_length}) tokens: at least "
+                                             f"{config.continuation_length + 3}, got {config.max_length}")
+
+
 def _causal_family(model_type: str) -> str | None:
     family = model_type.removeprefix(patch_classes.PREFIX)
     return family if family in prompt_token_pruning.FAMILIES else None
@@ -124,14 +142,23 @@ def _causal_family(model_type: str) -> str | None:
 
 def apply_prompt_token_pruning(model: Any, config: TextTokenPruningConfig) -> StageReport:
     settings = prompt_token_pruning.check_settings(
-        {"algorithm": config.algorithm, "keep_ratio": config.keep_ratio, "layer": config.layer, "seed": config.seed},
-        model.config.num_hidden_layers)
+        {key: getattr(config, key) for key in prompt_token_pruning.DEFAULTS}, model.config.num_hidden_layers)
     config_class, model_class = prompt_token_pruning.CLASSES[_causal_family(model.config.model_type)]
     if isinstance(model, model_class):
         model.config.token_pruning = settings
     else:
         swap_config_and_class(model, config_class, model_class, {"token_pruning": settings})
-    return StageReport("text_token_pruning", {"token_pruning": settings, "kind": "causal LM prompt"})
+    details = {"token_pruning": settings, "kind": "causal LM prompt"}
+    if config.needs_training:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(config.seed)  # the retainer starts the same for the same seed
+        model.retainer = prompt_token_pruning.new_retainer(model.config, settings).to(model.device, model.dtype)
+        torch.random.set_rng_state(generator_state)
+        details["retainer_parameters"] = sum(p.numel() for p in model.retainer.parameters())
+        details["training"] = "pending: the pipeline trains the retainer next (train_data)"
+    elif hasattr(model, "retainer"):
+        del model.retainer
+    return StageReport("text_token_pruning", details)
 
 
 def apply_text_token_pruning(model: Any, config: TextTokenPruningConfig, context: PruneContext) -> StageReport:
