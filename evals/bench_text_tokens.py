@@ -9,7 +9,9 @@ compares on held-out test sentences, at matched average FLOPs: ``adtp`` (ratio c
 there) and ``random`` (pruned at the embeddings). Each baseline's ``keep_ratio`` is set by bisection so its
 analytic FLOPs on the test sentences match adtp's. Prints accuracy, average FLOPs per sentence, kept-token
 share and CPU latency per batch of 32 (median of 5), each also as a ratio to the unpruned teacher measured
-in the same run. Prints figures; passes or fails nothing.
+in the same run; then adtp's chosen ratios (share per candidate, rank correlation with length and with
+the teacher's loss, the same on the training set) and the sentences only adtp or only fixed gets right.
+Prints figures; passes or fails nothing.
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ def matching_ratio(config: Any, lengths: torch.Tensor, layer: int, target: float
 
 
 def measure(model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) -> dict[str, Any]:
-    """Accuracy, per-sentence kept fraction and real length, and the median latency of one batch."""
-    correct, kept, lengths = 0, [], []
+    """Accuracy, per sentence whether it is right, the kept fraction, real length, loss on the true label and
+    (adtp) the chosen candidate ratio, and the median latency of one batch."""
+    right, kept, lengths, losses, chosen = [], [], [], [], []
     label2id = model.config.label2id
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -73,7 +76,10 @@ def measure(model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) 
             inputs = tokenizer([r["text"] for r in chunk], padding=True, truncation=True, return_tensors="pt")
             out = model(**inputs)
             labels = torch.tensor([r["label"] if isinstance(r["label"], int) else label2id[r["label"]] for r in chunk])
-            correct += int((out.logits.argmax(-1) == labels).sum())
+            right += (out.logits.argmax(-1) == labels).tolist()
+            losses += torch.nn.functional.cross_entropy(out.logits, labels, reduction="none").tolist()
+            if getattr(out, "chosen_ratio", None) is not None:
+                chosen += out.chosen_ratio.tolist()
             lengths += inputs["attention_mask"].sum(1).tolist()
             kept += (getattr(out, "kept_fraction", None) if getattr(out, "kept_fraction", None) is not None
                      else torch.ones(len(chunk))).tolist()
@@ -84,8 +90,39 @@ def measure(model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 32) 
             started = time.perf_counter()
             model(**inputs)
             times.append((time.perf_counter() - started) * 1000)
-    return {"accuracy": correct / len(rows), "kept_fraction": torch.tensor(kept), "lengths": torch.tensor(lengths),
-            "latency_ms": statistics.median(times)}
+    return {"accuracy": sum(right) / len(rows), "right": torch.tensor(right), "kept_fraction": torch.tensor(kept),
+            "lengths": torch.tensor(lengths),
+            "losses": torch.tensor(losses), "chosen": torch.tensor(chosen), "latency_ms": statistics.median(times)}
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation (average ranks for ties)."""
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        values, inverse, counts = torch.unique(x.double(), return_inverse=True, return_counts=True)
+        first = torch.cumsum(counts, 0) - counts
+        return (first + (counts - 1) / 2.0).double()[inverse]
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+
+def ratio_distribution(found: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """Lines describing adtp's per-sentence ratios: the share of sentences per candidate, the mean chosen
+    ratio, and its rank correlation with sentence length and with the teacher's loss (difficulty)."""
+    chosen = found["chosen"]
+    counts = Counter(round(float(c), 2) for c in chosen)
+    lines = ["adtp chosen ratio per sentence: " + ", ".join(f"{k:g}: {v} ({v / len(chosen):.0%})"
+                                                        for k, v in sorted(counts.items())),
+             f"  mean chosen ratio {float(chosen.mean()):.3f} (std {float(chosen.std()):.3f}); rank correlation with "
+             f"length {spearman(chosen, found['lengths']):+.2f}, with the teacher's loss {spearman(chosen, base['losses']):+.2f}"]
+    for value in sorted(counts):
+        picked = chosen == value
+        lines.append(f"  ratio {value:g}: mean length {float(found['lengths'][picked].double().mean()):.1f}, "
+                     f"teacher loss {float(base['losses'][picked].mean()):.3f}, "
+                     f"adtp loss {float(found['losses'][picked].mean()):.3f}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     stage = {"method": "text_token_pruning", "algorithm": "adtp", "train_data": str(folder / "data" / "train.jsonl"),
              "train_steps": args.train_steps, "target_ratio": args.target_ratio}
-    adtp = prune(teacher, {"stages": [stage]}, tokenizer=tokenizer, progress=False).model.eval()
+    trained = prune(teacher, {"stages": [stage]}, tokenizer=tokenizer, progress=False)
+    adtp, choice = trained.model.eval(), trained.report["stages"][0]["training"]["ratio_choice"]
     training_seconds = time.perf_counter() - started
 
     base = measure(teacher, tokenizer, rows)
@@ -136,9 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<10} {ratio:>10} {measured['accuracy']:>9.4f} {float(flops.mean()) / 1e6:>13.2f}M "
               f"{float(flops.mean()) / base_flops:>6.3f} {float(measured['kept_fraction'].mean()):>12.3f} "
               f"{measured['latency_ms']:>15.1f} {measured['latency_ms'] / base['latency_ms']:>6.3f}")
-    chosen = Counter(round(float(f), 1) for f in results["adtp"][0]["kept_fraction"])
-    print("adtp kept share per sentence (rounded to 0.1): "
-          + ", ".join(f"{k:.1f}: {v}" for k, v in sorted(chosen.items())))
+    print("\n".join(ratio_distribution(results["adtp"][0], base)))
+    print(f"  on the training set (where the price {choice['price']:.4f} was set): mean ratio {choice['mean_ratio']:.3f}, "
+          + ", ".join(f"{k}: {v:.0%}" for k, v in choice["share"].items()))
+    adtp_right, fixed_right = results["adtp"][0]["right"], results["fixed"][0]["right"]
+    print(f"adtp vs fixed, sentence by sentence: only adtp right {int((adtp_right & ~fixed_right).sum())}, "
+          f"only fixed right {int((fixed_right & ~adtp_right).sum())}")
 
 
 if __name__ == "__main__":
