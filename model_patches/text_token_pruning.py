@@ -14,8 +14,8 @@ AD-TP paper does. Algorithms:
   queries; that layer runs with eager attention), ``keep_ratio`` for every sequence;
 - ``random``: seeded, ``keep_ratio`` for every sequence.
 
-The ratio head predicts, per sequence and candidate ratio, the cost of pruning there (how much
-probability the pruned model loses on the unpruned model's answer); the sequence takes the candidate with
+The ratio head predicts, per sequence and candidate ratio, the cost of pruning there (1 − the pruned
+model's probability of the unpruned model's answer); the sequence takes the candidate with
 the lowest predicted cost + ``price``·ratio, where ``price`` (a buffer of the retainer) is set by training
 so that the mean chosen ratio meets the target. In training mode ``adtp`` keeps every token and turns the
 choice into a soft mask instead (see ``soft_keep``), so the task loss reaches the saliency head;
@@ -86,7 +86,8 @@ def check_settings(settings, num_layers: int | None = None, *, attention_from_pr
 
 class TokenRetainer(nn.Module):
     """AD-TP's retainer: a per-token saliency head, and a per-sequence ratio head that predicts, for each
-    candidate ratio, the cost of pruning there (probability lost on the unpruned model's answer); the sequence
+    candidate ratio, the cost of pruning there (1 − the pruned model's probability of the unpruned model's
+    answer); the sequence
     takes the candidate with the lowest predicted cost + ``price``·ratio (training sets ``price`` so that
     the mean chosen ratio meets its target)."""
 
@@ -186,6 +187,12 @@ def _mixin(stock_model, encoder_attr: str):
                                           settings["retainer_size"])
             self.post_init()
 
+        def _init_weights(self, module):
+            super()._init_weights(module)
+            if isinstance(module, TokenRetainer):  # "not set": a checkpoint saved without a price has none
+                with torch.no_grad():
+                    module.price.fill_(float("nan"))
+
         @property
         def settings(self) -> dict:
             return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
@@ -238,6 +245,9 @@ def _mixin(stock_model, encoder_attr: str):
             for index, layer in enumerate(encoder_layers(encoder)):
                 if index == settings["layer"]:
                     saliency, predicted_costs = self.retainer(hidden, mask)
+                    if algorithm == "adtp" and keep_ratios is None and torch.isnan(self.retainer.price):
+                        raise ValueError("adtp: the retainer has no price (retainer.price): its ratio head was saved "
+                                         "before ratio heads predicted costs, or never trained; train it again")
                     ratio_logits = -(predicted_costs + self.retainer.price * ratios)  # argmax: the cheapest choice
                     if algorithm == "adtp" and self.training and keep_ratios is None:
                         # At the ratio inference would pick; the ratio head learns from per-candidate costs

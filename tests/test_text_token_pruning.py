@@ -195,6 +195,22 @@ def test_short_training_makes_the_ratio_adapt(tokenizer, tmp_path):
     assert len({round(r, 6) for r in out.chosen_ratio.tolist()}) >= 2, out.chosen_ratio.tolist()
 
 
+def test_a_checkpoint_without_a_price_is_refused(tokenizer, tmp_path, monkeypatch):
+    """adtp checkpoints from before ratio heads predicted costs have no ``retainer.price``: a clear error,
+    not ratios chosen by a head that means something else."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr("hf_prune.integrations.token_retainer.train_token_retainer", lambda *a, **k: {})
+    model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="adtp", train_data="unused.jsonl")
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["retainer.price"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    old = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with pytest.raises(ValueError, match=r"adtp: the retainer has no price"):
+        old(**batch(tokenizer, sentences(2)))
+
+
 def test_training_without_labels_is_refused(tokenizer, tmp_path):
     data = write_labelled(tmp_path / "unlabelled.jsonl", tokenizer, 16, with_labels=False)
     with pytest.raises(DataError, match="label"):
