@@ -87,9 +87,8 @@ def check_settings(settings, num_layers: int | None = None, *, attention_from_pr
 class TokenRetainer(nn.Module):
     """AD-TP's retainer: a per-token saliency head, and a per-sequence ratio head that predicts, for each
     candidate ratio, the cost of pruning there (1 − the pruned model's probability of the unpruned model's
-    answer); the sequence
-    takes the candidate with the lowest predicted cost + ``price``·ratio (training sets ``price`` so that
-    the mean chosen ratio meets its target)."""
+    answer); the sequence takes the candidate with the lowest predicted cost + ``price``·ratio (training
+    sets ``price`` so that the mean chosen ratio meets its target; NaN until then)."""
 
     def __init__(self, hidden_size: int, num_ratios: int, size: int):
         super().__init__()
