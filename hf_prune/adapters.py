@@ -72,7 +72,7 @@ _MROPE = ArchitectureSpec(token_pruning_only=(
 TEXT_ARCHITECTURES.update({"qwen2_vl_text": _MROPE, "qwen2_5_vl_text": _MROPE})
 
 #: Encoder classifiers (BERT family): text token pruning only (the other methods assume a decoder).
-ENCODER_ARCHITECTURES = ("bert", "roberta", "hf_prune_bert", "hf_prune_roberta")
+ENCODER_ARCHITECTURES = ("bert", "roberta", "distilbert", "hf_prune_bert", "hf_prune_roberta", "hf_prune_distilbert")
 _ENCODER = ArchitectureSpec(token_pruning_only="an encoder classifier: only text token pruning supports it")
 TEXT_ARCHITECTURES.update(dict.fromkeys(ENCODER_ARCHITECTURES, _ENCODER))
 

@@ -1,18 +1,31 @@
 """Training AD-TP's token retainer with ``transformers.Trainer``.
 
-The student is the ``hf_prune_bert`` classifier in training mode (soft keep masks, see
-``model_patches/text_token_pruning.py``); its backbone is frozen, so only the retainer learns. The loss of
-one batch is
+The student is the ``hf_prune_bert`` (``_roberta``, ``_distilbert``) classifier in training mode (soft keep
+masks, see ``model_patches/text_token_pruning.py``); its backbone is frozen (dropout off), so only the
+retainer learns. The loss of one batch is
 
-    task cross-entropy
+    task cross-entropy                 (soft mask at the ratio each sequence would be pruned at)
     + distill_weight · [w · KL(teacher IG ‖ saliency) + (1 − w) · KL(student IG ‖ saliency)]
-    + flops_weight · (mean expected ratio − target_ratio)²      (adtp only)
+    + ratio_weight · mean squared error of the ratio head's predicted costs        (adtp only)
 
 where IG are Integrated-Gradients attributions on the input token embeddings (``ig_steps`` steps from a
 zero baseline, target = the true label's logit), turned into a distribution over the non-special real
 tokens (|IG| L2-normalised, then divided by its sum), the saliency head's scores go through a softmax over
 the same tokens, and the teacher's weight w falls linearly from 1 to 0 over training (``TeacherAnnealing``).
 The teacher is the unpruned classifier (the same frozen weights, without token pruning).
+
+The ratio head. Trained through the soft mask plus a FLOPs term (mean ratio − target)², as first built,
+it chose the same ratio for every sequence: the gradient through the mask is local (it prices one token
+more or less, never a jump from 0.3 to 0.1), it is near zero for the many sequences the classifier gets
+right anyway, and the FLOPs term moves only the batch mean, the same push for every sequence. Policy
+gradients on exact per-candidate losses saturated the softmax on one candidate within a few steps. So
+now each batch is pruned hard at every candidate ratio (no gradient, the inference path) and each
+sequence's *cost* there is measured: 1 − the pruned student's probability of the teacher's class
+(``candidate_costs``). The ratio head regresses those costs; a sequence takes the candidate with the
+lowest predicted cost + price·ratio, the price being a Lagrange multiplier of the FLOPs budget: set per
+batch (moving average) so the batch's mean chosen ratio meets ``target_ratio``, and at the end of training
+on the whole training set (``set_price_on``). The ratio then varies exactly as far as the head can tell
+sequences apart, and the mean meets the budget.
 """
 
 from __future__ import annotations
@@ -23,6 +36,8 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from ..data import read_records
@@ -57,6 +72,40 @@ def saliency_log_distribution(saliency: torch.Tensor, eligible: torch.Tensor) ->
     return saliency.masked_fill(~eligible, float("-inf")).log_softmax(dim=1).masked_fill(~eligible, 0.0)
 
 
+def candidate_costs(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor,
+                    ratios: list[float]) -> torch.Tensor:
+    """[B, R] per sequence, 1 − the student's probability of ``answer`` (the teacher's class, [B]) when it
+    prunes the sequence hard at each candidate ratio. Bounded, unlike a KL, so the few sequences that any
+    pruning breaks do not drown the rest."""
+    answer = answer[:, None]
+    costs = []
+    with torch.no_grad():
+        for ratio in ratios:
+            logits = model(input_ids=input_ids, attention_mask=mask,
+                           keep_ratios=torch.full((input_ids.shape[0],), ratio)).logits
+            costs.append(1 - logits.softmax(-1).gather(1, answer)[:, 0])
+    return torch.stack(costs, dim=1)
+
+
+def budget_price(costs: torch.Tensor, ratios: torch.Tensor, target: float) -> float:
+    """The price λ at which choosing, per sequence, the candidate with the lowest ``costs`` + λ·ratio gives a
+    mean ratio closest to ``target`` (bisection; the mean falls as λ grows; λ < 0 spends a budget that the
+    costs alone leave unused). Ties go to the smaller ratio (``ratios`` ascending)."""
+
+    def mean_ratio(price: float) -> float:
+        return float(ratios[(costs + price * ratios).argmin(dim=1)].mean())
+
+    if len(ratios) == 1:
+        return 0.0
+    gap = float((ratios[1:] - ratios[:-1]).min())
+    bound = float(costs.max() - costs.min()) / gap + 1.0  # beyond ±bound every sequence takes an end candidate
+    low, high = -bound, bound
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_ratio(middle) > target else (low, middle)
+    return min((low, high), key=lambda price: abs(mean_ratio(price) - target))
+
+
 class TeacherAnnealing(TrainerCallback):
     """Moves the trainer's teacher weight linearly from 1 (first step) to 0 (last step)."""
 
@@ -80,6 +129,9 @@ class RetainerTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None:
             raise DataError("AD-TP training needs labels: every training example must have a label")
+        for module in model.modules():  # the backbone is frozen: its dropout would only add noise
+            if isinstance(module, nn.Dropout):
+                module.eval()
         input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         outputs = model(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, labels=labels)
@@ -97,12 +149,26 @@ class RetainerTrainer(Trainer):
 
         distill = self.teacher_weight * kl(teacher) + (1 - self.teacher_weight) * kl(student)
         loss = outputs.loss + self.stage.distill_weight * distill
-        flops = torch.zeros((), device=loss.device)
+        record = {"task": outputs.loss.item(), "distill": distill.item(),
+                  "kept": outputs.kept_fraction.detach().mean().item(), "teacher_weight": self.teacher_weight}
         if self.stage.algorithm == "adtp":
-            flops = (outputs.expected_ratio.mean() - self.stage.target_ratio) ** 2
-            loss = loss + self.stage.flops_weight * flops
-        self.history.append({"task": outputs.loss.item(), "distill": distill.item(), "flops": flops.item(),
-                             "kept": outputs.kept_fraction.detach().mean().item(), "teacher_weight": self.teacher_weight})
+            ratios = model.settings["candidate_ratios"]
+            with torch.no_grad():
+                answer = self.teacher(input_ids=input_ids, attention_mask=mask).logits.argmax(-1)
+            costs = candidate_costs(model, input_ids, mask, answer, ratios)
+            # The ratio head learns the cost of each candidate (its conditional mean, by squared error); the
+            # price follows the batch's budget (a moving average), so the soft mask trains near the ratios
+            # inference will choose. train_token_retainer sets the final price on the whole training set.
+            ratio_loss = F.mse_loss(outputs.predicted_costs, costs)
+            candidates = torch.tensor(ratios, device=costs.device)
+            price = budget_price(outputs.predicted_costs.detach(), candidates, self.stage.target_ratio)
+            model.retainer.price.mul_(0.8).add_(0.2 * price)
+            loss = loss + self.stage.ratio_weight * ratio_loss
+            chosen = outputs.ratio_logits.argmax(-1)
+            record.update({"ratio": ratio_loss.item(), "price": float(model.retainer.price),
+                           "chosen_ratio": float(candidates[chosen].mean()),
+                           "chosen_cost": float(costs.gather(1, chosen[:, None]).mean())})
+        self.history.append(record)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -142,8 +208,12 @@ def train_token_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: bo
                                  save_strategy="no", report_to=[], seed=stage.seed, data_seed=stage.seed,
                                  disable_tqdm=not progress, remove_unused_columns=False,
                                  use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+        ratio_head = [p for n, p in model.named_parameters() if n.startswith("retainer.ratio.")]
+        others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("retainer.ratio.")]
+        optimizer = torch.optim.AdamW([{"params": others}, {"params": ratio_head, "lr": stage.ratio_learning_rate}],
+                                      lr=stage.learning_rate, weight_decay=0.0)
         trainer = RetainerTrainer(model=model, args=args, train_dataset=examples, teacher=teacher, stage=stage,
-                                  data_collator=DataCollatorWithPadding(tokenizer))
+                                  data_collator=DataCollatorWithPadding(tokenizer), optimizers=(optimizer, None))
         try:
             trainer.train()
         finally:
@@ -151,5 +221,28 @@ def train_token_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: bo
                 parameter.requires_grad_(flags[name])
             model.eval()
     last = trainer.history[-max(1, len(trainer.history) // 10):]
-    return {"examples": len(examples), "steps": stage.train_steps, "seconds": round(time.perf_counter() - started, 2),
-            "final": {k: round(sum(h[k] for h in last) / len(last), 4) for k in ("task", "distill", "flops", "kept")}}
+    summary = {"examples": len(examples), "steps": stage.train_steps,
+               "final": {k: round(sum(h[k] for h in last) / len(last), 4) for k in last[-1] if k != "teacher_weight"}}
+    if stage.algorithm == "adtp":
+        summary["ratio_choice"] = set_price_on(model, examples, DataCollatorWithPadding(tokenizer), stage.target_ratio)
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    return summary
+
+
+def set_price_on(model: Any, examples: list[dict[str, Any]], collator: Any, target: float,
+                 batch_size: int = 64) -> dict[str, Any]:
+    """Set ``model.retainer.price`` so that the mean ratio the model chooses on ``examples`` is ``target``;
+    returns the price and the share of examples per candidate ratio."""
+    predicted = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            inputs = collator([{k: v for k, v in row.items() if k != "labels"}
+                               for row in examples[start:start + batch_size]]).to(model.device)
+            predicted.append(model(**inputs).predicted_costs)
+    costs = torch.cat(predicted)
+    candidates = torch.tensor(model.settings["candidate_ratios"], device=costs.device)
+    price = budget_price(costs, candidates, target)
+    model.retainer.price.fill_(price)
+    chosen = candidates[(costs + price * candidates).argmin(dim=1)]
+    return {"price": round(price, 6), "mean_ratio": round(float(chosen.mean()), 4),
+            "share": {f"{c:g}": round(float((chosen == c).float().mean()), 4) for c in candidates.tolist()}}

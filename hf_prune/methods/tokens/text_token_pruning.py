@@ -1,6 +1,6 @@
 """Text token pruning (AD-TP and baselines): the setting is saved into the checkpoint.
 
-Classifiers: BERT and RoBERTa (``*ForSequenceClassification``).
+Classifiers: BERT, RoBERTa and DistilBERT (``*ForSequenceClassification``).
 
 Two kinds of model: BERT-family classifiers (below), and Llama-family causal LMs, whose prompts lose
 tokens inside the prefill at decoder layer ``layer`` (``model_patches/prompt_token_pruning.py``: all four
@@ -9,13 +9,15 @@ layer). For causal LMs ``adtp`` / ``fixed`` train their retainer on a plain text
 into windows of a prompt and ``continuation_length`` tokens after it, the loss being the continuation's
 NLL after the softly pruned prompt (``hf_prune.integrations.prompt_retainer``).
 
-The stage turns the classifier into an ``hf_prune_bert`` model (``model_patches/text_token_pruning.py``)
-with a retainer (saliency and ratio heads) and the ``token_pruning`` settings in its config, so the saved
-checkpoint drops tokens by itself. ``adtp`` and ``fixed`` need a trained retainer: give ``train_data``
-and the pipeline trains it with ``transformers.Trainer`` (``hf_prune.integrations.token_retainer``)
-right after this stage: task loss + distillation of the teacher's Integrated Gradients into the saliency
-head + the student's own IG, the teacher's weight annealed from 1 to 0, and a FLOPs term pulling the mean
-retention ratio to ``target_ratio``.
+The stage turns the classifier into an ``hf_prune_bert`` (``_roberta``, ``_distilbert``) model
+(``model_patches/text_token_pruning.py``) with a retainer (saliency and ratio heads) and the
+``token_pruning`` settings in its config, so the saved checkpoint drops tokens by itself. ``adtp`` and
+``fixed`` need a trained retainer: give ``train_data`` and the pipeline trains it with
+``transformers.Trainer`` (``hf_prune.integrations.token_retainer``) right after this stage: task loss +
+distillation of the teacher's Integrated Gradients into the saliency head + the student's own IG, the
+teacher's weight annealed from 1 to 0; for ``adtp`` the ratio head regresses the measured cost of each
+candidate ratio per sentence, and its price per unit of ratio is set so the mean chosen ratio is
+``target_ratio``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ SETTINGS = tuple(k for k in patch.DEFAULTS if k != "special_token_ids")
 
 @dataclass
 class TextTokenPruningConfig(MethodConfig):
-    """Text token pruning: AD-TP (adaptive), fixed, attention, random, for BERT classifiers and LLM prompts."""
+    """Text token pruning (AD-TP: attribution-driven, adaptive per sequence; fixed, attention, random) for
+    BERT-family classifiers (BERT, RoBERTa, DistilBERT) and Llama-family prompts."""
 
     algorithm: Literal["adtp", "fixed", "attention", "random"] = config_field(
         "adtp", help="adtp (learned saliency, ratio chosen per sequence), fixed (learned saliency, one ratio), "
@@ -61,12 +64,18 @@ class TextTokenPruningConfig(MethodConfig):
     label_field: str = config_field("label", help="training data: column with the label (int or a name in id2label)")
     train_steps: int = config_field(300, help="optimizer steps")
     batch_size: int = config_field(16, help="training batch size")
-    learning_rate: float = config_field(1e-3, help="AdamW learning rate of the retainer")
+    learning_rate: float = config_field(1e-3, help="AdamW learning rate of the saliency head (causal LMs: of the "
+                                                   "whole retainer)")
+    ratio_learning_rate: float = config_field(1e-2, help="adtp, classifiers: AdamW learning rate of the ratio head")
     max_length: int = config_field(64, help="tokens per training example (longer ones are truncated; causal LMs: "
                                             "window = BOS + prompt + continuation)")
     continuation_length: int = config_field(16, help="causal LMs: tokens after the prompt whose NLL trains the retainer")
-    target_ratio: float = config_field(0.3, help="adtp: mean retention ratio the FLOPs term steers to")
-    flops_weight: float = config_field(4.0, help="adtp: weight of (mean ratio - target_ratio)^2")
+    target_ratio: float = config_field(0.3, help="adtp: mean retention ratio (classifiers: the budget the ratio "
+                                                 "head's price is set to; causal LMs: what the FLOPs term steers to)")
+    ratio_weight: float = config_field(1.0, help="adtp, classifiers: weight of the ratio head's squared error on the "
+                                                 "cost of each candidate ratio (1 - the pruned model's probability of "
+                                                 "the teacher's class)")
+    flops_weight: float = config_field(4.0, help="adtp, causal LMs: weight of (mean ratio - target_ratio)^2")
     distill_weight: float = config_field(1.0, help="weight of the IG distillation terms (teacher + self)")
     ig_steps: int = config_field(1, help="Integrated-Gradients steps m (zero baseline)")
 
@@ -83,9 +92,10 @@ class TextTokenPruningConfig(MethodConfig):
                 raise ConfigFieldError(name, f"must be a positive integer, got {getattr(self, name)}")
         if not 0 < self.target_ratio <= 1:
             raise ConfigFieldError("target_ratio", f"must be in (0, 1], got {self.target_ratio}")
-        for name in ("learning_rate", "flops_weight", "distill_weight"):
-            if getattr(self, name) < 0 or (name == "learning_rate" and self.learning_rate == 0):
-                raise ConfigFieldError(name, f"must be {'> 0' if name == 'learning_rate' else '>= 0'}, got {getattr(self, name)}")
+        for name in ("learning_rate", "ratio_learning_rate", "ratio_weight", "flops_weight", "distill_weight"):
+            positive = name.endswith("learning_rate")
+            if getattr(self, name) < 0 or (positive and getattr(self, name) == 0):
+                raise ConfigFieldError(name, f"must be {'> 0' if positive else '>= 0'}, got {getattr(self, name)}")
 
     def settings(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in SETTINGS}
