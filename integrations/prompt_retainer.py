@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from ..errors import DataError
 from ..model_patches.prompt_prefill import layer_kinds
@@ -45,6 +45,7 @@ from ..model_patches.prompt_retainer import (
     soft_attention_bias,
     soft_keep,
 )
+from .token_retainer import TeacherAnnealing, attribution_distribution, saliency_log_distribution
 
 
 def text_windows(stage: Any, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
@@ -120,27 +121,10 @@ def teacher_integrated_gradients(model: Any, embeds: torch.Tensor, input_ids: to
     return (prompt * total / steps).sum(-1)
 
 
-def attribution_distribution(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """|scores| over the ``eligible`` tokens, L2-normalised per row, then divided by their sum."""
-    magnitude = scores.abs() * eligible
-    magnitude = magnitude / magnitude.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return magnitude / magnitude.sum(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def kl_to_saliency(target: torch.Tensor, saliency: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(target ‖ softmax of the saliency over the eligible tokens)."""
-    log_q = saliency.masked_fill(~eligible, float("-inf")).log_softmax(dim=1).masked_fill(~eligible, 0.0)
+    log_q = saliency_log_distribution(saliency, eligible)
     return (target * (target.clamp_min(1e-12).log() - log_q)).sum(1).mean()
-
-
-class TeacherAnnealing(TrainerCallback):
-    """Moves the trainer's teacher weight linearly from 1 (first step) to 0 (last step)."""
-
-    def __init__(self, trainer: PromptRetainerTrainer):
-        self.trainer = trainer
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer.teacher_weight = 1.0 - state.global_step / max(state.max_steps - 1, 1)
 
 
 class PromptRetainerTrainer(Trainer):

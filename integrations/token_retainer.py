@@ -107,9 +107,9 @@ def budget_price(costs: torch.Tensor, ratios: torch.Tensor, target: float) -> fl
 
 
 class TeacherAnnealing(TrainerCallback):
-    """Moves the trainer's teacher weight linearly from 1 (first step) to 0 (last step)."""
+    """Moves a retainer trainer's ``teacher_weight`` linearly from 1 (first step) to 0 (last step)."""
 
-    def __init__(self, trainer: RetainerTrainer):
+    def __init__(self, trainer: Trainer):
         self.trainer = trainer
 
     def on_step_begin(self, args, state, control, **kwargs):
