@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from ..errors import DataError
 from ..model_patches.prompt_prefill import layer_kinds
@@ -45,7 +45,13 @@ from ..model_patches.prompt_retainer import (
     soft_attention_bias,
     soft_keep,
 )
-from .token_retainer import TeacherAnnealing, attribution_distribution, saliency_log_distribution
+from .token_retainer import (
+    TeacherAnnealing,
+    attribution_distribution,
+    retainer_training_arguments,
+    saliency_log_distribution,
+    silence_when_quiet,
+)
 
 
 def text_windows(stage: Any, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
@@ -181,14 +187,10 @@ def train_prompt_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: b
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith("retainer."))
     with tempfile.TemporaryDirectory(prefix="hf-prune-prompt-retainer-") as tmp:
-        args = TrainingArguments(output_dir=tmp, max_steps=stage.train_steps, per_device_train_batch_size=stage.batch_size,
-                                 learning_rate=stage.learning_rate, warmup_steps=max(1, stage.train_steps // 20),
-                                 lr_scheduler_type="cosine", weight_decay=0.0, logging_strategy="no",
-                                 save_strategy="no", report_to=[], seed=stage.seed, data_seed=stage.seed,
-                                 disable_tqdm=not progress, remove_unused_columns=False,
-                                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+        args = retainer_training_arguments(stage, tmp, progress)
         trainer = PromptRetainerTrainer(model=model, args=args, train_dataset=windows, stage=stage,
                                         data_collator=lambda rows: {"input_ids": torch.stack([r["input_ids"] for r in rows])})
+        silence_when_quiet(trainer, progress)
         try:
             trainer.train()
         finally:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from ..data import read_records
 from ..errors import DataError
@@ -104,6 +105,23 @@ def budget_price(costs: torch.Tensor, ratios: torch.Tensor, target: float) -> fl
         middle = (low + high) / 2
         low, high = (middle, high) if mean_ratio(middle) > target else (low, middle)
     return min((low, high), key=lambda price: abs(mean_ratio(price) - target))
+
+
+def retainer_training_arguments(stage: Any, output_dir: str, progress: bool) -> TrainingArguments:
+    """The stage's steps, batch size, learning rate and seed, with warm-up then cosine decay; nothing logged,
+    saved or reported (the stage report gets the summary)."""
+    return TrainingArguments(output_dir=output_dir, max_steps=stage.train_steps, per_device_train_batch_size=stage.batch_size,
+                             learning_rate=stage.learning_rate, warmup_steps=max(1, stage.train_steps // 20),
+                             lr_scheduler_type="cosine", weight_decay=0.0, logging_strategy="no", save_strategy="no",
+                             report_to=[], seed=stage.seed, data_seed=stage.seed, disable_tqdm=not progress,
+                             remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+
+
+def silence_when_quiet(trainer: Trainer, progress: bool) -> Trainer:
+    """Without progress bars Trainer prints its logs (the final metrics) instead: drop that printer too."""
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 class TeacherAnnealing(TrainerCallback):
@@ -202,18 +220,14 @@ def train_token_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: bo
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith("retainer."))
     with tempfile.TemporaryDirectory(prefix="hf-prune-retainer-") as tmp:
-        args = TrainingArguments(output_dir=tmp, max_steps=stage.train_steps, per_device_train_batch_size=stage.batch_size,
-                                 learning_rate=stage.learning_rate, warmup_steps=max(1, stage.train_steps // 20),
-                                 lr_scheduler_type="cosine", weight_decay=0.0, logging_strategy="no",
-                                 save_strategy="no", report_to=[], seed=stage.seed, data_seed=stage.seed,
-                                 disable_tqdm=not progress, remove_unused_columns=False,
-                                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+        args = retainer_training_arguments(stage, tmp, progress)
         ratio_head = [p for n, p in model.named_parameters() if n.startswith("retainer.ratio.")]
         others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("retainer.ratio.")]
         optimizer = torch.optim.AdamW([{"params": others}, {"params": ratio_head, "lr": stage.ratio_learning_rate}],
                                       lr=stage.learning_rate, weight_decay=0.0)
         trainer = RetainerTrainer(model=model, args=args, train_dataset=examples, teacher=teacher, stage=stage,
                                   data_collator=DataCollatorWithPadding(tokenizer), optimizers=(optimizer, None))
+        silence_when_quiet(trainer, progress)
         try:
             trainer.train()
         finally:
