@@ -2,13 +2,10 @@
 on a plain text file, keep_ratio 1 is the stock model, generate = the pruned forward step by step, the ratio
 head gives prompts their own ratios, the retainer reloads in a fresh process, and bad input names its key."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from fresh_process import generate_after_reload
 from hf_prune.model_patches.prompt_retainer import PromptRetainer, chosen_ratios
 from tiny_models import NUM_LAYERS, build_tiny_model, build_tokenizer
 
@@ -136,27 +133,7 @@ def test_save_and_reload_in_a_fresh_process(stock, tokenizer, text_file, tmp_pat
     with torch.no_grad():
         expected = model.generate(**inputs, max_new_tokens=6, do_sample=False).tolist()
     retainer_sum = sum(float(p.detach().double().sum()) for p in model.retainer.parameters())
-    script = r"""
-import json, sys, torch
-if sys.argv[2] == "hf_prune":
-    import hf_prune
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "remote").eval()
-inputs = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
-with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-print(json.dumps({"tokens": out.tolist(), "class": type(model).__name__, "hf_prune": "hf_prune" in sys.modules,
-                  "retainer": sum(float(p.double().sum()) for p in model.retainer.parameters())}))
-"""
-    payload = json.dumps({k: v.tolist() for k, v in inputs.items()})
-    runs = {mode: subprocess.Popen([sys.executable, "-c", script, str(result.output), mode, payload], text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-            for mode in ("hf_prune", "remote")}
-    for mode, run in runs.items():
-        stdout, stderr = run.communicate(timeout=300)
-        assert run.returncode == 0, stderr[-3000:]
-        got = json.loads(stdout.strip().splitlines()[-1])
+    for mode, got in generate_after_reload(result.output, inputs, tmp_path).items():
         assert got["class"] == "HfPruneLlamaForCausalLM" and got["hf_prune"] == (mode == "hf_prune")
         assert got["retainer"] == pytest.approx(retainer_sum, abs=1e-9)  # the trained weights, not a fresh init
         assert got["tokens"] == expected

@@ -4,13 +4,10 @@ from it. Contract: generate = the pruned forward step by step, a padded batch = 
 = the stock model, layer 0 = the stock model on the cut prompt, original rotary positions, sampling, fresh-
 process reloads and bad settings."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from fresh_process import generate_after_reload
 from hf_prune.model_patches import prompt_token_pruning
 from hf_prune.model_patches.patch_classes import cut_rows
 from tiny_models import NUM_LAYERS, build_tiny_model, build_tokenizer
@@ -189,26 +186,7 @@ def test_save_and_reload_in_a_fresh_process(stock_models, tokenizer, tmp_path):
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         expected = result.model.eval().generate(**inputs, max_new_tokens=6, do_sample=False).tolist()
-    script = r"""
-import json, sys, torch
-if sys.argv[2] == "hf_prune":
-    import hf_prune
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "remote").eval()
-inputs = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
-with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-print(json.dumps({"tokens": out.tolist(), "class": type(model).__name__, "hf_prune": "hf_prune" in sys.modules}))
-"""
-    payload = json.dumps({k: v.tolist() for k, v in inputs.items()})
-    runs = {mode: subprocess.Popen([sys.executable, "-c", script, str(result.output), mode, payload], text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-            for mode in ("hf_prune", "remote")}
-    for mode, run in runs.items():
-        stdout, stderr = run.communicate(timeout=300)
-        assert run.returncode == 0, stderr[-3000:]
-        got = json.loads(stdout.strip().splitlines()[-1])
+    for mode, got in generate_after_reload(result.output, inputs, tmp_path).items():
         assert got["class"] == "HfPruneQwen2ForCausalLM" and got["hf_prune"] == (mode == "hf_prune")
         assert got["tokens"] == expected
 

@@ -1,0 +1,38 @@
+"""Reload a saved causal-LM checkpoint in fresh processes (after ``import hf_prune``, and with
+``trust_remote_code=True`` without it) and generate there."""
+
+import json
+import os
+import subprocess
+import sys
+
+GENERATE_AFTER_RELOAD = r"""
+import json, sys, torch
+if sys.argv[2] == "hf_prune":
+    import hf_prune
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "remote").eval()
+inputs = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
+with torch.no_grad():
+    out = model.generate(**inputs, max_new_tokens=int(sys.argv[4]), do_sample=False)
+retainer = getattr(model, "retainer", None)
+print(json.dumps({"tokens": out.tolist(), "class": type(model).__name__, "hf_prune": "hf_prune" in sys.modules,
+                  "retainer": None if retainer is None else sum(float(p.double().sum()) for p in retainer.parameters())}))
+"""
+
+
+def generate_after_reload(folder, inputs: dict, cwd, max_new_tokens: int = 6) -> dict[str, dict]:
+    """{"hf_prune" | "remote": {"tokens", "class", "hf_prune" (imported?), "retainer" (weight sum or None)}},
+    both processes run side by side; a failing one fails the test with its stderr."""
+    payload = json.dumps({k: v.tolist() for k, v in inputs.items()})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    runs = {mode: subprocess.Popen([sys.executable, "-c", GENERATE_AFTER_RELOAD, str(folder), mode, payload,
+                                    str(max_new_tokens)], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   cwd=cwd, env=env)
+            for mode in ("hf_prune", "remote")}
+    results = {}
+    for mode, run in runs.items():
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
+        results[mode] = json.loads(stdout.strip().splitlines()[-1])
+    return results
