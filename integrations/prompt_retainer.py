@@ -48,6 +48,7 @@ from ..model_patches.prompt_retainer import (
 from .token_retainer import (
     TeacherAnnealing,
     attribution_distribution,
+    only_the_retainer_trains,
     retainer_training_arguments,
     saliency_log_distribution,
     silence_when_quiet,
@@ -183,20 +184,11 @@ def train_prompt_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: b
     """Train ``model.retainer`` in place (the rest frozen); returns a summary for the stage report."""
     started = time.perf_counter()
     windows = text_windows(stage, tokenizer)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith("retainer."))
-    with tempfile.TemporaryDirectory(prefix="hf-prune-prompt-retainer-") as tmp:
+    with only_the_retainer_trains(model), tempfile.TemporaryDirectory(prefix="hf-prune-prompt-retainer-") as tmp:
         args = retainer_training_arguments(stage, tmp, progress)
         trainer = PromptRetainerTrainer(model=model, args=args, train_dataset=windows, stage=stage,
                                         data_collator=lambda rows: {"input_ids": torch.stack([r["input_ids"] for r in rows])})
-        silence_when_quiet(trainer, progress)
-        try:
-            trainer.train()
-        finally:
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(flags[name])
-            model.eval()
+        silence_when_quiet(trainer, progress).train()
     last = trainer.history[-max(1, len(trainer.history) // 10):]
     summary = {"windows": len(windows), "steps": stage.train_steps, "seconds": round(time.perf_counter() - started, 2),
                "final": {k: round(sum(h[k] for h in last) / len(last), 4) for k in ("task", "distill", "flops", "ratio")}}

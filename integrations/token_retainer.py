@@ -30,9 +30,11 @@ sequences apart, and the mean meets the budget.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -115,6 +117,20 @@ def retainer_training_arguments(stage: Any, output_dir: str, progress: bool) -> 
                              lr_scheduler_type="cosine", weight_decay=0.0, logging_strategy="no", save_strategy="no",
                              report_to=[], seed=stage.seed, data_seed=stage.seed, disable_tqdm=not progress,
                              remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+
+
+@contextlib.contextmanager
+def only_the_retainer_trains(model: Any) -> Iterator[None]:
+    """Freeze everything but ``model.retainer`` for the block; restore every flag (and eval mode) after it."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("retainer."))
+    try:
+        yield
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags[name])
+        model.eval()
 
 
 def silence_when_quiet(trainer: Trainer, progress: bool) -> Trainer:
@@ -216,10 +232,7 @@ def train_token_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: bo
     teacher.__class__ = type(model).stock_class  # the stock classifier: same weights, no token pruning
     teacher.eval().requires_grad_(False)
     examples = training_examples(stage, tokenizer, dict(model.config.label2id))
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith("retainer."))
-    with tempfile.TemporaryDirectory(prefix="hf-prune-retainer-") as tmp:
+    with only_the_retainer_trains(model), tempfile.TemporaryDirectory(prefix="hf-prune-retainer-") as tmp:
         args = retainer_training_arguments(stage, tmp, progress)
         ratio_head = [p for n, p in model.named_parameters() if n.startswith("retainer.ratio.")]
         others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("retainer.ratio.")]
@@ -227,13 +240,7 @@ def train_token_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: bo
                                       lr=stage.learning_rate, weight_decay=0.0)
         trainer = RetainerTrainer(model=model, args=args, train_dataset=examples, teacher=teacher, stage=stage,
                                   data_collator=DataCollatorWithPadding(tokenizer), optimizers=(optimizer, None))
-        silence_when_quiet(trainer, progress)
-        try:
-            trainer.train()
-        finally:
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(flags[name])
-            model.eval()
+        silence_when_quiet(trainer, progress).train()
     last = trainer.history[-max(1, len(trainer.history) // 10):]
     summary = {"examples": len(examples), "steps": stage.train_steps,
                "final": {k: round(sum(h[k] for h in last) / len(last), 4) for k in last[-1] if k != "teacher_weight"}}
