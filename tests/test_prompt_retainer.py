@@ -7,6 +7,7 @@ import pytest
 import torch
 from fresh_process import generate_after_reload
 from hf_prune.model_patches.prompt_retainer import PromptRetainer, chosen_ratios
+from test_prompt_token_pruning import PROMPTS
 from tiny_models import NUM_LAYERS, build_tiny_model, build_tokenizer
 
 import hf_prune
@@ -14,8 +15,6 @@ from hf_prune.errors import DataError, RecipeError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PROMPTS = ["The for statement iterates over the items of any sequence, in order, as they appear.",
-           "Modules can import other modules.", "A function definition associates a name with code."]
 TRAINING = {"train_steps": 4, "batch_size": 4, "max_length": 24, "continuation_length": 8, "ig_steps": 2,
             "target_ratio": 0.5, "learning_rate": 1e-2}
 
