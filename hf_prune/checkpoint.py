@@ -67,6 +67,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def load_config(name: str, *, trust_remote_code: bool = False, key: str = "model") -> Any:
+    """A model's config, with ``trust_remote_code`` always passed explicitly: transformers never prompts.
+
+    ``hf_prune_*`` types resolve to the classes ``import hf_prune`` registers; any other ``auto_map`` is
+    refused unless the user opted in. Errors name ``key`` (the recipe key or the command argument)."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise HfPruneError(f"{key}: {name} ships its own modeling code (auto_map in config.json); it is not run "
+                               "unless you opt in with --trust-remote-code (trust_remote_code: true in a recipe)"
+                               ) from None
+        raise HfPruneError(f"{key}: cannot load a config from {name!r}: {exc}") from exc
+    except OSError as exc:
+        raise HfPruneError(f"{key}: cannot load a config from {name!r}: {exc}") from exc
+
+
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_map: str | None = None,
                trust_remote_code: bool = False, allow_pickle: bool = False, auto_class: Any = None) -> Any:
     """Load a model with its head; safetensors only unless ``allow_pickle``.
@@ -75,10 +94,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_m
     vision-language models). ``device_map`` (e.g. "auto") spreads a model over several devices with
     accelerate; otherwise the whole model goes to ``device`` ("auto": cuda when present).
     """
-    import transformers
-
     if auto_class is None:
-        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = load_config(name, trust_remote_code=trust_remote_code)
         auto_class = auto_model_class(get_adapter(config))
     placement = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": _TORCH_DTYPES.get(dtype, "auto"), "trust_remote_code": trust_remote_code}

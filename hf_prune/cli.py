@@ -60,10 +60,18 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=_EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+        sub.add_argument("--trust-remote-code", action="store_true",
+                         help="allow a model folder's own modeling code (auto_map) to run; off by default, "
+                              "and no command ever asks")
         return sub
 
     prune = command("prune", "Run a pruning recipe (YAML or JSON) and save the pruned model.")
     prune.add_argument("recipe", help="recipe file (.yaml, .yml or .json)")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output folder that is not an earlier hf-prune output (never the "
+                            "working folder, a home folder, an ancestor of either, or a folder holding the recipe "
+                            "or its data)")
 
     def placement_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--device", default="auto", help="auto (cuda if present, else cpu) | cpu | cuda | cuda:N")
@@ -71,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="accelerate device map, e.g. auto: spread a model larger than one GPU")
         sub.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                          help="weights dtype (default: bfloat16 on CUDA, the checkpoint's dtype on CPU)")
+        sub.add_argument("--allow-pickle", action="store_true",
+                         help="allow non-safetensors (pickle) weights, which can run code when loaded")
         sub.add_argument("--output", default=None, help="also write the results to this JSON file")
 
     evaluate = command("eval", "Evaluate a model on a task through evaluate metric modules.")
@@ -110,17 +120,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit codes: bad input (a one-line message naming what is wrong), an internal error, Ctrl-C.
+EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quiet or args.command == "demo":
         _silence_library_progress()
+    commands = {"prune": _prune, "eval": _eval, "bench": _bench, "inspect": _inspect, "methods": _methods,
+                "demo": _demo}
     try:
-        return {"prune": _prune, "eval": _eval, "bench": _bench, "inspect": _inspect, "methods": _methods,
-                "demo": _demo}[
-            args.command](args)
-    except (HfPruneError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return commands[args.command](args)
+    except Exception as exc:  # the one error handler of every command
+        return _report_error(exc, debug=args.debug)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _report_error(exc: Exception, *, debug: bool) -> int:
+    """One line on stderr; the traceback only with ``--debug``. Bad input exits 2, anything else 1."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    bad_input = isinstance(exc, (HfPruneError, FileNotFoundError))
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if len(message) > 2000:  # a message quoting a huge value stays readable
+        message = message[:2000] + " ..."
+    if bad_input:
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    print(f"internal error: {type(exc).__name__}: {message}{hint}", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _silence_library_progress() -> None:
@@ -137,7 +171,8 @@ def _prune(args: argparse.Namespace) -> int:
     from .evals.report import format_retained
     from .pipeline import prune
 
-    result = prune(args.recipe, progress=not args.quiet)
+    result = prune(args.recipe, progress=not args.quiet, overwrite=args.overwrite or None,
+                   trust_remote_code=args.trust_remote_code or None)
     report = result.report
     print(f"parameters: {report['params_before']:,} -> {report['params_after']:,} "
           f"({report['params_after'] / report['params_before']:.1%})")
@@ -162,7 +197,8 @@ def _eval(args: argparse.Namespace) -> int:
         "task": args.task, "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "limit": args.limit, "text_field": args.text_field, "text_pair_field": args.text_pair_field,
         "label_field": args.label_field, "max_new_tokens": args.max_new_tokens}, "eval")
-    placement = {"device": args.device, "device_map": args.device_map, "dtype": args.dtype}
+    placement = {"device": args.device, "device_map": args.device_map, "dtype": args.dtype,
+                 "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
     if args.compare:
         results = compare_checkpoints(args.model, args.compare, task, report_dir=Path(args.report_dir),
                                       progress=not args.quiet, **placement)
@@ -180,7 +216,8 @@ def _bench(args: argparse.Namespace) -> int:
     results, table = bench_checkpoints(
         args.model, args.vs, seq_lens=tuple(args.seq_lens), batch_size=args.batch_size,
         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, device=args.device,
-        device_map=args.device_map, dtype=args.dtype, progress=not args.quiet)
+        device_map=args.device_map, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle, progress=not args.quiet)
     print(table)
     if args.output:
         _write_json(results, args.output)
@@ -200,12 +237,12 @@ def _write_json(results: dict[str, Any], output: str) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     import torch
-    import transformers
 
     from .adapters import auto_model_class, count_parameters, get_adapter
+    from .checkpoint import load_config
     from .registry import registered_methods
 
-    config = transformers.AutoConfig.from_pretrained(args.model)
+    config = load_config(args.model, trust_remote_code=args.trust_remote_code)
     adapter = get_adapter(config)
     with torch.device("meta"):  # count parameters without allocating weights
         params = count_parameters(auto_model_class(adapter).from_config(config))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .adapters import count_parameters, get_adapter
-from .checkpoint import load_model, load_preprocessor, resolve_device
+from .checkpoint import load_config, load_model, load_preprocessor, resolve_device
 from .errors import UnsupportedModelError
 from .evals.harness import auto_class_for_task, check_task_fits, get_task, retained_fraction, run_task
 from .evals.report import write_report
@@ -28,20 +28,21 @@ def default_dtype(dtype: str | None, device: str) -> str:
 
 
 def load_for_task(name: str, task: str | None, *, device: str = "auto", device_map: str | None = None,
-                  dtype: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer or processor) for ``task``; the task is checked against the config first."""
-    import transformers
+                  dtype: str | None = None, trust_remote_code: bool = False,
+                  allow_pickle: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer or processor) for ``task``; the task is checked against the config first.
 
-    config = transformers.AutoConfig.from_pretrained(name)
+    ``trust_remote_code`` is always passed explicitly, so transformers never prompts to run a folder's code."""
+    config = load_config(name, trust_remote_code=trust_remote_code)
     if task is not None:
         check_task_fits(task, config)
         auto_class = auto_class_for_task(task, config)
     else:
         auto_class = None  # the adapter's class (bench)
     model = load_model(name, dtype=default_dtype(dtype, device), device=device, device_map=device_map,
-                       auto_class=auto_class)
+                       auto_class=auto_class, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     vision_language = getattr(config, "vision_config", None) is not None
-    return model, load_preprocessor(name, vision_language=vision_language)
+    return model, load_preprocessor(name, vision_language=vision_language, trust_remote_code=trust_remote_code)
 
 
 def _describe(model: Any) -> dict[str, Any]:
@@ -57,8 +58,10 @@ def _release(model: Any) -> None:
 
 
 def evaluate_checkpoint(name: str, task: EvaluationTask, *, device: str = "auto", device_map: str | None = None,
-                        dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
-    model, preprocessor = load_for_task(name, task.task, device=device, device_map=device_map, dtype=dtype)
+                        dtype: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
+                        progress: bool = True) -> dict[str, Any]:
+    model, preprocessor = load_for_task(name, task.task, device=device, device_map=device_map, dtype=dtype,
+                                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     result = {"model": name, **_describe(model), **run_task(model, preprocessor, task, progress=progress)}
     _release(model)
     return result
@@ -74,9 +77,11 @@ def _expert_counts(model: Any) -> list[int] | None:
 
 def compare_checkpoints(name: str, original: str, task: EvaluationTask, *, report_dir: Path,
                         device: str = "auto", device_map: str | None = None, dtype: str | None = None,
+                        trust_remote_code: bool = False, allow_pickle: bool = False,
                         bench: bool = True, progress: bool = True) -> dict[str, Any]:
     """Evaluate ``name`` and ``original`` on ``task``, benchmark both, write report.md and plots."""
-    placement = {"device": device, "device_map": device_map, "dtype": dtype}
+    placement = {"device": device, "device_map": device_map, "dtype": dtype,
+                 "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     loaded = {label: load_for_task(path, task.task, **placement) for label, path in
               (("pruned", name), ("original", original))}
     scores = {label: {**_describe(model), **run_task(model, pre, task, progress=progress)}
@@ -111,14 +116,16 @@ def compare_checkpoints(name: str, original: str, task: EvaluationTask, *, repor
 
 def bench_checkpoints(name: str, vs: str | None, *, seq_lens: tuple[int, ...], batch_size: int, decode_tokens: int,
                       repeats: int, warmup: int, device: str = "auto", device_map: str | None = None,
-                      dtype: str | None = None, progress: bool = True) -> tuple[dict[str, Any], str]:
+                      dtype: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
+                      progress: bool = True) -> tuple[dict[str, Any], str]:
     """Benchmark ``name`` (and ``vs``) in one process, interleaved; the results and a printable table."""
     from .evals.bench import BenchSettings, benchmark_models, format_bench_table
 
     paths = {"pruned": name, "original": vs} if vs else {Path(name).name: name}
     models = {}
     for label, path in paths.items():
-        model, pre = load_for_task(path, None, device=device, device_map=device_map, dtype=dtype)
+        model, pre = load_for_task(path, None, device=device, device_map=device_map, dtype=dtype,
+                                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         models[label] = (model, pre, Path(path) if Path(path).is_dir() else None)
     settings = BenchSettings(seq_lens=seq_lens, batch_size=batch_size, decode_tokens=decode_tokens,
                              repeats=repeats, warmup=warmup)

@@ -7,6 +7,7 @@ checked before the model is loaded, so a bad recipe fails in seconds and writes 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,6 +18,7 @@ from .adapters import count_parameters, get_adapter
 from .checkpoint import (
     check_output_path,
     library_versions,
+    load_config,
     load_model,
     load_preprocessor,
     save_pruned_model,
@@ -43,14 +45,19 @@ class PruneResult:
         return self.report["stages"]
 
 
-def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, progress: bool = True) -> PruneResult:
+def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, progress: bool = True,
+          overwrite: bool | None = None, trust_remote_code: bool | None = None) -> PruneResult:
     """Run a recipe. ``prune(recipe)`` loads ``recipe.model``; ``prune(model, recipe)`` prunes a copy of a
-    model already in memory (the given model is left untouched). Saves when the recipe has ``output``."""
+    model already in memory (the given model is left untouched). Saves when the recipe has ``output``.
+
+    ``overwrite`` and ``trust_remote_code``, when given, override the recipe's keys (the CLI's flags)."""
     started = time.perf_counter()
     if recipe is None:
         recipe, source_model = load_recipe(model_or_recipe), None
     else:
         recipe, source_model = load_recipe(recipe, model_in_memory=True), model_or_recipe
+    overrides = {"overwrite": overwrite, "trust_remote_code": trust_remote_code}
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     config = source_model.config if source_model is not None else _load_config(recipe)
     adapter = get_adapter(config)
     _preflight(recipe, config, adapter, source_model)
@@ -134,12 +141,10 @@ def _prefill_sweep(model: Any, preprocessor: Any) -> dict[int, float]:
 
 
 def _load_config(recipe: Recipe) -> Any:
-    import transformers
-
     try:
-        return transformers.AutoConfig.from_pretrained(recipe.model, trust_remote_code=recipe.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise RecipeError(f"model: cannot load a config from {recipe.model!r}: {exc}") from exc
+        return load_config(recipe.model, trust_remote_code=recipe.trust_remote_code)
+    except HfPruneError as exc:
+        raise RecipeError(str(exc)) from exc.__cause__
 
 
 def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> None:

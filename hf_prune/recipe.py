@@ -94,14 +94,18 @@ class Recipe:
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    overwrite: bool = False
     calibration: CalibrationConfig | None = None
     stages: list[Stage] = field(default_factory=list)
     evaluate: list[EvaluationTask] = field(default_factory=list)
+    #: The file the recipe was read from (None for a dict); its folder is never replaced by a save.
+    source_file: Path | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model, "output": self.output, "dtype": self.dtype, "device": self.device,
             "trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle,
+            "overwrite": self.overwrite,
             "calibration": dataclasses.asdict(self.calibration) if self.calibration else None,
             "stages": [s.to_dict() for s in self.stages],
             "evaluate": [dataclasses.asdict(e) for e in self.evaluate],
@@ -115,6 +119,7 @@ _TOP_LEVEL_HELP = {
     "device": "auto (cuda if present, else cpu) | cpu | cuda | cuda:N | a device_map name for accelerate (balanced, sequential)",
     "trust_remote_code": "allow the model's own modeling code (off by default)",
     "allow_pickle": "allow loading non-safetensors weights (off by default: pickle can run code)",
+    "overwrite": "replace an existing output folder that is not an earlier hf-prune output (off by default)",
     "calibration": "calibration data section",
     "stages": "list of pruning stages, each {method: NAME, ...its config}",
     "evaluate": "list of evaluation tasks run on the original and the pruned model",
@@ -128,7 +133,9 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, model_in_memory
     """
     if isinstance(source, Recipe):
         return source
+    source_file = None
     if isinstance(source, (str, Path)):
+        source_file = Path(source).expanduser().resolve()
         data = _read_recipe_file(Path(source))
     elif isinstance(source, dict):
         data = source
@@ -136,7 +143,7 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, model_in_memory
         raise RecipeError(f"recipe: expected a file path or a dict, got {type(source).__name__}")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe: the top level must be a mapping, got {type(data).__name__}")
-    return _build_recipe(data, model_in_memory=model_in_memory)
+    return dataclasses.replace(_build_recipe(data, model_in_memory=model_in_memory), source_file=source_file)
 
 
 def _read_recipe_file(path: Path) -> Any:
@@ -187,6 +194,7 @@ def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
         model=model, output=output, dtype=dtype, device=device,
         trust_remote_code=_check_type("trust_remote_code", data.get("trust_remote_code", False), bool),
         allow_pickle=_check_type("allow_pickle", data.get("allow_pickle", False), bool),
+        overwrite=_check_type("overwrite", data.get("overwrite", False), bool),
         calibration=calibration, stages=stages, evaluate=evaluate,
     )
 
