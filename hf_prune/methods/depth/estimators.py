@@ -48,7 +48,10 @@ class NormalEquations:
         alpha = ridge
         for _ in range(12):
             chol, info = torch.linalg.cholesky_ex(self.gram + alpha * eye)
-            if int(info) == 0:
+            # Rounding can let an exactly singular MᵀM factor "successfully" with a near-zero pivot;
+            # cond(MᵀM) ≈ (max/min pivot)², so treat a condition number past 1e13 as singular too.
+            pivots = chol.diagonal()
+            if int(info) == 0 and float((pivots.min() / pivots.max()) ** 2) > 1e-13:
                 return torch.cholesky_solve(self.cross, chol), alpha
             alpha = max(alpha * 10.0, scale * 1e-10)
         raise RuntimeError("least-squares normal equations stayed singular after ridge fallback")
