@@ -189,7 +189,7 @@ def print_checkpoint_costs(folder: Path, calibration_fields: dict, title: str) -
 
 def save_large_random_mixtral(testbed: Path, out: Path) -> Path:
     """The testbed's architecture and tokenizer, widened to hidden 512 / 8 layers (~0.1B parameters), random weights."""
-    config = AutoConfig.from_pretrained(testbed)
+    config = AutoConfig.from_pretrained(testbed, trust_remote_code=False)
     config.update({"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8,
                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64})
     torch.manual_seed(0)

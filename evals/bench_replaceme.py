@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {device}, torch threads: {torch.get_num_threads()}")
     assets = Path(args.assets)
     stories = assets / "models" / "stories260K"
-    tokenizer = AutoTokenizer.from_pretrained(stories)
-    model = AutoModelForCausalLM.from_pretrained(stories).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(stories, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(stories, trust_remote_code=False).to(device).eval()
     texts = self_generated_texts(model, tokenizer, num_samples=args.num_samples, max_new_tokens=args.seq_len)
     calibration = build_dataclass(CalibrationConfig, {"data": "self-generated", "num_samples": args.num_samples,
                                                       "seq_len": args.seq_len, "batch_size": 8}, "calibration")

@@ -147,8 +147,8 @@ def _sample_stories(model_dir: str, num_samples: int) -> str:
     """Stories sampled from stories260K, one per blank-line-separated paragraph (cached per process)."""
     from hf_prune.calibration import self_generated_texts
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
     texts = self_generated_texts(model, tokenizer, num_samples=num_samples, max_new_tokens=STORY_MAX_NEW_TOKENS,
                                  seed=STORY_SEED, batch_size=64)
     stories = [re.sub(r"\n\s*\n+", "\n", text.strip()) for text in texts]

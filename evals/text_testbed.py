@@ -170,8 +170,8 @@ def sample_stories(model_dir: str, num_samples: int) -> tuple[str, ...]:
     """Stories sampled from stories260K from BOS with a fixed seed (cached per process)."""
     from hf_prune.calibration import self_generated_texts
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
     texts = self_generated_texts(model, tokenizer, num_samples=num_samples, max_new_tokens=STORY_MAX_NEW_TOKENS,
                                  seed=DATA_SEED, batch_size=64)
     return tuple(text.strip() for text in texts)
@@ -249,11 +249,11 @@ def write_jsonl(path: pathlib.Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def _fine_tune(train_rows: list[dict[str, Any]], steps: int, seed: int, progress: bool):
     path = base_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     tokenizer.model_max_length = MAX_LENGTH
     torch.manual_seed(seed)  # the new classifier head
     model = transformers.BertForSequenceClassification.from_pretrained(
-        path, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
+        path, trust_remote_code=False, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
         label2id={label: i for i, label in enumerate(LABELS)})
     with tempfile.TemporaryDirectory(prefix="text-testbed-trainer-") as scratch:
         args = transformers.TrainingArguments(

@@ -114,8 +114,8 @@ def build_testbed_clip(out_dir: pathlib.Path, testbed: pathlib.Path, *, assets: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: see vlm_testbed.TRAIN_THREADS
     try:
-        llava = LlavaForConditionalGeneration.from_pretrained(testbed, dtype=torch.float32).eval()
-        processor = AutoProcessor.from_pretrained(testbed)
+        llava = LlavaForConditionalGeneration.from_pretrained(testbed, dtype=torch.float32, trust_remote_code=False).eval()
+        processor = AutoProcessor.from_pretrained(testbed, trust_remote_code=False)
         tokenizer = character_clip_tokenizer()
         vision = llava.model.vision_tower
         text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,

@@ -46,6 +46,21 @@ recipe.yaml:
 }
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-prune", description="Config-driven pruning of Hugging Face Transformers models.",
@@ -90,23 +105,23 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", metavar="ORIGINAL", default=None,
                           help="also evaluate and benchmark ORIGINAL, report the retained fraction, write a report")
     evaluate.add_argument("--report-dir", default="eval-report", help="where --compare writes report.md and plots")
-    evaluate.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: model max, <= 1024)")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples / windows")
+    evaluate.add_argument("--seq-len", type=positive_int, default=None, help="perplexity window (default: model max, <= 1024)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass (default 8)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many examples / windows")
     evaluate.add_argument("--text-field", default="text", help="text column (perplexity, classification)")
     evaluate.add_argument("--text-pair-field", default=None, help="second text column (classification pairs)")
     evaluate.add_argument("--label-field", default="label", help="label column (classification)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (vqa)")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=8, help="answer length limit (vqa)")
     placement_options(evaluate)
 
     bench = command("bench", "Benchmark prefill latency, decode speed, memory, parameters, size and FLOPs.")
     bench.add_argument("model", help="model folder or hub id")
     bench.add_argument("--vs", metavar="ORIGINAL", default=None, help="benchmark ORIGINAL too and report ratios")
-    bench.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512, 1024], help="prefill lengths")
-    bench.add_argument("--batch-size", type=int, default=1, help="sequences per prefill")
-    bench.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for decode speed")
-    bench.add_argument("--repeats", type=int, default=5, help="timed repeats (medians reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
+    bench.add_argument("--seq-lens", type=positive_int, nargs="+", default=[128, 512, 1024], help="prefill lengths")
+    bench.add_argument("--batch-size", type=positive_int, default=1, help="sequences per prefill")
+    bench.add_argument("--decode-tokens", type=positive_int, default=64, help="tokens generated for decode speed")
+    bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (medians reported)")
+    bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up runs")
     placement_options(bench)
 
     inspect = command("inspect", "Show the architecture facts hf-prune knows about a model and which methods apply.")

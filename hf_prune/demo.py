@@ -23,8 +23,8 @@ _RELOAD_SCRIPT = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder, ids = sys.argv[1], json.loads(sys.argv[2])
-model = AutoModelForCausalLM.from_pretrained(folder).eval()
-tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 with torch.no_grad():
     logits = model(torch.tensor([ids])).logits[0]
 generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)

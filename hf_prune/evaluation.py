@@ -122,6 +122,10 @@ def bench_checkpoints(name: str, vs: str | None, *, seq_lens: tuple[int, ...], b
     from .evals.bench import BenchSettings, benchmark_models, format_bench_table
 
     paths = {"pruned": name, "original": vs} if vs else {Path(name).name: name}
+    for path in paths.values():  # refuse before any weights load
+        if get_adapter(load_config(path, trust_remote_code=trust_remote_code)).is_encoder:
+            raise UnsupportedModelError(f"{path}: bench times prefill and generation, and an encoder classifier "
+                                        "has no generation; evaluate it with 'hf-prune eval --task classification'")
     models = {}
     for label, path in paths.items():
         model, pre = load_for_task(path, None, device=device, device_map=device_map, dtype=dtype,

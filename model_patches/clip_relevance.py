@@ -144,7 +144,8 @@ def load_tokenizers(path, hub_kwargs: dict) -> dict | None:
     from transformers import AutoTokenizer
 
     try:
-        return {name: AutoTokenizer.from_pretrained(path, subfolder=f"{TOKENIZER_FOLDER}/{name}", **hub_kwargs)
+        return {name: AutoTokenizer.from_pretrained(path, subfolder=f"{TOKENIZER_FOLDER}/{name}",
+                                                   **{"trust_remote_code": False, **hub_kwargs})
                 for name in ("language", "clip")}
     except (OSError, ValueError):
         return None

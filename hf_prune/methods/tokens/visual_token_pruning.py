@@ -136,8 +136,8 @@ def attach_clip_text_tower(model: Any, source: str, language_tokenizer: Any) -> 
     from transformers import AutoTokenizer, CLIPModel
 
     try:
-        clip = CLIPModel.from_pretrained(source, dtype=torch.float32)
-        clip_tokenizer = AutoTokenizer.from_pretrained(source)
+        clip = CLIPModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+        clip_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as error:
         raise ConfigFieldError("text_tower", f"cannot load a CLIP model and its tokenizer from {source!r}: "
                                              f"{str(error).splitlines()[0]}") from None
