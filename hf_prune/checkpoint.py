@@ -7,7 +7,6 @@ never written to.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -20,8 +19,14 @@ import torch
 
 from .adapters import auto_model_class, get_adapter
 from .errors import HfPruneError, RecipeError
+from .output_safety import (
+    REPORT_FILE,
+    check_finite_tensors,
+    remove_stale_temporaries,
+    save_lock,
+    strict_json_dumps,
+)
 
-REPORT_FILE = "hf_prune.json"
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,20 +46,26 @@ def check_output_path(output: str | os.PathLike, source: str | os.PathLike | Non
 
 
 def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a fresh sibling folder, then swap it into ``target`` in one rename."""
+    """Call ``write(tmp)`` on a fresh sibling folder, then swap it into ``target`` in one rename.
+
+    First removes what a killed earlier save left beside ``target`` (see ``remove_stale_temporaries``).
+    The folders in use are locked, so a concurrent save's clean-up leaves them alone."""
     target = Path(target).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        write(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with save_lock(tmp):
+            write(tmp)
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                with save_lock(target):
+                    os.replace(target, old)
+                    os.replace(tmp, target)
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -204,7 +215,10 @@ def build_model_card(report: dict[str, Any], *, model_type: str | None = None) -
 def save_pruned_model(model: Any, tokenizer: Any, output: str | os.PathLike, report: dict[str, Any],
                       write_extra: Callable[[Path], None] | None = None) -> Path:
     """Weights (safetensors), config, tokenizer/processor, hf_prune.json, README.md and whatever
-    ``write_extra(folder)`` adds (the evaluation report), all in one atomic save."""
+    ``write_extra(folder)`` adds (the evaluation report), all in one atomic save.
+
+    Refuses NaN/inf weights before writing anything; ``hf_prune.json`` is strict JSON (NaN/inf become null)."""
+    check_finite_tensors(model.state_dict())
 
     def write(folder: Path) -> None:
         if write_extra is not None:
@@ -212,7 +226,7 @@ def save_pruned_model(model: Any, tokenizer: Any, output: str | os.PathLike, rep
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        (folder / REPORT_FILE).write_text(strict_json_dumps(report, indent=2, default=_json_default) + "\n")
         (folder / "README.md").write_text(build_model_card(report, model_type=model.config.model_type))
 
     return atomic_write_dir(output, write)

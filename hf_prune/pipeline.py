@@ -29,6 +29,7 @@ from .data import looks_like_local_path
 from .errors import ConfigFieldError, HfPruneError, RecipeError, UnsupportedModelError
 from .evals.harness import TaskModelMismatch, check_task_fits, get_task, retained_fraction, run_task
 from .evals.report import write_report
+from .output_safety import check_output_folder, weight_files_size
 from .recipe import Recipe, load_recipe
 from .registry import get_method, run_stage
 
@@ -169,4 +170,29 @@ def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> 
     for key, data in local_data:
         if looks_like_local_path(data) and not Path(data).expanduser().exists():
             raise RecipeError(f"{key}: file not found: {data}")
+    if recipe.output:
+        required = (sum(t.numel() * t.element_size() for t in source_model.state_dict().values())
+                    if source_model is not None else weight_files_size(recipe.model))
+        check_output_folder(recipe.output, overwrite=recipe.overwrite, protected_files=_recipe_local_files(recipe),
+                            required_bytes=required)
+
+
+def _recipe_local_files(recipe: Recipe) -> list[tuple[str, Path]]:
+    """The local files a recipe reads (the recipe itself, data, stage fields naming a path): a save must
+    never replace a folder holding one of them."""
+    named: list[tuple[str, Any]] = [("the recipe file", recipe.source_file)]
+    if recipe.calibration:
+        named.append(("calibration.data", recipe.calibration.data))
+    named += [(f"evaluate[{i}].data", task.data) for i, task in enumerate(recipe.evaluate)]
+    for i, stage in enumerate(recipe.stages):  # e.g. train_data, text_tower: any string naming a local path
+        named += [(f"stages[{i}].{key}", value) for key, value in stage.config.to_dict().items()
+                  if isinstance(value, str)]
+    return [(key, Path(value).expanduser()) for key, value in named if value is not None and _exists(value)]
+
+
+def _exists(path: str | Path) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):  # a string no file could have as its name
+        return False
 
