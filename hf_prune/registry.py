@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import RecipeError
+from .errors import RecipeError, quoted
 
 if TYPE_CHECKING:
     from .adapters import ModelAdapter
@@ -100,7 +100,7 @@ def registered_methods() -> dict[str, MethodSpec]:
 def get_method(name: str, *, key_path: str = "method") -> MethodSpec:
     methods = registered_methods()
     if name not in methods:
-        raise RecipeError(f"{key_path}: unknown method {name!r} (registered: {', '.join(methods)})")
+        raise RecipeError(f"{key_path}: unknown method {quoted(name)} (registered: {', '.join(methods)})")
     return methods[name]
 
 
