@@ -26,6 +26,7 @@ from .output_safety import (
     save_lock,
     strict_json_dumps,
 )
+from .recipe import device_name_problem
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,6 +71,28 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def check_device(device: str, *, key: str = "device") -> None:
+    """Refuse a device name hf-prune does not know, or a device this machine lacks (``cuda`` without CUDA,
+    ``cuda:N`` past the last GPU, ``mps`` off Apple silicon), before any weights load.
+
+    Errors start with ``key`` (the recipe key or the command-line option)."""
+    problem = device_name_problem(device)
+    if problem:
+        raise HfPruneError(f"{key}: {problem}")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise HfPruneError(f"{key}: {device!r} needs a CUDA GPU, and torch {torch.__version__} has none here "
+                               f"({build}); use auto or cpu")
+        index = int(device.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise HfPruneError(f"{key}: {device!r} does not exist; this machine has {count} CUDA device"
+                               f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise HfPruneError(f"{key}: 'mps' needs an Apple-silicon GPU, and torch cannot use one here; use auto or cpu")
 
 
 def resolve_device(device: str) -> str:

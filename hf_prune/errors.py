@@ -1,5 +1,11 @@
 """Exceptions raised by hf-prune. Every message names what is wrong and what is allowed."""
 
+from __future__ import annotations
+
+import math
+import reprlib
+from typing import Any
+
 
 class HfPruneError(Exception):
     """Base class for every error hf-prune raises on purpose."""
@@ -28,3 +34,23 @@ class ConfigFieldError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 6, 4
+_SHORT_REPR.maxstring, _SHORT_REPR.maxother, _SHORT_REPR.maxlong = 60, 60, 40
+
+
+def quoted(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for messages: never print a huge value whole."""
+    try:
+        text = _SHORT_REPR.repr(value)
+    except ValueError:  # an int too long for Python to print
+        digits = int(value.bit_length() * math.log10(2)) + 1 if isinstance(value, int) else None
+        text = f"<an integer of about {digits} digits>" if digits else f"<{type(value).__name__}>"
+    return clip(text, limit)
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text``, cut to ``limit`` characters with "..." at the end when longer."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."

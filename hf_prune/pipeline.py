@@ -16,6 +16,7 @@ from typing import Any
 
 from .adapters import count_parameters, get_adapter
 from .checkpoint import (
+    check_device,
     check_output_path,
     library_versions,
     load_config,
@@ -150,13 +151,12 @@ def _load_config(recipe: Recipe) -> Any:
 
 def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> None:
     """Checks that need the model's config but not its weights."""
-    for i, stage in enumerate(recipe.stages):
+    if source_model is None:  # a model in memory stays where it is
         try:
-            stage.config.check_model(config, adapter)
-        except ConfigFieldError as exc:
-            raise RecipeError(f"stages[{i}].{exc.field}: {exc.message}") from None
-        except UnsupportedModelError as exc:
-            raise UnsupportedModelError(f"stages[{i}] ({stage.method}): {exc}") from None
+            check_device(recipe.device)
+        except HfPruneError as exc:
+            raise RecipeError(str(exc)) from None
+    _check_stages(recipe, config, adapter)
     for i, task in enumerate(recipe.evaluate):
         try:
             check_task_fits(task.task, config)
@@ -196,3 +196,20 @@ def _exists(path: str | Path) -> bool:
     except (OSError, ValueError):  # a string no file could have as its name
         return False
 
+
+def _check_stages(recipe: Recipe, config: Any, adapter: Any) -> None:
+    """Check each stage against the config as the stages before it will leave it (``predict_config``), so
+    stages that together remove too much fail here, not after the first ones ran."""
+    changed_by: list[str] = []  # the earlier stages that change what a check reads
+    for i, stage in enumerate(recipe.stages):
+        after = f" (the model as {', '.join(changed_by)} will leave it)" if changed_by else ""
+        try:
+            stage.config.check_model(config, adapter)
+        except ConfigFieldError as exc:
+            raise RecipeError(f"stages[{i}].{exc.field}: {exc.message}{after}") from None
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"stages[{i}] ({stage.method}): {exc}{after}") from None
+        predicted = stage.config.predict_config(config, adapter)
+        if predicted is not config:
+            changed_by.append(f"stages[{i}] ({stage.method})")
+            config = predicted

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import math
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from .errors import ConfigFieldError, RecipeError
+from .errors import ConfigFieldError, RecipeError, clip, quoted
+from .recipe_file import read_recipe_file
 from .registry import MethodConfig, config_field, get_method
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Where the weights go: auto (cuda when present, else cpu), a torch device, or an accelerate device_map
+#: (``checkpoint.load_model`` places them; ``checkpoint.check_device`` checks this machine has the device).
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps", "balanced", "balanced_low_0", "sequential")
+_CUDA_INDEX = re.compile(r"cuda:[0-9]{1,9}")
 #: Evaluation tasks a recipe may name (the harness in hf_prune.evals implements them).
 EVAL_TASKS = ("perplexity", "multiple_choice", "classification", "vqa")
 
@@ -116,7 +121,8 @@ _TOP_LEVEL_HELP = {
     "model": "model folder or hub id (required)",
     "output": "output folder (required; never the source folder)",
     "dtype": f"weights dtype: {' | '.join(DTYPES)}",
-    "device": "auto (cuda if present, else cpu) | cpu | cuda | cuda:N | a device_map name for accelerate (balanced, sequential)",
+    "device": "auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps | a device_map name for accelerate "
+              "(balanced, balanced_low_0, sequential)",
     "trust_remote_code": "allow the model's own modeling code (off by default)",
     "allow_pickle": "allow loading non-safetensors weights (off by default: pickle can run code)",
     "overwrite": "replace an existing output folder that is not an earlier hf-prune output (off by default)",
@@ -136,48 +142,39 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, model_in_memory
     source_file = None
     if isinstance(source, (str, Path)):
         source_file = Path(source).expanduser().resolve()
-        data = _read_recipe_file(Path(source))
+        data = read_recipe_file(Path(source))
     elif isinstance(source, dict):
         data = source
     else:
         raise RecipeError(f"recipe: expected a file path or a dict, got {type(source).__name__}")
+    if data is None:
+        raise RecipeError("recipe: the file is empty; a recipe is a mapping with model, output and stages")
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe: the top level must be a mapping, got {type(data).__name__}")
+        raise RecipeError(f"recipe: the top level must be a mapping, got {_type_name(type(data))}")
     return dataclasses.replace(_build_recipe(data, model_in_memory=model_in_memory), source_file=source_file)
 
 
-def _read_recipe_file(path: Path) -> Any:
-    if not path.is_file():
-        raise RecipeError(f"recipe: file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)  # YAML is a superset of JSON
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise RecipeError(f"recipe: {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
-
-
-def _unknown_key_error(path: str, key: str, allowed: typing.Iterable[str]) -> RecipeError:
+def _unknown_key_error(path: str, key: Any, allowed: typing.Iterable[str]) -> RecipeError:
     allowed = list(allowed)
-    hint = difflib.get_close_matches(key, allowed, n=1)
+    name = key if isinstance(key, str) else quoted(key)
+    hint = difflib.get_close_matches(name, allowed, n=1) if len(name) <= 80 else []
     suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-    return RecipeError(f"{path}{key}: unknown key (allowed: {', '.join(allowed)}){suggestion}")
+    return RecipeError(f"{path}{clip(name)}: unknown key (allowed: {', '.join(allowed)}){suggestion}")
 
 
 def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
     for key in data:
         if key not in _TOP_LEVEL_HELP:
-            raise _unknown_key_error("", str(key), _TOP_LEVEL_HELP)
-    for key in ("model", "output"):
-        if key not in data and not model_in_memory:
-            raise RecipeError(f"{key}: missing required key ({_TOP_LEVEL_HELP[key]})")
-    model = _check_type("model", data.get("model"), str | None)
-    output = _check_type("output", data.get("output"), str | None)
+            raise _unknown_key_error("", key, _TOP_LEVEL_HELP)
+    model = _location(data, "model", "model folder or hub id", required=not model_in_memory)
+    output = _location(data, "output", "folder path", required=not model_in_memory)
     dtype = _check_type("dtype", data.get("dtype", "auto"), str)
     if dtype not in DTYPES:
-        raise RecipeError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise RecipeError(f"dtype: must be one of {', '.join(DTYPES)}, got {quoted(dtype)}")
     device = _check_type("device", data.get("device", "auto"), str)
+    problem = device_name_problem(device)
+    if problem:
+        raise RecipeError(f"device: {problem}")
     calibration = None
     if data.get("calibration") is not None:
         calibration = build_dataclass(CalibrationConfig, data["calibration"], "calibration")
@@ -189,7 +186,7 @@ def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
     if needing and calibration is None:
         raise RecipeError(f"calibration: missing, but {', '.join(needing)} needs calibration data")
     evaluate = [build_dataclass(EvaluationTask, entry, f"evaluate[{i}]")
-                for i, entry in enumerate(_check_type("evaluate", data.get("evaluate") or [], list))]
+                for i, entry in enumerate(_check_type("evaluate", _or_default(data, "evaluate", []), list))]
     return Recipe(
         model=model, output=output, dtype=dtype, device=device,
         trust_remote_code=_check_type("trust_remote_code", data.get("trust_remote_code", False), bool),
@@ -199,9 +196,35 @@ def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
     )
 
 
+def _location(data: dict[str, Any], key: str, what: str, *, required: bool) -> str | None:
+    """``model`` / ``output``: a non-empty string. Required unless the model is in memory (``prune(model,
+    recipe)``), where a missing or null one means "none" (no output: nothing is saved)."""
+    if key not in data or (data[key] is None and not required):
+        if required:
+            raise RecipeError(f"{key}: missing required key ({_TOP_LEVEL_HELP[key]})")
+        return None
+    value = data[key]
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{key}: must be a non-empty {what}, got {_described(value)}")
+    return value
+
+
+def _or_default(data: dict[str, Any], key: str, default: Any) -> Any:
+    """``data[key]``, or ``default`` when it is missing or null (``evaluate:`` with nothing after it)."""
+    value = data.get(key)
+    return default if value is None else value
+
+
+def device_name_problem(device: str) -> str | None:
+    """Why ``device`` is not a device name hf-prune can place weights on, or None if it is one."""
+    if device in DEVICES or _CUDA_INDEX.fullmatch(device):
+        return None
+    return f"must be one of {' | '.join(DEVICES)}, got {quoted(device)}"
+
+
 def _build_stage(entry: Any, path: str) -> Stage:
     if not isinstance(entry, dict):
-        raise RecipeError(f"{path}: expected a mapping with a 'method' key, got {type(entry).__name__}")
+        raise RecipeError(f"{path}: expected a mapping with a 'method' key, got {_type_name(type(entry))}")
     if "method" not in entry:
         raise RecipeError(f"{path}.method: missing required key")
     name = _check_type(f"{path}.method", entry["method"], str)
@@ -213,12 +236,12 @@ def _build_stage(entry: Any, path: str) -> Stage:
 def build_dataclass(cls: type, data: Any, path: str) -> Any:
     """Build dataclass ``cls`` from a mapping, checking unknown keys, required keys and types."""
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping, got {type(data).__name__}")
+        raise RecipeError(f"{path}: expected a mapping, got {_type_name(type(data))}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise _unknown_key_error(f"{path}.", str(key), fields)
+            raise _unknown_key_error(f"{path}.", key, fields)
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -228,8 +251,8 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
             raise RecipeError(f"{path}.{name}: missing required key ({help_text})")
     try:
         return cls(**kwargs)
-    except ConfigFieldError as exc:
-        raise RecipeError(f"{path}.{exc.field}: {exc.message}") from None
+    except ConfigFieldError as exc:  # a config's own message may quote a whole (long) list: keep it short
+        raise RecipeError(f"{path}.{exc.field}: {clip(exc.message, 400)}") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -250,12 +273,14 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
         for option in typing.get_args(tp):
             try:
                 return _check_type(path, value, option)
-            except RecipeError:
+            except RecipeError as exc:
+                if getattr(exc, "value_refused", False):
+                    raise
                 continue
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise RecipeError(f"{path}: must be one of {_type_name(tp)}, got {value!r}")
+        raise RecipeError(f"{path}: must be one of {_type_name(tp)}, got {quoted(value)}")
     elif origin is list or tp is list:
         if isinstance(value, list):
             (inner,) = typing.get_args(tp) or (Any,)
@@ -267,10 +292,43 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
             return None
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite_float(path, value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _printable_int(path, value)
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise RecipeError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    raise RecipeError(f"{path}: expected {_type_name(tp)}, got {_described(value)}")
+
+
+def _value_refused(message: str) -> RecipeError:
+    """An error for a value of the right type that is refused (NaN, an endless int): a union such as
+    ``float | None`` must report it rather than go on to say "expected float or null"."""
+    error = RecipeError(message)
+    error.value_refused = True
+    return error
+
+
+def _finite_float(path: str, value: int | float) -> float:
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    if not math.isfinite(number):
+        raise _value_refused(f"{path}: must be a finite number, got {quoted(value)}")
+    return number
+
+
+def _printable_int(path: str, value: int) -> int:
+    # Python refuses to turn an int of more than 4300 digits into text: no message could even show it.
+    try:
+        str(value)
+    except ValueError:
+        limit = sys.get_int_max_str_digits()
+        raise _value_refused(f"{path}: must be an integer of at most {limit} digits, got {quoted(value)}") from None
+    return value
+
+
+def _described(value: Any) -> str:
+    """``null``, or the value's type and short repr (``str 'four'``)."""
+    return "null" if value is None else f"{_type_name(type(value))} {quoted(value)}"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import RecipeError
+from .errors import RecipeError, quoted
 
 if TYPE_CHECKING:
     from .adapters import ModelAdapter
@@ -33,7 +33,17 @@ class MethodConfig:
     def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
         """Raise ``ConfigFieldError`` if this config cannot apply to a model with ``model_config``.
 
-        Called by the pipeline on the model's config before any weights are loaded."""
+        Called by the pipeline on the model's config before any weights are loaded: for a later stage, on
+        the config as the stages before it will leave it (``predict_config``)."""
+
+    def predict_config(self, model_config: Any, adapter: ModelAdapter) -> Any:
+        """The model's config as this stage will leave it, so the next stage's ``check_model`` sees what it
+        will get (two stages that remove 3 and 2 of 5 layers fail before any weights load).
+
+        Called after ``check_model`` passed. Return ``model_config`` itself when the stage changes nothing a
+        later check reads (the default), else a changed ``copy.deepcopy`` of it: never modify
+        ``model_config``, which may be the caller's in-memory model's config."""
+        return model_config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,7 +110,7 @@ def registered_methods() -> dict[str, MethodSpec]:
 def get_method(name: str, *, key_path: str = "method") -> MethodSpec:
     methods = registered_methods()
     if name not in methods:
-        raise RecipeError(f"{key_path}: unknown method {name!r} (registered: {', '.join(methods)})")
+        raise RecipeError(f"{key_path}: unknown method {quoted(name)} (registered: {', '.join(methods)})")
     return methods[name]
 
 

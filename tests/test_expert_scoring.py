@@ -353,7 +353,8 @@ def test_short_calibration(saved, tmp_path):
     source = saved("mixtral")
     one = tmp_path / "one.txt"
     one.write_text("A single paragraph, far shorter than one batch of eight sequences.\n")
-    result = hf_prune.prune(recipe(source, one, algorithm="frequency", keep_experts=3), progress=False)
+    result = hf_prune.prune(recipe(source, one, tmp_path / "short", algorithm="frequency", keep_experts=3),
+                            progress=False)
     assert result.stages[0]["experts_after"] == 4 * 3
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("Hi")
@@ -407,8 +408,8 @@ def test_dense_model_refused_before_loading(saved, calibration_file, tmp_path, n
     assert ExpertPruningConfig.unsupported_reason(get_adapter(mixtral)) is None
 
 
-def test_calibration_required(saved):
-    data = recipe(saved("mixtral"), "unused.txt", keep_experts=2)
+def test_calibration_required(saved, tmp_path):
+    data = recipe(saved("mixtral"), "unused.txt", tmp_path / "out", keep_experts=2)
     del data["calibration"]
     with pytest.raises(RecipeError, match=r"calibration: missing, but stages\[0\] \(expert_pruning\) needs"):
         hf_prune.prune(data, progress=False)

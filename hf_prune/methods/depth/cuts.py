@@ -7,6 +7,7 @@ ReplaceMe paper, or every non-pad token), where h_l is the raw output of decoder
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,6 +70,28 @@ class DepthCutConfig(MethodConfig):
         if self.layers is not None and self.layers[1] >= total:
             raise ConfigFieldError(
                 "layers", f"last layer must be below {total} (the model's decoder layers), got {self.layers}")
+
+    def predict_config(self, model_config: Any, adapter: ModelAdapter) -> Any:
+        """The config with the removed layers gone: fewer ``num_hidden_layers``, and the per-layer lists
+        (``layer_types``, ``experts_per_layer``, Qwen-MoE's dense layers) cut as ``remove_layers`` cuts them.
+
+        With ``num_layers`` the block is chosen on calibration data, so only the count is certain; the
+        lists are cut as if the deepest block went."""
+        predicted = copy.deepcopy(model_config)
+        text = adapter.text_config(predicted)
+        total = adapter.num_layers(predicted)
+        first, last = self.layers if self.layers is not None else (total - self.num_layers, total - 1)
+        kept = [i for i in range(total) if not first <= i <= last]
+        text.num_hidden_layers = len(kept)
+        for name in ("layer_types", "experts_per_layer"):
+            values = getattr(text, name, None)
+            if values is not None and len(values) == total:
+                setattr(text, name, [values[i] for i in kept])
+        if hasattr(text, "mlp_only_layers") and hasattr(text, "decoder_sparse_step"):
+            step, dense = int(text.decoder_sparse_step or 1), set(text.mlp_only_layers or [])
+            text.mlp_only_layers = [new for new, old in enumerate(kept) if old in dense or (old + 1) % step]
+            text.decoder_sparse_step = 1
+        return predicted
 
 
 @dataclass

@@ -22,6 +22,7 @@ model that reloads with its per-layer counts. Every layer keeps at least top-k e
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -145,6 +146,22 @@ class ExpertPruningConfig(MethodConfig):
                 "keep_ratio", f"must be in [{low:.4g}, 1] for this model ({kept}, fewer than {why}"
                               f"{'' if self.uniform else ' in each of its ' + str(layers) + ' MoE layers'}), "
                               f"got {self.keep_ratio}")
+
+    def predict_config(self, model_config: Any, adapter: ModelAdapter) -> Any:
+        """Uniform pruning: every MoE layer keeps ``keep_experts`` (or round(keep_ratio·E)) experts. A
+        non-uniform count per layer follows the scores, unknown before the weights load: left unchanged."""
+        if not self.uniform:
+            return model_config
+        counts = experts_per_layer_from_config(model_config, adapter)
+        kept = [0 if n == 0 else self.keep_experts if self.keep_experts is not None
+                else round_half_up(self.keep_ratio * n) for n in counts]
+        predicted = copy.deepcopy(model_config)
+        text = adapter.text_config(predicted)
+        if getattr(text, "experts_per_layer", None) is not None:
+            text.experts_per_layer = kept
+        else:  # the stock config's one count: every MoE layer had the same, so keeps the same
+            setattr(text, adapter.spec.num_experts_key, max(kept))
+        return predicted
 
 
 def experts_per_layer_from_config(model_config: Any, adapter: ModelAdapter) -> list[int]:
