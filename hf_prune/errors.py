@@ -28,3 +28,16 @@ class ConfigFieldError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class ModelError(HfPruneError, ValueError):
+    """A model folder is unusable: corrupt weight files, weights that do not match config.json, absurd sizes."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file (or datasets hub id) that cannot be found; also a ``FileNotFoundError`` for callers that
+    catch that."""
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration runs, but on less data than the recipe asked for."""
