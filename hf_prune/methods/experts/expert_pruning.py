@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ...adapters import ModelAdapter
+from ...adapters import ModelAdapter, get_adapter
 from ...context import PruneContext
 from ...errors import CalibrationError, ConfigFieldError, UnsupportedModelError
 from ...registry import MethodConfig, StageReport, config_field, register_method
@@ -145,6 +145,11 @@ class ExpertPruningConfig(MethodConfig):
                 "keep_ratio", f"must be in [{low:.4g}, 1] for this model ({kept}, fewer than {why}"
                               f"{'' if self.uniform else ' in each of its ' + str(layers) + ' MoE layers'}), "
                               f"got {self.keep_ratio}")
+
+    def min_calibration_tokens(self, model_config: Any) -> int:
+        # Ranking needs at least one token per expert of the largest layer (apply checks it again for
+        # callers that bypass the pipeline).
+        return max(experts_per_layer_from_config(model_config, get_adapter(model_config)), default=0)
 
 
 def experts_per_layer_from_config(model_config: Any, adapter: ModelAdapter) -> list[int]:
