@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import max_positions
 from ..data import load_text_records
+from ..errors import DataError
 from .metrics import load_metric
 
 # Literal marker that raw corpus dumps (TinyStories, GPT-2-style text files) put between documents.
@@ -47,7 +49,9 @@ def evaluate_perplexity(
             whose ``text_field`` values are joined with blank lines, or a Hub dataset id (its
             ``test`` split; needs network access).
         seq_len: window length in tokens; defaults to the model's maximum positions, capped at
-            1024. Windows do not overlap; a final shorter window is kept if it has >= 2 tokens.
+            1024. Windows do not overlap; a final shorter window is kept if it has >= 2 tokens. A
+            length beyond the model's positions is clamped to them, with a warning, and the result
+            says so (``seq_len_clamped_from``).
         batch_size: windows per forward pass (only windows of equal length share a batch).
         limit: evaluate at most this many windows (from the start of the text).
         text_field: column holding the text for structured files and Hub datasets.
@@ -60,15 +64,24 @@ def evaluate_perplexity(
 
     Returns:
         ``{"perplexity", "mean_nll", "num_tokens", "num_windows", "seq_len", "data", "seconds"}``
-        where ``num_tokens`` counts predicted tokens (each window predicts its length minus one).
+        (plus ``seq_len_clamped_from`` when ``seq_len`` was clamped) where ``num_tokens`` counts
+        predicted tokens (each window predicts its length minus one).
     """
     started = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for all windows), got {limit}")
+    seq_len_clamped_from = None
+    positions = max_positions(model)
     if seq_len is None:
         seq_len = default_seq_len(model)
+    elif positions is not None and seq_len > positions:
+        # Past its positions a model reads untrained (or wrapped-around) position encodings: the figure
+        # would mean nothing, so evaluate at the longest window it supports and say so.
+        warnings.warn(f"seq_len {seq_len} is longer than the model's {positions} positions "
+                      f"(max_position_embeddings); evaluating with seq_len {positions}", UserWarning, stacklevel=2)
+        seq_len_clamped_from, seq_len = seq_len, positions
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (a window predicts seq_len - 1 tokens), got {seq_len}")
 
@@ -77,19 +90,21 @@ def evaluate_perplexity(
     if document_separator:
         text = text.replace(document_separator, "")
     if not text.strip():
-        raise ValueError(f"no text to evaluate in {data_name!r}: it is empty or whitespace only")
+        raise DataError(f"no text to evaluate in {data_name!r}: it is empty or whitespace only")
 
     # verbose=False: a corpus is expected to be longer than the model's maximum length, so the
     # tokenizer's "sequence too long" warning would only be noise; windows keep us within bounds.
     token_ids = tokenizer(text, verbose=False)["input_ids"]
     if len(token_ids) < 2:
-        raise ValueError(
+        raise DataError(
             f"no tokens to evaluate in {data_name!r}: the text encodes to {len(token_ids)} token(s), "
             "at least 2 are needed"
         )
     tokens = torch.tensor(token_ids, dtype=torch.long)
     result = perplexity_of_tokens(model, tokens, seq_len=seq_len, batch_size=batch_size, limit=limit,
                                   progress=progress)
+    if seq_len_clamped_from is not None:
+        result["seq_len_clamped_from"] = seq_len_clamped_from
     return {**result, "data": data_name, "seconds": time.perf_counter() - started}
 
 

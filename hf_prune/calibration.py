@@ -7,13 +7,14 @@ positions, so pad tokens never enter them.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .data import load_text_records
-from .errors import CalibrationError
+from .errors import CalibrationError, CalibrationWarning
 from .recipe import CalibrationConfig
 
 
@@ -54,6 +55,7 @@ def tokenize_calibration(texts: list[str], tokenizer: Any, config: CalibrationCo
     sequences = [s for s in sequences[:config.num_samples] if len(s) >= 2]
     if not sequences:
         raise CalibrationError("calibration data yields no sequence of at least 2 tokens")
+    warn_if_short(sequences, config)
     pad_id = _pad_token_id(tokenizer)
     batches = []
     for start in range(0, len(sequences), config.batch_size):
@@ -66,6 +68,19 @@ def tokenize_calibration(texts: list[str], tokenizer: Any, config: CalibrationCo
             mask[row, :len(seq)] = 1
         batches.append(CalibrationBatch(ids, mask))
     return batches
+
+
+def warn_if_short(sequences: list[list[int]], config: CalibrationConfig) -> None:
+    """A CalibrationWarning when the sequences hold fewer tokens than ``num_samples × seq_len``: the run goes
+    on, but on less data than the recipe says (short records, or too few of them)."""
+    tokens = sum(len(s) for s in sequences)
+    requested = config.num_samples * config.seq_len
+    if tokens < requested:
+        hint = "" if config.packing else ", or set packing: true to fill every sequence"
+        warnings.warn(f"calibration data {config.data} gives {tokens:,} tokens, fewer than the {requested:,} requested "
+                      f"(num_samples {config.num_samples} × seq_len {config.seq_len}): {len(sequences)} sequence(s) "
+                      f"of {tokens / len(sequences):.0f} tokens on average; add calibration text{hint}",
+                      CalibrationWarning, stacklevel=2)
 
 
 def build_calibration(config: CalibrationConfig, tokenizer: Any) -> list[CalibrationBatch]:

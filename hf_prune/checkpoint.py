@@ -16,9 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .adapters import auto_model_class, get_adapter
-from .errors import HfPruneError, RecipeError
+from .checkpoint_checks import (
+    check_config_matches_weight_files,
+    check_config_sizes,
+    check_loading_info,
+    quiet_load_report,
+    read_safetensors_headers,
+    safetensors_values,
+)
+from .errors import HfPruneError, ModelError, RecipeError
 from .output_safety import (
     REPORT_FILE,
     check_finite_tensors,
@@ -28,6 +37,9 @@ from .output_safety import (
 )
 from .recipe import device_name_problem
 
+#: How transformers' loader words its refusals of a checkpoint (RuntimeError): state-dict errors, failed
+#: conversions of the weight layout.
+_LOADER_REFUSALS = ("Error(s) in loading state_dict", "automatic conversion of the weights")
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -105,12 +117,19 @@ def load_config(name: str, *, trust_remote_code: bool = False, key: str = "model
     """A model's config, with ``trust_remote_code`` always passed explicitly: transformers never prompts.
 
     ``hf_prune_*`` types resolve to the classes ``import hf_prune`` registers; any other ``auto_map`` is
-    refused unless the user opted in. Errors name ``key`` (the recipe key or the command argument)."""
+    refused unless the user opted in. Errors name ``key`` (the recipe key or the command argument).
+    config.json's sizes are checked on the raw file first (building a config or a model from 10⁹ layers
+    would hang), and a local folder's config against the size of its weight files."""
     import transformers
 
     try:
-        return transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        # The raw dict: some config classes build per-layer lists in __init__, so check before constructing.
+        raw, _ = transformers.PretrainedConfig.get_config_dict(name)
+        check_config_sizes(raw, source=f"{key}: {name}/config.json")
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as exc:
+        if isinstance(exc, HfPruneError):
+            raise
         if "trust_remote_code" in str(exc):
             raise HfPruneError(f"{key}: {name} ships its own modeling code (auto_map in config.json); it is not run "
                                "unless you opt in with --trust-remote-code (trust_remote_code: true in a recipe)"
@@ -118,6 +137,9 @@ def load_config(name: str, *, trust_remote_code: bool = False, key: str = "model
         raise HfPruneError(f"{key}: cannot load a config from {name!r}: {exc}") from exc
     except OSError as exc:
         raise HfPruneError(f"{key}: cannot load a config from {name!r}: {exc}") from exc
+    headers = read_safetensors_headers(name, key=name)
+    check_config_matches_weight_files(raw, safetensors_values(headers), key=name)
+    return config
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_map: str | None = None,
@@ -139,13 +161,25 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_m
         kwargs["device_map"] = device_map
     if not allow_pickle:
         kwargs["use_safetensors"] = True
+    read_safetensors_headers(name, key=name)  # a corrupt or truncated file is named before loading
+    # Wrong shapes are loaded (re-initialised) rather than raised with no key named: check_loading_info
+    # then refuses them with every other mismatch, naming the keys.
+    kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     try:
-        model = auto_class.from_pretrained(name, **kwargs)
+        with quiet_load_report():
+            model, loading_info = auto_class.from_pretrained(name, **kwargs)
     except OSError as exc:
         if not allow_pickle and "safetensors" in str(exc).lower():
             raise HfPruneError(f"{name}: no safetensors weights found; pickle checkpoints can run arbitrary code "
                                "and are refused unless the recipe sets allow_pickle: true") from exc
-        raise
+        raise ModelError(f"{name}: cannot load the weights: {exc}") from exc
+    except SafetensorError as exc:
+        raise ModelError(f"{name}: corrupt or truncated safetensors file ({exc}); download or save it again") from exc
+    except RuntimeError as exc:
+        if not any(marker in str(exc) for marker in _LOADER_REFUSALS):
+            raise  # out of memory and the like are not bad input
+        raise ModelError(f"{name}: the weights cannot be loaded into this config: {exc}") from exc
+    check_loading_info(name, loading_info)
     if not device_map:
         model.to(placement)
     model.eval()

@@ -17,14 +17,28 @@ class PruneContext:
     tokenizer: Any = None
     calibration_config: CalibrationConfig | None = None
     progress: bool = True
+    #: Fewest real calibration tokens the stages need (the largest ``MethodConfig.min_calibration_tokens``
+    #: of the recipe, set by the pipeline) and which stage needs them, for the error message.
+    min_calibration_tokens: int = 0
+    min_calibration_tokens_by: str = "this stage"
     _batches: list[CalibrationBatch] | None = field(default=None, repr=False)
 
     def calibration_batches(self) -> list[CalibrationBatch]:
-        """Tokenised calibration batches, built on first use and shared by every stage."""
+        """Tokenised calibration batches, built on first use and shared by every stage; fewer real tokens
+        than ``min_calibration_tokens`` is a CalibrationError (fewer than requested only a warning)."""
         if self._batches is None:
-            if self.calibration_config is None:
+            config = self.calibration_config
+            if config is None:
                 raise CalibrationError("this stage needs calibration data: add a 'calibration:' section")
             if self.tokenizer is None:
                 raise CalibrationError("calibration needs a tokenizer, and none was found with the model")
-            self._batches = build_calibration(self.calibration_config, self.tokenizer)
+            batches = build_calibration(config, self.tokenizer)
+            tokens = sum(batch.num_tokens for batch in batches)
+            if tokens < self.min_calibration_tokens:
+                raise CalibrationError(
+                    f"calibration data {config.data} gives {tokens:,} tokens, fewer than the "
+                    f"{self.min_calibration_tokens:,} that {self.min_calibration_tokens_by} needs on this model "
+                    f"(requested: num_samples {config.num_samples} × seq_len {config.seq_len} = "
+                    f"{config.num_samples * config.seq_len:,}); add calibration text, or set packing: true")
+            self._batches = batches
         return self._batches

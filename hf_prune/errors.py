@@ -36,6 +36,19 @@ class ConfigFieldError(ValueError):
         self.message = message
 
 
+class ModelError(HfPruneError, ValueError):
+    """A model folder is unusable: corrupt weight files, weights that do not match config.json, absurd sizes."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file (or datasets hub id) that cannot be found; also a ``FileNotFoundError`` for callers that
+    catch that."""
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration runs, but on less data than the recipe asked for."""
+
+
 _SHORT_REPR = reprlib.Repr()
 _SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 6, 4
 _SHORT_REPR.maxstring, _SHORT_REPR.maxother, _SHORT_REPR.maxlong = 60, 60, 40

@@ -83,7 +83,9 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
     # The prefill sweep runs causal LMs (with generate); an encoder classifier has neither.
     sweep = bool(recipe.evaluate) and not adapter.is_encoder
     latency = {"original": _prefill_sweep(model, preprocessor)} if sweep else {}
-    context = PruneContext(adapter, text_tokenizer(preprocessor), recipe.calibration, progress)
+    floor, needed_by = calibration_floor(recipe, config)
+    context = PruneContext(adapter, text_tokenizer(preprocessor), recipe.calibration, progress,
+                           min_calibration_tokens=floor, min_calibration_tokens_by=needed_by)
     stage_reports = []
     for stage in recipe.stages:
         params = count_parameters(model)
@@ -142,6 +144,14 @@ def _prefill_sweep(model: Any, preprocessor: Any) -> dict[int, float]:
     return prefill_latency_ms(results)["model"]
 
 
+def calibration_floor(recipe: Recipe, config: Any) -> tuple[int, str]:
+    """(fewest real calibration tokens, the stage that needs them): the largest
+    ``min_calibration_tokens`` among the stages that read calibration data, (0, "") when none has a floor."""
+    floors = [(stage.config.min_calibration_tokens(config), f"stages[{i}] ({stage.method})")
+              for i, stage in enumerate(recipe.stages) if stage.config.needs_calibration]
+    return max(floors, key=lambda floor: floor[0], default=(0, ""))
+
+
 def _load_config(recipe: Recipe) -> Any:
     try:
         return load_config(recipe.model, trust_remote_code=recipe.trust_remote_code)
@@ -162,6 +172,12 @@ def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> 
             check_task_fits(task.task, config)
         except TaskModelMismatch as exc:
             raise RecipeError(f"evaluate[{i}].task: {exc}") from None
+    floor, needed_by = calibration_floor(recipe, config)
+    if recipe.calibration and floor > recipe.calibration.num_samples * recipe.calibration.seq_len:
+        calibration = recipe.calibration
+        raise RecipeError(f"calibration.num_samples: {calibration.num_samples} × seq_len {calibration.seq_len} = "
+                          f"{calibration.num_samples * calibration.seq_len:,} tokens at most, fewer than the "
+                          f"{floor:,} that {needed_by} needs on this model")
     if recipe.output:
         source = recipe.model or getattr(source_model, "name_or_path", None)
         check_output_path(recipe.output, source)

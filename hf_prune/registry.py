@@ -45,6 +45,11 @@ class MethodConfig:
         ``model_config``, which may be the caller's in-memory model's config."""
         return model_config
 
+    def min_calibration_tokens(self, model_config: Any) -> int:
+        """Fewest real (non-pad) calibration tokens for this method to be well-posed on ``model_config``;
+        0: no floor. The pipeline refuses calibration data below the largest floor of a recipe's stages."""
+        return 0
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -64,6 +64,15 @@ class ReplaceMeConfig(DepthCutConfig):
             raise UnsupportedModelError(reason)
         super().check_model(model_config, adapter)
 
+    def min_calibration_tokens(self, model_config: Any) -> int:
+        # lstsq solves for a d×d map: with fewer than d tokens MᵀM is rank-deficient, the ridge fallback
+        # makes it solvable and the map fits the few tokens exactly (an under-determined fit, not a model of
+        # the removed layers). The cosine estimator starts from the identity and only nudges it: no floor.
+        if self.estimator != "lstsq":
+            return 0
+        text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        return int(text_config.hidden_size)
+
 
 @torch.no_grad()
 def fold_linear_map_into_mlp_output(adapter: ModelAdapter, layer: torch.nn.Module, transform: torch.Tensor) -> list[str]:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ...adapters import ModelAdapter
+from ...adapters import ModelAdapter, get_adapter
 from ...context import PruneContext
 from ...errors import CalibrationError, ConfigFieldError, UnsupportedModelError
 from ...registry import MethodConfig, StageReport, config_field, register_method
@@ -162,6 +162,11 @@ class ExpertPruningConfig(MethodConfig):
         else:  # the stock config's one count: every MoE layer had the same, so keeps the same
             setattr(text, adapter.spec.num_experts_key, max(kept))
         return predicted
+
+    def min_calibration_tokens(self, model_config: Any) -> int:
+        # Ranking needs at least one token per expert of the largest layer (apply checks it again for
+        # callers that bypass the pipeline).
+        return max(experts_per_layer_from_config(model_config, get_adapter(model_config)), default=0)
 
 
 def experts_per_layer_from_config(model_config: Any, adapter: ModelAdapter) -> list[int]:
