@@ -204,10 +204,12 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .checkpoint import check_device
     from .evals.report import format_retained
     from .evaluation import compare_checkpoints, evaluate_checkpoint
     from .recipe import EvaluationTask, build_dataclass
 
+    check_device(args.device, key="--device")
     task = build_dataclass(EvaluationTask, {
         "task": args.task, "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "limit": args.limit, "text_field": args.text_field, "text_pair_field": args.text_pair_field,
@@ -226,8 +228,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .checkpoint import check_device
     from .evaluation import bench_checkpoints
 
+    check_device(args.device, key="--device")
     results, table = bench_checkpoints(
         args.model, args.vs, seq_lens=tuple(args.seq_lens), batch_size=args.batch_size,
         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, device=args.device,

@@ -127,32 +127,23 @@ def check_text_file(path: Path, name: str) -> None:
 
 
 def read_records(data: str, required: tuple[str, ...] = (), *, split: str = "test") -> list[tuple[str, dict]]:
-    """``(where, row)`` pairs of a local .jsonl/.json/.parquet file or a datasets hub id, read through
-    ``datasets``. ``where`` is ``file:line`` for JSONL (``file:row N`` / ``id:row N`` otherwise), so every
-    later error can name it; a row lacking a ``required`` field (or holding null there) fails here."""
-    import datasets
-
+    """``(where, row)`` pairs of a local .jsonl/.json/.parquet file or a datasets hub id. ``where`` is
+    ``file:line`` for JSONL (``file:row N`` / ``id:row N`` otherwise), so every later error can name it; a
+    row lacking a ``required`` field (or holding null there) fails here. JSONL is read line by line (rows
+    whose field types differ make no Arrow table), the rest through ``datasets``."""
     path = Path(data).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
-        if LOCAL_DATA_BUILDERS.get(suffix) not in ("json", "parquet"):
+        builder = LOCAL_DATA_BUILDERS.get(suffix)
+        if builder not in ("json", "parquet"):
             raise DataError(f"{data}: unsupported file type {path.suffix!r} for records (allowed: .jsonl, .json, .parquet)")
-        if suffix != ".parquet":
+        if builder != "parquet":
             check_text_file(path, data)
-        try:
-            dataset = datasets.load_dataset(LOCAL_DATA_BUILDERS[suffix], data_files=str(path), split="train")
-        except Exception as exc:  # StopIteration included: the json builder's answer to an empty file
-            if suffix != ".jsonl":
-                raise DataError(f"{data}: cannot be read as a table ({root_cause(exc)})") from exc
-            # Bad JSON, or fields whose type changes from row to row (no Arrow table): read line by line.
+        if suffix == ".jsonl":
             records = _jsonl_lines(path, data)
         else:
-            if suffix == ".jsonl":
-                with path.open(encoding="utf-8") as handle:
-                    wheres = [f"{data}:{n}" for n, line in enumerate(handle, start=1) if line.strip()]
-            else:
-                wheres = [f"{data}:row {n}" for n in range(1, dataset.num_rows + 1)]
-            records = list(zip(wheres, dataset.to_list(), strict=True))
+            dataset = _load_local_dataset(path, data, builder)
+            records = [(f"{data}:row {n}", row) for n, row in enumerate(dataset.to_list(), start=1)]
     elif looks_like_local_path(data):
         raise DataFileNotFoundError(f"data file not found: {data}")
     else:

@@ -324,7 +324,7 @@ def test_vqa_errors(llava, vqa_case, tmp_path):
     with pytest.raises(DataError, match=r"no_answers\.jsonl:1: missing field 'answers'"):
         evaluate_vqa(model, processor, no_answers, progress=False)
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(DataError, match="holds no records"):
+    with pytest.raises(DataError, match="the file is empty"):
         evaluate_vqa(model, processor, tmp_path / "empty.jsonl", progress=False)
     with pytest.raises(FileNotFoundError, match="data file not found"):
         evaluate_vqa(model, processor, tmp_path / "absent.jsonl", progress=False)

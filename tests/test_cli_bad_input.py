@@ -194,7 +194,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     "recipe-not-utf8": (lambda w: [P, w.recipe(raw="model: x\n".encode("utf-16").decode("latin-1"))],
                         r"recipe: .*(UTF-8|not valid)"),
     "recipe-list": (lambda w: [P, w.recipe(raw="- model: x\n")], r"top level must be a mapping"),
-    "recipe-empty": (lambda w: [P, w.recipe(raw="")], r"top level must be a mapping, got NoneType"),
+    "recipe-empty": (lambda w: [P, w.recipe(raw="")], r"recipe: the file is empty"),
     "recipe-json-nan": (lambda w: [P, w.recipe("r.json", raw='{"model": "x", "output": NaN}')], r"NaN"),
     "unknown-top-key": (lambda w: [P, w.recipe(outptu="x")], r"outptu: unknown key .*did you mean 'output'"),
     "missing-model": (lambda w: [P, w.recipe(model=...)], r"model: missing required key"),
