@@ -178,15 +178,13 @@ def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> 
         raise RecipeError(f"calibration.num_samples: {calibration.num_samples} × seq_len {calibration.seq_len} = "
                           f"{calibration.num_samples * calibration.seq_len:,} tokens at most, fewer than the "
                           f"{floor:,} that {needed_by} needs on this model")
-    if recipe.output:
-        source = recipe.model or getattr(source_model, "name_or_path", None)
-        check_output_path(recipe.output, source)
     local_data = [("calibration.data", recipe.calibration.data)] if recipe.calibration else []
     local_data += [(f"evaluate[{i}].data", task.data) for i, task in enumerate(recipe.evaluate)]
     for key, data in local_data:
         if looks_like_local_path(data) and not Path(data).expanduser().exists():
             raise RecipeError(f"{key}: file not found: {data}")
     if recipe.output:
+        check_output_path(recipe.output, recipe.model or getattr(source_model, "name_or_path", None))
         required = (sum(t.numel() * t.element_size() for t in source_model.state_dict().values())
                     if source_model is not None else weight_files_size(recipe.model))
         check_output_folder(recipe.output, overwrite=recipe.overwrite, protected_files=_recipe_local_files(recipe),
