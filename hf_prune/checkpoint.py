@@ -217,7 +217,8 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_model_card(report: dict[str, Any], *, model_type: str | None = None) -> str:
+def build_model_card(report: dict[str, Any], *, model_type: str | None = None,
+                     auto_class: str = "AutoModelForCausalLM") -> str:
     """A ``huggingface_hub.ModelCard`` with base_model, tags and evaluation results as model-index."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -260,11 +261,11 @@ def build_model_card(report: dict[str, Any], *, model_type: str | None = None) -
     if model_type and model_type.startswith("hf_prune_"):
         load = ["Its architecture changed (`model_type: " + model_type + "`): load it after `import hf_prune`, or",
                 "without hf_prune through the modeling code saved beside the weights:", "", "```python",
-                "from transformers import AutoModelForCausalLM",
-                f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)', "```"]
+                f"from transformers import {auto_class}",
+                f'model = {auto_class}.from_pretrained("{name}", trust_remote_code=True)', "```"]
     else:
-        load = ["Loads with plain `transformers`:", "", "```python", "from transformers import AutoModelForCausalLM",
-                f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```"]
+        load = ["Loads with plain `transformers`:", "", "```python", f"from transformers import {auto_class}",
+                f'model = {auto_class}.from_pretrained("{name}")', "```"]
     lines += ["", *load, "", f"The full report (recipe, per-stage details, timings) is in `{REPORT_FILE}`.", ""]
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)))
 
@@ -284,7 +285,9 @@ def save_pruned_model(model: Any, tokenizer: Any, output: str | os.PathLike, rep
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / REPORT_FILE).write_text(strict_json_dumps(report, indent=2, default=_json_default) + "\n")
-        (folder / "README.md").write_text(build_model_card(report, model_type=model.config.model_type))
+        (folder / "README.md").write_text(build_model_card(
+            report, model_type=model.config.model_type,
+            auto_class=auto_model_class(get_adapter(model.config)).__name__))
 
     return atomic_write_dir(output, write)
 

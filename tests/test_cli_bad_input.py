@@ -187,6 +187,11 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
 
 
 P = "prune"
+#: Otherwise valid: last-wins parsing would silently remove layers 1-2 instead of layer 1.
+DUPLICATE_KEY = "output: out\nstages:\n  - method: layer_drop\n    layers: [1, 1]\n    layers: [1, 2]\n"
+#: "Billion laughs" inside ``model:``: 8 levels of 9 aliases, 9⁸ (43 million) strings once expanded.
+YAML_BOMB = "output: out\nstages: [{method: layer_drop, layers: [1, 1]}]\nmodel:\n" + "".join(
+    f"  - &l{level} [{', '.join([f'*l{level - 1}' if level else 'x'] * 9)}]\n" for level in range(8))
 CASES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     # ---- prune: the recipe file
     "recipe-missing": (lambda w: [P, "nope.yaml"], r"recipe: file not found: nope\.yaml"),
@@ -201,14 +206,8 @@ CASES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     "missing-output": (lambda w: [P, w.recipe(output=...)], r"output: missing required key"),
     "output-null": (lambda w: [P, w.recipe(output=None)], r"output: .*non-empty"),
     "output-empty": (lambda w: [P, w.recipe(output="")], r"output: .*non-empty"),
-    "duplicate-key": (lambda w: [P, w.recipe(raw=f"model: {w.stories}\noutput: out\nstages:\n"
-                                            "  - method: layer_drop\n    num_layers: 1\n    num_layers: 2\n")],
-                      r"duplicate key 'num_layers'"),
-    "yaml-bomb": (lambda w: [P, w.recipe(raw="a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
-                                            "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
-                                            "e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n"
-                                            "g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nmodel: [*g,*g,*g,*g,*g,*g,*g]\n")],
-                  r"(alias|nodes)"),
+    "duplicate-key": (lambda w: [P, w.recipe(raw=f"model: {w.stories}\n" + DUPLICATE_KEY)], r"duplicate key 'layers'"),
+    "yaml-bomb": (lambda w: [P, w.recipe(raw=YAML_BOMB)], r"(alias|nodes)"),
     "python-tag": (lambda w: [P, w.recipe(raw="model: !!python/object/apply:os.system ['touch PWNED']\n")],
                    r"not valid YAML"),
     "unknown-method": (lambda w: [P, w.stage(method="replace_me")], r"stages\[0\]\.method: unknown method 'replace_me'"),

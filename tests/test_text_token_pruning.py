@@ -137,6 +137,8 @@ def test_training_through_the_pipeline_and_fresh_reload(tokenizer, tmp_path, fam
     saved = json.loads((result.output / "config.json").read_text())
     assert saved["model_type"] == f"hf_prune_{family}" and saved["token_pruning"]["algorithm"] == "adtp"
     assert (result.output / "text_token_pruning.py").is_file()
+    card = (result.output / "README.md").read_text()  # the card shows the class that loads a classifier
+    assert "AutoModelForSequenceClassification.from_pretrained(" in card and "AutoModelForCausalLM" not in card
     inputs = batch(tokenizer, sentences(4, seed=11))
     with torch.no_grad():
         expected = result.model(**inputs)
