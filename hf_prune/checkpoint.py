@@ -46,7 +46,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 def check_output_path(output: str | os.PathLike, source: str | os.PathLike | None) -> Path:
     """Refuse an output that is, contains or sits inside the source model folder."""
     out = Path(output).expanduser().resolve()
-    if source is not None and Path(source).expanduser().exists():
+    if source and Path(source).expanduser().exists():  # "": a model built in memory has no folder
         src = Path(source).expanduser().resolve()
         if out == src or src in out.parents:
             raise RecipeError(f"output: {output} is inside the source model folder {source}; "

@@ -125,11 +125,13 @@ class ClipTextTowerRelevance:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # (model, loading_info) when the caller asked for output_loading_info=True.
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
         if model.has_clip_text_tower():
             hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
             model.relevance_tokenizers = load_tokenizers(pretrained_model_name_or_path, hub)
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         result = super().save_pretrained(save_directory, *args, **kwargs)

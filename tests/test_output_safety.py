@@ -466,3 +466,18 @@ def test_hf_prune_json_is_strict_json(tmp_path, source):
     assert saved["stages"][0]["relative_error"] is None
     assert saved["stages"][0]["distances"] == [0.5, None] and saved["stages"][0]["tensor"] == [1.0, None]
     assert _strict(strict_json_dumps({"x": (float("nan"), 1.5)})) == {"x": [None, 1.5]}
+
+
+def test_a_model_built_in_memory_saves_below_the_working_folder(tmp_path, monkeypatch):
+    """A model built from a config has no folder (``name_or_path == ""``): nothing to protect, so an output
+    under the working folder is fine (an empty name once counted as the working folder itself)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert model.name_or_path == ""
+    monkeypatch.chdir(tmp_path)
+    result = hf_prune.prune(model, {"output": "pruned", "stages": [{"method": "layer_drop", "layers": [1, 1]}]},
+                            progress=False)
+    assert result.output == tmp_path / "pruned"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").config.num_hidden_layers == 2
