@@ -1,0 +1,25 @@
+"""The wheel ships every module of the four source roots, inside the ``hf_prune`` namespace only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+from conftest import REPO_ROOT
+
+SOURCE_ROOTS = {"hf_prune": "hf_prune", "integrations": "hf_prune/integrations",
+                "model_patches": "hf_prune/model_patches", "evals": "hf_prune/evals"}
+
+
+def test_wheel_holds_every_module_and_metric_file(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path), str(REPO_ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("hf_prune-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
+    expected = {f"{installed}/{path.relative_to(REPO_ROOT / folder).as_posix()}"
+                for folder, installed in SOURCE_ROOTS.items()
+                for path in (REPO_ROOT / folder).rglob("*.py") if "__pycache__" not in path.parts}
+    assert any(name.startswith("hf_prune/evals/metrics/perplexity/") for name in expected)  # the walk saw them
+    assert sorted(expected - shipped) == [], "modules left out of the wheel"
+    assert sorted(shipped - expected) == [], "the wheel ships files that are not in the source roots"
