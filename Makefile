@@ -8,7 +8,7 @@ STAMP := $(VENV)/.hf-prune-installed
 export HF_HUB_OFFLINE ?= 1
 export HF_EVALUATE_OFFLINE ?= 1
 
-.PHONY: demo test lint setup
+.PHONY: demo test test-fast lint setup
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The quick loop while developing: everything but the tests marked slow (fresh processes, testbed builds).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_prune integrations model_patches evals tests

@@ -7,6 +7,8 @@ from hf_prune.evals.demo_model import build_demo_model
 
 from hf_prune import demo
 
+pytestmark = pytest.mark.slow  # builds a testbed or runs fresh processes
+
 
 @pytest.fixture
 def quick_demo_model(tmp_path, monkeypatch):

@@ -69,6 +69,7 @@ def test_tiny_build_loads_and_generates(tiny_model_dir):
     assert record["eval_perplexity"] > 1 and record["final_train_loss"] > 0
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(tiny_model_dir, tmp_path):
     first = load_file(next(tiny_model_dir.glob("*.safetensors")))
     again = load_file(next(_tiny_build(tmp_path / "again", seed=0).glob("*.safetensors")))

@@ -114,6 +114,7 @@ def _all_reduce_worker(rank, init_file, inputs, targets, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_data_parallel_statistics_sum_over_ranks(tmp_path):
     """Two gloo ranks with half the tokens each reach the single-process solution."""
     import torch.multiprocessing as mp

@@ -193,6 +193,7 @@ def reloaded(copies, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", CODE_VARIANTS)
 @pytest.mark.parametrize("name", NAMES)
 def test_loads_as_remote_code_without_hf_prune(copies, reloaded, name, variant):

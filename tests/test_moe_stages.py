@@ -29,6 +29,7 @@ EXPERTS = {"method": "expert_pruning", "algorithm": "router_weight", "uniform": 
 DEPTH = {"method": "replaceme", "num_layers": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("order", ["experts_then_depth", "depth_then_experts"])
 def test_two_stage_recipe_reloads(family, order, tmp_path):

@@ -14,6 +14,8 @@ from hf_prune.evals import moe_routing, moe_testbed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+pytestmark = pytest.mark.slow  # builds a testbed or runs fresh processes
+
 TINY_STEPS = 3
 # Smaller held-out splits and fewer sampled stories keep a tiny build to a few seconds.
 TINY_SIZES = {"STORY_SAMPLES": 64, "EVAL_CHARS": 3_000, "CALIBRATION_CHARS": 2_000}

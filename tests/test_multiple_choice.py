@@ -328,6 +328,7 @@ def cloze_accuracy(stories260k, text_path, tmp_path):
     return evaluate_multiple_choice(model, tokenizer, path, batch_size=32, progress=False)
 
 
+@pytest.mark.slow
 def test_stories260k_cloze_in_domain_beats_out_of_domain(stories260k, tmp_path):
     # Measured (seed 0, 200 items, 4 choices, chance 0.25): TinyStories 0.875 (norm 0.875),
     # wikitext-2 valid 0.445 (norm 0.415); seeds 1 and 2 give 0.86/0.91 and 0.51/0.475.

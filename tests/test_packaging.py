@@ -6,12 +6,14 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 from conftest import REPO_ROOT
 
 SOURCE_ROOTS = {"hf_prune": "hf_prune", "integrations": "hf_prune/integrations",
                 "model_patches": "hf_prune/model_patches", "evals": "hf_prune/evals"}
 
 
+@pytest.mark.slow
 def test_wheel_holds_every_module_and_metric_file(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--wheel-dir", str(tmp_path), str(REPO_ROOT)], check=True, capture_output=True, timeout=300)

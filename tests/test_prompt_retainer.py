@@ -125,6 +125,7 @@ def test_a_sharp_ratio_head_gives_prompts_their_own_ratios(stock, tokenizer, tex
                                model.generate(**inputs, max_new_tokens=4, do_sample=False)[row, inputs["input_ids"].shape[1]:])
 
 
+@pytest.mark.slow
 def test_save_and_reload_in_a_fresh_process(stock, tokenizer, text_file, tmp_path):
     stage = {"method": "text_token_pruning", "algorithm": "adtp", "layer": 1, "train_data": str(text_file), **TRAINING}
     result = hf_prune.prune(stock, {"output": str(tmp_path / "out"), "stages": [stage]}, tokenizer=tokenizer,

@@ -178,6 +178,7 @@ def test_sampling_works(stock_models, tokenizer):
     assert len({tuple(row) for row in runs[0][:, inputs["input_ids"].shape[1]:].tolist()}) > 1
 
 
+@pytest.mark.slow
 def test_save_and_reload_in_a_fresh_process(stock_models, tokenizer, tmp_path):
     result = hf_prune.prune(stock_models["qwen2"], {"output": str(tmp_path / "out"), "stages": [
         {"method": "text_token_pruning", "algorithm": "attention", "keep_ratio": 0.4, "layer": 2}]},

@@ -170,6 +170,7 @@ print(json.dumps({"class": type(model).__name__, "logits": logits.tolist(), "gen
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_checkpoint_reloads_in_fresh_processes(tokenizer, tmp_path, family):
     result = hf_prune.prune(build_qwen2_vl(tokenizer, family), {"output": str(tmp_path / "out"), "stages": [

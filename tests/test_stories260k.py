@@ -56,6 +56,7 @@ def test_lstsq_beats_layer_drop_of_the_same_layer(layer, generated_calibration):
     assert model.config.num_hidden_layers == 5  # the source model is never modified
 
 
+@pytest.mark.slow
 def test_recipe_file_cli_prune_eval_and_fresh_reload(generated_calibration, tmp_path):
     out = tmp_path / "stories-4layers"
     recipe_path = tmp_path / "recipe.json"

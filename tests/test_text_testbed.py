@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_prune.recipe import EvaluationTask
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY_STEPS = 3
 # Small splits and fewer sampled stories keep the data to a few seconds and a tiny build to ~20 s.

@@ -120,6 +120,7 @@ def write_labelled(path, tokenizer, rows: int, with_labels: bool = True):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_through_the_pipeline_and_fresh_reload(tokenizer, tmp_path, family):
     data = write_labelled(tmp_path / "train.jsonl", tokenizer, 64)
@@ -181,6 +182,7 @@ def test_candidate_costs_at_ratio_one_are_the_teachers(tokenizer, monkeypatch):
     assert not torch.equal(costs[:, 0], costs[:, 2])
 
 
+@pytest.mark.slow
 def test_short_training_makes_the_ratio_adapt(tokenizer, tmp_path):
     """After a short training on a tiny model the ratio head picks different ratios for different
     sentences, and the price meets the budget on the training sentences. (Deterministic for these seeds on

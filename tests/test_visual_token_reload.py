@@ -12,7 +12,7 @@ from tiny_models import build_tiny_model, sample_image, save_tiny_clip, save_tin
 
 import hf_prune
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPTS = ["USER: <image>\nwhat is in the picture? ASSISTANT:", "USER: <image>\nname the colours ASSISTANT:"]
 

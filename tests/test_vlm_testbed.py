@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY_STEPS = 2
 TINY_COMPOSITES = 12  # a multiple of 4 cells and of 2 x 3 presence classes: every count stays balanced
