@@ -82,7 +82,7 @@ def default_assets_dir() -> pathlib.Path:
 
 
 def testbed_cli(argv: list[str] | None, doc: str, testbed_dir, summary) -> dict:
-    """``python -m hf_prune.evals.<name>_testbed [--cache DIR] [--assets DIR]``: build (or find) the cached
+    """``python -m hf_prune.evals.testbeds.<name>_testbed [--cache DIR] [--assets DIR]``: build (or find) the cached
     testbed with ``testbed_dir(cache, assets=...)``, print its folder and ``summary(record)``; returns the record."""
     import argparse
     import json

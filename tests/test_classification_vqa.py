@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import shared_asset
 from hf_prune.evals.classification import evaluate_classification
-from hf_prune.evals.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist, write_vqa_set
+from hf_prune.evals.testbeds.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist, write_vqa_set
 from hf_prune.evals.vqa import FALLBACK_PROMPT, build_prompt, evaluate_vqa
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 import pytest
 import torch
 from conftest import shared_asset
-from hf_prune.evals import moe_routing, moe_testbed
+from hf_prune.evals.testbeds import moe_routing, moe_testbed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -9,8 +9,8 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 
 import pytest
 from conftest import REQUIRE_ASSETS_ENV, assets_required, shared_asset
-from hf_prune.evals import text_testbed
 from hf_prune.evals.harness import run_task
+from hf_prune.evals.testbeds import text_testbed
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_prune.recipe import EvaluationTask

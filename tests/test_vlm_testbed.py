@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import shared_asset
-from hf_prune.evals import vlm_testbed
-from hf_prune.evals.fashion_mnist import read_fashion_mnist
+from hf_prune.evals.testbeds import vlm_testbed
+from hf_prune.evals.testbeds.fashion_mnist import read_fashion_mnist
 from hf_prune.evals.vqa import build_prompt
 from PIL import Image
 from safetensors.torch import load_file
@@ -220,11 +220,11 @@ def test_testbed_dir_builds_only_when_missing(tmp_path, monkeypatch):
                          {"assets": vlm_testbed.default_assets_dir(), "progress": True})
 
 
-# ---- the CLIP text tower trained for the testbed (evals/vlm_testbed_clip.py) ----------------------------------
+# ---- the CLIP text tower trained for the testbed (evals/testbeds/vlm_testbed_clip.py) ----------------------------------
 
 
 def test_clip_targets_mark_the_tokens_each_question_is_about():
-    from hf_prune.evals import vlm_testbed_clip
+    from hf_prune.evals.testbeds import vlm_testbed_clip
 
     labels = np.array([[8, 1, 8, 0], [2, 3, 4, 5]])
     questions, targets = vlm_testbed_clip.question_targets(labels)
@@ -238,7 +238,7 @@ def test_clip_targets_mark_the_tokens_each_question_is_about():
 
 
 def test_testbed_clip_builds_and_drives_cdpruner(tiny_dir, tmp_path):
-    from hf_prune.evals import vlm_testbed_clip
+    from hf_prune.evals.testbeds import vlm_testbed_clip
 
     import hf_prune
 

@@ -287,7 +287,7 @@ def save_tiny_clip(folder: str | os.PathLike, vision_tower: Any = None, *, seed:
                    vision_width: int = HIDDEN) -> Path:
     """A tiny random CLIPModel (vision width = the tiny LLaVA's) with its tokenizer, saved to ``folder``;
     ``vision_tower`` (a CLIPVisionModel) supplies its vision weights, as the real CLIP of a LLaVA would."""
-    from hf_prune.evals.vlm_testbed_clip import character_clip_tokenizer
+    from hf_prune.evals.testbeds.vlm_testbed_clip import character_clip_tokenizer
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
     tokenizer = character_clip_tokenizer()

@@ -1,8 +1,8 @@
 """Expert pruning on the MoE testbed: per-domain perplexity, search time, and what the checkpoints cost to load.
 
-    python -m hf_prune.evals.bench_experts [--keep 0.75 0.5] [--skip-quality] [--skip-load]
+    python -m hf_prune.evals.benchmarks.bench_experts [--keep 0.75 0.5] [--skip-quality] [--skip-load]
 
-Builds (or reuses) the cached testbed of ``hf_prune.evals.moe_testbed`` (needs ../shared/assets the first
+Builds (or reuses) the cached testbed of ``hf_prune.evals.testbeds.moe_testbed`` (needs ../shared/assets the first
 time), then
 
 1. runs diep (official defaults, and with β starting at 1.0) / frequency / router_weight, uniform and
@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..adapters import count_parameters, get_adapter
-from ..checkpoint import load_model, load_preprocessor
-from ..context import PruneContext
-from ..pipeline import prune
-from ..recipe import CalibrationConfig, build_dataclass
-from ..registry import get_method, run_stage
-from .moe_testbed import moe_testbed_dir
-from .perplexity import evaluate_perplexity
+from ...adapters import count_parameters, get_adapter
+from ...checkpoint import load_model, load_preprocessor
+from ...context import PruneContext
+from ...pipeline import prune
+from ...recipe import CalibrationConfig, build_dataclass
+from ...registry import get_method, run_stage
+from ..perplexity import evaluate_perplexity
+from ..testbeds.moe_testbed import moe_testbed_dir
 
 DOMAINS = ("stories", "shakespeare", "wikitext")
 #: (label, stage fields) of every row; "diep β₀=1" shows the official β schedule's effect.

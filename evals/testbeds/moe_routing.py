@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .perplexity import perplexity_of_tokens
+from ..perplexity import perplexity_of_tokens
 
 #: Window length of every forward pass here (the testbed's training length).
 SEQ_LEN = 128

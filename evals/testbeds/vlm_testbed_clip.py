@@ -16,7 +16,7 @@ bias times the cosine (SigLIP-style: a token may match several texts, or none). 
 tokenizer (the questions are short), cached beside the testbed (``vlm-testbed-v1-clip``); about a minute
 on one CPU thread.
 
-    python -m hf_prune.evals.vlm_testbed_clip [--cache DIR] [--assets DIR]
+    python -m hf_prune.evals.testbeds.vlm_testbed_clip [--cache DIR] [--assets DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .training import adamw_warmup_cosine, cache_root, default_assets_dir, publish_when_done, testbed_cli
+from ..training import adamw_warmup_cosine, cache_root, default_assets_dir, publish_when_done, testbed_cli
+from ..vqa import build_prompt
 from .vlm_testbed import (
     CELLS,
     POSITION_QUESTION,
@@ -47,7 +48,6 @@ from .vlm_testbed import (
     token_cells,
     vlm_testbed_dir,
 )
-from .vqa import build_prompt
 
 CLIP_VERSION = VLM_TESTBED_VERSION + "-clip"
 TEXT_HIDDEN, TEXT_LAYERS, PROJECTION = 64, 2, 64

@@ -29,7 +29,7 @@ teacher (safetensors, config, tokenizer), ``data/{train,validation,test,real_sto
 ``testbed.json``: recipe, build time, class counts, tokens per example, and the validation / test
 accuracy measured by ``hf_prune.evals.classification``.
 
-    python -m hf_prune.evals.text_testbed [--cache DIR] [--assets DIR]
+    python -m hf_prune.evals.testbeds.text_testbed [--cache DIR] [--assets DIR]
 
 Determinism: the build runs on one torch thread; the same seed gives the same data and weights in the
 same environment (same torch build), though float reductions may differ across machines.
@@ -52,8 +52,8 @@ from typing import Any
 import torch
 import transformers
 
-from .classification import evaluate_classification
-from .training import cache_root, default_assets_dir, publish_when_done, testbed_cli
+from ..classification import evaluate_classification
+from ..training import cache_root, default_assets_dir, publish_when_done, testbed_cli
 
 # Bump when the recipe changes so stale caches are ignored rather than reused.
 TEXT_TESTBED_VERSION = "text-testbed-v1"

@@ -1,8 +1,8 @@
 """Text token pruning on the MiniLM source-classification testbed: accuracy against FLOPs, kept tokens, latency.
 
-    python -m hf_prune.evals.bench_text_tokens [--train-steps 80] [--target-ratio 0.3] [--limit 600]
+    python -m hf_prune.evals.benchmarks.bench_text_tokens [--train-steps 80] [--target-ratio 0.3] [--limit 600]
 
-Builds (or reuses) ``hf_prune.evals.text_testbed`` (a real 6-layer BERT fine-tuned to tell WikiText-2,
+Builds (or reuses) ``hf_prune.evals.testbeds.text_testbed`` (a real 6-layer BERT fine-tuned to tell WikiText-2,
 tiny-shakespeare and stories260K text apart), trains AD-TP's retainer through the recipe pipeline, then
 compares on held-out test sentences, at matched average FLOPs: ``adtp`` (ratio chosen per sentence),
 ``fixed`` (the same trained saliency, one ratio), ``attention`` (attention received at layer 1, pruned
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_model, load_preprocessor
-from ..integrations.token_retainer import budget_price, candidate_costs
-from ..pipeline import prune
-from .text_testbed import text_testbed_dir
+from ...checkpoint import load_model, load_preprocessor
+from ...integrations.token_retainer import budget_price, candidate_costs
+from ...pipeline import prune
+from ..testbeds.text_testbed import text_testbed_dir
 
 
 def bert_flops(config: Any, lengths: torch.Tensor, kept: torch.Tensor, layer: int, retainer: bool) -> torch.Tensor:

@@ -24,7 +24,7 @@ FASHION_MNIST_CLASSES = (
 )
 
 #: Where the files live beside a source checkout (``<repo>/../shared/assets/images/fashion-mnist``).
-DEFAULT_FASHION_MNIST_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "assets" / "images" / "fashion-mnist"
+DEFAULT_FASHION_MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "assets" / "images" / "fashion-mnist"
 
 _SPLIT_PREFIX = {"test": "t10k", "train": "train"}
 _IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions

@@ -41,7 +41,7 @@ each kind; rows ``{"image", "question", "answers", "kind", "items", "labels"}`` 
 reads them), the composites as PNG files under ``data/images/`` and ``testbed.json``: the recipe, build
 time, final training losses and held-out accuracy (``evaluate_vqa``) overall and per question kind.
 
-    python -m hf_prune.evals.vlm_testbed [--cache DIR] [--assets DIR]
+    python -m hf_prune.evals.testbeds.vlm_testbed [--cache DIR] [--assets DIR]
 
 Determinism: the same seed gives the same weights in the same environment (same torch build); float
 reductions may differ across machines.
@@ -73,8 +73,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
-from .training import (
+from ..training import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -85,7 +84,8 @@ from .training import (
     testbed_cli,
     train_byte_level_bpe,
 )
-from .vqa import build_prompt, evaluate_vqa
+from ..vqa import build_prompt, evaluate_vqa
+from .fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
 
 # Bump when the recipe changes so stale caches are ignored rather than reused.
 VLM_TESTBED_VERSION = "vlm-testbed-v1"

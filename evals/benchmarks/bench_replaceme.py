@@ -1,6 +1,6 @@
 """Benchmark ReplaceMe (lstsq, cosine) against layer_drop: time, peak memory, parameters, quality.
 
-    python -m hf_prune.evals.bench_replaceme [--assets ../shared/assets] [--large-layers 16 --large-hidden 512]
+    python -m hf_prune.evals.benchmarks.bench_replaceme [--assets ../shared/assets] [--large-layers 16 --large-hidden 512]
 
 Cases: the real stories260K (quality on TinyStories text; calibrated on text it generates itself) and a
 larger random Llama (timing and memory only: its perplexity means nothing). Times are ratios to the
@@ -21,13 +21,13 @@ import psutil
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ..activations import capture_outputs, run_decoder
-from ..adapters import count_parameters, get_adapter
-from ..calibration import CalibrationBatch, self_generated_texts, tokenize_calibration
-from ..context import PruneContext
-from ..recipe import CalibrationConfig, build_dataclass
-from ..registry import get_method, run_stage
-from .perplexity import DEFAULT_DOCUMENT_SEPARATOR, evaluate_perplexity
+from ...activations import capture_outputs, run_decoder
+from ...adapters import count_parameters, get_adapter
+from ...calibration import CalibrationBatch, self_generated_texts, tokenize_calibration
+from ...context import PruneContext
+from ...recipe import CalibrationConfig, build_dataclass
+from ...registry import get_method, run_stage
+from ..perplexity import DEFAULT_DOCUMENT_SEPARATOR, evaluate_perplexity
 
 VARIANTS = [
     ("replaceme", {"estimator": "lstsq"}),
@@ -124,7 +124,7 @@ def _perplexity(model, tokenizer, path: Path) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--assets", default=str(Path(__file__).resolve().parents[2] / "shared" / "assets"))
+    parser.add_argument("--assets", default=str(Path(__file__).resolve().parents[3] / "shared" / "assets"))
     parser.add_argument("--large-layers", type=int, default=16)
     parser.add_argument("--large-hidden", type=int, default=512)
     parser.add_argument("--num-samples", type=int, default=64)

@@ -38,7 +38,7 @@ holds the model, the tokenizer, ``data/{train,calibration,eval}_<domain>.txt``, 
 and ``testbed.json``: the recipe, build time, losses, eval perplexity per domain, the routing report,
 the ablation check and whether the testbed passed its usability checks.
 
-    python -m hf_prune.evals.moe_testbed [--cache DIR] [--assets DIR]
+    python -m hf_prune.evals.testbeds.moe_testbed [--cache DIR] [--assets DIR]
 
 Determinism: the same seed gives the same weights in the same environment (same torch build and
 thread count); float reductions may differ across machines.
@@ -68,9 +68,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .moe_routing import SEQ_LEN, ablation_check, routing_report, token_stream, usability_checks
-from .perplexity import perplexity_of_tokens
-from .training import (
+from ..perplexity import perplexity_of_tokens
+from ..training import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -81,6 +80,7 @@ from .training import (
     testbed_cli,
     train_byte_level_bpe,
 )
+from .moe_routing import SEQ_LEN, ablation_check, routing_report, token_stream, usability_checks
 
 # Bump when the recipe changes so stale caches are ignored rather than reused.
 MOE_TESTBED_VERSION = "moe-testbed-v1"

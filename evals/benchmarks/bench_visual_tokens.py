@@ -1,6 +1,6 @@
 """Visual token pruning: what selection costs, what it saves, and what it keeps.
 
-    python -m hf_prune.evals.bench_visual_tokens [--skip-accuracy] [--limit 400] [--only cdpruner+clip ...]
+    python -m hf_prune.evals.benchmarks.bench_visual_tokens [--skip-accuracy] [--limit 400] [--only cdpruner+clip ...]
 
 1. Selection overhead per image at N = 576 visual tokens, d = 4,096 (LLaVA-1.5-7B's projected features),
    T = 64 and 128 kept, for every algorithm but fastv (whose cost is a partial prefill), against the
@@ -9,9 +9,9 @@
    on this machine in the same run.
 2. Prefill latency (median of 5, batch 1) and analytic FLOPs against the budget on a random LLaVA with a
    CLIP-336/14 tower (576 tokens) and a 1,024-wide 8-layer Llama, and on the trained testbed.
-3. Accuracy against the budget on the held-out testbed questions (``hf_prune.evals.vlm_testbed``), for
+3. Accuracy against the budget on the held-out testbed questions (``hf_prune.evals.testbeds.vlm_testbed``), for
    every algorithm, both relevance signs for cdpruner, per question kind; ``cdpruner+clip`` is cdpruner with
-   relevance from a CLIP text tower trained for the testbed's vision tower (``hf_prune.evals.vlm_testbed_clip``).
+   relevance from a CLIP text tower trained for the testbed's vision tower (``hf_prune.evals.testbeds.vlm_testbed_clip``).
 
 Prints figures; passes or fails nothing. GPU figures when CUDA is present (``--device cuda``).
 """
@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from ..adapters import get_adapter
-from ..context import PruneContext
-from ..model_patches import token_selection
-from ..recipe import build_dataclass
-from ..registry import get_method, run_stage
-from .flops import analytic_flops_per_token
+from ...adapters import get_adapter
+from ...context import PruneContext
+from ...model_patches import token_selection
+from ...recipe import build_dataclass
+from ...registry import get_method, run_stage
+from ..flops import analytic_flops_per_token
 
 ALGORITHMS = ("cdpruner", "diversity", "random", "pooling", "fastv")
 #: The accuracy table's rows: label -> visual_token_pruning fields (besides the budget).
@@ -162,10 +162,10 @@ def print_prefill_vs_budget(title: str, model: Any, tokenizer: Any, inputs: dict
 
 
 def print_accuracy_table(limit: int | None, device: torch.device, only: list[str] | None = None) -> None:
-    from ..checkpoint import load_model, load_preprocessor
-    from .vlm_testbed import vlm_testbed_dir
-    from .vlm_testbed_clip import vlm_testbed_clip_dir
-    from .vqa import evaluate_vqa
+    from ...checkpoint import load_model, load_preprocessor
+    from ..testbeds.vlm_testbed import vlm_testbed_dir
+    from ..testbeds.vlm_testbed_clip import vlm_testbed_clip_dir
+    from ..vqa import evaluate_vqa
 
     folder = vlm_testbed_dir()
     processor = load_preprocessor(str(folder), vision_language=True)

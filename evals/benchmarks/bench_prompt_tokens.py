@@ -1,6 +1,6 @@
 """Prompt token pruning in a real causal LM: how well it continues a pruned prompt, against prefill FLOPs.
 
-    python -m hf_prune.evals.bench_prompt_tokens [--assets DIR] [--prompt-lengths 128 256] [--continuation 32]
+    python -m hf_prune.evals.benchmarks.bench_prompt_tokens [--assets DIR] [--prompt-lengths 128 256] [--continuation 32]
 
 Model: the real stories260K (llama2.c, 5 layers, hidden 64) from the shared assets; text: the real
 TinyStories sample there (five stories, 1,879 tokens). Windows: BOS + ``prompt_length`` tokens of
@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, load_preprocessor
-from ..pipeline import prune
-from .flops import _layer_costs, analytic_flops_per_token
-from .training import default_assets_dir
+from ...checkpoint import load_model, load_preprocessor
+from ...pipeline import prune
+from ..flops import _layer_costs, analytic_flops_per_token
+from ..training import default_assets_dir
 
 
 def windows(token_ids: list[int], bos: int, prompt_length: int, continuation: int, stride: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ def pruned_model(model, algorithm: str, keep_ratio: float, layer: int, seed: int
 
 def sampled_stories(model, tokenizer, count: int) -> Path:
     """A text file of ``count`` stories stories260K samples from BOS (seed 0), cached outside the repository."""
-    from ..calibration import self_generated_texts
+    from ...calibration import self_generated_texts
 
     path = Path.home() / ".cache" / "hf_prune" / "bench_prompt_tokens" / f"stories260K-samples-{count}-seed0.txt"
     if not path.exists():
