@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,8 +16,14 @@ SOURCE_ROOTS = {"hf_prune": "hf_prune", "integrations": "hf_prune/integrations",
 
 @pytest.mark.slow
 def test_wheel_holds_every_module_and_metric_file(tmp_path):
+    # Built from a copy: setuptools builds in the source tree, and a stale build/ there would leak old files.
+    source = tmp_path / "source"
+    for root in SOURCE_ROOTS:
+        shutil.copytree(REPO_ROOT / root, source / root, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(tmp_path), str(REPO_ROOT)], check=True, capture_output=True, timeout=300)
+                    "--wheel-dir", str(tmp_path), str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("hf_prune-*.whl")
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
     expected = {f"{installed}/{path.relative_to(REPO_ROOT / folder).as_posix()}"
