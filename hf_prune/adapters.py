@@ -208,16 +208,37 @@ class ModelAdapter:
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = new_idx
         self.decoder(model).layers = new_layers
-        config.num_hidden_layers = len(new_layers)
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = [config.layer_types[i] for i in kept_old]
-        if getattr(config, "experts_per_layer", None) is not None:  # non-uniform expert counts
-            config.experts_per_layer = [config.experts_per_layer[i] for i in kept_old]
-        if hasattr(config, "mlp_only_layers") and hasattr(config, "decoder_sparse_step"):
+        self.keep_layers_in_config(config, kept_old, moe_flags)
+
+    @staticmethod
+    def keep_layers_in_config(text_config: Any, kept_old: list[int], moe_flags: list[bool]) -> None:
+        """Rewrite a text config in place for the decoder layers ``kept_old`` (old indices, in order), whose
+        layers are MoE where ``moe_flags`` says so: the layer count and every per-layer list."""
+        text_config.num_hidden_layers = len(kept_old)
+        if getattr(text_config, "layer_types", None) is not None:
+            text_config.layer_types = [text_config.layer_types[i] for i in kept_old]
+        if getattr(text_config, "experts_per_layer", None) is not None:  # non-uniform expert counts
+            text_config.experts_per_layer = [text_config.experts_per_layer[i] for i in kept_old]
+        if hasattr(text_config, "mlp_only_layers") and hasattr(text_config, "decoder_sparse_step"):
             # Qwen-MoE decides sparse vs dense from the layer index; rewrite so a reload rebuilds the
             # same mix of layers after the indices shifted.
-            config.mlp_only_layers = [i for i, is_moe in enumerate(moe_flags) if not is_moe]
-            config.decoder_sparse_step = 1
+            text_config.mlp_only_layers = [i for i, is_moe in enumerate(moe_flags) if not is_moe]
+            text_config.decoder_sparse_step = 1
+
+    def experts_per_layer_from_config(self, config: Any) -> list[int]:
+        """Routed experts in each decoder layer (0 for a dense layer), from the config alone (no weights)."""
+        text = self.text_config(config)
+        per_layer = getattr(text, "experts_per_layer", None)
+        if per_layer is not None:
+            return [int(n) for n in per_layer]
+        experts = self.num_experts(config) or 0
+        num_layers = self.num_layers(config)
+        if hasattr(text, "decoder_sparse_step") and hasattr(text, "mlp_only_layers"):  # Qwen2/3-MoE
+            step = int(text.decoder_sparse_step or 1)
+            dense = set(text.mlp_only_layers or [])
+            return [experts if i not in dense and experts > 0 and (i + 1) % step == 0 else 0
+                    for i in range(num_layers)]
+        return [experts] * num_layers
 
 
 def get_adapter(config: Any) -> ModelAdapter:

@@ -150,9 +150,11 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_m
     vision-language models). ``device_map`` (e.g. "auto") spreads a model over several devices with
     accelerate; otherwise the whole model goes to ``device`` ("auto": cuda when present).
     """
-    if auto_class is None:
+    if auto_class is None:  # load_config also checks the weight files' headers
         config = load_config(name, trust_remote_code=trust_remote_code)
         auto_class = auto_model_class(get_adapter(config))
+    else:  # a corrupt or truncated file is named before loading
+        read_safetensors_headers(name, key=name)
     placement = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": _TORCH_DTYPES.get(dtype, "auto"), "trust_remote_code": trust_remote_code}
     if placement in ("balanced", "balanced_low_0", "sequential"):
@@ -161,7 +163,6 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_m
         kwargs["device_map"] = device_map
     if not allow_pickle:
         kwargs["use_safetensors"] = True
-    read_safetensors_headers(name, key=name)  # a corrupt or truncated file is named before loading
     # Wrong shapes are loaded (re-initialised) rather than raised with no key named: check_loading_info
     # then refuses them with every other mismatch, naming the keys.
     kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)

@@ -24,7 +24,7 @@ from hf_prune.adapters import get_adapter
 from hf_prune.calibration import CalibrationBatch
 from hf_prune.context import PruneContext
 from hf_prune.errors import CalibrationError
-from hf_prune.methods.experts.expert_pruning import ExpertPruningConfig, experts_per_layer_from_config
+from hf_prune.methods.experts.expert_pruning import ExpertPruningConfig
 from hf_prune.methods.experts.scoring import (
     alpha_weighted_routing,
     diep_scores,
@@ -418,9 +418,9 @@ def test_calibration_required(saved, tmp_path):
 def test_expert_counts_from_config(tokenizer):
     for model_type, expected in [("qwen2_moe", [0, 4, 0, 4]), ("mixtral", [4] * 4), ("olmoe", [4] * 4)]:
         config = tiny_config(model_type, tokenizer)
-        assert experts_per_layer_from_config(config, get_adapter(config)) == expected
+        assert get_adapter(config).experts_per_layer_from_config(config) == expected
     model = build_tiny_model("qwen2_moe", tokenizer)
     assert get_adapter(model.config).experts_per_layer(model) == [0, 4, 0, 4]
     config = copy.deepcopy(tiny_config("mixtral", tokenizer))
     config.experts_per_layer = [2, 3, 4, 2]
-    assert experts_per_layer_from_config(config, get_adapter(config)) == [2, 3, 4, 2]
+    assert get_adapter(config).experts_per_layer_from_config(config) == [2, 3, 4, 2]

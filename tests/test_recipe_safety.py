@@ -14,7 +14,6 @@ from hf_prune.adapters import get_adapter
 from hf_prune.checkpoint import check_device
 from hf_prune.errors import HfPruneError
 from hf_prune.methods.depth.layer_drop import LayerDropConfig
-from hf_prune.methods.experts.expert_pruning import experts_per_layer_from_config
 from hf_prune.recipe_file import MAX_FILE_BYTES, MAX_YAML_NODES
 
 STORIES = "models/stories260K"  # a 5-layer Llama
@@ -395,4 +394,4 @@ def test_predicted_config_matches_the_removal_and_leaves_the_original_alone():
     adapter.remove_layers(model, [1, 2])
     for key in ("num_hidden_layers", "layer_types", "mlp_only_layers", "decoder_sparse_step"):
         assert getattr(predicted, key) == getattr(model.config, key), key
-    assert experts_per_layer_from_config(predicted, adapter) == [0, 4, 0]
+    assert adapter.experts_per_layer_from_config(predicted) == [0, 4, 0]

@@ -77,20 +77,13 @@ class DepthCutConfig(MethodConfig):
 
         With ``num_layers`` the block is chosen on calibration data, so only the count is certain; the
         lists are cut as if the deepest block went."""
-        predicted = copy.deepcopy(model_config)
-        text = adapter.text_config(predicted)
-        total = adapter.num_layers(predicted)
+        total = adapter.num_layers(model_config)
         first, last = self.layers if self.layers is not None else (total - self.num_layers, total - 1)
         kept = [i for i in range(total) if not first <= i <= last]
-        text.num_hidden_layers = len(kept)
-        for name in ("layer_types", "experts_per_layer"):
-            values = getattr(text, name, None)
-            if values is not None and len(values) == total:
-                setattr(text, name, [values[i] for i in kept])
-        if hasattr(text, "mlp_only_layers") and hasattr(text, "decoder_sparse_step"):
-            step, dense = int(text.decoder_sparse_step or 1), set(text.mlp_only_layers or [])
-            text.mlp_only_layers = [new for new, old in enumerate(kept) if old in dense or (old + 1) % step]
-            text.decoder_sparse_step = 1
+        experts = adapter.experts_per_layer_from_config(model_config)
+        moe_flags = [experts[i] > 0 for i in kept]
+        predicted = copy.deepcopy(model_config)
+        adapter.keep_layers_in_config(adapter.text_config(predicted), kept, moe_flags)
         return predicted
 
 

@@ -112,7 +112,7 @@ class ExpertPruningConfig(MethodConfig):
         reason = self.unsupported_reason(adapter)
         if reason:
             raise UnsupportedModelError(reason)
-        counts = [n for n in experts_per_layer_from_config(model_config, adapter) if n > 0]
+        counts = [n for n in adapter.experts_per_layer_from_config(model_config) if n > 0]
         if not counts:
             raise UnsupportedModelError(f"expert pruning: this {adapter.text_model_type} model has no MoE layers")
         if adapter.is_vision_language and not self.uniform:
@@ -152,7 +152,7 @@ class ExpertPruningConfig(MethodConfig):
         non-uniform count per layer follows the scores, unknown before the weights load: left unchanged."""
         if not self.uniform:
             return model_config
-        counts = experts_per_layer_from_config(model_config, adapter)
+        counts = adapter.experts_per_layer_from_config(model_config)
         kept = [0 if n == 0 else self.keep_experts if self.keep_experts is not None
                 else round_half_up(self.keep_ratio * n) for n in counts]
         predicted = copy.deepcopy(model_config)
@@ -166,22 +166,7 @@ class ExpertPruningConfig(MethodConfig):
     def min_calibration_tokens(self, model_config: Any) -> int:
         # Ranking needs at least one token per expert of the largest layer (apply checks it again for
         # callers that bypass the pipeline).
-        return max(experts_per_layer_from_config(model_config, get_adapter(model_config)), default=0)
-
-
-def experts_per_layer_from_config(model_config: Any, adapter: ModelAdapter) -> list[int]:
-    """Routed experts in each decoder layer (0 for a dense layer), from the config alone (no weights)."""
-    text = adapter.text_config(model_config)
-    per_layer = getattr(text, "experts_per_layer", None)
-    if per_layer is not None:
-        return [int(n) for n in per_layer]
-    experts = adapter.num_experts(model_config) or 0
-    num_layers = adapter.num_layers(model_config)
-    if hasattr(text, "decoder_sparse_step") and hasattr(text, "mlp_only_layers"):  # Qwen2/3-MoE
-        step = int(text.decoder_sparse_step or 1)
-        dense = set(text.mlp_only_layers or [])
-        return [experts if i not in dense and experts > 0 and (i + 1) % step == 0 else 0 for i in range(num_layers)]
-    return [experts] * num_layers
+        return max(get_adapter(model_config).experts_per_layer_from_config(model_config), default=0)
 
 
 def _significant(value: float, digits: int = 6) -> float:
