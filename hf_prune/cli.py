@@ -206,7 +206,7 @@ def _prune(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .checkpoint import check_device
     from .evals.report import format_retained
-    from .evaluation import compare_checkpoints, evaluate_checkpoint
+    from .evals.run_checkpoints import compare_checkpoints, evaluate_checkpoint
     from .recipe import EvaluationTask, build_dataclass
 
     check_device(args.device, key="--device")
@@ -229,7 +229,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .checkpoint import check_device
-    from .evaluation import bench_checkpoints
+    from .evals.run_checkpoints import bench_checkpoints
 
     check_device(args.device, key="--device")
     results, table = bench_checkpoints(

@@ -92,9 +92,9 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
         report = run_stage(get_method(stage.method), model, stage.config, context).to_dict()
         if getattr(stage.config, "needs_training", False):  # AD-TP's retainer learns right after the stage
             if adapter.is_encoder:
-                from .integrations.token_retainer import train_token_retainer
+                from .integrations.encoder_retainer_training import train_token_retainer
             else:  # a causal LM's prompt retainer, on plain text
-                from .integrations.prompt_retainer import train_prompt_retainer as train_token_retainer
+                from .integrations.prompt_retainer_training import train_prompt_retainer as train_token_retainer
 
             report["training"] = train_token_retainer(model, context.tokenizer, stage.config, progress=progress)
         report.update(params_before=params, params_after=count_parameters(model))

@@ -13,7 +13,7 @@ only (``layer: 0`` drops them before the first layer). Which ones:
 - ``adtp``: the learned retainer (``prompt_retainer.py``, weights in the checkpoint) scores the tokens
   entering layer ``layer`` (the embeddings for layer 0) and its ratio head picks, per prompt, a ratio
   among ``candidate_ratios`` (the argmax) in place of ``keep_ratio``. Trained by
-  ``hf_prune.integrations.prompt_retainer`` (soft keep masks, see there);
+  ``hf_prune.integrations.prompt_retainer_training`` (soft keep masks, see there);
 - ``fixed``: the retainer's saliency with ``keep_ratio`` for every prompt.
 
 Kept tokens keep their original rotary positions (the given ``position_ids``, else 0..L-1 as the stock

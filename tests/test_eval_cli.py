@@ -77,7 +77,7 @@ def test_eval_cpu_dtype_and_limit(pruned_and_cloze, tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run where a GPU is present)")
 def test_gpu_evaluation_defaults_to_bfloat16_and_matches_cpu(pruned_and_cloze):
-    from hf_prune.evaluation import evaluate_checkpoint
+    from hf_prune.evals.run_checkpoints import evaluate_checkpoint
     from hf_prune.recipe import EvaluationTask
 
     out, cloze = pruned_and_cloze

@@ -2,7 +2,7 @@
 
 (1) ``model_patches`` imports only torch, transformers, the standard library and its own siblings (relative
 imports), so each file can travel next to a checkpoint as remote code; (2) the core of ``hf_prune`` (all of
-``hf_prune/`` but the pipeline, the CLI, ``demo.py`` and ``evaluation.py``) never imports ``evals``,
+``hf_prune/`` but the pipeline, the CLI and ``demo.py``) never imports ``evals``,
 ``integrations`` or those top-layer modules; (3) ``evals`` and ``integrations`` never import the top layer;
 lab code (``evals/testbeds/``, ``evals/benchmarks/``) is imported by nothing in the product, and only the
 benchmarks may use the pipeline. Imports inside functions count too.
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCE_ROOTS = {"hf_prune": "hf_prune", "integrations": "hf_prune.integrations",
                 "model_patches": "hf_prune.model_patches", "evals": "hf_prune.evals"}
 
-TOP_LAYER = ("hf_prune.pipeline", "hf_prune.cli", "hf_prune.demo", "hf_prune.evaluation")
+TOP_LAYER = ("hf_prune.pipeline", "hf_prune.cli", "hf_prune.demo")
 LAB = ("hf_prune.evals.testbeds", "hf_prune.evals.benchmarks")
 MODEL_PATCHES_ALLOWED = {"torch", "transformers"} | set(sys.stdlib_module_names)
 
@@ -148,7 +148,7 @@ def test_rules_catch_a_planted_import():
         Import("hf_prune.cli", "hf_prune/cli.py", 1, ("hf_prune.evals.benchmarks.bench_experts",)),
         Import("hf_prune.evals.report", "evals/report.py", 1, ("relative:hf_prune.pipeline",)),
         Import("hf_prune.evals.testbeds.vlm_testbed", "x.py", 1, ("hf_prune.cli",)),
-        Import("hf_prune.integrations.token_retainer", "x.py", 1, ("hf_prune.cli",)),
+        Import("hf_prune.integrations.encoder_retainer_training", "x.py", 1, ("hf_prune.cli",)),
         Import("hf_prune.model_patches.nonuniform_moe", "x.py", 1, ("numpy",)),
         Import("hf_prune.model_patches.nonuniform_moe", "x.py", 1, ("hf_prune.model_patches.token_selection",)),
     ]

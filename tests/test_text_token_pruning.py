@@ -67,7 +67,7 @@ def batch(tokenizer, texts):
                                     {"algorithm": "attention", "keep_ratio": 1.0, "layer": 2},
                                     {"algorithm": "random", "keep_ratio": 1.0, "layer": 1}])
 def test_ratio_one_is_the_unpruned_model(tokenizer, fields, family, monkeypatch):
-    monkeypatch.setattr("hf_prune.integrations.token_retainer.train_token_retainer", lambda *a, **k: {})
+    monkeypatch.setattr("hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {})
     stock = tiny_bert(tokenizer, family=family)
     model = pruned(stock, tokenizer, **fields)
     inputs = batch(tokenizer, sentences(6))
@@ -101,7 +101,7 @@ def test_specials_always_kept_and_padding_never_counts(tokenizer, family):
 
 
 def test_adtp_ratio_adapts_per_sequence(tokenizer, monkeypatch):
-    monkeypatch.setattr("hf_prune.integrations.token_retainer.train_token_retainer", lambda *a, **k: {})
+    monkeypatch.setattr("hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {})
     model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="adtp", train_data="unused.jsonl")
     with torch.no_grad():
         model.retainer.ratio[2].weight.mul_(200)  # a sharper ratio head: its choice follows the input
@@ -168,9 +168,9 @@ print(json.dumps({"logits": out.logits.tolist(), "kept": out.kept_fraction.tolis
 
 
 def test_candidate_costs_at_ratio_one_are_the_teachers(tokenizer, monkeypatch):
-    from hf_prune.integrations.token_retainer import candidate_costs
+    from hf_prune.integrations.encoder_retainer_training import candidate_costs
 
-    monkeypatch.setattr("hf_prune.integrations.token_retainer.train_token_retainer", lambda *a, **k: {})
+    monkeypatch.setattr("hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {})
     stock = tiny_bert(tokenizer)
     model = pruned(stock, tokenizer, algorithm="adtp", train_data="unused.jsonl")
     inputs = batch(tokenizer, sentences(8, seed=2))
@@ -204,7 +204,7 @@ def test_a_checkpoint_without_a_price_is_refused(tokenizer, tmp_path, monkeypatc
     not ratios chosen by a head that means something else."""
     from safetensors.torch import load_file, save_file
 
-    monkeypatch.setattr("hf_prune.integrations.token_retainer.train_token_retainer", lambda *a, **k: {})
+    monkeypatch.setattr("hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {})
     model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="adtp", train_data="unused.jsonl")
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")

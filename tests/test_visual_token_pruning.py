@@ -11,7 +11,7 @@ import hf_prune
 from hf_prune.adapters import get_adapter
 from hf_prune.context import PruneContext
 from hf_prune.errors import ConfigFieldError, RecipeError, UnsupportedModelError
-from hf_prune.methods.tokens.visual_token_pruning import token_pruning_classes
+from hf_prune.methods.tokens.visual_tokens import token_pruning_classes
 from hf_prune.recipe import build_dataclass
 from hf_prune.registry import get_method, run_stage
 

@@ -2,4 +2,4 @@
 
 from .depth import layer_drop, replaceme  # noqa: F401
 from .experts import expert_pruning  # noqa: F401
-from .tokens import text_token_pruning, visual_token_pruning  # noqa: F401
+from .tokens import text_tokens, visual_tokens  # noqa: F401

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from .adapters import count_parameters, get_adapter
-from .checkpoint import load_config, load_model, load_preprocessor, resolve_device
-from .errors import UnsupportedModelError
-from .evals.harness import auto_class_for_task, check_task_fits, get_task, retained_fraction, run_task
-from .evals.report import write_report
-from .recipe import EvaluationTask
+from ..adapters import count_parameters, get_adapter
+from ..checkpoint import load_config, load_model, load_preprocessor, resolve_device
+from ..errors import UnsupportedModelError
+from .harness import auto_class_for_task, check_task_fits, get_task, retained_fraction, run_task
+from .report import write_report
+from ..recipe import EvaluationTask
 
 
 def default_dtype(dtype: str | None, device: str) -> str:
@@ -94,7 +94,7 @@ def compare_checkpoints(name: str, original: str, task: EvaluationTask, *, repor
            "params_after": scores["pruned"]["parameters"], "evaluation": [entry]}
     latency, table, notes = None, None, []
     if bench and spec.model_kind != "sequence_classification":
-        from .evals.bench import BenchSettings, benchmark_models, format_bench_table, prefill_latency_ms
+        from .bench import BenchSettings, benchmark_models, format_bench_table, prefill_latency_ms
 
         settings = BenchSettings(seq_lens=(64, 128, 256, 512), decode_tokens=16, repeats=3)
         bench_results = benchmark_models({label: (model, pre, Path(path) if Path(path).is_dir() else None)
@@ -119,7 +119,7 @@ def bench_checkpoints(name: str, vs: str | None, *, seq_lens: tuple[int, ...], b
                       dtype: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
                       progress: bool = True) -> tuple[dict[str, Any], str]:
     """Benchmark ``name`` (and ``vs``) in one process, interleaved; the results and a printable table."""
-    from .evals.bench import BenchSettings, benchmark_models, format_bench_table
+    from .bench import BenchSettings, benchmark_models, format_bench_table
 
     paths = {"pruned": name, "original": vs} if vs else {Path(name).name: name}
     for path in paths.values():  # refuse before any weights load

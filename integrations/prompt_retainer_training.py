@@ -45,7 +45,7 @@ from ..model_patches.prompt_retainer import (
     soft_attention_bias,
     soft_keep,
 )
-from .token_retainer import (
+from .encoder_retainer_training import (
     TeacherAnnealing,
     attribution_distribution,
     only_the_retainer_trains,

@@ -7,13 +7,13 @@ tokens inside the prefill at decoder layer ``layer`` (``model_patches/prompt_tok
 algorithms; layers before it see every prompt token, the KV cache then holds the kept ones in every
 layer). For causal LMs ``adtp`` / ``fixed`` train their retainer on a plain text file (``train_data``) cut
 into windows of a prompt and ``continuation_length`` tokens after it, the loss being the continuation's
-NLL after the softly pruned prompt (``hf_prune.integrations.prompt_retainer``).
+NLL after the softly pruned prompt (``hf_prune.integrations.prompt_retainer_training``).
 
 The stage turns the classifier into an ``hf_prune_bert`` (``_roberta``, ``_distilbert``) model
 (``model_patches/text_token_pruning.py``) with a retainer (saliency and ratio heads) and the
 ``token_pruning`` settings in its config, so the saved checkpoint drops tokens by itself. ``adtp`` and
 ``fixed`` need a trained retainer: give ``train_data`` and the pipeline trains it with
-``transformers.Trainer`` (``hf_prune.integrations.token_retainer``) right after this stage: task loss +
+``transformers.Trainer`` (``hf_prune.integrations.encoder_retainer_training``) right after this stage: task loss +
 distillation of the teacher's Integrated Gradients into the saliency head + the student's own IG, the
 teacher's weight annealed from 1 to 0; for ``adtp`` the ratio head regresses the measured cost of each
 candidate ratio per sentence, and its price per unit of ratio is set so the mean chosen ratio is
