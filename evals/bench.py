@@ -1,8 +1,8 @@
 """Speed, memory, size and analytic FLOPs of models side by side: the engine behind ``hf-prune bench``.
 
-    results = benchmark_models({"original": (m0, tok0, "out/orig"), "pruned": (m1, tok1, None)},
-                               BenchSettings(), baseline="original")
-    print(format_bench_table(results, "original"))
+results = benchmark_models({"original": (m0, tok0, "out/orig"), "pruned": (m1, tok1, None)},
+                           BenchSettings(), baseline="original")
+print(format_bench_table(results, "original"))
 """
 
 from __future__ import annotations
@@ -27,18 +27,28 @@ from .flops import analytic_flops_per_token
 CPU_MEMORY = "CPU peak RSS increase over the RSS before each run (psutil, sampled every 1 ms)"
 CUDA_MEMORY = "CUDA torch.cuda.max_memory_allocated minus memory allocated before each run"
 #: Leaves that get a ratio vs the baseline (value / baseline value; for tokens_per_s that is the speed-up).
-RATIO_KEYS = {"parameters", "weights_mib", "disk_bytes", "median_ms", "peak_memory_mib", "tokens_per_s", "params_active",
-              "prefill_flops_per_token", "decode_flops_per_token", "vision_flops_per_image"}
+RATIO_KEYS = {
+    "parameters",
+    "weights_mib",
+    "disk_bytes",
+    "median_ms",
+    "peak_memory_mib",
+    "tokens_per_s",
+    "params_active",
+    "prefill_flops_per_token",
+    "decode_flops_per_token",
+    "vision_flops_per_image",
+}
 
 
 @dataclass
 class BenchSettings:
-    seq_lens: tuple[int, ...] = (128, 512, 1024)   # prefill lengths (clipped to the model's max positions)
+    seq_lens: tuple[int, ...] = (128, 512, 1024)  # prefill lengths (clipped to the model's max positions)
     batch_size: int = 1
     decode_tokens: int = 64
     warmup: int = 1
-    repeats: int = 5                                # medians over repeats
-    image: bool | None = None                       # vision-language: prefill with one image (None: if it has a vision tower)
+    repeats: int = 5  # medians over repeats
+    image: bool | None = None  # vision-language: prefill with one image (None: if it has a vision tower)
 
 
 def _sync(device: torch.device) -> None:
@@ -54,7 +64,12 @@ class PeakMemory:
     """
 
     def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop, self._rss = device, 0, threading.Event(), psutil.Process().memory_info
+        self.device, self.peak, self._stop, self._rss = (
+            device,
+            0,
+            threading.Event(),
+            psutil.Process().memory_info,
+        )
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
@@ -100,12 +115,16 @@ class _StepClock:
 
 def _image_size(processor: Any) -> tuple[int, int]:
     """(height, width) the image processor produces: its crop size, else its size; 336 if it names none."""
-    size = (getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None)) or processor.size
+    size = (
+        getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None)
+    ) or processor.size
     height = size.get("height") or size.get("shortest_edge") or 336
     return int(height), int(size.get("width") or height)
 
 
-def _make_inputs(model: Any, preprocessor: Any, seq_len: int, batch: int, image: bool) -> dict[str, torch.Tensor]:
+def _make_inputs(
+    model: Any, preprocessor: Any, seq_len: int, batch: int, image: bool
+) -> dict[str, torch.Tensor]:
     """Random token ids (fixed seed; never the image token), after one image's expanded placeholders."""
     config, generator = model.config, torch.Generator().manual_seed(seq_len)
     vocab = get_adapter(config).text_config(config).vocab_size
@@ -132,10 +151,16 @@ def _make_inputs(model: Any, preprocessor: Any, seq_len: int, batch: int, image:
 def _sizes(model: Any, folder: Any) -> dict[str, Any]:
     """Unique parameters, bytes of parameters + buffers (MiB), *.safetensors bytes in ``folder`` (or None)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    disk = None if folder is None or not Path(folder).is_dir() else sum(
-        f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-    return {"parameters": count_parameters(model), "disk_bytes": disk,
-            "weights_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20}
+    disk = (
+        None
+        if folder is None or not Path(folder).is_dir()
+        else sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    )
+    return {
+        "parameters": count_parameters(model),
+        "disk_bytes": disk,
+        "weights_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
+    }
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
@@ -152,34 +177,52 @@ class _Case:
     def __init__(self, name: str, model: Any, preprocessor: Any, folder: Any, settings: BenchSettings):
         self.name, self.model, self.settings, config = name, model, settings, model.config
         self.device, adapter = torch.device(model.device), get_adapter(config)
-        image = adapter.is_vision_language if settings.image is None else settings.image and adapter.is_vision_language
+        image = (
+            adapter.is_vision_language
+            if settings.image is None
+            else settings.image and adapter.is_vision_language
+        )
         if image and preprocessor is None and settings.image:
             raise ValueError(f"{name}: an image prefill needs the model's processor")
         self.image = bool(image and preprocessor is not None)
         max_pos = getattr(adapter.text_config(config), "max_position_embeddings", None) or 10**9
         keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.forward_kwargs = {"use_cache": True, **({"logits_to_keep": 1} if keep else {})}
-        self.inputs = {s: _make_inputs(model, preprocessor, min(s, max_pos), settings.batch_size, self.image)
-                       for s in settings.seq_lens}
+        self.inputs = {
+            s: _make_inputs(model, preprocessor, min(s, max_pos), settings.batch_size, self.image)
+            for s in settings.seq_lens
+        }
         prompt = max(1, min(min(settings.seq_lens), max_pos - settings.decode_tokens))
         self.inputs["decode"] = _make_inputs(model, preprocessor, prompt, settings.batch_size, self.image)
         gen = model.generation_config
         eos = gen.eos_token_id[0] if isinstance(gen.eos_token_id, list) else gen.eos_token_id
         pad = gen.pad_token_id if gen.pad_token_id is not None else (eos if eos is not None else 0)
-        self.generate_kwargs = dict(do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
-                                    max_new_tokens=settings.decode_tokens, min_new_tokens=settings.decode_tokens)
+        self.generate_kwargs = dict(
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=pad,
+            max_new_tokens=settings.decode_tokens,
+            min_new_tokens=settings.decode_tokens,
+        )
         self.times: dict[Any, list[float]] = {key: [] for key in self.inputs}
         self.peak_mib: dict[Any, float] = {}
         lengths = {key: inputs["input_ids"].shape[1] for key, inputs in self.inputs.items()}
         self.result: dict[str, Any] = {
-            "model_type": config.model_type, "dtype": str(model.dtype).removeprefix("torch."),
-            "device": str(self.device), "layers": adapter.num_layers(config), "image": self.image,
+            "model_type": config.model_type,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "layers": adapter.num_layers(config),
+            "image": self.image,
             **_sizes(model, folder),
             "prefill": {str(s): {"seq_len": lengths[s]} for s in settings.seq_lens},
             "decode": {"prompt_len": lengths["decode"], "new_tokens": settings.decode_tokens},
-            "flops": {"decode_prompt" if k == "decode" else str(k):
-                      analytic_flops_per_token(config, n, image_tokens=self._image_tokens(key=k))
-                      for k, n in lengths.items()},
+            "flops": {
+                "decode_prompt" if k == "decode" else str(k): analytic_flops_per_token(
+                    config, n, image_tokens=self._image_tokens(key=k)
+                )
+                for k, n in lengths.items()
+            },
         }
         if self.image:
             pixels = self.inputs["decode"]["pixel_values"]
@@ -224,11 +267,16 @@ class _Case:
     def finish(self) -> dict[str, Any]:
         for s in self.settings.seq_lens:
             median, iqr = _summary(self.times[s])
-            self.result["prefill"][str(s)].update(median_ms=median, iqr_ms=iqr, times_ms=self.times[s],
-                                                  peak_memory_mib=self.peak_mib[s])
+            self.result["prefill"][str(s)].update(
+                median_ms=median, iqr_ms=iqr, times_ms=self.times[s], peak_memory_mib=self.peak_mib[s]
+            )
         median, iqr = _summary(self.times["decode"])
-        self.result["decode"].update(tokens_per_s=median, iqr_tokens_per_s=iqr, tokens_per_s_runs=self.times["decode"],
-                                     peak_memory_mib=self.peak_mib["decode"])
+        self.result["decode"].update(
+            tokens_per_s=median,
+            iqr_tokens_per_s=iqr,
+            tokens_per_s_runs=self.times["decode"],
+            peak_memory_mib=self.peak_mib["decode"],
+        )
         return self.result
 
 
@@ -255,8 +303,13 @@ def add_ratios(results: dict, baseline: str) -> dict:
     return results
 
 
-def benchmark_models(models: dict[str, tuple[Any, Any, Any]], settings: BenchSettings, *,
-                     baseline: str | None = None, progress: bool = True) -> dict:
+def benchmark_models(
+    models: dict[str, tuple[Any, Any, Any]],
+    settings: BenchSettings,
+    *,
+    baseline: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Benchmark ``{name: (model, preprocessor, folder or None)}`` on the devices the models sit on.
 
     Returns JSON-serialisable ``{"settings", "memory_metric", "baseline", "models": {name: result}}``; a
@@ -286,7 +339,10 @@ def benchmark_models(models: dict[str, tuple[Any, Any, Any]], settings: BenchSet
     devices = {case.device.type for case in cases}
     results = {
         "settings": asdict(settings),
-        "memory_metric": CUDA_MEMORY if devices == {"cuda"} else CPU_MEMORY if devices == {"cpu"}
+        "memory_metric": CUDA_MEMORY
+        if devices == {"cuda"}
+        else CPU_MEMORY
+        if devices == {"cpu"}
         else f"per device: {CUDA_MEMORY}; {CPU_MEMORY}",
         "baseline": None,
         "models": {case.name: case.finish() for case in cases},
@@ -296,8 +352,10 @@ def benchmark_models(models: dict[str, tuple[Any, Any, Any]], settings: BenchSet
 
 def prefill_latency_ms(results: dict) -> dict[str, dict[int, float]]:
     """``{model: {actual seq len: median prefill ms}}`` (for latency-vs-length plots)."""
-    return {name: {entry["seq_len"]: entry["median_ms"] for entry in reversed(res["prefill"].values())}
-            for name, res in results["models"].items()}
+    return {
+        name: {entry["seq_len"]: entry["median_ms"] for entry in reversed(res["prefill"].values())}
+        for name, res in results["models"].items()
+    }
 
 
 def _human(value: float | None, unit: str = "") -> str:
@@ -327,34 +385,50 @@ def format_bench_table(results: dict, baseline: str | None) -> str:
     others = [n for n in names if n != baseline] if baseline else []
     mib = lambda v: f"{v:.1f} MiB"  # noqa: E731
     rows: list[tuple[str, tuple[str, ...], Any]] = [
-        ("parameters", ("parameters",), _human), ("weights in memory", ("weights_mib",), mib),
-        ("on-disk (safetensors)", ("disk_bytes",), lambda v: _human(v, "B"))]
+        ("parameters", ("parameters",), _human),
+        ("weights in memory", ("weights_mib",), mib),
+        ("on-disk (safetensors)", ("disk_bytes",), lambda v: _human(v, "B")),
+    ]
     for key, entry in first["prefill"].items():
         n = entry["seq_len"] if str(entry["seq_len"]) == key else f"{entry['seq_len']} (asked {key})"
-        rows += [(f"prefill ms @{n} (median ±IQR)", ("prefill", key, "median_ms"), None),
-                 (f"prefill peak mem increase @{n}", ("prefill", key, "peak_memory_mib"), mib),
-                 (f"prefill FLOPs/token @{n}", ("flops", key, "prefill_flops_per_token"), _human)]
+        rows += [
+            (f"prefill ms @{n} (median ±IQR)", ("prefill", key, "median_ms"), None),
+            (f"prefill peak mem increase @{n}", ("prefill", key, "peak_memory_mib"), mib),
+            (f"prefill FLOPs/token @{n}", ("flops", key, "prefill_flops_per_token"), _human),
+        ]
     n = first["decode"]["prompt_len"]
-    rows += [(f"decode tokens/s (after {n} tokens)", ("decode", "tokens_per_s"), lambda v: f"{v:.1f}"),
-             ("decode peak mem increase", ("decode", "peak_memory_mib"), mib),
-             (f"decode FLOPs/token @{n}", ("flops", "decode_prompt", "decode_flops_per_token"), _human),
-             ("active params/token", ("flops", "decode_prompt", "params_active"), _human)]
+    rows += [
+        (f"decode tokens/s (after {n} tokens)", ("decode", "tokens_per_s"), lambda v: f"{v:.1f}"),
+        ("decode peak mem increase", ("decode", "peak_memory_mib"), mib),
+        (f"decode FLOPs/token @{n}", ("flops", "decode_prompt", "decode_flops_per_token"), _human),
+        ("active params/token", ("flops", "decode_prompt", "params_active"), _human),
+    ]
     if any("vision_flops_per_image" in m for m in models.values()):
         rows.append(("vision FLOPs/image", ("vision_flops_per_image",), _human))
     table = [["figure", *names, *(f"{n}/{baseline}" for n in others)]]
     for label, path, fmt in rows:
         values = [_get(models[name], path) for name in names]
         if fmt is None:  # latency: median ± IQR
-            cells = [f"{v:.2f} ±{_get(models[m], (*path[:-1], 'iqr_ms')):.2f}" for m, v in zip(names, values, strict=False)]
+            cells = [
+                f"{v:.2f} ±{_get(models[m], (*path[:-1], 'iqr_ms')):.2f}"
+                for m, v in zip(names, values, strict=False)
+            ]
         else:
             cells = ["-" if v is None else fmt(v) for v in values]
         ratios = [_get(models[name].get("ratios", {}), path) for name in others]
         table.append([label, *cells, *("-" if r is None else f"{r:.3f}x" for r in ratios)])
     widths = [max(map(len, column)) for column in zip(*table, strict=False)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False)))
-             for row in table]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))
+        )
+        for row in table
+    ]
     devices = ", ".join(sorted({f"{m['device']} {m['dtype']}" for m in models.values()}))
-    head = [f"bench: {devices} · batch {s['batch_size']} · median of {s['repeats']} after {s['warmup']} warm-up · "
-            f"decode {s['decode_tokens']} tokens", f"peak memory: {results['memory_metric']} (weights: 'weights in memory')"]
+    head = [
+        f"bench: {devices} · batch {s['batch_size']} · median of {s['repeats']} after {s['warmup']} warm-up · "
+        f"decode {s['decode_tokens']} tokens",
+        f"peak memory: {results['memory_metric']} (weights: 'weights in memory')",
+    ]
     note = [f"ratios: model / {baseline} (for tokens/s: the speed-up)"] if others else []
     return "\n".join([*head, lines[0], "-" * len(lines[0]), *lines[1:], *note])

@@ -80,23 +80,31 @@ def evaluate_classification(
     max_length = model_max_length(model, tokenizer)
     metric = load_metric("accuracy")
     device = next(model.parameters()).device
-    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc="classification", unit="batch", disable=not progress):
                 columns = list(zip(*(texts for texts, _ in batch), strict=True))
-                encoded = tokenizer(*[list(column) for column in columns], padding=True, truncation=True,
-                                    max_length=max_length, return_tensors="pt")
+                encoded = tokenizer(
+                    *[list(column) for column in columns],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
                 encoded = {name: tensor.to(device) for name, tensor in encoded.items()}
                 logits = model(**encoded).logits
                 if logits.dim() != 2 or tuple(logits.shape) != (len(batch), num_labels):
                     raise ValueError(
                         f"classification needs a sequence-classification model: {type(model).__name__} "
                         f"returned logits of shape {tuple(logits.shape)}, expected [{len(batch)}, {num_labels}] "
-                        "(batch, num_labels)")
-                metric.add_batch(predictions=logits.argmax(dim=-1).tolist(), references=[label for _, label in batch])
+                        "(batch, num_labels)"
+                    )
+                metric.add_batch(
+                    predictions=logits.argmax(dim=-1).tolist(), references=[label for _, label in batch]
+                )
     finally:
         model.train(was_training)
 
@@ -134,7 +142,8 @@ def _check_classifier(model) -> int:
         model_type = getattr(config, "model_type", None) or "unknown"
         raise ValueError(
             f"classification needs a sequence-classification model (a *{_HEAD_SUFFIX} class with "
-            f"logits [batch, num_labels]); got {name} (model_type {model_type!r})")
+            f"logits [batch, num_labels]); got {name} (model_type {model_type!r})"
+        )
     return int(config.num_labels)
 
 
@@ -148,12 +157,16 @@ def _text(row: dict, field: str, where: str) -> str:
 def _label_index(value: Any, config, num_labels: int, field: str, where: str) -> int:
     """The class index of a gold label: an int in range, or a string key of ``config.label2id``."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise DataError(f"{where}: field {field!r} must be a class index (int) or a label name (string), "
-                        f"got {type(value).__name__} {value!r}")
+        raise DataError(
+            f"{where}: field {field!r} must be a class index (int) or a label name (string), "
+            f"got {type(value).__name__} {value!r}"
+        )
     if isinstance(value, int):
         if not 0 <= value < num_labels:
-            raise DataError(f"{where}: label {value} is out of range; the model has {num_labels} labels "
-                            f"(0..{num_labels - 1})")
+            raise DataError(
+                f"{where}: label {value} is out of range; the model has {num_labels} labels "
+                f"(0..{num_labels - 1})"
+            )
         return value
     label2id = dict(getattr(config, "label2id", None) or {})
     if value not in label2id:

@@ -74,7 +74,9 @@ def build_cloze_items(
     if num_items < 1:
         raise ValueError(f"num_items must be >= 1, got {num_items}")
     if num_choices < 2:
-        raise ValueError(f"num_choices must be >= 2 (an answer and at least one distractor), got {num_choices}")
+        raise ValueError(
+            f"num_choices must be >= 2 (an answer and at least one distractor), got {num_choices}"
+        )
     if context_words < 1:
         raise ValueError(f"context_words must be >= 1, got {context_words}")
 
@@ -111,7 +113,9 @@ def build_cloze_items(
 
     # Most frequent spelling of each word (ties: alphabetical).
     neighbours = _Neighbours(counts)
-    spelling = {word: min(forms.items(), key=lambda item: (-item[1], item[0]))[0] for word, forms in surface.items()}
+    spelling = {
+        word: min(forms.items(), key=lambda item: (-item[1], item[0]))[0] for word, forms in surface.items()
+    }
 
     rng = random.Random(seed)
     chosen = sorted(rng.sample(range(len(candidates)), num_items))
@@ -153,7 +157,9 @@ class _Neighbours:
         """``how_many`` words other than ``answer`` (lowercase) among its nearest, picked with ``rng``."""
         position = self.index[answer]
         # One step in log frequency (a factor e) weighs as much as one character of length.
-        distance = np.abs(self.log_count - self.log_count[position]) + np.abs(self.length - self.length[position])
+        distance = np.abs(self.log_count - self.log_count[position]) + np.abs(
+            self.length - self.length[position]
+        )
         distance[position] = np.inf
         order = np.argsort(distance, kind="stable")
         pool = [self.words[i] for i in order[: how_many * _NEIGHBOURS_PER_DISTRACTOR]]
@@ -178,11 +184,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="JSONL file to write (rows: question, choices, answer)")
     parser.add_argument("--num-items", type=int, default=200, help="items to build (default: 200)")
     parser.add_argument("--num-choices", type=int, default=4, help="choices per item (default: 4)")
-    parser.add_argument("--context-words", type=int, default=24, help="words of context per question (default: 24)")
+    parser.add_argument(
+        "--context-words", type=int, default=24, help="words of context per question (default: 24)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--document-separator", default=DEFAULT_DOCUMENT_SEPARATOR,
-                        help="literal marker between documents; passages never span it "
-                             f"(default: {DEFAULT_DOCUMENT_SEPARATOR!r}; '' for none)")
+    parser.add_argument(
+        "--document-separator",
+        default=DEFAULT_DOCUMENT_SEPARATOR,
+        help="literal marker between documents; passages never span it "
+        f"(default: {DEFAULT_DOCUMENT_SEPARATOR!r}; '' for none)",
+    )
     args = parser.parse_args(argv)
 
     source = Path(args.text_file)

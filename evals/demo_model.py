@@ -113,7 +113,9 @@ def _build_model(seed: int) -> LlamaForCausalLM:
 def _train(model: LlamaForCausalLM, tokens: torch.Tensor, steps: int, seed: int, progress: bool) -> float:
     """Train on random windows of ``tokens``; return the mean loss of the last few steps."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer, scheduler = adamw_warmup_cosine(model, steps=steps, peak_lr=PEAK_LR, warmup_fraction=WARMUP_FRACTION)
+    optimizer, scheduler = adamw_warmup_cosine(
+        model, steps=steps, peak_lr=PEAK_LR, warmup_fraction=WARMUP_FRACTION
+    )
     offsets = torch.arange(SEQ_LEN)
     recent_losses: list[float] = []
     model.train()
@@ -151,8 +153,9 @@ def build_demo_model(
     tokenizer = _train_tokenizer(splits["train"])
     model = _build_model(seed)
     final_loss = _train(model, _token_stream(tokenizer, splits["train"]), steps, seed, progress)
-    eval_ppl = perplexity_of_tokens(model, _token_stream(tokenizer, splits["eval"]), seq_len=SEQ_LEN,
-                                    batch_size=32)["perplexity"]
+    eval_ppl = perplexity_of_tokens(
+        model, _token_stream(tokenizer, splits["eval"]), seq_len=SEQ_LEN, batch_size=32
+    )["perplexity"]
     seconds = time.perf_counter() - started  # the whole build bar saving
 
     with publish_when_done(out_dir) as tmp_dir:

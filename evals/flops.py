@@ -49,13 +49,23 @@ def analytic_flops_per_token(config: Any, seq_len: int, image_tokens: int | None
     settings = getattr(config, "token_pruning", None)
     if settings and getattr(config, "vision_config", None) is None and "layer" in settings:
         # adtp chooses its ratio per prompt: counted at its largest candidate, an upper bound
-        ratio = settings["keep_ratio"] if settings.get("keep_ratio") is not None else max(settings["candidate_ratios"])
+        ratio = (
+            settings["keep_ratio"]
+            if settings.get("keep_ratio") is not None
+            else max(settings["candidate_ratios"])
+        )
         kept_len = min(seq_len, 2 + math.ceil(ratio * (seq_len - 2) - 1e-6)) if seq_len > 2 else seq_len
         split = settings["layer"]
-        prefill = (sum(layer["prefill"] for layer in _layer_costs(config, seq_len)[0][:split])
-                   + sum(layer["prefill"] for layer in _layer_costs(config, kept_len)[0][split:]) + 2 * _head_size(config))
-        out.update(prefill_flops_per_token=prefill / seq_len, language_model_tokens=kept_len,
-                   decode_flops_per_token=_language_model_flops(config, kept_len)["decode_flops_per_token"])
+        prefill = (
+            sum(layer["prefill"] for layer in _layer_costs(config, seq_len)[0][:split])
+            + sum(layer["prefill"] for layer in _layer_costs(config, kept_len)[0][split:])
+            + 2 * _head_size(config)
+        )
+        out.update(
+            prefill_flops_per_token=prefill / seq_len,
+            language_model_tokens=kept_len,
+            decode_flops_per_token=_language_model_flops(config, kept_len)["decode_flops_per_token"],
+        )
         return out
     if settings and hasattr(config.vision_config, "image_size"):
         per_crop = _vision_flops(config)["image_tokens_per_crop"]
@@ -63,8 +73,11 @@ def analytic_flops_per_token(config: Any, seq_len: int, image_tokens: int | None
         dropped = count - round(count * kept_count(settings, per_crop) / per_crop)
         kept_len = max(seq_len - dropped, 1)
         pruned = _language_model_flops(config, kept_len)
-        out.update(prefill_flops_per_token=pruned["prefill_flops_per_token"] * kept_len / seq_len,
-                   decode_flops_per_token=pruned["decode_flops_per_token"], language_model_tokens=kept_len)
+        out.update(
+            prefill_flops_per_token=pruned["prefill_flops_per_token"] * kept_len / seq_len,
+            decode_flops_per_token=pruned["decode_flops_per_token"],
+            language_model_tokens=kept_len,
+        )
     if get_adapter(config).is_vision_language and hasattr(config.vision_config, "image_size"):
         out.update(_vision_flops(config))
     return out
@@ -108,27 +121,44 @@ def _layer_costs(config: Any, seq_len: int) -> tuple[list[dict], int]:
         extra += 2 * hd  # per-head q/k norms
     elif t.model_type == "olmoe":
         extra += (nh + nkv) * hd
-    dense_mlp, dense_bias = 3 * hidden * t.intermediate_size, (2 * t.intermediate_size + hidden) * getattr(t, "mlp_bias", False)
+    dense_mlp, dense_bias = (
+        3 * hidden * t.intermediate_size,
+        (2 * t.intermediate_size + hidden) * getattr(t, "mlp_bias", False),
+    )
     sparse_mlp = 0
     if adapter.spec.is_moe:
         moe_inter = getattr(t, "moe_intermediate_size", None) or t.intermediate_size
         sparse_mlp = hidden * adapter.num_experts(config) + t.num_experts_per_tok * 3 * hidden * moe_inter
         if getattr(t, "shared_expert_intermediate_size", 0):
             sparse_mlp += 3 * hidden * t.shared_expert_intermediate_size + hidden
-    step, dense_only = getattr(t, "decoder_sparse_step", None) or 1, set(getattr(t, "mlp_only_layers", None) or [])
+    step, dense_only = (
+        getattr(t, "decoder_sparse_step", None) or 1,
+        set(getattr(t, "mlp_only_layers", None) or []),
+    )
     layer_types = getattr(t, "layer_types", None)
-    window = getattr(t, "sliding_window", None) if getattr(t, "use_sliding_window", True) is not False else None
+    window = (
+        getattr(t, "sliding_window", None) if getattr(t, "use_sliding_window", True) is not False else None
+    )
     costs, extra = [], extra * layers
     for i in range(layers):
         sparse = adapter.spec.is_moe and i not in dense_only and (i + 1) % step == 0
         matmul = attn + (sparse_mlp if sparse else dense_mlp)
         extra += 0 if sparse else dense_bias
-        w = window if layer_types is None else (getattr(t, "sliding_window", None)
-                                                 if layer_types[i] == "sliding_attention" else None)
+        w = (
+            window
+            if layer_types is None
+            else (getattr(t, "sliding_window", None) if layer_types[i] == "sliding_attention" else None)
+        )
         w = min(w or seq_len, seq_len)  # keys attended: min(t, w) for token t = 1..seq_len
         attn_prefill = 4 * nh * hd * (w * (w + 1) // 2 + (seq_len - w) * w)
-        costs.append({"matmul": matmul, "attn_prefill": attn_prefill, "attn_decode": 4 * nh * hd * w,
-                      "prefill": 2 * matmul * seq_len + attn_prefill})
+        costs.append(
+            {
+                "matmul": matmul,
+                "attn_prefill": attn_prefill,
+                "attn_decode": 4 * nh * hd * w,
+                "prefill": 2 * matmul * seq_len + attn_prefill,
+            }
+        )
     return costs, extra
 
 
@@ -138,10 +168,14 @@ def _vision_flops(config: Any) -> dict:
     hv, patches = v.hidden_size, (v.image_size // v.patch_size) ** 2
     cls = 0 if "siglip" in v.model_type else 1
     tokens = patches + cls
-    image_tokens = patches if getattr(config, "vision_feature_select_strategy", "default") == "default" else tokens
+    image_tokens = (
+        patches if getattr(config, "vision_feature_select_strategy", "default") == "default" else tokens
+    )
     feature_layers = getattr(config, "vision_feature_layer", -1)
     proj_in = hv * (len(feature_layers) if isinstance(feature_layers, (list, tuple)) else 1)
-    tower = v.num_hidden_layers * (2 * tokens * (4 * hv * hv + 2 * hv * v.intermediate_size) + 4 * hv * tokens ** 2)
-    patch_embed = 2 * patches * getattr(v, "num_channels", 3) * v.patch_size ** 2 * hv
+    tower = v.num_hidden_layers * (
+        2 * tokens * (4 * hv * hv + 2 * hv * v.intermediate_size) + 4 * hv * tokens**2
+    )
+    patch_embed = 2 * patches * getattr(v, "num_channels", 3) * v.patch_size**2 * hv
     projector = 2 * image_tokens * (proj_in * text_hidden + text_hidden * text_hidden)
     return {"vision_flops_per_crop": tower + patch_embed + projector, "image_tokens_per_crop": image_tokens}

@@ -34,39 +34,77 @@ class TaskSpec:
 def _perplexity(model: Any, preprocessor: Any, task: EvaluationTask, progress: bool) -> dict[str, Any]:
     from .perplexity import evaluate_perplexity
 
-    return evaluate_perplexity(model, text_tokenizer(preprocessor), task.data, seq_len=task.seq_len,
-                               batch_size=task.batch_size, limit=task.limit, text_field=task.text_field,
-                               progress=progress)
+    return evaluate_perplexity(
+        model,
+        text_tokenizer(preprocessor),
+        task.data,
+        seq_len=task.seq_len,
+        batch_size=task.batch_size,
+        limit=task.limit,
+        text_field=task.text_field,
+        progress=progress,
+    )
 
 
 def _multiple_choice(model: Any, preprocessor: Any, task: EvaluationTask, progress: bool) -> dict[str, Any]:
     from .multiple_choice import evaluate_multiple_choice
 
-    return evaluate_multiple_choice(model, text_tokenizer(preprocessor), task.data, batch_size=task.batch_size,
-                                    limit=task.limit, progress=progress)
+    return evaluate_multiple_choice(
+        model,
+        text_tokenizer(preprocessor),
+        task.data,
+        batch_size=task.batch_size,
+        limit=task.limit,
+        progress=progress,
+    )
 
 
 def _classification(model: Any, preprocessor: Any, task: EvaluationTask, progress: bool) -> dict[str, Any]:
     from .classification import evaluate_classification
 
-    return evaluate_classification(model, text_tokenizer(preprocessor), task.data, text_field=task.text_field,
-                                   text_pair_field=task.text_pair_field, label_field=task.label_field,
-                                   batch_size=task.batch_size, limit=task.limit, progress=progress)
+    return evaluate_classification(
+        model,
+        text_tokenizer(preprocessor),
+        task.data,
+        text_field=task.text_field,
+        text_pair_field=task.text_pair_field,
+        label_field=task.label_field,
+        batch_size=task.batch_size,
+        limit=task.limit,
+        progress=progress,
+    )
 
 
 def _vqa(model: Any, preprocessor: Any, task: EvaluationTask, progress: bool) -> dict[str, Any]:
     from .vqa import evaluate_vqa
 
-    return evaluate_vqa(model, preprocessor, task.data, batch_size=task.batch_size, limit=task.limit,
-                        max_new_tokens=task.max_new_tokens, progress=progress)
+    return evaluate_vqa(
+        model,
+        preprocessor,
+        task.data,
+        batch_size=task.batch_size,
+        limit=task.limit,
+        max_new_tokens=task.max_new_tokens,
+        progress=progress,
+    )
 
 
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("perplexity", "perplexity", False, "causal_lm", "text-generation", _perplexity),
-    TaskSpec("multiple_choice", "accuracy", True, "causal_lm", "multiple-choice", _multiple_choice),
-    TaskSpec("classification", "accuracy", True, "sequence_classification", "text-classification", _classification),
-    TaskSpec("vqa", "vqa_accuracy", True, "vision_language", "visual-question-answering", _vqa),
-)}
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("perplexity", "perplexity", False, "causal_lm", "text-generation", _perplexity),
+        TaskSpec("multiple_choice", "accuracy", True, "causal_lm", "multiple-choice", _multiple_choice),
+        TaskSpec(
+            "classification",
+            "accuracy",
+            True,
+            "sequence_classification",
+            "text-classification",
+            _classification,
+        ),
+        TaskSpec("vqa", "vqa_accuracy", True, "vision_language", "visual-question-answering", _vqa),
+    )
+}
 
 
 def get_task(name: str) -> TaskSpec:
@@ -82,9 +120,13 @@ def check_task_fits(name: str, config: Any, model_class: str | None = None) -> N
     classes = [model_class] if model_class else list(getattr(config, "architectures", None) or [])
     is_classifier = any(c.endswith("ForSequenceClassification") for c in classes)
     if spec.model_kind == "vision_language" and getattr(config, "vision_config", None) is None:
-        raise TaskModelMismatch(f"task {name!r} needs a vision-language model; {model_type} has no vision tower")
+        raise TaskModelMismatch(
+            f"task {name!r} needs a vision-language model; {model_type} has no vision tower"
+        )
     if spec.model_kind == "sequence_classification" and classes and not is_classifier:
-        raise TaskModelMismatch(f"task {name!r} needs a sequence-classification model; got {', '.join(classes)}")
+        raise TaskModelMismatch(
+            f"task {name!r} needs a sequence-classification model; got {', '.join(classes)}"
+        )
     if spec.model_kind == "causal_lm" and is_classifier:
         raise TaskModelMismatch(f"task {name!r} needs a language-model head; got {', '.join(classes)}")
 
@@ -118,6 +160,7 @@ def retained_fraction(name: str, original: dict[str, Any], pruned: dict[str, Any
     if spec.higher_is_better and original[spec.metric] == 0:
         return None
     metric = load_metric("retained_performance")
-    result = metric.compute(pruned=[pruned[spec.metric]], original=[original[spec.metric]],
-                            higher_is_better=spec.higher_is_better)
+    result = metric.compute(
+        pruned=[pruned[spec.metric]], original=[original[spec.metric]], higher_is_better=spec.higher_is_better
+    )
     return float(result["retained"])

@@ -89,8 +89,9 @@ def evaluate_multiple_choice(
     for example_index, example in enumerate(examples):
         for choice_index, choice in enumerate(example["choices"]):
             context, continuation = split_context_continuation(example["question"], choice)
-            tokens, num_continuation = _encode_pair(tokenizer, prefix, context, continuation,
-                                                    where=f"{example['where']}: choice {choice_index}")
+            tokens, num_continuation = _encode_pair(
+                tokenizer, prefix, context, continuation, where=f"{example['where']}: choice {choice_index}"
+            )
             if num_continuation > max_length:
                 raise DataError(
                     f"{example['where']}: choice {choice_index} is {num_continuation} tokens long, more "
@@ -98,25 +99,33 @@ def evaluate_multiple_choice(
                 )
             # Input = every token but the last (it predicts nothing), at most max_length of them,
             # cut from the left; the last num_continuation positions predict the continuation.
-            requests.append((example_index, choice_index, tokens[:-1][-max_length:], tokens[-num_continuation:]))
+            requests.append(
+                (example_index, choice_index, tokens[:-1][-max_length:], tokens[-num_continuation:])
+            )
 
     scores = _score_requests(model, tokenizer, requests, batch_size=batch_size, progress=progress)
 
     details = []
     for example_index, example in enumerate(examples):
         loglik = [scores[(example_index, choice_index)] for choice_index in range(len(example["choices"]))]
-        lengths = [len(split_context_continuation(example["question"], choice)[1].encode("utf-8"))
-                   for choice in example["choices"]]
-        details.append({
-            "loglik": loglik,
-            "pred": _argmax(loglik),
-            "pred_norm": _argmax([value / length for value, length in zip(loglik, lengths, strict=True)]),
-            "answer": example["answer"],
-        })
+        lengths = [
+            len(split_context_continuation(example["question"], choice)[1].encode("utf-8"))
+            for choice in example["choices"]
+        ]
+        details.append(
+            {
+                "loglik": loglik,
+                "pred": _argmax(loglik),
+                "pred_norm": _argmax([value / length for value, length in zip(loglik, lengths, strict=True)]),
+                "answer": example["answer"],
+            }
+        )
 
     references = [detail["answer"] for detail in details]
     plain = load_metric("accuracy").compute(predictions=[d["pred"] for d in details], references=references)
-    norm = load_metric("accuracy").compute(predictions=[d["pred_norm"] for d in details], references=references)
+    norm = load_metric("accuracy").compute(
+        predictions=[d["pred_norm"] for d in details], references=references
+    )
     result = {
         "accuracy": float(plain["accuracy"]),
         "accuracy_norm": float(norm["accuracy"]),
@@ -135,7 +144,7 @@ def split_context_continuation(question: str, choice: str) -> tuple[str, str]:
         choice = " " + choice
     stripped = question.rstrip()
     # Trailing whitespace of the question belongs to the continuation (lm-eval does the same).
-    return stripped, question[len(stripped):] + choice
+    return stripped, question[len(stripped) :] + choice
 
 
 def load_examples(data: str | os.PathLike | Sequence[Mapping[str, Any]]) -> tuple[str, list[dict]]:
@@ -154,8 +163,10 @@ def load_examples(data: str | os.PathLike | Sequence[Mapping[str, Any]]) -> tupl
                 raise DataError(f"{where}: expected a mapping, got {type(row).__name__}")
             missing = [field for field in REQUIRED_FIELDS if field not in row]
             if missing:
-                raise DataError(f"{where}: missing field {', '.join(repr(m) for m in missing)} "
-                                f"(each row needs {', '.join(REQUIRED_FIELDS)})")
+                raise DataError(
+                    f"{where}: missing field {', '.join(repr(m) for m in missing)} "
+                    f"(each row needs {', '.join(REQUIRED_FIELDS)})"
+                )
     return name, [_validate_row(row, where) for row, where in zip(rows, wheres, strict=True)]
 
 
@@ -181,8 +192,10 @@ def _validate_row(row: Mapping[str, Any], where: str) -> dict:
     elif isinstance(answer, bool) or not isinstance(answer, int):
         raise DataError(f"{where}: 'answer' must be a choice index (int) or a choice's text, got {answer!r}")
     elif not 0 <= answer < len(choices):
-        raise DataError(f"{where}: 'answer' index {answer} is out of range for {len(choices)} choices "
-                        f"(0 to {len(choices) - 1})")
+        raise DataError(
+            f"{where}: 'answer' index {answer} is out of range for {len(choices)} choices "
+            f"(0 to {len(choices) - 1})"
+        )
     return {"question": question, "choices": list(choices), "answer": answer, "where": where}
 
 
@@ -192,13 +205,14 @@ def _prefix_token_ids(tokenizer) -> list[int]:
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe, add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
+        if full[start : start + len(plain)] == plain:
             return list(full[:start])
     return []
 
 
-def _encode_pair(tokenizer, prefix: list[int], context: str, continuation: str, *,
-                 where: str) -> tuple[list[int], int]:
+def _encode_pair(
+    tokenizer, prefix: list[int], context: str, continuation: str, *, where: str
+) -> tuple[list[int], int]:
     """``(prefix + context + continuation tokens, number of continuation tokens)``."""
     # verbose=False: an over-long input is cut to max_length later, the "too long" warning is noise.
     whole = tokenizer(context + continuation, add_special_tokens=False, verbose=False)["input_ids"]
@@ -212,17 +226,21 @@ def _encode_pair(tokenizer, prefix: list[int], context: str, continuation: str, 
         # that adds no BOS): score it after the BOS/EOS token, as lm-eval does.
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
-            raise DataError(f"{where}: an empty question needs a tokenizer with a BOS or EOS token to start from")
+            raise DataError(
+                f"{where}: an empty question needs a tokenizer with a BOS or EOS token to start from"
+            )
         tokens = [start, *tokens]
     return tokens, num_continuation
 
 
-def _score_requests(model, tokenizer, requests, *, batch_size: int, progress: bool) -> dict[tuple[int, int], float]:
+def _score_requests(
+    model, tokenizer, requests, *, batch_size: int, progress: bool
+) -> dict[tuple[int, int], float]:
     """Summed continuation log-probability of each request, keyed by (example, choice)."""
     # Longest first (ties in input order): batches hold similar lengths, so little padding, and the
     # largest batch runs first. The order is fixed, so results are deterministic.
     order = sorted(range(len(requests)), key=lambda index: (-len(requests[index][2]), index))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -241,13 +259,14 @@ def _score_requests(model, tokenizer, requests, *, batch_size: int, progress: bo
                     inputs = requests[index][2]
                     input_ids[row, : len(inputs)] = torch.tensor(inputs, dtype=torch.long)
                     attention_mask[row, : len(inputs)] = 1
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               use_cache=False).logits
+                logits = model(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+                ).logits
                 for row, index in enumerate(batch):
                     example_index, choice_index, inputs, targets = requests[index]
                     # Positions len(inputs) - len(targets) .. len(inputs) - 1 predict the targets.
                     end = len(inputs)
-                    rows = logits[row, end - len(targets):end].float()
+                    rows = logits[row, end - len(targets) : end].float()
                     log_probs = torch.log_softmax(rows, dim=-1)
                     target = torch.tensor(targets, dtype=torch.long, device=log_probs.device)
                     picked = log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -262,5 +281,10 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda index: (values[index], -index))
 
 
-__all__ = ["REQUIRED_FIELDS", "default_max_length", "evaluate_multiple_choice", "load_examples",
-           "split_context_continuation"]
+__all__ = [
+    "REQUIRED_FIELDS",
+    "default_max_length",
+    "evaluate_multiple_choice",
+    "load_examples",
+    "split_context_continuation",
+]

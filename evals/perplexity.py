@@ -79,8 +79,12 @@ def evaluate_perplexity(
     elif positions is not None and seq_len > positions:
         # Past its positions a model reads untrained (or wrapped-around) position encodings: the figure
         # would mean nothing, so evaluate at the longest window it supports and say so.
-        warnings.warn(f"seq_len {seq_len} is longer than the model's {positions} positions "
-                      f"(max_position_embeddings); evaluating with seq_len {positions}", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"seq_len {seq_len} is longer than the model's {positions} positions "
+            f"(max_position_embeddings); evaluating with seq_len {positions}",
+            UserWarning,
+            stacklevel=2,
+        )
         seq_len_clamped_from, seq_len = seq_len, positions
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (a window predicts seq_len - 1 tokens), got {seq_len}")
@@ -101,15 +105,23 @@ def evaluate_perplexity(
             "at least 2 are needed"
         )
     tokens = torch.tensor(token_ids, dtype=torch.long)
-    result = perplexity_of_tokens(model, tokens, seq_len=seq_len, batch_size=batch_size, limit=limit,
-                                  progress=progress)
+    result = perplexity_of_tokens(
+        model, tokens, seq_len=seq_len, batch_size=batch_size, limit=limit, progress=progress
+    )
     if seq_len_clamped_from is not None:
         result["seq_len_clamped_from"] = seq_len_clamped_from
     return {**result, "data": data_name, "seconds": time.perf_counter() - started}
 
 
-def perplexity_of_tokens(model, tokens: torch.Tensor, *, seq_len: int, batch_size: int = 8,
-                         limit: int | None = None, progress: bool = False) -> dict[str, Any]:
+def perplexity_of_tokens(
+    model,
+    tokens: torch.Tensor,
+    *,
+    seq_len: int,
+    batch_size: int = 8,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Perplexity over non-overlapping ``seq_len`` windows of a 1-D token tensor (see evaluate_perplexity)."""
     batches = _window_batches(len(tokens), seq_len=seq_len, batch_size=batch_size, limit=limit)
     num_windows = sum(len(batch) for batch in batches)

@@ -25,7 +25,12 @@ def _pyplot():
 
 
 def plot_quality_vs_compression(runs: list[dict[str, Any]], path: Path) -> Path | None:
-    points = [(run, entry) for run in runs for entry in run.get("evaluation", []) if entry.get("retained") is not None]
+    points = [
+        (run, entry)
+        for run in runs
+        for entry in run.get("evaluation", [])
+        if entry.get("retained") is not None
+    ]
     if not points:
         return None
     plt = _pyplot()
@@ -34,10 +39,19 @@ def plot_quality_vs_compression(runs: list[dict[str, Any]], path: Path) -> Path 
     markers = dict(zip(sorted({e["task"] for _, e in points}), "osD^v<>", strict=False))
     for run, entry in points:
         kept = run["params_after"] / run["params_before"]
-        ax.scatter([kept], [entry["retained"]], marker=markers[entry["task"]], s=60, zorder=3,
-                   label=f"{run['label']} ({entry['task']})" if entry["task"] == entry["metric"]
-                   else f"{run['label']} ({entry['task']}: {entry['metric']})")
-        ax.annotate(run["label"], (kept, entry["retained"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.scatter(
+            [kept],
+            [entry["retained"]],
+            marker=markers[entry["task"]],
+            s=60,
+            zorder=3,
+            label=f"{run['label']} ({entry['task']})"
+            if entry["task"] == entry["metric"]
+            else f"{run['label']} ({entry['task']}: {entry['metric']})",
+        )
+        ax.annotate(
+            run["label"], (kept, entry["retained"]), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
     ax.set_xlabel("parameters kept (fraction of original)")
     ax.set_ylabel("quality retained (fraction of original)")
     ax.set_title("Quality vs compression")
@@ -73,7 +87,9 @@ def plot_expert_counts(counts: dict[str, list[int]], path: Path) -> Path | None:
     for i, (label, per_layer) in enumerate(counts.items()):
         ax.bar([layer + i * width for layer in range(len(per_layer))], per_layer, width=width, label=label)
     num_layers = max(len(per_layer) for per_layer in counts.values())
-    ax.set_xticks([layer + width * (len(counts) - 1) / 2 for layer in range(num_layers)], labels=range(num_layers))
+    ax.set_xticks(
+        [layer + width * (len(counts) - 1) / 2 for layer in range(num_layers)], labels=range(num_layers)
+    )
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("experts")
     ax.set_title("Experts per layer")
@@ -100,9 +116,15 @@ def plot_kept_tokens(image: Any, kept: Any, path: Path, *, title: str = "Kept vi
     height, width = pixels.shape[:2]
     axes[1].imshow(pixels / max(float(pixels.max()), 1.0), cmap="gray" if pixels.ndim == 2 else None)
     # Pixel centres sit on integers, so the image spans -0.5 … size-0.5; the grid must span the same.
-    axes[1].imshow(grid, cmap="viridis", alpha=0.55, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
-                   interpolation="nearest",
-                   vmin=0.0, vmax=max(float(grid.max()), 1.0))
+    axes[1].imshow(
+        grid,
+        cmap="viridis",
+        alpha=0.55,
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+        interpolation="nearest",
+        vmin=0.0,
+        vmax=max(float(grid.max()), 1.0),
+    )
     axes[1].set_title(f"{title} ({int((grid > 0).sum())} of {grid.size})")
     for axis in axes:
         axis.axis("off")
@@ -119,10 +141,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_report(folder: str | Path, *, title: str, runs: list[dict[str, Any]],
-                 latency_ms: dict[str, dict[int, float]] | None = None,
-                 expert_counts: dict[str, list[int]] | None = None, bench_table: str | None = None,
-                 notes: list[str] | None = None) -> Path:
+def write_report(
+    folder: str | Path,
+    *,
+    title: str,
+    runs: list[dict[str, Any]],
+    latency_ms: dict[str, dict[int, float]] | None = None,
+    expert_counts: dict[str, list[int]] | None = None,
+    bench_table: str | None = None,
+    notes: list[str] | None = None,
+) -> Path:
     """Write ``report.md`` and the plots that have data into ``folder``; return the report's path.
 
     Each run: ``{"label", "params_before", "params_after", "evaluation": [entries as in hf_prune.json]}``.
@@ -130,8 +158,10 @@ def write_report(folder: str | Path, *, title: str, runs: list[dict[str, Any]],
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
-    lines += ["| run | parameters | kept | task | metric | data | original | pruned | retained |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| run | parameters | kept | task | metric | data | original | pruned | retained |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         kept = run["params_after"] / run["params_before"]
         entries = run.get("evaluation") or [None]
@@ -141,8 +171,14 @@ def write_report(folder: str | Path, *, title: str, runs: list[dict[str, Any]],
                 cells += ["", "", "", "", "", ""]
             else:
                 metric = entry["metric"]
-                cells += [entry["task"], metric, Path(entry["data"]).name, f"{entry['original'][metric]:.4g}",
-                          f"{entry['pruned'][metric]:.4g}", format_retained(entry["retained"])]
+                cells += [
+                    entry["task"],
+                    metric,
+                    Path(entry["data"]).name,
+                    f"{entry['original'][metric]:.4g}",
+                    f"{entry['pruned'][metric]:.4g}",
+                    format_retained(entry["retained"]),
+                ]
             lines.append("| " + " | ".join(cells) + " |")
     plots = [
         plot_quality_vs_compression(runs, folder / "quality_vs_compression.png"),

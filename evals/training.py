@@ -37,8 +37,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 3
 
 
-def train_byte_level_bpe(pieces: Iterable[str], *, vocab_size: int, model_max_length: int,
-                         split_special_tokens: bool = False):
+def train_byte_level_bpe(
+    pieces: Iterable[str], *, vocab_size: int, model_max_length: int, split_special_tokens: bool = False
+):
     """A byte-level BPE trained offline on ``pieces``, wrapped for transformers; every encoding starts with BOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -46,14 +47,25 @@ def train_byte_level_bpe(pieces: Iterable[str], *, vocab_size: int, model_max_le
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(pieces, trainer=trainer)
     backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=model_max_length,
-                                   split_special_tokens=split_special_tokens)
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=model_max_length,
+        split_special_tokens=split_special_tokens,
+    )
 
 
 @contextmanager
@@ -88,8 +100,12 @@ def testbed_cli(argv: list[str] | None, doc: str, testbed_dir, summary) -> dict:
     import json
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--cache", default=None, help="cache root (default: $HF_PRUNE_CACHE or ~/.cache/hf_prune)")
-    parser.add_argument("--assets", default=None, help=f"shared assets folder (default: {default_assets_dir()})")
+    parser.add_argument(
+        "--cache", default=None, help="cache root (default: $HF_PRUNE_CACHE or ~/.cache/hf_prune)"
+    )
+    parser.add_argument(
+        "--assets", default=None, help=f"shared assets folder (default: {default_assets_dir()})"
+    )
     args = parser.parse_args(argv)
     folder = testbed_dir(args.cache, assets=args.assets)
     record = json.loads((folder / "testbed.json").read_text())

@@ -75,8 +75,9 @@ def evaluate_vqa(
     _check_vision_model(model)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or getattr(processor, "image_processor", None) is None:
-        raise ValueError(f"vqa needs the model's processor (tokenizer + image processor), "
-                         f"got {type(processor).__name__}")
+        raise ValueError(
+            f"vqa needs the model's processor (tokenizer + image processor), got {type(processor).__name__}"
+        )
 
     data_name = os.fspath(data)
     examples = read_vqa_records(data_name, limit=limit)
@@ -85,7 +86,7 @@ def evaluate_vqa(
     exact_metric = load_metric("exact_match")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     shown = []
     saved_padding_side = tokenizer.padding_side
     saved_pad_token = tokenizer.pad_token
@@ -98,15 +99,31 @@ def evaluate_vqa(
         with torch.no_grad():
             for batch in tqdm(batches, desc="vqa", unit="batch", disable=not progress):
                 images = [load_image(example["image"], example["where"]) for example in batch]
-                predictions = answer_questions(model, processor, images, [example["question"] for example in batch],
-                                               max_new_tokens=max_new_tokens, device=device, dtype=dtype)
-                vqa_metric.add_batch(predictions=predictions, references=[example["answers"] for example in batch])
-                exact_metric.add_batch(predictions=predictions,
-                                       references=[majority_answer(example["answers"]) for example in batch])
+                predictions = answer_questions(
+                    model,
+                    processor,
+                    images,
+                    [example["question"] for example in batch],
+                    max_new_tokens=max_new_tokens,
+                    device=device,
+                    dtype=dtype,
+                )
+                vqa_metric.add_batch(
+                    predictions=predictions, references=[example["answers"] for example in batch]
+                )
+                exact_metric.add_batch(
+                    predictions=predictions,
+                    references=[majority_answer(example["answers"]) for example in batch],
+                )
                 for example, prediction in zip(batch, predictions, strict=True):
                     if len(shown) < NUM_SHOWN_EXAMPLES:
-                        shown.append({"question": example["question"], "prediction": prediction,
-                                      "answers": list(example["answers"])})
+                        shown.append(
+                            {
+                                "question": example["question"],
+                                "prediction": prediction,
+                                "answers": list(example["answers"]),
+                            }
+                        )
     finally:
         tokenizer.padding_side = saved_padding_side
         if saved_pad_token is None:
@@ -125,8 +142,9 @@ def evaluate_vqa(
     }
 
 
-def answer_questions(model, processor, images: list, questions: list[str], *, max_new_tokens: int,
-                     device=None, dtype=None) -> list[str]:
+def answer_questions(
+    model, processor, images: list, questions: list[str], *, max_new_tokens: int, device=None, dtype=None
+) -> list[str]:
     """Greedy answers to one batch of (image, question) pairs; only the generated tokens are decoded.
 
     Pads on the tokenizer's current ``padding_side``: ``evaluate_vqa`` sets it to ``"left"`` (with
@@ -136,17 +154,19 @@ def answer_questions(model, processor, images: list, questions: list[str], *, ma
     prompts = [build_prompt(processor, question) for question in questions]
     # A chat template writes the special tokens (BOS) itself; the tokenizer must not add them again.
     add_special = getattr(processor, "chat_template", None) is None
-    inputs = processor(images=images, text=prompts, padding=True, add_special_tokens=add_special,
-                       return_tensors="pt")
+    inputs = processor(
+        images=images, text=prompts, padding=True, add_special_tokens=add_special, return_tensors="pt"
+    )
     device = device if device is not None else next(model.parameters()).device
     inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
     if "pixel_values" in inputs and dtype is not None and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                            pad_token_id=pad_token_id)
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_token_id
+    )
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
+    new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -215,8 +235,10 @@ def _answers(row: dict, where: str) -> list[str]:
         if not isinstance(answer, str):
             raise DataError(f"{where}: field 'answer' must be a string, got {answer!r}")
         return [answer]
-    raise DataError(f"{where}: missing field 'answers' (a list of strings) or 'answer' (a string); "
-                    "each row needs image, question and answers")
+    raise DataError(
+        f"{where}: missing field 'answers' (a list of strings) or 'answer' (a string); "
+        "each row needs image, question and answers"
+    )
 
 
 def _check_vision_model(model) -> None:
@@ -226,5 +248,12 @@ def _check_vision_model(model) -> None:
         raise ValueError(f"vqa needs a vision-language model; {model_type} has no vision tower")
 
 
-__all__ = ["FALLBACK_PROMPT", "answer_questions", "build_prompt", "evaluate_vqa", "load_image",
-           "majority_answer", "read_vqa_records"]
+__all__ = [
+    "FALLBACK_PROMPT",
+    "answer_questions",
+    "build_prompt",
+    "evaluate_vqa",
+    "load_image",
+    "majority_answer",
+    "read_vqa_records",
+]

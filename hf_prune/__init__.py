@@ -1,9 +1,9 @@
 """hf-prune: config-driven pruning of Hugging Face Transformers models.
 
-    import hf_prune
-    recipe = hf_prune.load_recipe("recipe.yaml")
-    result = hf_prune.prune(recipe)             # loads recipe.model, saves to recipe.output
-    result = hf_prune.prune(model, {"stages": [...], "calibration": {...}})  # a model in memory
+import hf_prune
+recipe = hf_prune.load_recipe("recipe.yaml")
+result = hf_prune.prune(recipe)             # loads recipe.model, saves to recipe.output
+result = hf_prune.prune(model, {"stages": [...], "calibration": {...}})  # a model in memory
 """
 
 from typing import Any
@@ -15,8 +15,18 @@ from .recipe import Recipe, load_recipe  # noqa: E402
 from .registry import MethodConfig, StageReport, register_method, registered_methods  # noqa: E402
 
 __all__ = [
-    "HfPruneError", "MethodConfig", "PruneResult", "Recipe", "RecipeError", "StageReport", "UnsupportedModelError",
-    "load_recipe", "prune", "register_method", "registered_methods", "__version__",
+    "HfPruneError",
+    "MethodConfig",
+    "PruneResult",
+    "Recipe",
+    "RecipeError",
+    "StageReport",
+    "UnsupportedModelError",
+    "load_recipe",
+    "prune",
+    "register_method",
+    "registered_methods",
+    "__version__",
 ]
 
 
@@ -27,6 +37,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'hf_prune' has no attribute {name!r}")
+
 
 # Registers the hf_prune_<family> classes with the Auto classes (DESIGN.md §5): per-layer expert counts and
 # visual token pruning.

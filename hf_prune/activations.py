@@ -39,6 +39,7 @@ def capture_outputs(modules: dict[str, nn.Module], stop_after: nn.Module | None 
     for name, module in modules.items():
         handles.append(module.register_forward_hook(make_hook(name)))
     if stop_after is not None:
+
         def stop(module: nn.Module, args: object, output: object) -> None:
             raise _StopForward
 
@@ -55,7 +56,10 @@ def run_decoder(decoder: nn.Module, batch: CalibrationBatch) -> None:
     """Run the decoder on one batch, swallowing the early stop raised by ``capture_outputs``."""
     device = next(decoder.parameters()).device
     try:
-        decoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                use_cache=False)
+        decoder(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            use_cache=False,
+        )
     except _StopForward:
         pass

@@ -38,8 +38,10 @@ class ArchitectureSpec:
 
 
 _DENSE = ArchitectureSpec()
-_POST_FFN_NORM = ("a post-feed-forward norm sits between the MLP output and the residual add, "
-                  "so a linear map cannot be folded into the MLP output projection exactly")
+_POST_FFN_NORM = (
+    "a post-feed-forward norm sits between the MLP output and the residual add, "
+    "so a linear map cannot be folded into the MLP output projection exactly"
+)
 _MOE = dict(experts_attr="experts", router_attr="gate")
 
 #: Decoder-only language models, keyed by ``config.model_type``.
@@ -49,8 +51,12 @@ TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen2": _DENSE,
     "qwen3": _DENSE,
     "mixtral": ArchitectureSpec(**_MOE, num_experts_key="num_local_experts"),
-    "qwen2_moe": ArchitectureSpec(**_MOE, num_experts_key="num_experts", shared_expert_attr="shared_expert",
-                                  shared_expert_gate_attr="shared_expert_gate"),
+    "qwen2_moe": ArchitectureSpec(
+        **_MOE,
+        num_experts_key="num_experts",
+        shared_expert_attr="shared_expert",
+        shared_expert_gate_attr="shared_expert_gate",
+    ),
     "qwen3_moe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
     "olmoe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
     "gemma2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
@@ -61,25 +67,47 @@ TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
 # Expert-pruned checkpoints with different expert counts per layer (model_patches/nonuniform_moe.py) and
 # prompt-token-pruned causal LMs (model_patches/prompt_token_pruning.py) keep their family's layout under an
 # hf_prune_ model type.
-TEXT_ARCHITECTURES.update({f"hf_prune_{family}": TEXT_ARCHITECTURES[family]
-                           for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "mistral")})
+TEXT_ARCHITECTURES.update(
+    {
+        f"hf_prune_{family}": TEXT_ARCHITECTURES[family]
+        for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "mistral")
+    }
+)
 
 # Qwen2-VL's language model: visual token pruning only, since calibration forwards through a bare decoder
 # would need its 3-D rotary positions.
-_MROPE = ArchitectureSpec(token_pruning_only=(
-    "its language model takes 3-D rotary positions from the image grid, which calibration forwards do not "
-    "build; only visual token pruning supports it"))
+_MROPE = ArchitectureSpec(
+    token_pruning_only=(
+        "its language model takes 3-D rotary positions from the image grid, which calibration forwards do not "
+        "build; only visual token pruning supports it"
+    )
+)
 TEXT_ARCHITECTURES.update({"qwen2_vl_text": _MROPE, "qwen2_5_vl_text": _MROPE})
 
 #: Encoder classifiers (BERT family): text token pruning only (the other methods assume a decoder).
-ENCODER_ARCHITECTURES = ("bert", "roberta", "distilbert", "hf_prune_bert", "hf_prune_roberta", "hf_prune_distilbert")
+ENCODER_ARCHITECTURES = (
+    "bert",
+    "roberta",
+    "distilbert",
+    "hf_prune_bert",
+    "hf_prune_roberta",
+    "hf_prune_distilbert",
+)
 _ENCODER = ArchitectureSpec(token_pruning_only="an encoder classifier: only text token pruning supports it")
 TEXT_ARCHITECTURES.update(dict.fromkeys(ENCODER_ARCHITECTURES, _ENCODER))
 
 #: Vision-language wrappers: the language model inside is looked up in TEXT_ARCHITECTURES by its own type.
-VISION_LANGUAGE_ARCHITECTURES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl",
-                                 # visual-token-pruned checkpoints (model_patches/*token_pruning.py)
-                                 "hf_prune_llava", "hf_prune_llava_next", "hf_prune_qwen2_vl", "hf_prune_qwen2_5_vl")
+VISION_LANGUAGE_ARCHITECTURES = (
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    # visual-token-pruned checkpoints (model_patches/*token_pruning.py)
+    "hf_prune_llava",
+    "hf_prune_llava_next",
+    "hf_prune_qwen2_vl",
+    "hf_prune_qwen2_5_vl",
+)
 
 
 def supported_model_types() -> list[str]:
@@ -130,7 +158,9 @@ class ModelAdapter:
             facts["shared_expert"] = self.spec.shared_expert_attr is not None
         if self.is_vision_language:
             vision = config.vision_config
-            facts["vision_tower"] = f"{vision.model_type} ({vision.num_hidden_layers} layers, hidden {vision.hidden_size})"
+            facts["vision_tower"] = (
+                f"{vision.model_type} ({vision.num_hidden_layers} layers, hidden {vision.hidden_size})"
+            )
             facts["image_token_id"] = getattr(config, "image_token_id", None)
         return facts
 
@@ -141,8 +171,10 @@ class ModelAdapter:
         if self.is_vision_language:
             inner = inner.language_model
         if not hasattr(inner, "layers"):
-            raise UnsupportedModelError(f"{type(model).__name__}: no decoder layers found where the "
-                                        f"{self.model_type} adapter expects them")
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: no decoder layers found where the "
+                f"{self.model_type} adapter expects them"
+            )
         return inner
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -171,7 +203,10 @@ class ModelAdapter:
 
     def experts_per_layer(self, model: nn.Module) -> list[int]:
         """Routed experts in each decoder layer (0 for a dense layer)."""
-        return [int(self.experts(layer).num_experts) if self.is_moe_layer(layer) else 0 for layer in self.layers(model)]
+        return [
+            int(self.experts(layer).num_experts) if self.is_moe_layer(layer) else 0
+            for layer in self.layers(model)
+        ]
 
     def mlp_output_projections(self, layer: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter | None]]:
         """(name, weight, bias) of every projection whose output sums into the layer's MLP output.
@@ -185,12 +220,22 @@ class ModelAdapter:
             down = getattr(mlp, self.spec.down_proj_attr)
             return [(f"{self.spec.mlp_attr}.{self.spec.down_proj_attr}", down.weight, down.bias)]
         experts = getattr(mlp, self.spec.experts_attr)
-        projections = [(f"{self.spec.mlp_attr}.{self.spec.experts_attr}.down_proj", experts.down_proj,
-                        getattr(experts, "down_proj_bias", None))]
+        projections = [
+            (
+                f"{self.spec.mlp_attr}.{self.spec.experts_attr}.down_proj",
+                experts.down_proj,
+                getattr(experts, "down_proj_bias", None),
+            )
+        ]
         if self.spec.shared_expert_attr:
             down = getattr(getattr(mlp, self.spec.shared_expert_attr), self.spec.down_proj_attr)
-            projections.append((f"{self.spec.mlp_attr}.{self.spec.shared_expert_attr}.{self.spec.down_proj_attr}",
-                                down.weight, down.bias))
+            projections.append(
+                (
+                    f"{self.spec.mlp_attr}.{self.spec.shared_expert_attr}.{self.spec.down_proj_attr}",
+                    down.weight,
+                    down.bias,
+                )
+            )
         return projections
 
     # ---- structural edits ---------------------------------------------------------------
@@ -236,8 +281,10 @@ class ModelAdapter:
         if hasattr(text, "decoder_sparse_step") and hasattr(text, "mlp_only_layers"):  # Qwen2/3-MoE
             step = int(text.decoder_sparse_step or 1)
             dense = set(text.mlp_only_layers or [])
-            return [experts if i not in dense and experts > 0 and (i + 1) % step == 0 else 0
-                    for i in range(num_layers)]
+            return [
+                experts if i not in dense and experts > 0 and (i + 1) % step == 0 else 0
+                for i in range(num_layers)
+            ]
         return [experts] * num_layers
 
 
@@ -249,11 +296,13 @@ def get_adapter(config: Any) -> ModelAdapter:
         if text_type not in TEXT_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{model_type}: its language model type {text_type!r} is not supported "
-                f"(supported language models: {', '.join(sorted(TEXT_ARCHITECTURES))})")
+                f"(supported language models: {', '.join(sorted(TEXT_ARCHITECTURES))})"
+            )
         return ModelAdapter(model_type, text_type, TEXT_ARCHITECTURES[text_type], True)
     if model_type not in TEXT_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})")
+            f"model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})"
+        )
     return ModelAdapter(model_type, model_type, TEXT_ARCHITECTURES[model_type], False)
 
 

@@ -49,10 +49,14 @@ def check_output_path(output: str | os.PathLike, source: str | os.PathLike | Non
     if source and Path(source).expanduser().exists():  # "": a model built in memory has no folder
         src = Path(source).expanduser().resolve()
         if out == src or src in out.parents:
-            raise RecipeError(f"output: {output} is inside the source model folder {source}; "
-                              "choose a folder outside it (the source is never modified)")
+            raise RecipeError(
+                f"output: {output} is inside the source model folder {source}; "
+                "choose a folder outside it (the source is never modified)"
+            )
         if out in src.parents:
-            raise RecipeError(f"output: {output} contains the source model {source}; replacing it would delete the source")
+            raise RecipeError(
+                f"output: {output} contains the source model {source}; replacing it would delete the source"
+            )
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output: {output} exists and is not a folder")
     return out
@@ -96,15 +100,21 @@ def check_device(device: str, *, key: str = "device") -> None:
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
-            raise HfPruneError(f"{key}: {device!r} needs a CUDA GPU, and torch {torch.__version__} has none here "
-                               f"({build}); use auto or cpu")
+            raise HfPruneError(
+                f"{key}: {device!r} needs a CUDA GPU, and torch {torch.__version__} has none here "
+                f"({build}); use auto or cpu"
+            )
         index = int(device.partition(":")[2] or 0)
         count = torch.cuda.device_count()
         if index >= count:
-            raise HfPruneError(f"{key}: {device!r} does not exist; this machine has {count} CUDA device"
-                               f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
+            raise HfPruneError(
+                f"{key}: {device!r} does not exist; this machine has {count} CUDA device"
+                f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
+            )
     if device == "mps" and not torch.backends.mps.is_available():
-        raise HfPruneError(f"{key}: 'mps' needs an Apple-silicon GPU, and torch cannot use one here; use auto or cpu")
+        raise HfPruneError(
+            f"{key}: 'mps' needs an Apple-silicon GPU, and torch cannot use one here; use auto or cpu"
+        )
 
 
 def resolve_device(device: str) -> str:
@@ -131,9 +141,10 @@ def load_config(name: str, *, trust_remote_code: bool = False, key: str = "model
         if isinstance(exc, HfPruneError):
             raise
         if "trust_remote_code" in str(exc):
-            raise HfPruneError(f"{key}: {name} ships its own modeling code (auto_map in config.json); it is not run "
-                               "unless you opt in with --trust-remote-code (trust_remote_code: true in a recipe)"
-                               ) from None
+            raise HfPruneError(
+                f"{key}: {name} ships its own modeling code (auto_map in config.json); it is not run "
+                "unless you opt in with --trust-remote-code (trust_remote_code: true in a recipe)"
+            ) from None
         raise HfPruneError(f"{key}: cannot load a config from {name!r}: {exc}") from exc
     except OSError as exc:
         raise HfPruneError(f"{key}: cannot load a config from {name!r}: {exc}") from exc
@@ -142,8 +153,16 @@ def load_config(name: str, *, trust_remote_code: bool = False, key: str = "model
     return config
 
 
-def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_map: str | None = None,
-               trust_remote_code: bool = False, allow_pickle: bool = False, auto_class: Any = None) -> Any:
+def load_model(
+    name: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    auto_class: Any = None,
+) -> Any:
     """Load a model with its head; safetensors only unless ``allow_pickle``.
 
     ``auto_class`` defaults to the one the adapter names (causal LM, or image-text-to-text for
@@ -156,7 +175,10 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_m
     else:  # a corrupt or truncated file is named before loading
         read_safetensors_headers(name, key=name)
     placement = resolve_device(device)
-    kwargs: dict[str, Any] = {"dtype": _TORCH_DTYPES.get(dtype, "auto"), "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": _TORCH_DTYPES.get(dtype, "auto"),
+        "trust_remote_code": trust_remote_code,
+    }
     if placement in ("balanced", "balanced_low_0", "sequential"):
         device_map = device_map or placement
     if device_map:
@@ -171,11 +193,15 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", device_m
             model, loading_info = auto_class.from_pretrained(name, **kwargs)
     except OSError as exc:
         if not allow_pickle and "safetensors" in str(exc).lower():
-            raise HfPruneError(f"{name}: no safetensors weights found; pickle checkpoints can run arbitrary code "
-                               "and are refused unless the recipe sets allow_pickle: true") from exc
+            raise HfPruneError(
+                f"{name}: no safetensors weights found; pickle checkpoints can run arbitrary code "
+                "and are refused unless the recipe sets allow_pickle: true"
+            ) from exc
         raise ModelError(f"{name}: cannot load the weights: {exc}") from exc
     except SafetensorError as exc:
-        raise ModelError(f"{name}: corrupt or truncated safetensors file ({exc}); download or save it again") from exc
+        raise ModelError(
+            f"{name}: corrupt or truncated safetensors file ({exc}); download or save it again"
+        ) from exc
     except RuntimeError as exc:
         if not any(marker in str(exc) for marker in _LOADER_REFUSALS):
             raise  # out of memory and the like are not bad input
@@ -209,8 +235,17 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for package in ("hf-prune", "torch", "transformers", "peft", "evaluate", "datasets", "huggingface-hub",
-                    "accelerate", "safetensors"):
+    for package in (
+        "hf-prune",
+        "torch",
+        "transformers",
+        "peft",
+        "evaluate",
+        "datasets",
+        "huggingface-hub",
+        "accelerate",
+        "safetensors",
+    ):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -218,8 +253,9 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_model_card(report: dict[str, Any], *, model_type: str | None = None,
-                     auto_class: str = "AutoModelForCausalLM") -> str:
+def build_model_card(
+    report: dict[str, Any], *, model_type: str | None = None, auto_class: str = "AutoModelForCausalLM"
+) -> str:
     """A ``huggingface_hub.ModelCard`` with base_model, tags and evaluation results as model-index."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -228,51 +264,90 @@ def build_model_card(report: dict[str, Any], *, model_type: str | None = None,
     methods = [stage["method"] for stage in report["stages"]]
     name = Path(report["recipe"].get("output") or "pruned-model").name
     eval_results = [
-        EvalResult(task_type=entry["task_type"], dataset_type=Path(entry["data"]).stem,
-                   dataset_name=Path(entry["data"]).name, metric_type=entry["metric"],
-                   metric_value=round(entry["pruned"][entry["metric"]], 4))
+        EvalResult(
+            task_type=entry["task_type"],
+            dataset_type=Path(entry["data"]).stem,
+            dataset_name=Path(entry["data"]).name,
+            metric_type=entry["metric"],
+            metric_value=round(entry["pruned"][entry["metric"]], 4),
+        )
         for entry in report.get("evaluation", [])
     ]
     data = ModelCardData(
-        base_model=source if is_hub_id else None, library_name="transformers",
-        tags=["hf-prune", "pruned", *methods], model_name=name, eval_results=eval_results or None,
+        base_model=source if is_hub_id else None,
+        library_name="transformers",
+        tags=["hf-prune", "pruned", *methods],
+        model_name=name,
+        eval_results=eval_results or None,
     )
     lines = [
-        f"# {name}", "",
-        f"Pruned from `{source}` with [hf-prune](https://pypi.org/project/hf-prune/) ({', '.join(methods)}).", "",
+        f"# {name}",
+        "",
+        f"Pruned from `{source}` with [hf-prune](https://pypi.org/project/hf-prune/) ({', '.join(methods)}).",
+        "",
         f"- parameters: {report['params_before']:,} → {report['params_after']:,} "
         f"({report['params_after'] / report['params_before']:.1%})",
     ]
     for stage in report["stages"]:
         removed = stage.get("removed_layers")
         if removed is not None:
-            lines.append(f"- `{stage['method']}`: removed decoder layers {removed} "
-                         f"({stage['layers_before']} → {stage['layers_after']})")
+            lines.append(
+                f"- `{stage['method']}`: removed decoder layers {removed} "
+                f"({stage['layers_before']} → {stage['layers_after']})"
+            )
         elif "experts_after" in stage:
-            lines.append(f"- `{stage['method']}` ({stage.get('algorithm')}): experts {stage['experts_before']} → "
-                         f"{stage['experts_after']}")
+            lines.append(
+                f"- `{stage['method']}` ({stage.get('algorithm')}): experts {stage['experts_before']} → "
+                f"{stage['experts_after']}"
+            )
     if report.get("evaluation"):
         lines += ["", "| task | metric | data | original | pruned | retained |", "|---|---|---|---|---|---|"]
         for entry in report["evaluation"]:
             metric = entry["metric"]
             original = entry["original"][metric]
             retained = entry.get("retained")
-            lines.append(f"| {entry['task']} | {metric} | {Path(entry['data']).name} | {original:.4g} | "
-                         f"{entry['pruned'][metric]:.4g} | {'' if retained is None else format(retained, '.1%')} |")
+            lines.append(
+                f"| {entry['task']} | {metric} | {Path(entry['data']).name} | {original:.4g} | "
+                f"{entry['pruned'][metric]:.4g} | {'' if retained is None else format(retained, '.1%')} |"
+            )
     if model_type and model_type.startswith("hf_prune_"):
-        load = ["Its architecture changed (`model_type: " + model_type + "`): load it after `import hf_prune`, or",
-                "without hf_prune through the modeling code saved beside the weights:", "", "```python",
-                f"from transformers import {auto_class}",
-                f'model = {auto_class}.from_pretrained("{name}", trust_remote_code=True)', "```"]
+        load = [
+            "Its architecture changed (`model_type: "
+            + model_type
+            + "`): load it after `import hf_prune`, or",
+            "without hf_prune through the modeling code saved beside the weights:",
+            "",
+            "```python",
+            f"from transformers import {auto_class}",
+            f'model = {auto_class}.from_pretrained("{name}", trust_remote_code=True)',
+            "```",
+        ]
     else:
-        load = ["Loads with plain `transformers`:", "", "```python", f"from transformers import {auto_class}",
-                f'model = {auto_class}.from_pretrained("{name}")', "```"]
-    lines += ["", *load, "", f"The full report (recipe, per-stage details, timings) is in `{REPORT_FILE}`.", ""]
+        load = [
+            "Loads with plain `transformers`:",
+            "",
+            "```python",
+            f"from transformers import {auto_class}",
+            f'model = {auto_class}.from_pretrained("{name}")',
+            "```",
+        ]
+    lines += [
+        "",
+        *load,
+        "",
+        f"The full report (recipe, per-stage details, timings) is in `{REPORT_FILE}`.",
+        "",
+    ]
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)))
 
 
-def save_pruned_model(model: Any, tokenizer: Any, output: str | os.PathLike, report: dict[str, Any],
-                      write_extra: Callable[[Path], None] | None = None) -> Path:
+def save_pruned_model(
+    model: Any,
+    tokenizer: Any,
+    output: str | os.PathLike,
+    report: dict[str, Any],
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Weights (safetensors), config, tokenizer/processor, hf_prune.json, README.md and whatever
     ``write_extra(folder)`` adds (the evaluation report), all in one atomic save.
 
@@ -286,9 +361,13 @@ def save_pruned_model(model: Any, tokenizer: Any, output: str | os.PathLike, rep
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / REPORT_FILE).write_text(strict_json_dumps(report, indent=2, default=_json_default) + "\n")
-        (folder / "README.md").write_text(build_model_card(
-            report, model_type=model.config.model_type,
-            auto_class=auto_model_class(get_adapter(model.config)).__name__))
+        (folder / "README.md").write_text(
+            build_model_card(
+                report,
+                model_type=model.config.model_type,
+                auto_class=auto_model_class(get_adapter(model.config)).__name__,
+            )
+        )
 
     return atomic_write_dir(output, write)
 

@@ -55,9 +55,25 @@ CONFIG_TO_WEIGHTS_LIMIT = 16
 #: Key groups shown in a mismatch message before "… and N more".
 _MAX_KEY_GROUPS = 6
 
-_SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2,
-                            "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
-                            "F64": 8, "C64": 8}
+_SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
 
 
 # ---- config.json ---------------------------------------------------------------------------------------
@@ -75,8 +91,10 @@ def check_config_sizes(config: Mapping[str, Any] | Any, *, source: str = "config
             if isinstance(item, bool) or not isinstance(item, int):
                 continue  # a wrong type is transformers' to report; only sizes that would be allocated here
             if not low <= item <= high:
-                raise ModelError(f"{source}: {path}{name} = {item:,} is outside the sane range {low}..{high:,} "
-                                 "(hf_prune.checkpoint_checks.CONFIG_SIZE_LIMITS); the config is corrupt")
+                raise ModelError(
+                    f"{source}: {path}{name} = {item:,} is outside the sane range {low}..{high:,} "
+                    "(hf_prune.checkpoint_checks.CONFIG_SIZE_LIMITS); the config is corrupt"
+                )
 
 
 def _size_entries(values: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, str, Any]]:
@@ -91,8 +109,11 @@ def estimated_parameters(config: Mapping[str, Any]) -> int:
     """A rough lower bound on the parameters a config.json dict describes: per decoder layer the query and
     output projections (2·H²) and an up and down projection (2·H·I), plus the embeddings; nested
     ``*_config`` dicts (a VLM's text and vision towers) added. Expert counts are left out (lower bound)."""
-    total = sum(estimated_parameters(value) for name, value in config.items()
-                if name.endswith("_config") and isinstance(value, Mapping))
+    total = sum(
+        estimated_parameters(value)
+        for name, value in config.items()
+        if name.endswith("_config") and isinstance(value, Mapping)
+    )
     layers = _int(config, "num_hidden_layers", "depth")
     hidden = _int(config, "hidden_size", "embed_dim")
     intermediate = _int(config, "intermediate_size")
@@ -108,12 +129,16 @@ def _int(config: Mapping[str, Any], *names: str) -> int:
     return 0
 
 
-def check_config_matches_weight_files(config: Mapping[str, Any], weight_values: int, *, key: str = "model") -> None:
+def check_config_matches_weight_files(
+    config: Mapping[str, Any], weight_values: int, *, key: str = "model"
+) -> None:
     """Refuse a config implying far more parameters than ``weight_values`` (the values in the weight files)."""
     implied = estimated_parameters(config)
     if weight_values and implied > CONFIG_TO_WEIGHTS_LIMIT * weight_values:
-        raise ModelError(f"{key}: config.json describes at least ~{implied:.3g} parameters, but the weight files "
-                         f"hold {weight_values:,} values; the config does not belong to these weights")
+        raise ModelError(
+            f"{key}: config.json describes at least ~{implied:.3g} parameters, but the weight files "
+            f"hold {weight_values:,} values; the config does not belong to these weights"
+        )
 
 
 # ---- safetensors files ---------------------------------------------------------------------------------
@@ -127,13 +152,20 @@ def read_safetensors_headers(folder: str | Path, *, key: str = "model") -> dict[
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         return {}
-    return {path: _checked_header(path, f"{key.rstrip('/')}/{path.name}") for path in sorted(folder.glob("*.safetensors"))}
+    return {
+        path: _checked_header(path, f"{key.rstrip('/')}/{path.name}")
+        for path in sorted(folder.glob("*.safetensors"))
+    }
 
 
 def safetensors_values(headers: dict[Path, dict[str, Any]]) -> int:
     """Number of values (tensor elements) in the files whose headers these are."""
-    return sum(math.prod(entry["shape"]) for header in headers.values()
-               for name, entry in header.items() if name != "__metadata__")
+    return sum(
+        math.prod(entry["shape"])
+        for header in headers.values()
+        for name, entry in header.items()
+        if name != "__metadata__"
+    )
 
 
 def _checked_header(path: Path, shown: str) -> dict[str, Any]:
@@ -142,8 +174,9 @@ def _checked_header(path: Path, shown: str) -> dict[str, Any]:
     size = path.stat().st_size
 
     def corrupt(reason: str) -> ModelError:
-        return ModelError(f"{shown}: corrupt or truncated safetensors file ({reason}); "
-                          "download or save it again")
+        return ModelError(
+            f"{shown}: corrupt or truncated safetensors file ({reason}); download or save it again"
+        )
 
     with path.open("rb") as handle:
         prefix = handle.read(8)
@@ -169,7 +202,9 @@ def _checked_header(path: Path, shown: str) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError):
             raise corrupt(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
         if not 0 <= begin <= end or (dtype in _SAFETENSORS_DTYPE_BYTES and end - begin != expected):
-            raise corrupt(f"tensor {name!r} spans bytes {begin}..{end}, which does not fit its {dtype} {shape}")
+            raise corrupt(
+                f"tensor {name!r} spans bytes {begin}..{end}, which does not fit its {dtype} {shape}"
+            )
         data_end = max(data_end, end)
     if 8 + header_len + data_end > size:
         raise corrupt(f"{size:,} bytes, its tensors need {8 + header_len + data_end:,}")
@@ -197,8 +232,13 @@ def check_loading_info(name: str, loading_info: Mapping[str, Any]) -> None:
         parts.append(f"unexpected {group_keys(loading_info['unexpected_keys'])}")
     mismatched = sorted(loading_info.get("mismatched_keys") or [], key=lambda entry: _natural(entry[0]))
     if mismatched:
-        shown = [f"{k} (checkpoint {list(ckpt)}, config {list(model)})" for k, ckpt, model in mismatched[:_MAX_KEY_GROUPS]]
-        more = f", … and {len(mismatched) - _MAX_KEY_GROUPS} more" if len(mismatched) > _MAX_KEY_GROUPS else ""
+        shown = [
+            f"{k} (checkpoint {list(ckpt)}, config {list(model)})"
+            for k, ckpt, model in mismatched[:_MAX_KEY_GROUPS]
+        ]
+        more = (
+            f", … and {len(mismatched) - _MAX_KEY_GROUPS} more" if len(mismatched) > _MAX_KEY_GROUPS else ""
+        )
         parts.append(f"wrong shape {', '.join(shown)}{more}")
     if parts:
         raise ModelError(f"{name}: weights do not match config.json: {'; '.join(parts)}")

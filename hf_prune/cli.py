@@ -63,51 +63,90 @@ def non_negative_int(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hf-prune", description="Config-driven pruning of Hugging Face Transformers models.",
+        prog="hf-prune",
+        description="Config-driven pruning of Hugging Face Transformers models.",
         epilog="examples:\n  hf-prune prune recipe.yaml\n  hf-prune eval MODEL --task perplexity --data FILE\n"
-               "  hf-prune inspect MODEL\n  hf-prune methods\n  hf-prune demo\n\n"
-               "Run 'hf-prune COMMAND --help' for the options and an example of each command.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  hf-prune inspect MODEL\n  hf-prune methods\n  hf-prune demo\n\n"
+        "Run 'hf-prune COMMAND --help' for the options and an example of each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"hf-prune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=_EXAMPLES[name],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         sub.add_argument("--debug", action="store_true", help="print the full traceback of an error")
-        sub.add_argument("--trust-remote-code", action="store_true",
-                         help="allow a model folder's own modeling code (auto_map) to run; off by default, "
-                              "and no command ever asks")
+        sub.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="allow a model folder's own modeling code (auto_map) to run; off by default, "
+            "and no command ever asks",
+        )
         return sub
 
     prune = command("prune", "Run a pruning recipe (YAML or JSON) and save the pruned model.")
     prune.add_argument("recipe", help="recipe file (.yaml, .yml or .json)")
-    prune.add_argument("--overwrite", action="store_true",
-                       help="replace an existing output folder that is not an earlier hf-prune output (never the "
-                            "working folder, a home folder, an ancestor of either, or a folder holding the recipe "
-                            "or its data)")
+    prune.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder that is not an earlier hf-prune output (never the "
+        "working folder, a home folder, an ancestor of either, or a folder holding the recipe "
+        "or its data)",
+    )
 
     def placement_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--device", default="auto", help="auto (cuda if present, else cpu) | cpu | cuda | cuda:N")
-        sub.add_argument("--device-map", default=None,
-                         help="accelerate device map, e.g. auto: spread a model larger than one GPU")
-        sub.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                         help="weights dtype (default: bfloat16 on CUDA, the checkpoint's dtype on CPU)")
-        sub.add_argument("--allow-pickle", action="store_true",
-                         help="allow non-safetensors (pickle) weights, which can run code when loaded")
+        sub.add_argument(
+            "--device", default="auto", help="auto (cuda if present, else cpu) | cpu | cuda | cuda:N"
+        )
+        sub.add_argument(
+            "--device-map",
+            default=None,
+            help="accelerate device map, e.g. auto: spread a model larger than one GPU",
+        )
+        sub.add_argument(
+            "--dtype",
+            default=None,
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="weights dtype (default: bfloat16 on CUDA, the checkpoint's dtype on CPU)",
+        )
+        sub.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="allow non-safetensors (pickle) weights, which can run code when loaded",
+        )
         sub.add_argument("--output", default=None, help="also write the results to this JSON file")
 
     evaluate = command("eval", "Evaluate a model on a task through evaluate metric modules.")
     evaluate.add_argument("model", help="model folder or hub id")
     evaluate.add_argument("--task", required=True, choices=list(EVAL_TASKS), help="evaluation task")
-    evaluate.add_argument("--data", required=True, help="local .txt/.jsonl/.json/.parquet file (or a datasets hub id)")
-    evaluate.add_argument("--compare", metavar="ORIGINAL", default=None,
-                          help="also evaluate and benchmark ORIGINAL, report the retained fraction, write a report")
-    evaluate.add_argument("--report-dir", default="eval-report", help="where --compare writes report.md and plots")
-    evaluate.add_argument("--seq-len", type=positive_int, default=None, help="perplexity window (default: model max, <= 1024)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass (default 8)")
-    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many examples / windows")
+    evaluate.add_argument(
+        "--data", required=True, help="local .txt/.jsonl/.json/.parquet file (or a datasets hub id)"
+    )
+    evaluate.add_argument(
+        "--compare",
+        metavar="ORIGINAL",
+        default=None,
+        help="also evaluate and benchmark ORIGINAL, report the retained fraction, write a report",
+    )
+    evaluate.add_argument(
+        "--report-dir", default="eval-report", help="where --compare writes report.md and plots"
+    )
+    evaluate.add_argument(
+        "--seq-len", type=positive_int, default=None, help="perplexity window (default: model max, <= 1024)"
+    )
+    evaluate.add_argument(
+        "--batch-size", type=positive_int, default=8, help="examples per forward pass (default 8)"
+    )
+    evaluate.add_argument(
+        "--limit", type=positive_int, default=None, help="evaluate at most this many examples / windows"
+    )
     evaluate.add_argument("--text-field", default="text", help="text column (perplexity, classification)")
     evaluate.add_argument("--text-pair-field", default=None, help="second text column (classification pairs)")
     evaluate.add_argument("--label-field", default="label", help="label column (classification)")
@@ -116,15 +155,23 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = command("bench", "Benchmark prefill latency, decode speed, memory, parameters, size and FLOPs.")
     bench.add_argument("model", help="model folder or hub id")
-    bench.add_argument("--vs", metavar="ORIGINAL", default=None, help="benchmark ORIGINAL too and report ratios")
-    bench.add_argument("--seq-lens", type=positive_int, nargs="+", default=[128, 512, 1024], help="prefill lengths")
+    bench.add_argument(
+        "--vs", metavar="ORIGINAL", default=None, help="benchmark ORIGINAL too and report ratios"
+    )
+    bench.add_argument(
+        "--seq-lens", type=positive_int, nargs="+", default=[128, 512, 1024], help="prefill lengths"
+    )
     bench.add_argument("--batch-size", type=positive_int, default=1, help="sequences per prefill")
-    bench.add_argument("--decode-tokens", type=positive_int, default=64, help="tokens generated for decode speed")
+    bench.add_argument(
+        "--decode-tokens", type=positive_int, default=64, help="tokens generated for decode speed"
+    )
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (medians reported)")
     bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up runs")
     placement_options(bench)
 
-    inspect = command("inspect", "Show the architecture facts hf-prune knows about a model and which methods apply.")
+    inspect = command(
+        "inspect", "Show the architecture facts hf-prune knows about a model and which methods apply."
+    )
     inspect.add_argument("model", help="model folder or hub id")
 
     methods = command("methods", "List registered pruning methods and their config fields.")
@@ -143,8 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quiet or args.command == "demo":
         _silence_library_progress()
-    commands = {"prune": _prune, "eval": _eval, "bench": _bench, "inspect": _inspect, "methods": _methods,
-                "demo": _demo}
+    commands = {
+        "prune": _prune,
+        "eval": _eval,
+        "bench": _bench,
+        "inspect": _inspect,
+        "methods": _methods,
+        "demo": _demo,
+    }
     try:
         return commands[args.command](args)
     except Exception as exc:  # the one error handler of every command
@@ -186,19 +239,27 @@ def _prune(args: argparse.Namespace) -> int:
     from .evals.report import format_retained
     from .pipeline import prune
 
-    result = prune(args.recipe, progress=not args.quiet, overwrite=args.overwrite or None,
-                   trust_remote_code=args.trust_remote_code or None)
+    result = prune(
+        args.recipe,
+        progress=not args.quiet,
+        overwrite=args.overwrite or None,
+        trust_remote_code=args.trust_remote_code or None,
+    )
     report = result.report
-    print(f"parameters: {report['params_before']:,} -> {report['params_after']:,} "
-          f"({report['params_after'] / report['params_before']:.1%})")
+    print(
+        f"parameters: {report['params_before']:,} -> {report['params_after']:,} "
+        f"({report['params_after'] / report['params_before']:.1%})"
+    )
     for stage in report["stages"]:
         removed = stage.get("removed_layers")
         detail = f" removed layers {removed}" if removed is not None else ""
         print(f"stage {stage['method']}:{detail} in {stage['seconds']:.2f}s")
     for entry in report["evaluation"]:
         metric = entry["metric"]
-        print(f"{entry['task']} ({metric}) on {entry['data']}: original {entry['original'][metric]:.4g}, "
-              f"pruned {entry['pruned'][metric]:.4g}, retained {format_retained(entry['retained'])}")
+        print(
+            f"{entry['task']} ({metric}) on {entry['data']}: original {entry['original'][metric]:.4g}, "
+            f"pruned {entry['pruned'][metric]:.4g}, retained {format_retained(entry['retained'])}"
+        )
     print(f"saved to {result.output}")
     return 0
 
@@ -210,20 +271,44 @@ def _eval(args: argparse.Namespace) -> int:
     from .recipe import EvaluationTask, build_dataclass
 
     check_device(args.device, key="--device")
-    task = build_dataclass(EvaluationTask, {
-        "task": args.task, "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size,
-        "limit": args.limit, "text_field": args.text_field, "text_pair_field": args.text_pair_field,
-        "label_field": args.label_field, "max_new_tokens": args.max_new_tokens}, "eval")
-    placement = {"device": args.device, "device_map": args.device_map, "dtype": args.dtype,
-                 "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+    task = build_dataclass(
+        EvaluationTask,
+        {
+            "task": args.task,
+            "data": args.data,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "limit": args.limit,
+            "text_field": args.text_field,
+            "text_pair_field": args.text_pair_field,
+            "label_field": args.label_field,
+            "max_new_tokens": args.max_new_tokens,
+        },
+        "eval",
+    )
+    placement = {
+        "device": args.device,
+        "device_map": args.device_map,
+        "dtype": args.dtype,
+        "trust_remote_code": args.trust_remote_code,
+        "allow_pickle": args.allow_pickle,
+    }
     if args.compare:
-        results = compare_checkpoints(args.model, args.compare, task, report_dir=Path(args.report_dir),
-                                      progress=not args.quiet, **placement)
+        results = compare_checkpoints(
+            args.model,
+            args.compare,
+            task,
+            report_dir=Path(args.report_dir),
+            progress=not args.quiet,
+            **placement,
+        )
     else:
         results = evaluate_checkpoint(args.model, task, progress=not args.quiet, **placement)
     _print_and_write(results, args.output)
     if args.compare:
-        print(f"retained {format_retained(results['retained'])}; report: {results['report']}", file=sys.stderr)
+        print(
+            f"retained {format_retained(results['retained'])}; report: {results['report']}", file=sys.stderr
+        )
     return 0
 
 
@@ -233,10 +318,20 @@ def _bench(args: argparse.Namespace) -> int:
 
     check_device(args.device, key="--device")
     results, table = bench_checkpoints(
-        args.model, args.vs, seq_lens=tuple(args.seq_lens), batch_size=args.batch_size,
-        decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, device=args.device,
-        device_map=args.device_map, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle, progress=not args.quiet)
+        args.model,
+        args.vs,
+        seq_lens=tuple(args.seq_lens),
+        batch_size=args.batch_size,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+        device_map=args.device_map,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )
     print(table)
     if args.output:
         _write_json(results, args.output)
@@ -268,8 +363,11 @@ def _inspect(args: argparse.Namespace) -> int:
     facts: dict[str, Any] = {**adapter.describe(config), "parameters": params}
     width = max(len(k) for k in facts)
     for key, value in facts.items():
-        print(f"{key:<{width}}  {value:,}" if isinstance(value, int) and not isinstance(value, bool)
-              else f"{key:<{width}}  {value}")
+        print(
+            f"{key:<{width}}  {value:,}"
+            if isinstance(value, int) and not isinstance(value, bool)
+            else f"{key:<{width}}  {value}"
+        )
     print("\nmethods:")
     for name, spec in registered_methods().items():
         reason = spec.applicability(adapter)

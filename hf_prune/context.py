@@ -39,6 +39,7 @@ class PruneContext:
                     f"calibration data {config.data} gives {tokens:,} tokens, fewer than the "
                     f"{self.min_calibration_tokens:,} that {self.min_calibration_tokens_by} needs on this model "
                     f"(requested: num_samples {config.num_samples} × seq_len {config.seq_len} = "
-                    f"{config.num_samples * config.seq_len:,}); add calibration text, or set packing: true")
+                    f"{config.num_samples * config.seq_len:,}); add calibration text, or set packing: true"
+                )
             self._batches = batches
         return self._batches

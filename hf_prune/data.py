@@ -14,7 +14,13 @@ from typing import Any
 from .errors import DataError, DataFileNotFoundError
 
 #: File suffix -> ``datasets`` builder.
-LOCAL_DATA_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_DATA_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 def looks_like_local_path(data: str) -> bool:
@@ -22,8 +28,9 @@ def looks_like_local_path(data: str) -> bool:
     return Path(data).suffix.lower() in LOCAL_DATA_BUILDERS or data.startswith(("./", "../", "/", "~", "."))
 
 
-def load_text_records(data: str, *, text_field: str = "text", split: str = "train",
-                      sample_by: str = "paragraph") -> list[str]:
+def load_text_records(
+    data: str, *, text_field: str = "text", split: str = "train", sample_by: str = "paragraph"
+) -> list[str]:
     """The non-blank text records of ``data``; a .txt file is cut by ``sample_by`` (line/paragraph/document).
 
     A .jsonl file is read line by line, so a bad row is named ``file:line``; an empty, binary or non-UTF-8
@@ -33,8 +40,10 @@ def load_text_records(data: str, *, text_field: str = "text", split: str = "trai
         suffix = path.suffix.lower()
         builder = LOCAL_DATA_BUILDERS.get(suffix)
         if builder is None:
-            raise DataError(f"{data}: unsupported file type {path.suffix!r} "
-                            f"(allowed: {', '.join(sorted(LOCAL_DATA_BUILDERS))})")
+            raise DataError(
+                f"{data}: unsupported file type {path.suffix!r} "
+                f"(allowed: {', '.join(sorted(LOCAL_DATA_BUILDERS))})"
+            )
         if builder != "parquet":
             check_text_file(path, data)
         if suffix == ".jsonl":
@@ -45,7 +54,10 @@ def load_text_records(data: str, *, text_field: str = "text", split: str = "trai
     elif looks_like_local_path(data):
         raise DataFileNotFoundError(f"data file not found: {data}")
     else:
-        rows = [(f"{data}:row {n}", row) for n, row in enumerate(_load_hub_dataset(data, split).to_list(), start=1)]
+        rows = [
+            (f"{data}:row {n}", row)
+            for n, row in enumerate(_load_hub_dataset(data, split).to_list(), start=1)
+        ]
     if not rows:
         raise DataError(f"{data}: the file holds no records")
     fields = list(dict.fromkeys(name for _, row in rows for name in row))
@@ -92,7 +104,8 @@ def _load_hub_dataset(data: str, split: str) -> Any:
     except Exception as exc:  # offline, unknown id, bad split: one clear message
         raise DataFileNotFoundError(
             f"data file not found: {data!r}; loading it as a datasets hub id (split {split!r}) also failed, "
-            f"and hub datasets need network access ({type(exc).__name__}: {exc})") from exc
+            f"and hub datasets need network access ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def check_text_file(path: Path, name: str) -> None:
@@ -115,12 +128,20 @@ def check_text_file(path: Path, name: str) -> None:
                 bad = exc.start
             nul = data.find(b"\0")
             if nul >= 0 and (bad is None or nul < bad):
-                raise DataError(f"{name}: not text (NUL byte at offset {start + nul}): a binary file, or UTF-16/32 "
-                                "text; convert it to UTF-8")
+                raise DataError(
+                    f"{name}: not text (NUL byte at offset {start + nul}): a binary file, or UTF-16/32 "
+                    "text; convert it to UTF-8"
+                )
             if bad is not None:
-                bom = ": a UTF-16 byte-order mark" if start + bad == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-                raise DataError(f"{name}: not UTF-8 text (byte 0x{data[bad]:02x} at offset {start + bad}{bom}); "
-                                "convert it to UTF-8")
+                bom = (
+                    ": a UTF-16 byte-order mark"
+                    if start + bad == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff")
+                    else ""
+                )
+                raise DataError(
+                    f"{name}: not UTF-8 text (byte 0x{data[bad]:02x} at offset {start + bad}{bom}); "
+                    "convert it to UTF-8"
+                )
             if not chunk:
                 return
             offset += len(chunk)
@@ -136,7 +157,9 @@ def read_records(data: str, required: tuple[str, ...] = (), *, split: str = "tes
         suffix = path.suffix.lower()
         builder = LOCAL_DATA_BUILDERS.get(suffix)
         if builder not in ("json", "parquet"):
-            raise DataError(f"{data}: unsupported file type {path.suffix!r} for records (allowed: .jsonl, .json, .parquet)")
+            raise DataError(
+                f"{data}: unsupported file type {path.suffix!r} for records (allowed: .jsonl, .json, .parquet)"
+            )
         if builder != "parquet":
             check_text_file(path, data)
         if suffix == ".jsonl":
@@ -147,14 +170,19 @@ def read_records(data: str, required: tuple[str, ...] = (), *, split: str = "tes
     elif looks_like_local_path(data):
         raise DataFileNotFoundError(f"data file not found: {data}")
     else:
-        records = [(f"{data}:row {n}", row) for n, row in enumerate(_load_hub_dataset(data, split).to_list(), start=1)]
+        records = [
+            (f"{data}:row {n}", row)
+            for n, row in enumerate(_load_hub_dataset(data, split).to_list(), start=1)
+        ]
     if not records:
         raise DataError(f"{data}: the file holds no records")
     for where, row in records:
         missing = [name for name in required if row.get(name) is None]
         if missing:
-            raise DataError(f"{where}: missing field {', '.join(repr(m) for m in missing)} "
-                            f"(each row needs {', '.join(required)})")
+            raise DataError(
+                f"{where}: missing field {', '.join(repr(m) for m in missing)} "
+                f"(each row needs {', '.join(required)})"
+            )
     return records
 
 

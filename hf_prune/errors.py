@@ -66,4 +66,4 @@ def quoted(value: Any, limit: int = 80) -> str:
 
 def clip(text: str, limit: int = 80) -> str:
     """``text``, cut to ``limit`` characters with "..." at the end when longer."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -27,7 +27,9 @@ logger = logging.getLogger("hf_prune")
 REPORT_FILE = "hf_prune.json"
 #: The on-disk files a model's weights live in (their size estimates what a save needs).
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_OVERWRITE_HINT = "pass --overwrite (overwrite: true in the recipe) to replace it, or choose another output folder"
+_OVERWRITE_HINT = (
+    "pass --overwrite (overwrite: true in the recipe) to replace it, or choose another output folder"
+)
 
 
 # ---- which folders a save may replace -------------------------------------------------------------------
@@ -37,9 +39,13 @@ def is_earlier_output(folder: Path) -> bool:
     return (folder / REPORT_FILE).is_file()
 
 
-def check_output_folder(output: str | os.PathLike, *, overwrite: bool = False,
-                        protected_files: Iterable[tuple[str, str | os.PathLike]] = (),
-                        required_bytes: int = 0) -> Path:
+def check_output_folder(
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    protected_files: Iterable[tuple[str, str | os.PathLike]] = (),
+    required_bytes: int = 0,
+) -> Path:
     """Refuse an output whose replacement would delete what is not ours, or that cannot be written.
 
     Never replaced, even with ``overwrite``: the filesystem root, the working folder, the home folder,
@@ -55,11 +61,15 @@ def check_output_folder(output: str | os.PathLike, *, overwrite: bool = False,
     for what, path in _never_replaced(protected_files):
         if out == path or out in path.parents:
             relation = f"is {what}" if out == path else f"contains {what} {path}"
-            raise RecipeError(f"output: {named} {relation}; a save replaces its output folder whole, so "
-                              "choose another output folder (--overwrite never replaces it)")
+            raise RecipeError(
+                f"output: {named} {relation}; a save replaces its output folder whole, so "
+                "choose another output folder (--overwrite never replaces it)"
+            )
     if out.is_dir() and not overwrite and not is_earlier_output(out) and any(out.iterdir()):
-        raise RecipeError(f"output: {named} already exists and is not an earlier hf-prune output (it has no "
-                          f"{REPORT_FILE}); saving would delete everything in it: {_OVERWRITE_HINT}")
+        raise RecipeError(
+            f"output: {named} already exists and is not an earlier hf-prune output (it has no "
+            f"{REPORT_FILE}); saving would delete everything in it: {_OVERWRITE_HINT}"
+        )
     _check_writable(named, out)
     _check_free_space(named, out, required_bytes)
     return out
@@ -89,8 +99,10 @@ def _check_writable(named: str, out: Path) -> None:
         except OSError as exc:
             problem = exc.strerror or type(exc).__name__
     if problem is not None:
-        raise RecipeError(f"output: {named} cannot be written: {where} is not writable ({problem}); "
-                          "choose an output folder you can write to")
+        raise RecipeError(
+            f"output: {named} cannot be written: {where} is not writable ({problem}); "
+            "choose an output folder you can write to"
+        )
 
 
 def _check_free_space(named: str, out: Path, required_bytes: int) -> None:
@@ -99,17 +111,22 @@ def _check_free_space(named: str, out: Path, required_bytes: int) -> None:
     where = _nearest_existing(out.parent)
     free = shutil.disk_usage(where).free
     if free < required_bytes:
-        raise RecipeError(f"output: not enough free disk space for {named}: {format_bytes(free)} free in {where}, "
-                          f"the save needs about {format_bytes(required_bytes)} (the source model's weights); "
-                          "free some space or choose another output folder")
+        raise RecipeError(
+            f"output: not enough free disk space for {named}: {format_bytes(free)} free in {where}, "
+            f"the save needs about {format_bytes(required_bytes)} (the source model's weights); "
+            "free some space or choose another output folder"
+        )
 
 
 def weight_files_size(model_folder: str | os.PathLike | None) -> int:
     """Bytes of a local model folder's weight files (0 for a hub id: unknown before the download)."""
     if model_folder is None or not Path(model_folder).expanduser().is_dir():
         return 0
-    return sum(p.stat().st_size for p in Path(model_folder).expanduser().iterdir()
-               if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    return sum(
+        p.stat().st_size
+        for p in Path(model_folder).expanduser().iterdir()
+        if p.suffix in WEIGHT_SUFFIXES and p.is_file()
+    )
 
 
 def format_bytes(count: float) -> str:
@@ -154,8 +171,11 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     pattern = temporary_folder_pattern(target)
     if not target.parent.is_dir():
         return []
-    stale = [p for p in target.parent.iterdir()
-             if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and not _locked_by_a_live_save(p)]
+    stale = [
+        p
+        for p in target.parent.iterdir()
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and not _locked_by_a_live_save(p)
+    ]
     olds = sorted((p for p in stale if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
     if olds and not target.exists():
         os.replace(olds[-1], target)
@@ -193,8 +213,10 @@ def check_finite_tensors(state_dict: dict[str, Any]) -> None:
     if bad:
         name, count = bad[0]
         more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-        raise HfPruneError(f"{name} holds {count} NaN/inf values{more}; nothing was saved (a stage produced "
-                           "non-finite weights: check its settings, e.g. a learning rate)")
+        raise HfPruneError(
+            f"{name} holds {count} NaN/inf values{more}; nothing was saved (a stage produced "
+            "non-finite weights: check its settings, e.g. a learning rate)"
+        )
 
 
 def finite_or_null(value: Any) -> Any:

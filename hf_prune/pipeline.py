@@ -47,8 +47,15 @@ class PruneResult:
         return self.report["stages"]
 
 
-def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, progress: bool = True,
-          overwrite: bool | None = None, trust_remote_code: bool | None = None) -> PruneResult:
+def prune(
+    model_or_recipe: Any,
+    recipe: Any = None,
+    *,
+    tokenizer: Any = None,
+    progress: bool = True,
+    overwrite: bool | None = None,
+    trust_remote_code: bool | None = None,
+) -> PruneResult:
     """Run a recipe. ``prune(recipe)`` loads ``recipe.model``; ``prune(model, recipe)`` prunes a copy of a
     model already in memory (the given model is left untouched). Saves when the recipe has ``output``.
 
@@ -65,15 +72,26 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
     _preflight(recipe, config, adapter, source_model)
 
     if source_model is None:
-        model = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device,
-                           trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
-        preprocessor = tokenizer or load_preprocessor(recipe.model, vision_language=adapter.is_vision_language,
-                                                      trust_remote_code=recipe.trust_remote_code)
+        model = load_model(
+            recipe.model,
+            dtype=recipe.dtype,
+            device=recipe.device,
+            trust_remote_code=recipe.trust_remote_code,
+            allow_pickle=recipe.allow_pickle,
+        )
+        preprocessor = tokenizer or load_preprocessor(
+            recipe.model,
+            vision_language=adapter.is_vision_language,
+            trust_remote_code=recipe.trust_remote_code,
+        )
     else:
         model = copy.deepcopy(source_model)
         name = recipe.model or getattr(source_model, "name_or_path", "") or None
-        preprocessor = tokenizer or (load_preprocessor(name, vision_language=adapter.is_vision_language)
-                                     if name and Path(name).exists() else None)
+        preprocessor = tokenizer or (
+            load_preprocessor(name, vision_language=adapter.is_vision_language)
+            if name and Path(name).exists()
+            else None
+        )
     if recipe.evaluate and preprocessor is None:
         raise HfPruneError("evaluate: needs a tokenizer, and none was found with the model (pass tokenizer=)")
 
@@ -84,8 +102,14 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
     sweep = bool(recipe.evaluate) and not adapter.is_encoder
     latency = {"original": _prefill_sweep(model, preprocessor)} if sweep else {}
     floor, needed_by = calibration_floor(recipe, config)
-    context = PruneContext(adapter, text_tokenizer(preprocessor), recipe.calibration, progress,
-                           min_calibration_tokens=floor, min_calibration_tokens_by=needed_by)
+    context = PruneContext(
+        adapter,
+        text_tokenizer(preprocessor),
+        recipe.calibration,
+        progress,
+        min_calibration_tokens=floor,
+        min_calibration_tokens_by=needed_by,
+    )
     stage_reports = []
     for stage in recipe.stages:
         params = count_parameters(model)
@@ -94,17 +118,29 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
             if adapter.is_encoder:
                 from .integrations.encoder_retainer_training import train_token_retainer
             else:  # a causal LM's prompt retainer, on plain text
-                from .integrations.prompt_retainer_training import train_prompt_retainer as train_token_retainer
+                from .integrations.prompt_retainer_training import (
+                    train_prompt_retainer as train_token_retainer,
+                )
 
-            report["training"] = train_token_retainer(model, context.tokenizer, stage.config, progress=progress)
+            report["training"] = train_token_retainer(
+                model, context.tokenizer, stage.config, progress=progress
+            )
         report.update(params_before=params, params_after=count_parameters(model))
         stage_reports.append(report)
     evaluation = []
     for task, original in zip(recipe.evaluate, original_scores, strict=True):
         pruned = run_task(model, preprocessor, task, progress=progress)
-        evaluation.append({"task": task.task, "metric": pruned["metric"], "task_type": get_task(task.task).card_task_type,
-                           "data": task.data, "original": original, "pruned": pruned,
-                           "retained": retained_fraction(task.task, original, pruned)})
+        evaluation.append(
+            {
+                "task": task.task,
+                "metric": pruned["metric"],
+                "task_type": get_task(task.task).card_task_type,
+                "data": task.data,
+                "original": original,
+                "pruned": pruned,
+                "retained": retained_fraction(task.task, original, pruned),
+            }
+        )
 
     report = {
         "recipe": recipe.to_dict(),
@@ -118,20 +154,37 @@ def prune(model_or_recipe: Any, recipe: Any = None, *, tokenizer: Any = None, pr
     }
     if sweep:
         latency["pruned"] = _prefill_sweep(model, preprocessor)
-    expert_counts = ({"original": experts_before, "pruned": adapter.experts_per_layer(model)}
-                     if experts_before is not None else None)
+    expert_counts = (
+        {"original": experts_before, "pruned": adapter.experts_per_layer(model)}
+        if experts_before is not None
+        else None
+    )
 
     def write_run_report(folder: Path) -> None:
         if evaluation or expert_counts:
-            run = {"label": "+".join(s.method for s in recipe.stages), "params_before": params_before,
-                   "params_after": report["params_after"], "evaluation": evaluation}
-            write_report(folder, title=f"Pruning report: {recipe.model or 'in-memory model'}", runs=[run],
-                         latency_ms=latency, expert_counts=expert_counts,
-                         notes=["Latency: median prefill of 3 runs, original measured before pruning and "
-                                "pruned after, in the same process (`hf-prune bench` interleaves them)."])
+            run = {
+                "label": "+".join(s.method for s in recipe.stages),
+                "params_before": params_before,
+                "params_after": report["params_after"],
+                "evaluation": evaluation,
+            }
+            write_report(
+                folder,
+                title=f"Pruning report: {recipe.model or 'in-memory model'}",
+                runs=[run],
+                latency_ms=latency,
+                expert_counts=expert_counts,
+                notes=[
+                    "Latency: median prefill of 3 runs, original measured before pruning and "
+                    "pruned after, in the same process (`hf-prune bench` interleaves them)."
+                ],
+            )
 
-    output = (save_pruned_model(model, preprocessor, recipe.output, report, write_run_report)
-              if recipe.output else None)
+    output = (
+        save_pruned_model(model, preprocessor, recipe.output, report, write_run_report)
+        if recipe.output
+        else None
+    )
     return PruneResult(model, preprocessor, report, output)
 
 
@@ -147,8 +200,11 @@ def _prefill_sweep(model: Any, preprocessor: Any) -> dict[int, float]:
 def calibration_floor(recipe: Recipe, config: Any) -> tuple[int, str]:
     """(fewest real calibration tokens, the stage that needs them): the largest
     ``min_calibration_tokens`` among the stages that read calibration data, (0, "") when none has a floor."""
-    floors = [(stage.config.min_calibration_tokens(config), f"stages[{i}] ({stage.method})")
-              for i, stage in enumerate(recipe.stages) if stage.config.needs_calibration]
+    floors = [
+        (stage.config.min_calibration_tokens(config), f"stages[{i}] ({stage.method})")
+        for i, stage in enumerate(recipe.stages)
+        if stage.config.needs_calibration
+    ]
     return max(floors, key=lambda floor: floor[0], default=(0, ""))
 
 
@@ -175,9 +231,11 @@ def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> 
     floor, needed_by = calibration_floor(recipe, config)
     if recipe.calibration and floor > recipe.calibration.num_samples * recipe.calibration.seq_len:
         calibration = recipe.calibration
-        raise RecipeError(f"calibration.num_samples: {calibration.num_samples} × seq_len {calibration.seq_len} = "
-                          f"{calibration.num_samples * calibration.seq_len:,} tokens at most, fewer than the "
-                          f"{floor:,} that {needed_by} needs on this model")
+        raise RecipeError(
+            f"calibration.num_samples: {calibration.num_samples} × seq_len {calibration.seq_len} = "
+            f"{calibration.num_samples * calibration.seq_len:,} tokens at most, fewer than the "
+            f"{floor:,} that {needed_by} needs on this model"
+        )
     local_data = [("calibration.data", recipe.calibration.data)] if recipe.calibration else []
     local_data += [(f"evaluate[{i}].data", task.data) for i, task in enumerate(recipe.evaluate)]
     for key, data in local_data:
@@ -185,10 +243,17 @@ def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> 
             raise RecipeError(f"{key}: file not found: {data}")
     if recipe.output:
         check_output_path(recipe.output, recipe.model or getattr(source_model, "name_or_path", None))
-        required = (sum(t.numel() * t.element_size() for t in source_model.state_dict().values())
-                    if source_model is not None else weight_files_size(recipe.model))
-        check_output_folder(recipe.output, overwrite=recipe.overwrite, protected_files=_recipe_local_files(recipe),
-                            required_bytes=required)
+        required = (
+            sum(t.numel() * t.element_size() for t in source_model.state_dict().values())
+            if source_model is not None
+            else weight_files_size(recipe.model)
+        )
+        check_output_folder(
+            recipe.output,
+            overwrite=recipe.overwrite,
+            protected_files=_recipe_local_files(recipe),
+            required_bytes=required,
+        )
 
 
 def _recipe_local_files(recipe: Recipe) -> list[tuple[str, Path]]:
@@ -199,8 +264,11 @@ def _recipe_local_files(recipe: Recipe) -> list[tuple[str, Path]]:
         named.append(("calibration.data", recipe.calibration.data))
     named += [(f"evaluate[{i}].data", task.data) for i, task in enumerate(recipe.evaluate)]
     for i, stage in enumerate(recipe.stages):  # e.g. train_data, text_tower: any string naming a local path
-        named += [(f"stages[{i}].{key}", value) for key, value in stage.config.to_dict().items()
-                  if isinstance(value, str)]
+        named += [
+            (f"stages[{i}].{key}", value)
+            for key, value in stage.config.to_dict().items()
+            if isinstance(value, str)
+        ]
     return [(key, Path(value).expanduser()) for key, value in named if value is not None and _exists(value)]
 
 

@@ -46,9 +46,12 @@ class CalibrationConfig:
     text_field: str = config_field("text", help="column holding the text in jsonl/json/parquet/hub data")
     split: str = config_field("train", help="dataset split (hub datasets)")
     sample_by: Literal["line", "paragraph", "document"] = config_field(
-        "paragraph", help="how a .txt file is cut into records")
+        "paragraph", help="how a .txt file is cut into records"
+    )
     packing: bool = config_field(
-        False, help="concatenate all records and cut exact seq_len windows (no padding) instead of one record per sequence")
+        False,
+        help="concatenate all records and cut exact seq_len windows (no padding) instead of one record per sequence",
+    )
     seed: int = config_field(0, help="seed for shuffling records")
     shuffle: bool = config_field(False, help="shuffle records before taking num_samples")
 
@@ -67,11 +70,15 @@ class EvaluationTask:
 
     task: str = config_field(help=f"task name: {' | '.join(EVAL_TASKS)}")
     data: str = config_field(help="local file or datasets hub id")
-    seq_len: int | None = config_field(None, help="perplexity: window length (default: model maximum, at most 1024)")
+    seq_len: int | None = config_field(
+        None, help="perplexity: window length (default: model maximum, at most 1024)"
+    )
     batch_size: int = config_field(8, help="examples (perplexity: windows) per forward pass")
     limit: int | None = config_field(None, help="evaluate at most this many examples (perplexity: windows)")
     text_field: str = config_field("text", help="perplexity / classification: text column")
-    text_pair_field: str | None = config_field(None, help="classification: second text column of sentence pairs")
+    text_pair_field: str | None = config_field(
+        None, help="classification: second text column of sentence pairs"
+    )
     label_field: str = config_field("label", help="classification: label column")
     max_new_tokens: int = config_field(8, help="vqa: answer length limit")
 
@@ -108,8 +115,12 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "output": self.output, "dtype": self.dtype, "device": self.device,
-            "trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle,
+            "model": self.model,
+            "output": self.output,
+            "dtype": self.dtype,
+            "device": self.device,
+            "trust_remote_code": self.trust_remote_code,
+            "allow_pickle": self.allow_pickle,
             "overwrite": self.overwrite,
             "calibration": dataclasses.asdict(self.calibration) if self.calibration else None,
             "stages": [s.to_dict() for s in self.stages],
@@ -122,7 +133,7 @@ _TOP_LEVEL_HELP = {
     "output": "output folder (required; never the source folder)",
     "dtype": f"weights dtype: {' | '.join(DTYPES)}",
     "device": "auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps | a device_map name for accelerate "
-              "(balanced, balanced_low_0, sequential)",
+    "(balanced, balanced_low_0, sequential)",
     "trust_remote_code": "allow the model's own modeling code (off by default)",
     "allow_pickle": "allow loading non-safetensors weights (off by default: pickle can run code)",
     "overwrite": "replace an existing output folder that is not an earlier hf-prune output (off by default)",
@@ -185,14 +196,21 @@ def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
     needing = [f"stages[{i}] ({s.method})" for i, s in enumerate(stages) if s.config.needs_calibration]
     if needing and calibration is None:
         raise RecipeError(f"calibration: missing, but {', '.join(needing)} needs calibration data")
-    evaluate = [build_dataclass(EvaluationTask, entry, f"evaluate[{i}]")
-                for i, entry in enumerate(_check_type("evaluate", _or_default(data, "evaluate", []), list))]
+    evaluate = [
+        build_dataclass(EvaluationTask, entry, f"evaluate[{i}]")
+        for i, entry in enumerate(_check_type("evaluate", _or_default(data, "evaluate", []), list))
+    ]
     return Recipe(
-        model=model, output=output, dtype=dtype, device=device,
+        model=model,
+        output=output,
+        dtype=dtype,
+        device=device,
         trust_remote_code=_check_type("trust_remote_code", data.get("trust_remote_code", False), bool),
         allow_pickle=_check_type("allow_pickle", data.get("allow_pickle", False), bool),
         overwrite=_check_type("overwrite", data.get("overwrite", False), bool),
-        calibration=calibration, stages=stages, evaluate=evaluate,
+        calibration=calibration,
+        stages=stages,
+        evaluate=evaluate,
     )
 
 
@@ -325,7 +343,9 @@ def _printable_int(path: str, value: int) -> int:
         str(value)
     except ValueError:
         limit = sys.get_int_max_str_digits()
-        raise _value_refused(f"{path}: must be an integer of at most {limit} digits, got {quoted(value)}") from None
+        raise _value_refused(
+            f"{path}: must be an integer of at most {limit} digits, got {quoted(value)}"
+        ) from None
     return value
 
 

@@ -37,12 +37,15 @@ def read_recipe_file(path: Path) -> Any:
     with path.open("rb") as stream:
         raw = stream.read(MAX_FILE_BYTES + 1)  # never read more than the limit, whatever the file's size
     if len(raw) > MAX_FILE_BYTES:
-        raise RecipeError(f"recipe: {path} is larger than {MAX_FILE_BYTES:,} bytes; a recipe is a short text file")
+        raise RecipeError(
+            f"recipe: {path} is larger than {MAX_FILE_BYTES:,} bytes; a recipe is a short text file"
+        )
     try:
         text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is allowed and dropped
     except UnicodeDecodeError as exc:
-        raise RecipeError(f"recipe: {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
-                          ) from None
+        raise RecipeError(
+            f"recipe: {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
         return parse_json(text) if kind == "JSON" else parse_yaml(text)
@@ -72,8 +75,10 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise RecipeError(f"recipe: duplicate key {quoted(key)} in a JSON object "
-                              f"(keys: {clip(', '.join(k for k, _ in pairs))}); give each key once")
+            raise RecipeError(
+                f"recipe: duplicate key {quoted(key)} in a JSON object "
+                f"(keys: {clip(', '.join(k for k, _ in pairs))}); give each key once"
+            )
         result[key] = value
     return result
 
@@ -94,7 +99,9 @@ class _StrictYamlLoader(yaml.SafeLoader):
         if not self.check_event(yaml.events.AliasEvent):
             self._composed_nodes += 1
             if self._composed_nodes > MAX_YAML_NODES:
-                raise RecipeError(f"recipe: too many YAML nodes (limit {MAX_YAML_NODES}); a recipe is a short file")
+                raise RecipeError(
+                    f"recipe: too many YAML nodes (limit {MAX_YAML_NODES}); a recipe is a short file"
+                )
         return super().compose_node(parent, index)
 
     def compose_mapping_node(self, anchor: str | None) -> MappingNode:
@@ -107,8 +114,10 @@ class _StrictYamlLoader(yaml.SafeLoader):
             key = self.construct_object(key_node)  # a scalar: cheap, and cached for the construction
             line = key_node.start_mark.line + 1
             if key in first_line:
-                raise RecipeError(f"recipe: duplicate key {quoted(key)} at line {line} (first at line "
-                                  f"{first_line[key]}); give each key once")
+                raise RecipeError(
+                    f"recipe: duplicate key {quoted(key)} at line {line} (first at line "
+                    f"{first_line[key]}); give each key once"
+                )
             first_line[key] = line
         return node
 
@@ -128,7 +137,9 @@ def _check_expanded_size(root: Node) -> None:
         if id(node) in sizes:
             return sizes[id(node)]
         if id(node) in open_nodes:
-            raise RecipeError("recipe: a YAML alias refers to a node that contains it (a recursive structure)")
+            raise RecipeError(
+                "recipe: a YAML alias refers to a node that contains it (a recursive structure)"
+            )
         open_nodes.add(id(node))
         total = 1
         if isinstance(node, SequenceNode):
@@ -140,8 +151,10 @@ def _check_expanded_size(root: Node) -> None:
         for child in children:
             total += size(child)
             if total > MAX_YAML_NODES:
-                raise RecipeError(f"recipe: too many YAML nodes after expanding aliases (limit {MAX_YAML_NODES}); "
-                                  "a recipe needs few aliases (*name), and none that nest")
+                raise RecipeError(
+                    f"recipe: too many YAML nodes after expanding aliases (limit {MAX_YAML_NODES}); "
+                    "a recipe needs few aliases (*name), and none that nest"
+                )
         open_nodes.discard(id(node))
         sizes[id(node)] = total
         return total
@@ -156,8 +169,9 @@ def _with_location(construct: Any) -> Any:
         try:
             return construct(loader, node)
         except ValueError as exc:
-            raise ConstructorError(None, None, f"cannot read {quoted(node.value)}: {exc}",
-                                   node.start_mark) from None
+            raise ConstructorError(
+                None, None, f"cannot read {quoted(node.value)}: {exc}", node.start_mark
+            ) from None
 
     return construct_or_refuse
 

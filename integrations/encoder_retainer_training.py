@@ -47,8 +47,15 @@ from ..data import read_records
 from ..errors import DataError
 
 
-def integrated_gradients(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
-                         *, steps: int = 1, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+def integrated_gradients(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    steps: int = 1,
+    token_type_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[B, L] IG of the ``target`` logit w.r.t. the input token embeddings (zero baseline), summed over the
     hidden size: IG_i = x_i · mean_k ∇F((k/m)·x), k = 1..m. Pads get 0. Model weights get no gradient."""
     embeds = model.get_input_embeddings()(input_ids).detach()
@@ -75,8 +82,9 @@ def saliency_log_distribution(saliency: torch.Tensor, eligible: torch.Tensor) ->
     return saliency.masked_fill(~eligible, float("-inf")).log_softmax(dim=1).masked_fill(~eligible, 0.0)
 
 
-def candidate_costs(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor,
-                    ratios: list[float]) -> torch.Tensor:
+def candidate_costs(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor, ratios: list[float]
+) -> torch.Tensor:
     """[B, R] per sequence, 1 − the student's probability of ``answer`` (the teacher's class, [B]) when it
     prunes the sequence hard at each candidate ratio. Bounded, unlike a KL, so the few sequences that any
     pruning breaks do not drown the rest."""
@@ -84,8 +92,9 @@ def candidate_costs(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ans
     costs = []
     with torch.no_grad():
         for ratio in ratios:
-            logits = model(input_ids=input_ids, attention_mask=mask,
-                           keep_ratios=torch.full((input_ids.shape[0],), ratio)).logits
+            logits = model(
+                input_ids=input_ids, attention_mask=mask, keep_ratios=torch.full((input_ids.shape[0],), ratio)
+            ).logits
             costs.append(1 - logits.softmax(-1).gather(1, answer)[:, 0])
     return torch.stack(costs, dim=1)
 
@@ -101,7 +110,9 @@ def budget_price(costs: torch.Tensor, ratios: torch.Tensor, target: float) -> fl
     if len(ratios) == 1:
         return 0.0
     gap = float((ratios[1:] - ratios[:-1]).min())
-    bound = float(costs.max() - costs.min()) / gap + 1.0  # beyond ±bound every sequence takes an end candidate
+    bound = (
+        float(costs.max() - costs.min()) / gap + 1.0
+    )  # beyond ±bound every sequence takes an end candidate
     low, high = -bound, bound
     for _ in range(50):
         middle = (low + high) / 2
@@ -112,11 +123,24 @@ def budget_price(costs: torch.Tensor, ratios: torch.Tensor, target: float) -> fl
 def retainer_training_arguments(stage: Any, output_dir: str, progress: bool) -> TrainingArguments:
     """The stage's steps, batch size, learning rate and seed, with warm-up then cosine decay; nothing logged,
     saved or reported (the stage report gets the summary)."""
-    return TrainingArguments(output_dir=output_dir, max_steps=stage.train_steps, per_device_train_batch_size=stage.batch_size,
-                             learning_rate=stage.learning_rate, warmup_steps=max(1, stage.train_steps // 20),
-                             lr_scheduler_type="cosine", weight_decay=0.0, logging_strategy="no", save_strategy="no",
-                             report_to=[], seed=stage.seed, data_seed=stage.seed, disable_tqdm=not progress,
-                             remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=stage.train_steps,
+        per_device_train_batch_size=stage.batch_size,
+        learning_rate=stage.learning_rate,
+        warmup_steps=max(1, stage.train_steps // 20),
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        seed=stage.seed,
+        data_seed=stage.seed,
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
 
 
 @contextlib.contextmanager
@@ -172,19 +196,27 @@ class RetainerTrainer(Trainer):
         eligible = mask.bool() & ~model._special(input_ids)
         log_q = saliency_log_distribution(outputs.saliency, eligible)
         # The student's own IG (m = 1 on the same forward) and the teacher's.
-        (grad,) = torch.autograd.grad(outputs.logits.gather(1, labels[:, None]).sum(), embeds, retain_graph=True)
+        (grad,) = torch.autograd.grad(
+            outputs.logits.gather(1, labels[:, None]).sum(), embeds, retain_graph=True
+        )
         student = attribution_distribution(((embeds * grad).sum(-1) * mask).detach(), eligible)
         with torch.enable_grad():
             teacher = attribution_distribution(
-                integrated_gradients(self.teacher, input_ids, mask, labels, steps=self.stage.ig_steps), eligible)
+                integrated_gradients(self.teacher, input_ids, mask, labels, steps=self.stage.ig_steps),
+                eligible,
+            )
 
         def kl(target: torch.Tensor) -> torch.Tensor:
             return (target * (target.clamp_min(1e-12).log() - log_q)).sum(1).mean()
 
         distill = self.teacher_weight * kl(teacher) + (1 - self.teacher_weight) * kl(student)
         loss = outputs.loss + self.stage.distill_weight * distill
-        record = {"task": outputs.loss.item(), "distill": distill.item(),
-                  "kept": outputs.kept_fraction.detach().mean().item(), "teacher_weight": self.teacher_weight}
+        record = {
+            "task": outputs.loss.item(),
+            "distill": distill.item(),
+            "kept": outputs.kept_fraction.detach().mean().item(),
+            "teacher_weight": self.teacher_weight,
+        }
         if self.stage.algorithm == "adtp":
             ratios = model.settings["candidate_ratios"]
             with torch.no_grad():
@@ -199,9 +231,14 @@ class RetainerTrainer(Trainer):
             model.retainer.price.mul_(0.8).add_(0.2 * price)
             loss = loss + self.stage.ratio_weight * ratio_loss
             chosen = outputs.ratio_logits.argmax(-1)
-            record.update({"ratio": ratio_loss.item(), "price": float(model.retainer.price),
-                           "chosen_ratio": float(candidates[chosen].mean()),
-                           "chosen_cost": float(costs.gather(1, chosen[:, None]).mean())})
+            record.update(
+                {
+                    "ratio": ratio_loss.item(),
+                    "price": float(model.retainer.price),
+                    "chosen_ratio": float(candidates[chosen].mean()),
+                    "chosen_cost": float(costs.gather(1, chosen[:, None]).mean()),
+                }
+            )
         self.history.append(record)
         return (loss, outputs) if return_outputs else loss
 
@@ -214,14 +251,20 @@ def training_examples(stage: Any, tokenizer: Any, label2id: dict[str, int]) -> l
         label = row[stage.label_field]
         if isinstance(label, str):
             if label not in label2id:
-                raise DataError(f"{where}: label {label!r} is not one of the model's labels ({', '.join(label2id)})")
+                raise DataError(
+                    f"{where}: label {label!r} is not one of the model's labels ({', '.join(label2id)})"
+                )
             label = label2id[label]
         if not isinstance(label, int) or isinstance(label, bool):
             raise DataError(f"{where}: {stage.label_field} must be an int or a label name, got {label!r}")
         encoded = tokenizer(row[stage.text_field], truncation=True, max_length=stage.max_length)
-        examples.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": label})
+        examples.append(
+            {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": label}
+        )
     if len(examples) < stage.batch_size:
-        raise DataError(f"{stage.train_data}: {len(examples)} labelled examples, fewer than one batch ({stage.batch_size})")
+        raise DataError(
+            f"{stage.train_data}: {len(examples)} labelled examples, fewer than one batch ({stage.batch_size})"
+        )
     return examples
 
 
@@ -235,35 +278,62 @@ def train_token_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: bo
     with only_the_retainer_trains(model), tempfile.TemporaryDirectory(prefix="hf-prune-retainer-") as tmp:
         args = retainer_training_arguments(stage, tmp, progress)
         ratio_head = [p for n, p in model.named_parameters() if n.startswith("retainer.ratio.")]
-        others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("retainer.ratio.")]
-        optimizer = torch.optim.AdamW([{"params": others}, {"params": ratio_head, "lr": stage.ratio_learning_rate}],
-                                      lr=stage.learning_rate, weight_decay=0.0)
-        trainer = RetainerTrainer(model=model, args=args, train_dataset=examples, teacher=teacher, stage=stage,
-                                  data_collator=DataCollatorWithPadding(tokenizer), optimizers=(optimizer, None))
+        others = [
+            p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("retainer.ratio.")
+        ]
+        optimizer = torch.optim.AdamW(
+            [{"params": others}, {"params": ratio_head, "lr": stage.ratio_learning_rate}],
+            lr=stage.learning_rate,
+            weight_decay=0.0,
+        )
+        trainer = RetainerTrainer(
+            model=model,
+            args=args,
+            train_dataset=examples,
+            teacher=teacher,
+            stage=stage,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            optimizers=(optimizer, None),
+        )
         silence_when_quiet(trainer, progress).train()
-    last = trainer.history[-max(1, len(trainer.history) // 10):]
-    summary = {"examples": len(examples), "steps": stage.train_steps,
-               "final": {k: round(sum(h[k] for h in last) / len(last), 4) for k in last[-1] if k != "teacher_weight"}}
+    last = trainer.history[-max(1, len(trainer.history) // 10) :]
+    summary = {
+        "examples": len(examples),
+        "steps": stage.train_steps,
+        "final": {
+            k: round(sum(h[k] for h in last) / len(last), 4) for k in last[-1] if k != "teacher_weight"
+        },
+    }
     if stage.algorithm == "adtp":
-        summary["ratio_choice"] = set_price_on(model, examples, DataCollatorWithPadding(tokenizer), stage.target_ratio)
+        summary["ratio_choice"] = set_price_on(
+            model, examples, DataCollatorWithPadding(tokenizer), stage.target_ratio
+        )
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return summary
 
 
-def set_price_on(model: Any, examples: list[dict[str, Any]], collator: Any, target: float,
-                 batch_size: int = 64) -> dict[str, Any]:
+def set_price_on(
+    model: Any, examples: list[dict[str, Any]], collator: Any, target: float, batch_size: int = 64
+) -> dict[str, Any]:
     """Set ``model.retainer.price`` so that the mean ratio the model chooses on ``examples`` is ``target``;
     returns the price and the share of examples per candidate ratio."""
     predicted = []
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            inputs = collator([{k: v for k, v in row.items() if k != "labels"}
-                               for row in examples[start:start + batch_size]]).to(model.device)
+            inputs = collator(
+                [
+                    {k: v for k, v in row.items() if k != "labels"}
+                    for row in examples[start : start + batch_size]
+                ]
+            ).to(model.device)
             predicted.append(model(**inputs).predicted_costs)
     costs = torch.cat(predicted)
     candidates = torch.tensor(model.settings["candidate_ratios"], device=costs.device)
     price = budget_price(costs, candidates, target)
     model.retainer.price.fill_(price)
     chosen = candidates[(costs + price * candidates).argmin(dim=1)]
-    return {"price": round(price, 6), "mean_ratio": round(float(chosen.mean()), 4),
-            "share": {f"{c:g}": round(float((chosen == c).float().mean()), 4) for c in candidates.tolist()}}
+    return {
+        "price": round(price, 6),
+        "mean_ratio": round(float(chosen.mean()), 4),
+        "share": {f"{c:g}": round(float((chosen == c).float().mean()), 4) for c in candidates.tolist()},
+    }

@@ -62,15 +62,21 @@ def text_windows(stage: Any, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     if not path.is_file():
         raise DataError(f"train_data: file not found: {stage.train_data}")
     if tokenizer is None:
-        raise DataError("train_data: tokenising the training text needs the model's tokenizer (prune(..., tokenizer=))")
+        raise DataError(
+            "train_data: tokenising the training text needs the model's tokenizer (prune(..., tokenizer=))"
+        )
     ids = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     size = stage.max_length - len(bos)
-    windows = [{"input_ids": torch.tensor(bos + ids[start:start + size])}
-               for start in range(0, len(ids) - size + 1, size)]
+    windows = [
+        {"input_ids": torch.tensor(bos + ids[start : start + size])}
+        for start in range(0, len(ids) - size + 1, size)
+    ]
     if len(windows) < stage.batch_size:
-        raise DataError(f"train_data: {stage.train_data} gives {len(windows)} windows of {stage.max_length} tokens, "
-                        f"fewer than one batch ({stage.batch_size}); give more text or lower max_length")
+        raise DataError(
+            f"train_data: {stage.train_data} gives {len(windows)} windows of {stage.max_length} tokens, "
+            f"fewer than one batch ({stage.batch_size}); give more text or lower max_length"
+        )
     return windows
 
 
@@ -99,8 +105,13 @@ def soft_pruned_forward(model: Any, embeds: torch.Tensor, prompt_length: int) ->
             scores = torch.cat([saliency, saliency.new_zeros(batch, length - prompt_length)], dim=1)
             keep = soft_keep(scores, eligible, ratio, settings["temperature"])
             biases = {}
-            out = {"saliency": saliency, "ratio_logits": ratio_logits, "ratio": ratio, "keep_probability": keep,
-                   "eligible": eligible}
+            out = {
+                "saliency": saliency,
+                "ratio_logits": ratio_logits,
+                "ratio": ratio,
+                "keep_probability": keep,
+                "eligible": eligible,
+            }
         if windows[index] not in biases:
             biases[windows[index]] = soft_attention_bias(keep, mask, windows[index])
         hidden = layer(hidden, attention_mask=biases[windows[index]], **inputs)
@@ -109,20 +120,27 @@ def soft_pruned_forward(model: Any, embeds: torch.Tensor, prompt_length: int) ->
 
 def continuation_nll(logits: torch.Tensor, input_ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
     """[B] summed NLL of the tokens after the prompt, each predicted from the position before it."""
-    predicted = logits[:, prompt_length - 1:-1].float()
+    predicted = logits[:, prompt_length - 1 : -1].float()
     targets = input_ids[:, prompt_length:]
-    return F.cross_entropy(predicted.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).sum(1)
+    return (
+        F.cross_entropy(predicted.flatten(0, 1), targets.flatten(), reduction="none")
+        .view(targets.shape)
+        .sum(1)
+    )
 
 
-def teacher_integrated_gradients(model: Any, embeds: torch.Tensor, input_ids: torch.Tensor, prompt_length: int,
-                                 steps: int) -> torch.Tensor:
+def teacher_integrated_gradients(
+    model: Any, embeds: torch.Tensor, input_ids: torch.Tensor, prompt_length: int, steps: int
+) -> torch.Tensor:
     """[B, P] IG of the unpruned model's continuation NLL w.r.t. the prompt's input embeddings (zero
     baseline, ``steps`` steps), summed over the hidden size."""
     prompt, rest = embeds[:, :prompt_length].detach(), embeds[:, prompt_length:].detach()
     total = torch.zeros_like(prompt)
     for k in range(1, steps + 1):
         point = (prompt * (k / steps)).requires_grad_(True)
-        logits = model(inputs_embeds=torch.cat([point, rest], dim=1), use_cache=False).logits  # the stock model
+        logits = model(
+            inputs_embeds=torch.cat([point, rest], dim=1), use_cache=False
+        ).logits  # the stock model
         (grad,) = torch.autograd.grad(continuation_nll(logits, input_ids, prompt_length).sum(), point)
         total += grad
     return (prompt * total / steps).sum(-1)
@@ -154,22 +172,34 @@ class PromptRetainerTrainer(Trainer):
         (grad,) = torch.autograd.grad(nll.sum(), embeds, retain_graph=True)
         self_ig = (embeds * grad).sum(-1)[:, :prompt_length].detach()
         with torch.enable_grad():
-            teacher_ig = teacher_integrated_gradients(model, embeds, input_ids, prompt_length, self.stage.ig_steps)
-        distill = (self.teacher_weight * kl_to_saliency(attribution_distribution(teacher_ig, eligible), out["saliency"], eligible)
-                   + (1 - self.teacher_weight) * kl_to_saliency(attribution_distribution(self_ig, eligible),
-                                                                out["saliency"], eligible))
+            teacher_ig = teacher_integrated_gradients(
+                model, embeds, input_ids, prompt_length, self.stage.ig_steps
+            )
+        distill = self.teacher_weight * kl_to_saliency(
+            attribution_distribution(teacher_ig, eligible), out["saliency"], eligible
+        ) + (1 - self.teacher_weight) * kl_to_saliency(
+            attribution_distribution(self_ig, eligible), out["saliency"], eligible
+        )
         loss = task + self.stage.distill_weight * distill
         flops = torch.zeros((), device=loss.device)
         if self.stage.algorithm == "adtp":
             flops = (out["ratio"].mean() - self.stage.target_ratio) ** 2
             loss = loss + self.stage.flops_weight * flops
-        self.history.append({"task": task.item(), "distill": distill.item(), "flops": flops.item(),
-                             "ratio": out["ratio"].detach().mean().item()})
+        self.history.append(
+            {
+                "task": task.item(),
+                "distill": distill.item(),
+                "flops": flops.item(),
+                "ratio": out["ratio"].detach().mean().item(),
+            }
+        )
         return (loss, out) if return_outputs else loss
 
 
 @torch.no_grad()
-def chosen_ratio_counts(model: Any, windows: list[dict[str, torch.Tensor]], prompt_length: int) -> dict[str, int]:
+def chosen_ratio_counts(
+    model: Any, windows: list[dict[str, torch.Tensor]], prompt_length: int
+) -> dict[str, int]:
     """{ratio: how many training prompts the retainer gives it at inference}."""
     ids = torch.stack([w["input_ids"][:prompt_length] for w in windows]).to(model.device)
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -184,14 +214,28 @@ def train_prompt_retainer(model: Any, tokenizer: Any, stage: Any, *, progress: b
     """Train ``model.retainer`` in place (the rest frozen); returns a summary for the stage report."""
     started = time.perf_counter()
     windows = text_windows(stage, tokenizer)
-    with only_the_retainer_trains(model), tempfile.TemporaryDirectory(prefix="hf-prune-prompt-retainer-") as tmp:
+    with (
+        only_the_retainer_trains(model),
+        tempfile.TemporaryDirectory(prefix="hf-prune-prompt-retainer-") as tmp,
+    ):
         args = retainer_training_arguments(stage, tmp, progress)
-        trainer = PromptRetainerTrainer(model=model, args=args, train_dataset=windows, stage=stage,
-                                        data_collator=lambda rows: {"input_ids": torch.stack([r["input_ids"] for r in rows])})
+        trainer = PromptRetainerTrainer(
+            model=model,
+            args=args,
+            train_dataset=windows,
+            stage=stage,
+            data_collator=lambda rows: {"input_ids": torch.stack([r["input_ids"] for r in rows])},
+        )
         silence_when_quiet(trainer, progress).train()
-    last = trainer.history[-max(1, len(trainer.history) // 10):]
-    summary = {"windows": len(windows), "steps": stage.train_steps, "seconds": round(time.perf_counter() - started, 2),
-               "final": {k: round(sum(h[k] for h in last) / len(last), 4) for k in ("task", "distill", "flops", "ratio")}}
+    last = trainer.history[-max(1, len(trainer.history) // 10) :]
+    summary = {
+        "windows": len(windows),
+        "steps": stage.train_steps,
+        "seconds": round(time.perf_counter() - started, 2),
+        "final": {
+            k: round(sum(h[k] for h in last) / len(last), 4) for k in ("task", "distill", "flops", "ratio")
+        },
+    }
     if stage.algorithm == "adtp":
         summary["chosen_ratios"] = chosen_ratio_counts(model, windows, trainer.prompt_length)
     return summary

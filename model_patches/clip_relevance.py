@@ -38,8 +38,10 @@ def post_layernorm(vision_tower: nn.Module) -> nn.Module:
     """The vision tower's final layer norm (CLIP: ``vision_model.post_layernorm``)."""
     norm = getattr(getattr(vision_tower, "vision_model", vision_tower), "post_layernorm", None)
     if norm is None:
-        raise ValueError(f"CLIP text-tower relevance needs a CLIP-style vision tower with a post_layernorm; "
-                         f"{type(vision_tower).__name__} has none")
+        raise ValueError(
+            f"CLIP text-tower relevance needs a CLIP-style vision tower with a post_layernorm; "
+            f"{type(vision_tower).__name__} has none"
+        )
     return norm
 
 
@@ -73,11 +75,20 @@ def clip_patch_embeddings(model, vision_features: torch.Tensor, kwargs: dict) ->
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     image_sizes = kwargs["image_sizes"]
-    crops = [image_size_to_num_patches(image_size=size, grid_pinpoints=model.config.image_grid_pinpoints,
-                                       patch_size=model.config.vision_config.image_size) for size in image_sizes]
-    packed, _ = inner.pack_image_features(torch.split(embeds, crops, dim=0), image_sizes,
-                                          model.config.vision_feature_select_strategy,
-                                          image_newline=embeds.new_zeros(embeds.shape[-1]))
+    crops = [
+        image_size_to_num_patches(
+            image_size=size,
+            grid_pinpoints=model.config.image_grid_pinpoints,
+            patch_size=model.config.vision_config.image_size,
+        )
+        for size in image_sizes
+    ]
+    packed, _ = inner.pack_image_features(
+        torch.split(embeds, crops, dim=0),
+        image_sizes,
+        model.config.vision_feature_select_strategy,
+        image_newline=embeds.new_zeros(embeds.shape[-1]),
+    )
     return list(packed)
 
 
@@ -90,7 +101,9 @@ def clip_text_embeddings(text_tower: nn.Module, tokenizer, text: str) -> torch.T
     if not ids:
         return torch.empty(0, text_tower.config.projection_dim, device=text_tower.device)
     step = context - 2
-    chunks = [[tokenizer.bos_token_id, *ids[i:i + step], tokenizer.eos_token_id] for i in range(0, len(ids), step)]
+    chunks = [
+        [tokenizer.bos_token_id, *ids[i : i + step], tokenizer.eos_token_id] for i in range(0, len(ids), step)
+    ]
     width = max(len(c) for c in chunks)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([c + [pad] * (width - len(c)) for c in chunks], device=text_tower.device)
@@ -146,8 +159,11 @@ def load_tokenizers(path, hub_kwargs: dict) -> dict | None:
     from transformers import AutoTokenizer
 
     try:
-        return {name: AutoTokenizer.from_pretrained(path, subfolder=f"{TOKENIZER_FOLDER}/{name}",
-                                                   **{"trust_remote_code": False, **hub_kwargs})
-                for name in ("language", "clip")}
+        return {
+            name: AutoTokenizer.from_pretrained(
+                path, subfolder=f"{TOKENIZER_FOLDER}/{name}", **{"trust_remote_code": False, **hub_kwargs}
+            )
+            for name in ("language", "clip")
+        }
     except (OSError, ValueError):
         return None

@@ -94,10 +94,14 @@ def _build(family: str):
                 return
             top_k, most = self.num_experts_per_tok, getattr(self, count_key)
             if len(counts) != self.num_hidden_layers:
-                raise ValueError(f"experts_per_layer has {len(counts)} entries for {self.num_hidden_layers} layers")
+                raise ValueError(
+                    f"experts_per_layer has {len(counts)} entries for {self.num_hidden_layers} layers"
+                )
             for i, (n, moe) in enumerate(zip(counts, moe_layer_flags(self), strict=True)):
                 if type(n) is not int or (moe and not top_k <= n <= most) or (not moe and n != 0):
-                    allowed = f"an int in [{top_k}, {most}] (top-k to {count_key})" if moe else "0 (a dense layer)"
+                    allowed = (
+                        f"an int in [{top_k}, {most}] (top-k to {count_key})" if moe else "0 (a dense layer)"
+                    )
                     raise ValueError(f"experts_per_layer[{i}] = {n!r}: must be {allowed}")
 
     class ForCausalLM(stock_model):
@@ -129,8 +133,10 @@ def _build(family: str):
             # The stock load-balancing loss needs one expert count for all layers: collect the router
             # logits with hooks instead and average the loss of each layer over its own experts.
             logits = []
-            hooks = [router.register_forward_hook(lambda _m, _a, out: logits.append(out[0]))
-                     for _, _, router in _moe_blocks(self)]
+            hooks = [
+                router.register_forward_hook(lambda _m, _a, out: logits.append(out[0]))
+                for _, _, router in _moe_blocks(self)
+            ]
             try:
                 out = super().forward(*args, **{**kwargs, "output_router_logits": False})
             finally:
@@ -138,7 +144,9 @@ def _build(family: str):
                     hook.remove()
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             loss_fn = sys.modules[stock_model.__module__].load_balancing_loss_func
-            aux = sum(loss_fn((x,), x.shape[-1], self.num_experts_per_tok, mask) for x in logits) / max(len(logits), 1)
+            aux = sum(loss_fn((x,), x.shape[-1], self.num_experts_per_tok, mask) for x in logits) / max(
+                len(logits), 1
+            )
             out.router_logits, out.aux_loss = tuple(logits), aux
             if out.loss is not None:
                 out.loss = out.loss + self.router_aux_loss_coef * aux.to(out.loss.device)
@@ -155,7 +163,9 @@ def _register(config_class, model_class) -> None:
 
     config_class.register_for_auto_class()
     model_class.register_for_auto_class("AutoModelForCausalLM")
-    if config_class.model_type in CONFIG_MAPPING:  # first registration wins (e.g. hf_prune, then a remote copy)
+    if (
+        config_class.model_type in CONFIG_MAPPING
+    ):  # first registration wins (e.g. hf_prune, then a remote copy)
         return
     transformers.AutoConfig.register(config_class.model_type, config_class)
     transformers.AutoModelForCausalLM.register(config_class, model_class)
@@ -184,7 +194,7 @@ register()
 
 def stock_family(model_type: str):
     """The stock family (``mixtral``…) of a stock or ``hf_prune_`` model type, or None."""
-    family = model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
+    family = model_type[len(PREFIX) :] if model_type.startswith(PREFIX) else model_type
     return family if family in FAMILIES else None
 
 
@@ -193,6 +203,8 @@ def nonuniform_classes(model_type: str):
     family = stock_family(model_type)
     register()
     if family is None:
-        raise ValueError(f"no per-layer expert classes for model_type {model_type!r} "
-                         f"(supported: {', '.join(sorted(FAMILIES))})")
+        raise ValueError(
+            f"no per-layer expert classes for model_type {model_type!r} "
+            f"(supported: {', '.join(sorted(FAMILIES))})"
+        )
     return CLASSES[family]

@@ -20,7 +20,9 @@ def settings_with_defaults(settings, defaults: dict) -> dict:
     return {**defaults, **settings}
 
 
-def build_classes(family: str, config_name: str, model_name: str, mixin, check, suffix: str, module: str) -> tuple:
+def build_classes(
+    family: str, config_name: str, model_name: str, mixin, check, suffix: str, module: str
+) -> tuple:
     """(config class, model class) of ``hf_prune_<family>``: the stock ``config_name`` plus a ``token_pruning``
     dict checked by ``check(settings, config)``, and ``mixin(stock model_name class)``, named
     ``HfPrune<Stock>Config`` / ``HfPrune<Stock><suffix>`` in ``module`` (where remote code looks them up)."""
@@ -103,7 +105,7 @@ def cut_rows(tensor, keep: torch.Tensor, fill):
     out = tensor.new_full((tensor.shape[0], width, *tensor.shape[2:]), fill)
     for row in range(tensor.shape[0]):
         kept = tensor[row][keep[row]]
-        out[row, width - kept.shape[0]:] = kept
+        out[row, width - kept.shape[0] :] = kept
     return out
 
 

@@ -39,13 +39,15 @@ def left_packed_order(keep: torch.Tensor) -> torch.Tensor:
     in a row; shorter rows start with dropped tokens, which the caller masks as padding. Left padding puts
     every row's last real token last, where ``generate`` reads the next-token logits."""
     width = int(keep.sum(1).max())
-    return keep.to(torch.int8).argsort(dim=1, stable=True)[:, keep.shape[1] - width:]
+    return keep.to(torch.int8).argsort(dim=1, stable=True)[:, keep.shape[1] - width :]
 
 
 def gather_tokens(tensor: torch.Tensor, order: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``tensor`` ([B, L, ...] with ``dim`` = 1, or [B, heads, L, d] with ``dim`` = 2) at ``order`` [B, W]."""
-    index = order.view(*order.shape[:1], *([1] * (dim - 1)), order.shape[1], *([1] * (tensor.dim() - dim - 1)))
-    return tensor.gather(dim, index.expand(*tensor.shape[:dim], order.shape[1], *tensor.shape[dim + 1:]))
+    index = order.view(
+        *order.shape[:1], *([1] * (dim - 1)), order.shape[1], *([1] * (tensor.dim() - dim - 1))
+    )
+    return tensor.gather(dim, index.expand(*tensor.shape[:dim], order.shape[1], *tensor.shape[dim + 1 :]))
 
 
 def layer_kinds(config) -> list[str]:
@@ -57,8 +59,14 @@ def layer_kinds(config) -> list[str]:
     return [kind] * config.num_hidden_layers
 
 
-def layer_masks(config, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, layers: range,
-                eager_layer: int | None = None) -> dict[int, object]:
+def layer_masks(
+    config,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    layers: range,
+    eager_layer: int | None = None,
+) -> dict[int, object]:
     """{layer: its attention mask} for a cache-less pass of ``hidden`` [B, L, H] with the 2-D ``mask``.
 
     The 2-D mask is always given, so gapped ``positions`` are never taken for packed sequences. The
@@ -72,8 +80,13 @@ def layer_masks(config, hidden: torch.Tensor, mask: torch.Tensor, positions: tor
             previous = config._attn_implementation
             config._attn_implementation = "eager" if key[1] else previous
             try:
-                built[key] = build(config=config, inputs_embeds=hidden, attention_mask=mask.long(), cache=None,
-                                   position_ids=positions)
+                built[key] = build(
+                    config=config,
+                    inputs_embeds=hidden,
+                    attention_mask=mask.long(),
+                    cache=None,
+                    position_ids=positions,
+                )
             finally:
                 config._attn_implementation = previous
     return {index: built[(kinds[index], index == eager_layer)] for index in layers}
@@ -122,11 +135,13 @@ class PrunedPrompt:
         if attention_mask is None:
             tail = self.kept_mask.new_ones(rows, since)
         elif attention_mask.shape == (rows, self.prompt_length + since):
-            tail = attention_mask[:, self.prompt_length:]
+            tail = attention_mask[:, self.prompt_length :]
         elif attention_mask.shape == (rows, self.width + since):
-            tail = attention_mask[:, self.width:]
+            tail = attention_mask[:, self.width :]
         else:
-            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} fits neither the prompt "
-                             f"({self.prompt_length} tokens) nor the pruned cache ({self.width}) plus {since} "
-                             f"tokens since, for {rows} rows")
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape)} fits neither the prompt "
+                f"({self.prompt_length} tokens) nor the pruned cache ({self.width}) plus {since} "
+                f"tokens since, for {rows} rows"
+            )
         return torch.cat([self.kept_mask, tail.to(self.kept_mask.dtype)], dim=1), position_ids

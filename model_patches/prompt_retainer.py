@@ -53,12 +53,16 @@ def chosen_ratios(settings: dict, ratio_logits: torch.Tensor) -> torch.Tensor:
 def expected_ratios(settings: dict, ratio_logits: torch.Tensor) -> torch.Tensor:
     """[B] training ratios: ``adtp`` the ratio head's softmax-weighted mean candidate, otherwise ``keep_ratio``."""
     if settings["algorithm"] == "adtp":
-        candidates = torch.tensor(settings["candidate_ratios"], device=ratio_logits.device, dtype=ratio_logits.dtype)
+        candidates = torch.tensor(
+            settings["candidate_ratios"], device=ratio_logits.device, dtype=ratio_logits.dtype
+        )
         return (ratio_logits.softmax(-1) * candidates).sum(-1)
     return ratio_logits.new_full(ratio_logits.shape[:1], float(settings["keep_ratio"]))
 
 
-def soft_keep(saliency: torch.Tensor, eligible: torch.Tensor, ratios: torch.Tensor, temperature: float) -> torch.Tensor:
+def soft_keep(
+    saliency: torch.Tensor, eligible: torch.Tensor, ratios: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """[B, L] keep probabilities p_i = σ((s_i − q)/T) of the ``eligible`` tokens (1 elsewhere), q the saliency
     at rank ρ·n of the n eligible ones (interpolated between neighbouring ranks, so the loss reaches the
     ratio ρ through q, and the saliency through s). ρ = 1 keeps everything (p = 1)."""
@@ -68,14 +72,17 @@ def soft_keep(saliency: torch.Tensor, eligible: torch.Tensor, ratios: torch.Tens
     low = rank.floor().long().clamp(max=ordered.shape[1] - 1)
     high = torch.minimum(low + 1, count - 1)
     fraction = rank - low
-    threshold = ((1 - fraction) * ordered.gather(1, low[:, None])[:, 0]
-                 + fraction * ordered.gather(1, high[:, None])[:, 0])
+    threshold = (1 - fraction) * ordered.gather(1, low[:, None])[:, 0] + fraction * ordered.gather(
+        1, high[:, None]
+    )[:, 0]
     threshold = torch.where(ratios >= 1, torch.full_like(threshold, float("-inf")), threshold)
     probability = torch.sigmoid((saliency - threshold[:, None]) / temperature)
     return torch.where(eligible, probability, torch.ones_like(probability))
 
 
-def soft_attention_bias(keep_probability: torch.Tensor, mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
+def soft_attention_bias(
+    keep_probability: torch.Tensor, mask: torch.Tensor, window: int | None = None
+) -> torch.Tensor:
     """[B, 1, L, L] float attention mask: causal (and within ``window`` if given), padding keys masked, and
     log p_k added to every query's score of key k (a key kept with probability p weighs p times)."""
     length = mask.shape[1]
@@ -87,6 +94,8 @@ def soft_attention_bias(keep_probability: torch.Tensor, mask: torch.Tensor, wind
         visible = visible & (query - key < window)
     visible = visible[None] & mask[:, None, :]
     visible = visible | torch.eye(length, dtype=torch.bool, device=mask.device)[None]  # no fully masked rows
-    blocked = torch.zeros(visible.shape, dtype=dtype, device=mask.device).masked_fill(~visible, torch.finfo(dtype).min)
+    blocked = torch.zeros(visible.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~visible, torch.finfo(dtype).min
+    )
     log_keep = torch.log(keep_probability.clamp_min(torch.finfo(dtype).tiny))
     return (blocked + log_keep[:, None, :])[:, None]

@@ -53,31 +53,51 @@ from .prompt_retainer import PromptRetainer, chosen_ratios
 
 ALGORITHMS = ("attention", "random", "adtp", "fixed")
 LEARNED = ("adtp", "fixed")  # the algorithms with a retainer
-DEFAULTS = {"algorithm": "attention", "keep_ratio": None, "layer": 1, "seed": 0,
-            "candidate_ratios": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0], "retainer_size": 64, "temperature": 0.05}
+DEFAULTS = {
+    "algorithm": "attention",
+    "keep_ratio": None,
+    "layer": 1,
+    "seed": 0,
+    "candidate_ratios": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+    "retainer_size": 64,
+    "temperature": 0.05,
+}
 #: family -> (stock config class, stock causal-LM class)
-FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-            "mistral": ("MistralConfig", "MistralForCausalLM")}
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
 
 
 def check_settings(settings, num_layers: int | None = None) -> dict:
     """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise."""
     merged = settings_with_defaults(settings, DEFAULTS)
     if merged["algorithm"] not in ALGORITHMS:
-        raise ValueError(f"token_pruning.algorithm: {merged['algorithm']!r} is not one of {', '.join(ALGORITHMS)} "
-                         "(for causal LMs)")
+        raise ValueError(
+            f"token_pruning.algorithm: {merged['algorithm']!r} is not one of {', '.join(ALGORITHMS)} "
+            "(for causal LMs)"
+        )
     ratio = merged["keep_ratio"]
     if not (ratio is None and merged["algorithm"] == "adtp") and (
-            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
+        isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1
+    ):
         raise ValueError(f"token_pruning.keep_ratio: must be in (0, 1], got {ratio!r}")
     candidates = merged["candidate_ratios"]
-    if (not isinstance(candidates, (list, tuple)) or not candidates
-            or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in candidates)):
-        raise ValueError(f"token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], "
-                         f"got {candidates!r}")
+    if (
+        not isinstance(candidates, (list, tuple))
+        or not candidates
+        or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in candidates)
+    ):
+        raise ValueError(
+            f"token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], "
+            f"got {candidates!r}"
+        )
     merged["candidate_ratios"] = sorted({float(c) for c in candidates})
     if type(merged["retainer_size"]) is not int or merged["retainer_size"] < 1:
-        raise ValueError(f"token_pruning.retainer_size: must be a positive integer, got {merged['retainer_size']!r}")
+        raise ValueError(
+            f"token_pruning.retainer_size: must be a positive integer, got {merged['retainer_size']!r}"
+        )
     temperature = merged["temperature"]
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
         raise ValueError(f"token_pruning.temperature: must be > 0, got {temperature!r}")
@@ -86,8 +106,10 @@ def check_settings(settings, num_layers: int | None = None) -> dict:
         top = f" and below the {num_layers} layers" if num_layers is not None else ""
         raise ValueError(f"token_pruning.layer: must be an integer >= 0{top}, got {layer!r}")
     if merged["algorithm"] == "attention" and layer < 1:
-        raise ValueError("token_pruning.layer: attention scores come from the layer before the pruning layer; "
-                         "use layer >= 1 (or algorithm random)")
+        raise ValueError(
+            "token_pruning.layer: attention scores come from the layer before the pruning layer; "
+            "use layer >= 1 (or algorithm random)"
+        )
     if type(merged["seed"]) is not int or merged["seed"] < 0:
         raise ValueError(f"token_pruning.seed: must be a non-negative integer, got {merged['seed']!r}")
     return merged
@@ -114,20 +136,46 @@ def _mixin(stock_model):
         def settings(self) -> dict:
             return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
 
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                    labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        def forward(
+            self,
+            input_ids=None,
+            attention_mask=None,
+            position_ids=None,
+            cache=None,
+            inputs_embeds=None,
+            labels=None,
+            use_cache=None,
+            logits_to_keep=0,
+            **kwargs,
+        ):
             cache = cache if cache is not None else kwargs.pop("past_key_values", None)
             cached = cache.get_seq_length() if cache is not None else 0
             if input_ids is not None and inputs_embeds is None and cached == 0:
-                return self._pruned_prefill(input_ids, attention_mask, position_ids, cache, labels, use_cache,
-                                            logits_to_keep, **kwargs)
+                return self._pruned_prefill(
+                    input_ids,
+                    attention_mask,
+                    position_ids,
+                    cache,
+                    labels,
+                    use_cache,
+                    logits_to_keep,
+                    **kwargs,
+                )
             state = getattr(cache, "pruned_prompt", None)
             if state is not None and cached > 0:
                 new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
                 attention_mask, position_ids = state.decode_inputs(cached, new, attention_mask, position_ids)
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                   logits_to_keep=logits_to_keep, **kwargs)
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
 
         def generate(self, *args, **kwargs):
             # The pruned prompt lives in the cache: without one, every step would prune its whole input anew.
@@ -140,15 +188,21 @@ def _mixin(stock_model):
             split, decoder, scores, captured = self.settings["layer"], self.model, None, {}
             scoring = split - 1 if self.settings["algorithm"] == "attention" else None
             masks = layer_masks(self.config, hidden, mask, positions, range(split), eager_layer=scoring)
-            inputs = {"position_embeddings": decoder.rotary_emb(hidden, positions), "position_ids": positions,
-                      "cache": cache, "use_cache": use_cache}
+            inputs = {
+                "position_embeddings": decoder.rotary_emb(hidden, positions),
+                "position_ids": positions,
+                "cache": cache,
+                "use_cache": use_cache,
+            }
             for index in range(split):
                 layer = decoder.layers[index]
                 if index != scoring:
                     hidden = layer(hidden, attention_mask=masks[index], **inputs)
                     continue
                 # That layer alone runs eager attention, the one that returns its weights.
-                hook = layer.self_attn.register_forward_hook(lambda module, args, output: captured.update(w=output[1]))
+                hook = layer.self_attn.register_forward_hook(
+                    lambda module, args, output: captured.update(w=output[1])
+                )
                 previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
                 try:
                     hidden = layer(hidden, attention_mask=masks[index], **inputs)
@@ -158,12 +212,26 @@ def _mixin(stock_model):
                 scores = attention_received(captured["w"], mask)
             return hidden, scores
 
-        def _pruned_prefill(self, input_ids, attention_mask, position_ids, cache, labels, use_cache, logits_to_keep,
-                            return_dict=True, **kwargs):
+        def _pruned_prefill(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            labels,
+            use_cache,
+            logits_to_keep,
+            return_dict=True,
+            **kwargs,
+        ):
             if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-                raise ValueError("a prompt-pruning prefill returns no attentions or hidden states (the layers "
-                                 "see different tokens)")
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "output_hidden_states")}
+                raise ValueError(
+                    "a prompt-pruning prefill returns no attentions or hidden states (the layers "
+                    "see different tokens)"
+                )
+            kwargs = {
+                k: v for k, v in kwargs.items() if k not in ("output_attentions", "output_hidden_states")
+            }
             settings, config, decoder = self.settings, self.config, self.model
             split, layers = settings["layer"], decoder.layers[: config.num_hidden_layers]
             batch, length = input_ids.shape
@@ -176,8 +244,9 @@ def _mixin(stock_model):
                 cache = DynamicCache(config=config)
             # The layers before the cut cache every prompt token here first; the kept ones move on to `cache`.
             full_cache = DynamicCache() if cache is not None and split > 0 else None
-            hidden, scores = self._layers_before_the_cut(decoder.embed_tokens(input_ids), mask, positions, full_cache,
-                                                         use_cache)
+            hidden, scores = self._layers_before_the_cut(
+                decoder.embed_tokens(input_ids), mask, positions, full_cache, use_cache
+            )
             ratio = settings["keep_ratio"]
             if settings["algorithm"] in LEARNED:
                 scores, ratio_logits = self.retainer(hidden, mask)
@@ -191,10 +260,16 @@ def _mixin(stock_model):
             if full_cache is not None:
                 for index in range(split):
                     entries = full_cache.layers[index]
-                    cache.update(gather_tokens(entries.keys, order, 2), gather_tokens(entries.values, order, 2), index)
+                    cache.update(
+                        gather_tokens(entries.keys, order, 2), gather_tokens(entries.values, order, 2), index
+                    )
             masks = layer_masks(config, hidden, kept_mask, kept_positions, range(split, len(layers)))
-            inputs = {"position_embeddings": decoder.rotary_emb(hidden, kept_positions), "position_ids": kept_positions,
-                      "cache": cache, "use_cache": use_cache}
+            inputs = {
+                "position_embeddings": decoder.rotary_emb(hidden, kept_positions),
+                "position_ids": kept_positions,
+                "cache": cache,
+                "use_cache": use_cache,
+            }
             for index in range(split, len(layers)):
                 hidden = layers[index](hidden, attention_mask=masks[index], **inputs)
             hidden = decoder.norm(hidden)
@@ -202,7 +277,9 @@ def _mixin(stock_model):
             loss = None
             if labels is not None:
                 kept_labels = labels.gather(1, order).masked_fill(~kept_mask, -100)
-                loss = self.loss_function(logits=logits, labels=kept_labels, vocab_size=config.vocab_size, **kwargs)
+                loss = self.loss_function(
+                    logits=logits, labels=kept_labels, vocab_size=config.vocab_size, **kwargs
+                )
             if cache is not None:
                 next_position = positions.masked_fill(~mask, -1).amax(1) + 1
                 cache.pruned_prompt = PrunedPrompt(kept_mask.long(), length, next_position)
@@ -219,9 +296,15 @@ def new_retainer(config, settings: dict) -> PromptRetainer:
 
 def _build(family: str) -> tuple:
     config_name, model_name = FAMILIES[family]
-    return build_classes(family, config_name, model_name, _mixin,
-                         lambda settings, config: check_settings(settings, config.num_hidden_layers),
-                         "ForCausalLM", __name__)
+    return build_classes(
+        family,
+        config_name,
+        model_name,
+        _mixin,
+        lambda settings, config: check_settings(settings, config.num_hidden_layers),
+        "ForCausalLM",
+        __name__,
+    )
 
 
 #: family -> (config class, model class)

@@ -38,18 +38,25 @@ def _qwen_mixin(stock_model):
             grids = kwargs.get("image_grid_thw")
             arange = torch.arange(features.shape[0], device=features.device)
             if grids is None:
-                raise ValueError("Qwen2-VL token pruning needs image_grid_thw (from the processor) with the images")
+                raise ValueError(
+                    "Qwen2-VL token pruning needs image_grid_thw (from the processor) with the images"
+                )
             frames, height, width = (int(v) for v in grids[index])
             merge = self.config.vision_config.spatial_merge_size
             return [(arange, (frames * height // merge, width // merge), 1.0)], arange[:0]
 
         def _full_position_ids(self, input_ids, attention_mask, kwargs):
             if kwargs.get("mm_token_type_ids") is None:
-                raise ValueError("Qwen2-VL token pruning needs mm_token_type_ids (returned by the processor with "
-                                 "input_ids) to place the kept visual tokens")
-            positions, _ = self.model.get_rope_index(input_ids, mm_token_type_ids=kwargs["mm_token_type_ids"],
-                                                     image_grid_thw=kwargs.get("image_grid_thw"),
-                                                     attention_mask=attention_mask)
+                raise ValueError(
+                    "Qwen2-VL token pruning needs mm_token_type_ids (returned by the processor with "
+                    "input_ids) to place the kept visual tokens"
+                )
+            positions, _ = self.model.get_rope_index(
+                input_ids,
+                mm_token_type_ids=kwargs["mm_token_type_ids"],
+                image_grid_thw=kwargs.get("image_grid_thw"),
+                attention_mask=attention_mask,
+            )
             return positions  # [3, B, L]
 
         @staticmethod
@@ -71,5 +78,9 @@ def _qwen_mixin(stock_model):
 
 
 #: family -> (config class, model class)
-CLASSES = build_and_register(FAMILIES, lambda family: build_family(family, FAMILIES, _qwen_mixin, __name__), globals(),
-                             "AutoModelForImageTextToText")
+CLASSES = build_and_register(
+    FAMILIES,
+    lambda family: build_family(family, FAMILIES, _qwen_mixin, __name__),
+    globals(),
+    "AutoModelForImageTextToText",
+)

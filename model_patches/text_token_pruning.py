@@ -42,15 +42,27 @@ from .patch_classes import (
 )
 
 ALGORITHMS = ("adtp", "fixed", "attention", "random")
-DEFAULTS = {"algorithm": "adtp", "layer": 0, "keep_ratio": None, "candidate_ratios": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
-            "retainer_size": 64, "temperature": 0.05, "seed": 0, "special_token_ids": []}
+DEFAULTS = {
+    "algorithm": "adtp",
+    "layer": 0,
+    "keep_ratio": None,
+    "candidate_ratios": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+    "retainer_size": 64,
+    "temperature": 0.05,
+    "seed": 0,
+    "special_token_ids": [],
+}
 #: family -> (stock config class, stock classifier class, attribute holding the encoder model)
-FAMILIES = {"bert": ("BertConfig", "BertForSequenceClassification", "bert"),
-            "roberta": ("RobertaConfig", "RobertaForSequenceClassification", "roberta"),
-            "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification", "distilbert")}
+FAMILIES = {
+    "bert": ("BertConfig", "BertForSequenceClassification", "bert"),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", "roberta"),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification", "distilbert"),
+}
 
 
-def check_settings(settings, num_layers: int | None = None, *, attention_from_previous_layer: bool = True) -> dict:
+def check_settings(
+    settings, num_layers: int | None = None, *, attention_from_previous_layer: bool = True
+) -> dict:
     """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise.
     (``attention_from_previous_layer=False`` skips the check that ``attention`` prunes at layer >= 1.)"""
     merged = settings_with_defaults(settings, DEFAULTS)
@@ -59,12 +71,19 @@ def check_settings(settings, num_layers: int | None = None, *, attention_from_pr
         raise ValueError(f"token_pruning.algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
     if algorithm != "adtp" and ratio is None:
         raise ValueError(f"token_pruning.keep_ratio: {algorithm} needs a retention ratio in (0, 1]")
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
+    if ratio is not None and (
+        isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1
+    ):
         raise ValueError(f"token_pruning.keep_ratio: must be in (0, 1], got {ratio!r}")
     candidates = merged["candidate_ratios"]
-    if (not isinstance(candidates, (list, tuple)) or not candidates
-            or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in candidates)):
-        raise ValueError(f"token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], got {candidates!r}")
+    if (
+        not isinstance(candidates, (list, tuple))
+        or not candidates
+        or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in candidates)
+    ):
+        raise ValueError(
+            f"token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], got {candidates!r}"
+        )
     merged["candidate_ratios"] = sorted({float(c) for c in candidates})
     if type(layer) is not int or layer < 0 or (num_layers is not None and layer >= num_layers):
         top = f" and below the {num_layers} layers" if num_layers is not None else ""
@@ -73,8 +92,10 @@ def check_settings(settings, num_layers: int | None = None, *, attention_from_pr
         raise ValueError("token_pruning.layer: attention scores come from the layer before; use layer >= 1")
     for key in ("retainer_size", "seed"):
         if type(merged[key]) is not int or merged[key] < (1 if key == "retainer_size" else 0):
-            raise ValueError(f"token_pruning.{key}: must be a {'positive' if key == 'retainer_size' else 'non-negative'} "
-                             f"integer, got {merged[key]!r}")
+            raise ValueError(
+                f"token_pruning.{key}: must be a {'positive' if key == 'retainer_size' else 'non-negative'} "
+                f"integer, got {merged[key]!r}"
+            )
     specials = merged["special_token_ids"]
     if not isinstance(specials, (list, tuple)) or any(type(i) is not int for i in specials):
         raise ValueError(f"token_pruning.special_token_ids: must be a list of token ids, got {specials!r}")
@@ -94,7 +115,9 @@ class TokenRetainer(nn.Module):
         super().__init__()
         self.saliency = nn.Sequential(nn.Linear(hidden_size, size), nn.GELU(), nn.Linear(size, 1))
         self.ratio = nn.Sequential(nn.Linear(2 * hidden_size, size), nn.GELU(), nn.Linear(size, num_ratios))
-        self.register_buffer("price", torch.zeros(()))  # set by training (a budget constraint), not learned by gradient
+        self.register_buffer(
+            "price", torch.zeros(())
+        )  # set by training (a budget constraint), not learned by gradient
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(saliency [B, L], predicted costs [B, R]) from hidden states [B, L, H] and the real-token mask [B, L]."""
@@ -106,7 +129,9 @@ class TokenRetainer(nn.Module):
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, 1, L] additive attention bias: 0 where ``keep`` (bool, or a probability), very negative elsewhere."""
     if keep.dtype == torch.bool:
-        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)[:, None, None]
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+            ~keep, torch.finfo(dtype).min
+        )[:, None, None]
     return torch.log(keep.to(dtype).clamp_min(torch.finfo(dtype).tiny))[:, None, None]
 
 
@@ -119,7 +144,9 @@ def top_fraction(scores: torch.Tensor, eligible: torch.Tensor, ratios: torch.Ten
     return eligible & (ranks < counts[:, None])
 
 
-def soft_keep(saliency: torch.Tensor, eligible: torch.Tensor, ratio: torch.Tensor, temperature: float) -> torch.Tensor:
+def soft_keep(
+    saliency: torch.Tensor, eligible: torch.Tensor, ratio: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Training: p_i = σ((s_i − q)/T), q the score at rank ρ·n among the eligible tokens (interpolated
     between neighbouring ranks), so the task loss reaches the saliency head through s."""
     sorted_scores = saliency.masked_fill(~eligible, float("-inf")).sort(dim=1, descending=True).values
@@ -128,7 +155,9 @@ def soft_keep(saliency: torch.Tensor, eligible: torch.Tensor, ratio: torch.Tenso
     low = position.floor().long().clamp(max=sorted_scores.shape[1] - 1)
     high = (low + 1).clamp(max=(n - 1))
     frac = position - low
-    threshold = (1 - frac) * sorted_scores.gather(1, low[:, None])[:, 0] + frac * sorted_scores.gather(1, high[:, None])[:, 0]
+    threshold = (1 - frac) * sorted_scores.gather(1, low[:, None])[:, 0] + frac * sorted_scores.gather(
+        1, high[:, None]
+    )[:, 0]
     threshold = torch.where(ratio >= 1, torch.full_like(threshold, float("-inf")), threshold)
     return torch.sigmoid((saliency - threshold[:, None]) / temperature)
 
@@ -149,6 +178,7 @@ class PrunedClassifierOutput(SequenceClassifierOutput):
 
 # ---- what differs between the families: where the layers sit, how they embed, attend and classify ----
 
+
 def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
     """BERT / RoBERTa: ``encoder.layer``; DistilBERT: ``transformer.layer``."""
     return encoder.transformer.layer if hasattr(encoder, "transformer") else encoder.encoder.layer
@@ -164,8 +194,12 @@ def embed(encoder: nn.Module, input_ids, token_type_ids, position_ids, inputs_em
     input_ids = None if inputs_embeds is not None else input_ids
     if hasattr(encoder, "transformer"):
         return encoder.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids)
-    return encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
-                              inputs_embeds=inputs_embeds)
+    return encoder.embeddings(
+        input_ids=input_ids,
+        token_type_ids=token_type_ids,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+    )
 
 
 def classify(model: nn.Module, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -182,8 +216,9 @@ def _mixin(stock_model, encoder_attr: str):
         def __init__(self, config):
             super().__init__(config)
             settings = check_settings(config.token_pruning or {}, config.num_hidden_layers)
-            self.retainer = TokenRetainer(config.hidden_size, len(settings["candidate_ratios"]),
-                                          settings["retainer_size"])
+            self.retainer = TokenRetainer(
+                config.hidden_size, len(settings["candidate_ratios"]), settings["retainer_size"]
+            )
             self.post_init()
 
         def _init_weights(self, module):
@@ -199,7 +234,9 @@ def _mixin(stock_model, encoder_attr: str):
         def _special(self, input_ids: torch.Tensor) -> torch.Tensor:
             """[B, L] bool: the tokens always kept, the first one (the [CLS] the classifier reads) and every
             ``special_token_ids`` ([SEP]...)."""
-            ids = torch.tensor(self.settings["special_token_ids"], dtype=input_ids.dtype, device=input_ids.device)
+            ids = torch.tensor(
+                self.settings["special_token_ids"], dtype=input_ids.dtype, device=input_ids.device
+            )
             special = torch.isin(input_ids, ids)
             special[:, 0] = True
             return special
@@ -220,8 +257,17 @@ def _mixin(stock_model, encoder_attr: str):
                 self.config._attn_implementation = previous
                 handle.remove()
 
-        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                    inputs_embeds=None, labels=None, keep_ratios=None, **kwargs):
+        def forward(
+            self,
+            input_ids=None,
+            attention_mask=None,
+            token_type_ids=None,
+            position_ids=None,
+            inputs_embeds=None,
+            labels=None,
+            keep_ratios=None,
+            **kwargs,
+        ):
             """The stock forward with tokens dropped at ``layer``; ``keep_ratios`` ([B], optional) prunes
             each sequence hard at that ratio with the retainer's saliency, in any mode (training scores
             each candidate ratio this way)."""
@@ -245,9 +291,13 @@ def _mixin(stock_model, encoder_attr: str):
                 if index == settings["layer"]:
                     saliency, predicted_costs = self.retainer(hidden, mask)
                     if algorithm == "adtp" and keep_ratios is None and torch.isnan(self.retainer.price):
-                        raise ValueError("adtp: the retainer has no price (retainer.price): its ratio head was saved "
-                                         "before ratio heads predicted costs, or never trained; train it again")
-                    ratio_logits = -(predicted_costs + self.retainer.price * ratios)  # argmax: the cheapest choice
+                        raise ValueError(
+                            "adtp: the retainer has no price (retainer.price): its ratio head was saved "
+                            "before ratio heads predicted costs, or never trained; train it again"
+                        )
+                    ratio_logits = -(
+                        predicted_costs + self.retainer.price * ratios
+                    )  # argmax: the cheapest choice
                     if algorithm == "adtp" and self.training and keep_ratios is None:
                         # At the ratio inference would pick; the ratio head learns from per-candidate costs
                         # (see hf_prune.integrations), not through this mask.
@@ -258,14 +308,21 @@ def _mixin(stock_model, encoder_attr: str):
                         kept_fraction = (keep_p * mask).sum(1) / mask.sum(1)
                     else:
                         if keep_ratios is not None:
-                            rho = torch.as_tensor(keep_ratios, dtype=rho.dtype, device=hidden.device).expand_as(rho)
+                            rho = torch.as_tensor(
+                                keep_ratios, dtype=rho.dtype, device=hidden.device
+                            ).expand_as(rho)
                         elif algorithm == "adtp":
                             rho = ratios[ratio_logits.argmax(-1)]
                         else:
                             rho = torch.full_like(rho, settings["keep_ratio"])
-                        scores = {"adtp": saliency, "fixed": saliency, "attention": attention,
-                                  "random": torch.rand(mask.shape, generator=torch.Generator().manual_seed(settings["seed"]))
-                                  .to(hidden.device)}[algorithm]
+                        scores = {
+                            "adtp": saliency,
+                            "fixed": saliency,
+                            "attention": attention,
+                            "random": torch.rand(
+                                mask.shape, generator=torch.Generator().manual_seed(settings["seed"])
+                            ).to(hidden.device),
+                        }[algorithm]
                         keep = special | top_fraction(scores.detach(), eligible, rho)
                         kept_fraction = keep.sum(1) / mask.sum(1)
                         width = int(keep.sum(1).max())
@@ -277,14 +334,26 @@ def _mixin(stock_model, encoder_attr: str):
                 hidden, weights = self._run_layer(layer, hidden, bias, capture)
                 if weights is not None:  # [B, heads, query, key] -> attention each key receives
                     queries = mask.to(weights.dtype)[:, None, :, None]
-                    attention = ((weights * queries).sum(dim=(1, 2)) / (queries.sum(dim=(1, 2)) * weights.shape[1]).clamp_min(1))
+                    attention = (weights * queries).sum(dim=(1, 2)) / (
+                        queries.sum(dim=(1, 2)) * weights.shape[1]
+                    ).clamp_min(1)
             logits = classify(self, encoder, hidden)
             loss = None
             if labels is not None:
-                loss = (F.mse_loss(logits.squeeze(-1), labels.float()) if self.num_labels == 1
-                        else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1)))
-            return PrunedClassifierOutput(loss=loss, logits=logits, kept_fraction=kept_fraction, chosen_ratio=rho,
-                                          saliency=saliency, predicted_costs=predicted_costs, ratio_logits=ratio_logits)
+                loss = (
+                    F.mse_loss(logits.squeeze(-1), labels.float())
+                    if self.num_labels == 1
+                    else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+                )
+            return PrunedClassifierOutput(
+                loss=loss,
+                logits=logits,
+                kept_fraction=kept_fraction,
+                chosen_ratio=rho,
+                saliency=saliency,
+                predicted_costs=predicted_costs,
+                ratio_logits=ratio_logits,
+            )
 
     TextTokenPruning.stock_class = stock_model  # the same model without token pruning (the AD-TP teacher)
     return TextTokenPruning
@@ -292,9 +361,15 @@ def _mixin(stock_model, encoder_attr: str):
 
 def _build(family: str) -> tuple:
     config_name, model_name, encoder_attr = FAMILIES[family]
-    return build_classes(family, config_name, model_name, lambda stock: _mixin(stock, encoder_attr),
-                         lambda settings, config: check_settings(settings, config.num_hidden_layers),
-                         "ForSequenceClassification", __name__)
+    return build_classes(
+        family,
+        config_name,
+        model_name,
+        lambda stock: _mixin(stock, encoder_attr),
+        lambda settings, config: check_settings(settings, config.num_hidden_layers),
+        "ForSequenceClassification",
+        __name__,
+    )
 
 
 #: family -> (config class, model class)

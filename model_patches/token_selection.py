@@ -17,23 +17,37 @@ from .patch_classes import settings_with_defaults
 
 ALGORITHMS = ("cdpruner", "diversity", "random", "pooling", "fastv")
 RELEVANCE_SIGNS = ("positive", "negative")
-DEFAULTS = {"algorithm": "cdpruner", "budget": None, "keep_ratio": None, "relevance_sign": "positive",
-            "seed": 0, "fastv_layer": 2}
+DEFAULTS = {
+    "algorithm": "cdpruner",
+    "budget": None,
+    "keep_ratio": None,
+    "relevance_sign": "positive",
+    "seed": 0,
+    "fastv_layer": 2,
+}
+
+
 def check_settings(settings) -> dict:
     """The ``token_pruning`` dict with defaults filled in; ValueError naming the bad key otherwise."""
     merged = settings_with_defaults(settings, DEFAULTS)
     if merged["algorithm"] not in ALGORITHMS:
-        raise ValueError(f"token_pruning.algorithm: {merged['algorithm']!r} is not one of {', '.join(ALGORITHMS)}")
+        raise ValueError(
+            f"token_pruning.algorithm: {merged['algorithm']!r} is not one of {', '.join(ALGORITHMS)}"
+        )
     budget, ratio = merged["budget"], merged["keep_ratio"]
     if (budget is None) == (ratio is None):
         raise ValueError("token_pruning: give exactly one of budget or keep_ratio")
     if budget is not None and (type(budget) is not int or budget < 1):
-        raise ValueError(f"token_pruning.budget: must be a positive integer (tokens kept per image or crop), got {budget!r}")
+        raise ValueError(
+            f"token_pruning.budget: must be a positive integer (tokens kept per image or crop), got {budget!r}"
+        )
     if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
         raise ValueError(f"token_pruning.keep_ratio: must be in (0, 1], got {ratio!r}")
     if merged["relevance_sign"] not in RELEVANCE_SIGNS:
-        raise ValueError(f"token_pruning.relevance_sign: {merged['relevance_sign']!r} is not one of "
-                         f"{', '.join(RELEVANCE_SIGNS)}")
+        raise ValueError(
+            f"token_pruning.relevance_sign: {merged['relevance_sign']!r} is not one of "
+            f"{', '.join(RELEVANCE_SIGNS)}"
+        )
     for key in ("seed", "fastv_layer"):
         if type(merged[key]) is not int or merged[key] < 0:
             raise ValueError(f"token_pruning.{key}: must be a non-negative integer, got {merged[key]!r}")
@@ -54,7 +68,9 @@ def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     return unit @ unit.transpose(-1, -2)
 
 
-def instruction_relevance(features: torch.Tensor, instruction: torch.Tensor | None, sign: str = "positive") -> torch.Tensor:
+def instruction_relevance(
+    features: torch.Tensor, instruction: torch.Tensor | None, sign: str = "positive"
+) -> torch.Tensor:
     """[N] relevance in [0, 1]: mean cosine of each token [N, D] with the instruction embeddings [M, D],
     optionally negated, min-max normalised; all ones without an instruction or when every token ties."""
     if instruction is None or instruction.shape[0] == 0:

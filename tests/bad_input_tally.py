@@ -27,8 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cli_bad_input import CASES, Workspace, _build_models, _snapshot, _write_data  # noqa: E402
 
-CATEGORIES = ("clear error", "unclear error", "raw traceback", "crash", "silently wrong", "data loss",
-              "foreign code run")
+CATEGORIES = (
+    "clear error",
+    "unclear error",
+    "raw traceback",
+    "crash",
+    "silently wrong",
+    "data loss",
+    "foreign code run",
+)
 TIME_LIMIT_S = 60
 MEMORY_LIMIT = 8 << 30
 
@@ -87,14 +94,18 @@ def run_case(name: str, prepared: Path, scratch: Path) -> tuple[str, str]:
     if (root / "FOREIGN_CODE_RAN").exists():
         return "foreign code run", outcome[1]
     after = _snapshot(root)
-    lost = [path for path in before if path not in after or (before[path] != after[path] and "models" in path)]
+    lost = [
+        path for path in before if path not in after or (before[path] != after[path] and "models" in path)
+    ]
     if lost:
         return "data loss", f"{lost[:3]} ({outcome[1]})"
     return outcome
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", help="also write every case's outcome here")
     args = parser.parse_args()
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))

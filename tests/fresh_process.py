@@ -26,10 +26,17 @@ def generate_after_reload(folder, inputs: dict, cwd, max_new_tokens: int = 6) ->
     both processes run side by side; a failing one fails the test with its stderr."""
     payload = json.dumps({k: v.tolist() for k, v in inputs.items()})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    runs = {mode: subprocess.Popen([sys.executable, "-c", GENERATE_AFTER_RELOAD, str(folder), mode, payload,
-                                    str(max_new_tokens)], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   cwd=cwd, env=env)
-            for mode in ("hf_prune", "remote")}
+    runs = {
+        mode: subprocess.Popen(
+            [sys.executable, "-c", GENERATE_AFTER_RELOAD, str(folder), mode, payload, str(max_new_tokens)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+        )
+        for mode in ("hf_prune", "remote")
+    }
     results = {}
     for mode, run in runs.items():
         stdout, stderr = run.communicate(timeout=300)

@@ -76,8 +76,12 @@ def _recipe(case: PrunedCase, calibration: Path) -> dict[str, Any]:
     stage = {"method": "replaceme", "num_layers": 1}
     if case.name == QWEN2_MOE_SHIFT:
         stage = {"method": "replaceme", "layers": [1, 1]}
-    return {"model": str(case.source), "output": str(case.output), "stages": [stage],
-            "calibration": _calibration(calibration)}
+    return {
+        "model": str(case.source),
+        "output": str(case.output),
+        "stages": [stage],
+        "calibration": _calibration(calibration),
+    }
 
 
 def _calibration(path: Path) -> dict[str, Any]:
@@ -119,7 +123,7 @@ def pruned(tmp_path_factory, calibration_file) -> dict[str, PrunedCase]:
     return cases
 
 
-RELOAD_SCRIPT = textwrap.dedent('''
+RELOAD_SCRIPT = textwrap.dedent("""
     import json, os, sys, traceback
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
@@ -168,7 +172,7 @@ RELOAD_SCRIPT = textwrap.dedent('''
     results["_hf_prune_imported"] = "hf_prune" in sys.modules
     assert "hf_prune" not in sys.modules, "the reload process must not import hf_prune"
     json.dump(results, open(sys.argv[2], "w"))
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -189,13 +193,28 @@ def reloaded(pruned, token_ids, images, tmp_path_factory) -> dict[str, dict[str,
     for name, case in pruned.items():
         if case.error is None:
             vision = case.model_type in VISION_TYPES
-            spec["cases"][name] = {"folder": str(case.output), "vision": vision, "input_ids": token_ids,
-                                   "image": images[case.model_type].tolist() if vision else None}
+            spec["cases"][name] = {
+                "folder": str(case.output),
+                "vision": vision,
+                "input_ids": token_ids,
+                "image": images[case.model_type].tolist() if vision else None,
+            }
     (work / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(work / "spec.json"), str(work / "out.json")],
-                          capture_output=True, text=True, env=env, cwd=work, timeout=300)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT, str(work / "spec.json"), str(work / "out.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"reload process failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     results = json.loads((work / "out.json").read_text())
     assert results.pop("_hf_prune_imported") is False
@@ -246,7 +265,8 @@ def test_pruned_model_in_memory(pruned, name):
         built = [{m.layer_type for m in layer.modules() if hasattr(m, "layer_type")} for layer in layers]
         assert all(kinds in ({t}, set()) for kinds, t in zip(built, expected, strict=True)), built
     assert [adapter.is_moe_layer(layer) for layer in layers] == [
-        f for i, f in enumerate(case.original_moe_flags) if i != removed]
+        f for i, f in enumerate(case.original_moe_flags) if i != removed
+    ]
 
     saved = case.output
     for file in ("config.json", "model.safetensors", "hf_prune.json", "README.md", "tokenizer.json"):
@@ -275,8 +295,13 @@ def test_reload_matches_in_memory(pruned, reloaded, token_ids, name):
     ids = torch.tensor([token_ids])
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=MAX_NEW_TOKENS, use_cache=True)[0]
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=MAX_NEW_TOKENS,
+            use_cache=True,
+        )[0]
     torch.testing.assert_close(torch.tensor(again["logits"]), logits, atol=LOGITS_ATOL, rtol=0)
     assert again["generated"] == generated.tolist()
     assert len(generated) > len(token_ids)
@@ -291,8 +316,9 @@ def test_image_forward_matches_after_reload(pruned, reloaded, images, model_type
     inputs = result.tokenizer(images=images[model_type], text=IMAGE_PROMPT, return_tensors="pt")
     assert sorted(inputs) == sorted(again["image_inputs"])
     for key, value in inputs.items():
-        torch.testing.assert_close(torch.tensor(again["image_inputs"][key], dtype=value.dtype), value,
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(again["image_inputs"][key], dtype=value.dtype), value, atol=0, rtol=0
+        )
     image_token_id = result.model.config.image_token_id
     assert int((inputs["input_ids"] == image_token_id).sum()) > 1  # the processor expanded <image>
     with torch.no_grad():
@@ -312,8 +338,10 @@ def test_qwen2_moe_reload_keeps_sparse_dense_mix(pruned, reloaded):
     case = pruned[QWEN2_MOE_SHIFT]
     assert case.original_moe_flags == [False, True, False, True]
     config = tiny_config("qwen2_moe", build_tokenizer())
-    stock_rule = [(i + 1) % config.decoder_sparse_step == 0 and i not in config.mlp_only_layers
-                  for i in range(NUM_LAYERS - 1)]
+    stock_rule = [
+        (i + 1) % config.decoder_sparse_step == 0 and i not in config.mlp_only_layers
+        for i in range(NUM_LAYERS - 1)
+    ]
     assert stock_rule == [False, True, False]
     assert _reload_result(reloaded, "qwen2_moe")["moe_flags"] == [False, True, True]
     assert _reload_result(reloaded, QWEN2_MOE_SHIFT)["moe_flags"] == [False, False, True]
@@ -326,7 +354,10 @@ def test_in_memory_prune_matches_folder_prune(pruned, calibration_file, token_id
     expected = pruned[model_type].get().model
     original = build_tiny_model(model_type)
     before = {k: v.clone() for k, v in original.state_dict().items()}
-    recipe = {"stages": [{"method": "replaceme", "num_layers": 1}], "calibration": _calibration(calibration_file)}
+    recipe = {
+        "stages": [{"method": "replaceme", "num_layers": 1}],
+        "calibration": _calibration(calibration_file),
+    }
     result = hf_prune.prune(original, recipe, tokenizer=build_preprocessor(model_type), progress=False)
     assert result.output is None
     assert result.model is not original
@@ -359,8 +390,12 @@ def test_folded_map_realises_the_fit(pruned, calibration_file, name):
         for model in (original, result.model):
             decoder = get_adapter(model.config).decoder(model)
             with torch.no_grad():
-                out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              output_hidden_states=True, use_cache=False)
+                out = decoder(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
             states.append(out.hidden_states)  # [i + 1] is layer i's raw output (all but the last layer)
         mask = batch.attention_mask.bool()
         target = states[0][last + 1][mask].double()
@@ -384,13 +419,14 @@ def test_moe_fold_is_exact(model_type):
     folded = copy.deepcopy(layer)
     hidden = model.config.hidden_size
     generator = torch.Generator().manual_seed(7)
-    transform = torch.randn(hidden, hidden, generator=generator, dtype=torch.float64) / hidden ** 0.5
+    transform = torch.randn(hidden, hidden, generator=generator, dtype=torch.float64) / hidden**0.5
     x = torch.randn(3, 11, hidden, generator=generator, dtype=torch.float64)
 
     def run(mlp: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         seen = {}
         handle = getattr(mlp, adapter.spec.router_attr).register_forward_hook(
-            lambda module, args, output: seen.setdefault("router", output))
+            lambda module, args, output: seen.setdefault("router", output)
+        )
         try:
             with torch.no_grad():
                 return mlp(x), seen["router"]
@@ -410,7 +446,9 @@ def test_moe_fold_is_exact(model_type):
     for before, after in zip(router_before, router_after, strict=True):
         torch.testing.assert_close(after, before, atol=0, rtol=0)
     if adapter.spec.shared_expert_gate_attr:
-        gates = [getattr(adapter.mlp(m), adapter.spec.shared_expert_gate_attr).weight for m in (layer, folded)]
+        gates = [
+            getattr(adapter.mlp(m), adapter.spec.shared_expert_gate_attr).weight for m in (layer, folded)
+        ]
         torch.testing.assert_close(gates[1], gates[0], atol=0, rtol=0)
 
 
@@ -425,8 +463,12 @@ def test_replaceme_refuses_gemma2_before_loading_weights(tmp_path, calibration_f
 
     monkeypatch.setattr("hf_prune.pipeline.load_model", no_loading)
     output = tmp_path / "out" / "gemma2-pruned"
-    recipe = {"model": str(source), "output": str(output), "stages": [{"method": "replaceme", "num_layers": 1}],
-              "calibration": {"data": str(calibration_file), "num_samples": 4, "seq_len": 32}}
+    recipe = {
+        "model": str(source),
+        "output": str(output),
+        "stages": [{"method": "replaceme", "num_layers": 1}],
+        "calibration": {"data": str(calibration_file), "num_samples": 4, "seq_len": 32},
+    }
     with pytest.raises(hf_prune.UnsupportedModelError, match="post-feed-forward norm"):
         hf_prune.prune(recipe, progress=False)
     assert not output.exists()

@@ -31,6 +31,7 @@ def stories_recipe(tmp_path, **changes):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if the pipeline gets as far as loading weights."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the recipe was validated")
 
@@ -39,7 +40,9 @@ def no_model_loading(monkeypatch):
 
 def test_num_layers_not_below_layer_count(tmp_path, no_model_loading):
     recipe = stories_recipe(tmp_path, stages=[{"method": "replaceme", "num_layers": 5}])
-    with pytest.raises(RecipeError, match=r"stages\[0\].num_layers: must be less than the model's 5 decoder layers"):
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\].num_layers: must be less than the model's 5 decoder layers"
+    ):
         hf_prune.prune(recipe)
     recipe = stories_recipe(tmp_path, stages=[{"method": "layer_drop", "layers": [3, 5]}])
     with pytest.raises(RecipeError, match=r"stages\[0\].layers: last layer must be below 5"):
@@ -81,8 +84,14 @@ def test_calibration_field_missing(tmp_path):
 
 
 def tiny_llama_folder(path):
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -102,15 +111,28 @@ def test_unsupported_architecture_lists_supported(tmp_path, no_model_loading):
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(folder)
     with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported \\(supported: .*llama.*mixtral"):
-        hf_prune.prune({"model": str(folder), "output": str(tmp_path / "out"),
-                        "stages": [{"method": "layer_drop", "layers": [1, 1]}]})
+        hf_prune.prune(
+            {
+                "model": str(folder),
+                "output": str(tmp_path / "out"),
+                "stages": [{"method": "layer_drop", "layers": [1, 1]}],
+            }
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_pickle_weights_refused_unless_allowed(tmp_path):
     folder = tmp_path / "pickled"
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     model.config.save_pretrained(folder)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(HfPruneError, match="allow_pickle"):

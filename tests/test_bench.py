@@ -40,8 +40,12 @@ def llama_pair(tmp_path_factory):
     folder = save_tiny_model("llama", tmp_path_factory.mktemp("bench") / "llama")
     original = load_model(str(folder), dtype="float32", device="cpu")
     pruned = drop_layer(build_tiny_model("llama"), 2)
-    results = benchmark_models({"original": (original, None, folder), "pruned": (pruned, None, None)},
-                               FAST, baseline="original", progress=False)
+    results = benchmark_models(
+        {"original": (original, None, folder), "pruned": (pruned, None, None)},
+        FAST,
+        baseline="original",
+        progress=False,
+    )
     return folder, original, pruned, results
 
 
@@ -62,13 +66,20 @@ def test_two_llamas_have_every_field_and_exact_ratios(llama_pair):
         assert res["decode"]["tokens_per_s"] > 0 and res["decode"]["new_tokens"] == 4
         assert res["decode"]["prompt_len"] == 8 and res["decode"]["peak_memory_mib"] >= 0
     assert results["models"]["pruned"]["disk_bytes"] is None
-    assert results["models"]["original"]["disk_bytes"] == sum(f.stat().st_size for f in folder.glob("*.safetensors")) > 0
+    assert (
+        results["models"]["original"]["disk_bytes"]
+        == sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        > 0
+    )
 
     ratios = results["models"]["pruned"]["ratios"]
     assert ratios["parameters"] == count_parameters(pruned) / count_parameters(original) < 1
     assert ratios["weights_mib"] < 1
     for key in ("8", "16"):
-        small, big = analytic_flops_per_token(pruned.config, int(key)), analytic_flops_per_token(original.config, int(key))
+        small, big = (
+            analytic_flops_per_token(pruned.config, int(key)),
+            analytic_flops_per_token(original.config, int(key)),
+        )
         for figure in ("prefill_flops_per_token", "decode_flops_per_token", "params_active"):
             assert ratios["flops"][key][figure] == small[figure] / big[figure] < 1
         assert ratios["prefill"][key]["median_ms"] > 0
@@ -84,19 +95,28 @@ def test_table_shows_every_model_and_ratio(llama_pair):
     ratio = results["models"]["pruned"]["ratios"]["flops"]["decode_prompt"]["params_active"]
     assert "RSS" in table and f"{ratio:.3f}x" in table
     assert "pruned/original" not in format_bench_table(results, None)
-    assert prefill_latency_ms(results)["pruned"] == {n: results["models"]["pruned"]["prefill"][str(n)]["median_ms"]
-                                                     for n in (8, 16)}
+    assert prefill_latency_ms(results)["pruned"] == {
+        n: results["models"]["pruned"]["prefill"][str(n)]["median_ms"] for n in (8, 16)
+    }
 
 
 def test_llama_flops_by_hand():
     config = build_tiny_model("llama").config
     V, H, I, L, nh, nkv, d = 300, 32, 64, 4, 4, 2, 8  # noqa: N806, E741
-    assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (V, H, I, L)
+    assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (
+        V,
+        H,
+        I,
+        L,
+    )
     per_layer = H * nh * d + 2 * H * nkv * d + nh * d * H + 3 * H * I  # 3072 + 6144
     S = 16  # noqa: N806
     got = analytic_flops_per_token(config, S)
     assert got["decode_flops_per_token"] == 2 * L * per_layer + 2 * V * H + L * 4 * nh * d * S == 101_120
-    assert got["prefill_flops_per_token"] == 2 * L * per_layer + (2 * V * H + L * 4 * nh * d * S * (S + 1) // 2) / S
+    assert (
+        got["prefill_flops_per_token"]
+        == 2 * L * per_layer + (2 * V * H + L * 4 * nh * d * S * (S + 1) // 2) / S
+    )
     assert got["prefill_flops_per_token"] == 79_280
     assert got["params_active"] == L * (per_layer + 2 * H) + H + 2 * V * H == 56_352
 
@@ -107,7 +127,10 @@ def test_sliding_window_caps_attended_keys():
     per_key = llama.num_hidden_layers * 4 * llama.num_attention_heads * llama.head_dim
     assert full["decode_flops_per_token"] - windowed["decode_flops_per_token"] == per_key * (16 - 8)
     keys_full, keys_windowed = sum(range(1, 17)), sum(min(t, 8) for t in range(1, 17))
-    assert full["prefill_flops_per_token"] - windowed["prefill_flops_per_token"] == per_key * (keys_full - keys_windowed) / 16
+    assert (
+        full["prefill_flops_per_token"] - windowed["prefill_flops_per_token"]
+        == per_key * (keys_full - keys_windowed) / 16
+    )
     assert analytic_flops_per_token(mistral, 8) == analytic_flops_per_token(llama, 8)
 
 
@@ -120,7 +143,13 @@ def test_dense_active_params_are_all_params(model_type):
 def test_moe_active_params_count_top_k_experts_only():
     model = build_tiny_model("mixtral")
     c = model.config
-    inactive = c.num_hidden_layers * (c.num_local_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.intermediate_size
+    inactive = (
+        c.num_hidden_layers
+        * (c.num_local_experts - c.num_experts_per_tok)
+        * 3
+        * c.hidden_size
+        * c.intermediate_size
+    )
     assert c.num_local_experts > c.num_experts_per_tok
     assert analytic_flops_per_token(c, 8)["params_active"] == count_parameters(model) - inactive
 
@@ -129,11 +158,19 @@ def test_moe_active_params_include_the_shared_expert():
     model = build_tiny_model("qwen2_moe")
     c = model.config
     sparse_layers = [i for i in range(c.num_hidden_layers) if (i + 1) % c.decoder_sparse_step == 0]
-    inactive = len(sparse_layers) * (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+    inactive = (
+        len(sparse_layers)
+        * (c.num_experts - c.num_experts_per_tok)
+        * 3
+        * c.hidden_size
+        * c.moe_intermediate_size
+    )
     active = analytic_flops_per_token(c, 8)["params_active"]
     assert active == count_parameters(model) - inactive
     layer = model.model.layers[sparse_layers[0]].mlp
-    shared = sum(p.numel() for p in layer.shared_expert.parameters()) + layer.shared_expert_gate.weight.numel()
+    shared = (
+        sum(p.numel() for p in layer.shared_expert.parameters()) + layer.shared_expert_gate.weight.numel()
+    )
     c.shared_expert_intermediate_size = 0
     assert active - analytic_flops_per_token(c, 8)["params_active"] == len(sparse_layers) * shared
 
@@ -146,17 +183,28 @@ def test_llava_benchmarks_with_an_image():
     # 16 image tokens + BOS: a shorter request grows to hold the image, a longer one is padded with text.
     assert res["prefill"]["8"]["seq_len"] == 17 and res["prefill"]["32"]["seq_len"] == 32
     flops = res["flops"]["32"]
-    assert flops["image_tokens_per_crop"] == 16 and res["vision_flops_per_image"] == flops["vision_flops_per_crop"] > 0
+    assert (
+        flops["image_tokens_per_crop"] == 16
+        and res["vision_flops_per_image"] == flops["vision_flops_per_crop"] > 0
+    )
     assert flops["params_active"] == analytic_flops_per_token(model.config.text_config, 32)["params_active"]
     assert res["decode"]["tokens_per_s"] > 0
-    text_only = benchmark_models({"llava": (model, processor, None)},
-                                 BenchSettings(seq_lens=(8,), decode_tokens=2, warmup=0, repeats=1, image=False),
-                                 progress=False)["models"]["llava"]
+    text_only = benchmark_models(
+        {"llava": (model, processor, None)},
+        BenchSettings(seq_lens=(8,), decode_tokens=2, warmup=0, repeats=1, image=False),
+        progress=False,
+    )["models"]["llava"]
     assert text_only["image"] is False and text_only["prefill"]["8"]["seq_len"] == 8
-    batched = benchmark_models({"llava": (model, processor, None)},
-                               BenchSettings(seq_lens=(24,), decode_tokens=2, warmup=0, repeats=1, batch_size=2),
-                               progress=False)["models"]["llava"]
-    assert batched["image"] is True and batched["prefill"]["24"]["seq_len"] == 24 and batched["decode"]["tokens_per_s"] > 0
+    batched = benchmark_models(
+        {"llava": (model, processor, None)},
+        BenchSettings(seq_lens=(24,), decode_tokens=2, warmup=0, repeats=1, batch_size=2),
+        progress=False,
+    )["models"]["llava"]
+    assert (
+        batched["image"] is True
+        and batched["prefill"]["24"]["seq_len"] == 24
+        and batched["decode"]["tokens_per_s"] > 0
+    )
 
 
 @pytest.mark.gpu
@@ -164,8 +212,12 @@ def test_llava_benchmarks_with_an_image():
 def test_cuda_path():
     original = build_tiny_model("llama").to("cuda")
     pruned = drop_layer(build_tiny_model("llama"), 2).to("cuda")
-    results = benchmark_models({"original": (original, None, None), "pruned": (pruned, None, None)},
-                               FAST, baseline="original", progress=False)
+    results = benchmark_models(
+        {"original": (original, None, None), "pruned": (pruned, None, None)},
+        FAST,
+        baseline="original",
+        progress=False,
+    )
     assert "max_memory_allocated" in results["memory_metric"] and "cuda" in format_bench_table(results, None)
     for res in results["models"].values():
         assert res["device"].startswith("cuda") and res["prefill"]["16"]["peak_memory_mib"] > 0

@@ -30,8 +30,13 @@ LABELS = ("negative", "positive")
 NUM_ROWS = 11
 MAX_NEW_TOKENS = 6
 # Questions of different lengths, so that batches need (left) padding.
-QUESTIONS = ["what is this?", "what kind of garment or shoe is shown in this small grey picture?",
-             "name it", "what is this?", "which of the ten fashion classes is this item?"]
+QUESTIONS = [
+    "what is this?",
+    "what kind of garment or shoe is shown in this small grey picture?",
+    "name it",
+    "what is this?",
+    "which of the ten fashion classes is this item?",
+]
 
 
 def _write_jsonl(path, rows, *, blank_after=()):
@@ -48,8 +53,15 @@ def _read_jsonl(path):
 
 
 def _tiny_llama():
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -62,15 +74,27 @@ def bert():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]",
-                                        pad_token="[PAD]", unk_token="[UNK]")
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]"
+    )
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=MAX_POSITIONS, num_labels=2,
-                        id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
-                        pad_token_id=vocab["[PAD]"], initializer_range=0.5)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=MAX_POSITIONS,
+        num_labels=2,
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+        pad_token_id=vocab["[PAD]"],
+        initializer_range=0.5,
+    )
     model = BertForSequenceClassification(config).eval()
     return model, tokenizer
 
@@ -103,17 +127,29 @@ def cls_case(bert, tmp_path_factory):
     flipped = {0, 1, 4, 7}
     labels = [1 - p if i in flipped else p for i, p in enumerate(predictions)]
     folder = tmp_path_factory.mktemp("cls")
-    ints = _write_jsonl(folder / "ints.jsonl", [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)],
-                        blank_after={2})
-    names = _write_jsonl(folder / "names.jsonl", [{"text": t, "label": LABELS[y]} for t, y in zip(texts, labels, strict=True)])
-    return {"ints": ints, "names": names, "texts": texts, "labels": labels,
-            "expected": 1 - len(flipped) / len(texts)}
+    ints = _write_jsonl(
+        folder / "ints.jsonl",
+        [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)],
+        blank_after={2},
+    )
+    names = _write_jsonl(
+        folder / "names.jsonl", [{"text": t, "label": LABELS[y]} for t, y in zip(texts, labels, strict=True)]
+    )
+    return {
+        "ints": ints,
+        "names": names,
+        "texts": texts,
+        "labels": labels,
+        "expected": 1 - len(flipped) / len(texts),
+    }
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_classification_equals_direct_computation_for_any_batch_size(bert, cls_case, batch_size):
     model, tokenizer = bert
-    result = evaluate_classification(model, tokenizer, cls_case["ints"], batch_size=batch_size, progress=False)
+    result = evaluate_classification(
+        model, tokenizer, cls_case["ints"], batch_size=batch_size, progress=False
+    )
     assert set(result) == {"accuracy", "num_examples", "data", "seconds"}
     assert result["accuracy"] == pytest.approx(cls_case["expected"], abs=1e-12)
     assert result["num_examples"] == NUM_ROWS
@@ -134,11 +170,21 @@ def test_classification_text_pairs(bert, tmp_path):
     model, tokenizer = bert
     texts, pairs = _texts(2, 6), _texts(3, 6)
     predictions = _direct_predictions(model, tokenizer, texts, pairs)
-    rows = [{"premise": t, "hypothesis": p, "y": y} for t, p, y in zip(texts, pairs, predictions, strict=True)]
+    rows = [
+        {"premise": t, "hypothesis": p, "y": y} for t, p, y in zip(texts, pairs, predictions, strict=True)
+    ]
     rows[0]["y"] = 1 - rows[0]["y"]
     data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
-    result = evaluate_classification(model, tokenizer, data, text_field="premise", text_pair_field="hypothesis",
-                                     label_field="y", batch_size=4, progress=False)
+    result = evaluate_classification(
+        model,
+        tokenizer,
+        data,
+        text_field="premise",
+        text_pair_field="hypothesis",
+        label_field="y",
+        batch_size=4,
+        progress=False,
+    )
     assert result["accuracy"] == pytest.approx(5 / 6)
 
 
@@ -222,7 +268,9 @@ def llava(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vqa_case(fashion_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vqa")
-    data = write_vqa_set(folder / "images", folder / "vqa.jsonl", n=len(QUESTIONS), seed=0, source=fashion_dir)
+    data = write_vqa_set(
+        folder / "images", folder / "vqa.jsonl", n=len(QUESTIONS), seed=0, source=fashion_dir
+    )
     rows = _read_jsonl(data)
     for row, question in zip(rows, QUESTIONS, strict=True):
         row["question"] = question
@@ -237,7 +285,9 @@ def _direct_answer(model, processor, image_path, question):
         inputs = processor(images=image.convert("RGB"), text=prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return processor.tokenizer.decode(
+        output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).strip()
 
 
 @pytest.fixture(scope="module")
@@ -294,10 +344,13 @@ def test_vqa_chat_template_prompt(llava, vqa_case, direct_answers):
     # A template that writes the BOS itself: the tokenizer must not add a second one.
     processor.chat_template = (
         "<s>{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
-        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    )
     try:
         assert build_prompt(processor, "why?") == "<s>USER: <image>\nwhy? ASSISTANT:"
-        result = evaluate_vqa(model, processor, data, batch_size=5, max_new_tokens=MAX_NEW_TOKENS, progress=False)
+        result = evaluate_vqa(
+            model, processor, data, batch_size=5, max_new_tokens=MAX_NEW_TOKENS, progress=False
+        )
     finally:
         processor.chat_template = None
     assert [e["prediction"] for e in result["examples"]] == direct_answers
@@ -317,7 +370,9 @@ def test_vqa_errors(llava, vqa_case, tmp_path):
     missing = write("missing.jsonl", [rows[0], {**rows[1], "image": "images/nope.png"}])
     with pytest.raises(FileNotFoundError, match=r"missing\.jsonl:2: image not found: images/nope\.png"):
         evaluate_vqa(model, processor, missing, progress=False)
-    no_question = write("no_question.jsonl", [rows[0], rows[1], {k: v for k, v in rows[2].items() if k != "question"}])
+    no_question = write(
+        "no_question.jsonl", [rows[0], rows[1], {k: v for k, v in rows[2].items() if k != "question"}]
+    )
     with pytest.raises(DataError, match=r"no_question\.jsonl:3: missing field 'question'"):
         evaluate_vqa(model, processor, no_question, progress=False)
     no_answers = write("no_answers.jsonl", [{k: v for k, v in rows[0].items() if k != "answers"}])

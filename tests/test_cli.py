@@ -13,13 +13,17 @@ def test_every_command_has_help_with_an_example(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert ("example:" in text or "examples:" in text) and f"hf-prune {command} " in text and "--quiet" in text
+    assert (
+        ("example:" in text or "examples:" in text) and f"hf-prune {command} " in text and "--quiet" in text
+    )
 
 
 def test_methods_lists_fields_and_help(capsys):
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
-    assert "replaceme:" in text and "layer_drop:" in text and "estimator" in text and "how T is fitted" in text
+    assert (
+        "replaceme:" in text and "layer_drop:" in text and "estimator" in text and "how T is fitted" in text
+    )
     assert main(["methods", "nonexistent"]) == 2
     assert "unknown method 'nonexistent'" in capsys.readouterr().err
 
@@ -32,11 +36,21 @@ def test_inspect_real_model(capsys):
 
 
 def test_inspect_says_why_replaceme_does_not_apply(tmp_path, capsys):
-    Gemma2Config(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=8, vocab_size=64).save_pretrained(tmp_path)
+    Gemma2Config(
+        num_hidden_layers=2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=64,
+    ).save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "replaceme    not applicable: ReplaceMe cannot fold its map into gemma2: a post-feed-forward norm" in text
+    assert (
+        "replaceme    not applicable: ReplaceMe cannot fold its map into gemma2: a post-feed-forward norm"
+        in text
+    )
     assert "layer_drop   applies" in text
 
 

@@ -27,7 +27,7 @@ from hf_prune.cli import main
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STORIES = "models/stories260K"
-FOREIGN_CODE = '''import os
+FOREIGN_CODE = """import os
 import pathlib
 pathlib.Path(os.environ["FOREIGN_CODE_SENTINEL"]).write_text("yes")
 from transformers import LlamaConfig
@@ -35,7 +35,7 @@ from transformers import LlamaConfig
 
 class ForeignConfig(LlamaConfig):
     model_type = "foreign_llama"
-'''
+"""
 
 
 @dataclass
@@ -54,9 +54,12 @@ class Workspace:
     def recipe(self, name: str = "recipe.yaml", raw: str | None = None, **changes) -> str:
         """A valid ReplaceMe recipe on stories260K with ``changes`` applied (a value of ``...`` deletes the
         key), or ``raw`` text; written under ``work/``."""
-        recipe = {"model": str(self.stories), "output": str(self.work / "out"),
-                  "calibration": {"data": self.data("calib.txt"), "num_samples": 8, "seq_len": 64},
-                  "stages": [{"method": "replaceme", "num_layers": 1}]}
+        recipe = {
+            "model": str(self.stories),
+            "output": str(self.work / "out"),
+            "calibration": {"data": self.data("calib.txt"), "num_samples": 8, "seq_len": 64},
+            "stages": [{"method": "replaceme", "num_layers": 1}],
+        }
         for key, value in changes.items():
             if value is ...:
                 recipe.pop(key)
@@ -89,6 +92,7 @@ def _build_models(models: Path) -> Path:
             config = json.loads((folder / "config.json").read_text())
             config.update(changes)
             (folder / "config.json").write_text(json.dumps(config))
+
         return edit
 
     def truncate(folder: Path) -> None:
@@ -97,7 +101,9 @@ def _build_models(models: Path) -> Path:
 
     def foreign_code(folder: Path) -> None:
         (folder / "configuration_foreign.py").write_text(FOREIGN_CODE)
-        edit_config(model_type="foreign_llama", auto_map={"AutoConfig": "configuration_foreign.ForeignConfig"})(folder)
+        edit_config(
+            model_type="foreign_llama", auto_map={"AutoConfig": "configuration_foreign.ForeignConfig"}
+        )(folder)
 
     def pickle_only(folder: Path) -> None:
         from safetensors.torch import load_file
@@ -114,9 +120,14 @@ def _build_models(models: Path) -> Path:
     variant("bad-config", lambda f: (f / "config.json").write_text("{not json"))
     (models / "no-config").mkdir()
     (models / "no-config" / "notes.txt").write_text("not a model")
-    BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2)).save_pretrained(models / "bert")
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(models / "gpt2")
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+        )
+    ).save_pretrained(models / "bert")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(
+        models / "gpt2"
+    )
     return models
 
 
@@ -130,8 +141,12 @@ def _write_data(data: Path) -> None:
     (data / "binary.txt").write_bytes(bytes(range(256)) * 8)
     (data / "utf16.txt").write_text(story[:2000], encoding="utf-16")
     (data / "tiny.txt").write_text("A cat.\n")
-    rows = [json.dumps({"text": "Once upon a time."}), json.dumps({"text": "The dog ran."}), "{broken json",
-            json.dumps({"text": "The end."})]
+    rows = [
+        json.dumps({"text": "Once upon a time."}),
+        json.dumps({"text": "The dog ran."}),
+        "{broken json",
+        json.dumps({"text": "The end."}),
+    ]
     (data / "bad.jsonl").write_text("\n".join(rows) + "\n")
     (data / "other-field.jsonl").write_text(json.dumps({"body": "a story"}) + "\n")
     (data / "numbers.jsonl").write_text(json.dumps({"text": 5}) + "\n")
@@ -182,8 +197,10 @@ class _NoPrompt:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
 
 
 P = "prune"
@@ -191,13 +208,16 @@ P = "prune"
 DUPLICATE_KEY = "output: out\nstages:\n  - method: layer_drop\n    layers: [1, 1]\n    layers: [1, 2]\n"
 #: "Billion laughs" inside ``model:``: 8 levels of 9 aliases, 9⁸ (43 million) strings once expanded.
 YAML_BOMB = "output: out\nstages: [{method: layer_drop, layers: [1, 1]}]\nmodel:\n" + "".join(
-    f"  - &l{level} [{', '.join([f'*l{level - 1}' if level else 'x'] * 9)}]\n" for level in range(8))
+    f"  - &l{level} [{', '.join([f'*l{level - 1}' if level else 'x'] * 9)}]\n" for level in range(8)
+)
 CASES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     # ---- prune: the recipe file
     "recipe-missing": (lambda w: [P, "nope.yaml"], r"recipe: file not found: nope\.yaml"),
     "recipe-not-yaml": (lambda w: [P, w.recipe(raw="model: [unclosed\n")], r"not valid YAML"),
-    "recipe-not-utf8": (lambda w: [P, w.recipe(raw="model: x\n".encode("utf-16").decode("latin-1"))],
-                        r"recipe: .*(UTF-8|not valid)"),
+    "recipe-not-utf8": (
+        lambda w: [P, w.recipe(raw="model: x\n".encode("utf-16").decode("latin-1"))],
+        r"recipe: .*(UTF-8|not valid)",
+    ),
     "recipe-list": (lambda w: [P, w.recipe(raw="- model: x\n")], r"top level must be a mapping"),
     "recipe-empty": (lambda w: [P, w.recipe(raw="")], r"recipe: the file is empty"),
     "recipe-json-nan": (lambda w: [P, w.recipe("r.json", raw='{"model": "x", "output": NaN}')], r"NaN"),
@@ -206,123 +226,303 @@ CASES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     "missing-output": (lambda w: [P, w.recipe(output=...)], r"output: missing required key"),
     "output-null": (lambda w: [P, w.recipe(output=None)], r"output: .*non-empty"),
     "output-empty": (lambda w: [P, w.recipe(output="")], r"output: .*non-empty"),
-    "duplicate-key": (lambda w: [P, w.recipe(raw=f"model: {w.stories}\n" + DUPLICATE_KEY)], r"duplicate key 'layers'"),
+    "duplicate-key": (
+        lambda w: [P, w.recipe(raw=f"model: {w.stories}\n" + DUPLICATE_KEY)],
+        r"duplicate key 'layers'",
+    ),
     "yaml-bomb": (lambda w: [P, w.recipe(raw=YAML_BOMB)], r"(alias|nodes)"),
-    "python-tag": (lambda w: [P, w.recipe(raw="model: !!python/object/apply:os.system ['touch PWNED']\n")],
-                   r"not valid YAML"),
-    "unknown-method": (lambda w: [P, w.stage(method="replace_me")], r"stages\[0\]\.method: unknown method 'replace_me'"),
+    "python-tag": (
+        lambda w: [P, w.recipe(raw="model: !!python/object/apply:os.system ['touch PWNED']\n")],
+        r"not valid YAML",
+    ),
+    "unknown-method": (
+        lambda w: [P, w.stage(method="replace_me")],
+        r"stages\[0\]\.method: unknown method 'replace_me'",
+    ),
     "stage-not-mapping": (lambda w: [P, w.recipe(stages=["replaceme"])], r"stages\[0\]: expected a mapping"),
     "stages-empty": (lambda w: [P, w.recipe(stages=[])], r"stages: must be a non-empty list"),
-    "unknown-stage-key": (lambda w: [P, w.stage(method="replaceme", num_layer=1)], r"stages\[0\]\.num_layer: unknown key"),
-    "wrong-type": (lambda w: [P, w.stage(method="replaceme", num_layers="two")], r"stages\[0\]\.num_layers: expected int"),
-    "bool-for-int": (lambda w: [P, w.stage(method="replaceme", num_layers=True)], r"stages\[0\]\.num_layers: expected int"),
-    "too-many-layers": (lambda w: [P, w.stage(method="replaceme", num_layers=5)],
-                        r"stages\[0\]\.num_layers: must be less than the model's 5 decoder layers"),
-    "stages-together-too-many": (lambda w: [P, w.recipe(stages=[{"method": "replaceme", "num_layers": 3},
-                                                                 {"method": "layer_drop", "num_layers": 2}])],
-                                 r"stages\[1\]\.num_layers"),
-    "bad-estimator": (lambda w: [P, w.stage(method="replaceme", num_layers=1, estimator="svd")],
-                      r"stages\[0\]\.estimator: must be one of 'lstsq' \| 'cosine', got 'svd'"),
-    "lr-inf": (lambda w: [P, w.stage(method="replaceme", num_layers=1, estimator="cosine", lr=float("inf"))],
-               r"stages\[0\]\.lr: must be a finite number"),
-    "lr-nan": (lambda w: [P, w.stage(method="replaceme", num_layers=1, estimator="cosine", lr=float("nan"))],
-               r"stages\[0\]\.lr: must be a finite number"),
-    "negative-ridge": (lambda w: [P, w.stage(method="replaceme", num_layers=1, ridge=-1.0)], r"stages\[0\]\.ridge: must be >= 0"),
+    "unknown-stage-key": (
+        lambda w: [P, w.stage(method="replaceme", num_layer=1)],
+        r"stages\[0\]\.num_layer: unknown key",
+    ),
+    "wrong-type": (
+        lambda w: [P, w.stage(method="replaceme", num_layers="two")],
+        r"stages\[0\]\.num_layers: expected int",
+    ),
+    "bool-for-int": (
+        lambda w: [P, w.stage(method="replaceme", num_layers=True)],
+        r"stages\[0\]\.num_layers: expected int",
+    ),
+    "too-many-layers": (
+        lambda w: [P, w.stage(method="replaceme", num_layers=5)],
+        r"stages\[0\]\.num_layers: must be less than the model's 5 decoder layers",
+    ),
+    "stages-together-too-many": (
+        lambda w: [
+            P,
+            w.recipe(
+                stages=[{"method": "replaceme", "num_layers": 3}, {"method": "layer_drop", "num_layers": 2}]
+            ),
+        ],
+        r"stages\[1\]\.num_layers",
+    ),
+    "bad-estimator": (
+        lambda w: [P, w.stage(method="replaceme", num_layers=1, estimator="svd")],
+        r"stages\[0\]\.estimator: must be one of 'lstsq' \| 'cosine', got 'svd'",
+    ),
+    "lr-inf": (
+        lambda w: [P, w.stage(method="replaceme", num_layers=1, estimator="cosine", lr=float("inf"))],
+        r"stages\[0\]\.lr: must be a finite number",
+    ),
+    "lr-nan": (
+        lambda w: [P, w.stage(method="replaceme", num_layers=1, estimator="cosine", lr=float("nan"))],
+        r"stages\[0\]\.lr: must be a finite number",
+    ),
+    "negative-ridge": (
+        lambda w: [P, w.stage(method="replaceme", num_layers=1, ridge=-1.0)],
+        r"stages\[0\]\.ridge: must be >= 0",
+    ),
     "bad-dtype": (lambda w: [P, w.recipe(dtype="float8")], r"dtype: must be one of"),
     "device-tpu": (lambda w: [P, w.recipe(device="tpu")], r"device: .*'tpu'"),
     "device-no-cuda": (lambda w: [P, w.recipe(device="cuda:7")], r"cuda:7"),
-    "calibration-missing": (lambda w: [P, w.recipe(calibration=...)], r"calibration: missing, but stages\[0\] \(replaceme\)"),
-    "calibration-file-missing": (lambda w: [P, w.calib("nope.txt")], r"calibration\.data: file not found: nope\.txt"),
-    "calibration-num-samples-0": (lambda w: [P, w.calib(w.data("calib.txt"), num_samples=0)],
-                                  r"calibration\.num_samples: must be a positive integer, got 0"),
-    "calibration-seq-len-1": (lambda w: [P, w.calib(w.data("calib.txt"), seq_len=1)], r"calibration\.seq_len: must be at least 2"),
+    "calibration-missing": (
+        lambda w: [P, w.recipe(calibration=...)],
+        r"calibration: missing, but stages\[0\] \(replaceme\)",
+    ),
+    "calibration-file-missing": (
+        lambda w: [P, w.calib("nope.txt")],
+        r"calibration\.data: file not found: nope\.txt",
+    ),
+    "calibration-num-samples-0": (
+        lambda w: [P, w.calib(w.data("calib.txt"), num_samples=0)],
+        r"calibration\.num_samples: must be a positive integer, got 0",
+    ),
+    "calibration-seq-len-1": (
+        lambda w: [P, w.calib(w.data("calib.txt"), seq_len=1)],
+        r"calibration\.seq_len: must be at least 2",
+    ),
     "calibration-empty": (lambda w: [P, w.calib(w.data("empty.txt"))], r"empty\.txt.*(empty|no text)"),
     "calibration-blank": (lambda w: [P, w.calib(w.data("blank.txt"))], r"blank\.txt.*(empty|no text)"),
     "calibration-binary": (lambda w: [P, w.calib(w.data("binary.txt"))], r"binary\.txt.*(UTF-8|binary)"),
     "calibration-utf16": (lambda w: [P, w.calib(w.data("utf16.txt"))], r"utf16\.txt.*UTF-8"),
     "calibration-bad-jsonl": (lambda w: [P, w.calib(w.data("bad.jsonl"))], r"bad\.jsonl:3: not valid JSON"),
-    "calibration-no-field": (lambda w: [P, w.calib(w.data("other-field.jsonl"))], r"no text field 'text'.*body"),
+    "calibration-no-field": (
+        lambda w: [P, w.calib(w.data("other-field.jsonl"))],
+        r"no text field 'text'.*body",
+    ),
     "calibration-not-text": (lambda w: [P, w.calib(w.data("numbers.jsonl"))], r"numbers\.jsonl.*not text"),
     "calibration-csv": (lambda w: [P, w.calib(w.data("table.csv"))], r"table\.csv.*(unsupported|file type)"),
-    "calibration-too-few-tokens": (lambda w: [P, w.calib(w.data("tiny.txt"))], r"tiny\.txt|calibration.*token"),
-    "eval-task-unknown": (lambda w: [P, w.recipe(evaluate=[{"task": "bleu", "data": w.data("eval.txt")}])],
-                          r"evaluate\[0\]\.task: unknown task 'bleu'"),
-    "eval-data-missing": (lambda w: [P, w.recipe(evaluate=[{"task": "perplexity", "data": "gone/eval.txt"}])],
-                          r"evaluate\[0\]\.data: file not found"),
-    "eval-task-mismatch": (lambda w: [P, w.recipe(evaluate=[{"task": "classification", "data": w.data("eval.txt")}])],
-                           r"evaluate\[0\]\.task: .*sequence-classification"),
+    "calibration-too-few-tokens": (
+        lambda w: [P, w.calib(w.data("tiny.txt"))],
+        r"tiny\.txt|calibration.*token",
+    ),
+    "eval-task-unknown": (
+        lambda w: [P, w.recipe(evaluate=[{"task": "bleu", "data": w.data("eval.txt")}])],
+        r"evaluate\[0\]\.task: unknown task 'bleu'",
+    ),
+    "eval-data-missing": (
+        lambda w: [P, w.recipe(evaluate=[{"task": "perplexity", "data": "gone/eval.txt"}])],
+        r"evaluate\[0\]\.data: file not found",
+    ),
+    "eval-task-mismatch": (
+        lambda w: [P, w.recipe(evaluate=[{"task": "classification", "data": w.data("eval.txt")}])],
+        r"evaluate\[0\]\.task: .*sequence-classification",
+    ),
     # ---- prune: the model
     "model-missing": (lambda w: [P, w.recipe(model=str(w.root / "no-model"))], r"model: .*no-model"),
     "model-unsupported": (lambda w: [P, w.recipe(model=w.model("gpt2"))], r"'gpt2' is not supported"),
     "model-foreign-code": (lambda w: [P, w.recipe(model=w.model("foreign"))], r"trust-remote-code"),
     "model-pickle": (lambda w: [P, w.recipe(model=w.model("pickled"))], r"allow_pickle"),
     "model-more-layers": (lambda w: [P, w.recipe(model=w.model("more-layers"))], r"model\.layers\.[56]"),
-    "model-truncated": (lambda w: [P, w.recipe(model=w.model("truncated"))], r"model\.safetensors.*(corrupt|truncated)"),
-    "model-garbage": (lambda w: [P, w.recipe(model=w.model("garbage"))], r"model\.safetensors.*(corrupt|truncated)"),
+    "model-truncated": (
+        lambda w: [P, w.recipe(model=w.model("truncated"))],
+        r"model\.safetensors.*(corrupt|truncated)",
+    ),
+    "model-garbage": (
+        lambda w: [P, w.recipe(model=w.model("garbage"))],
+        r"model\.safetensors.*(corrupt|truncated)",
+    ),
     "model-huge-config": (lambda w: [P, w.recipe(model=w.model("huge"))], r"num_hidden_layers"),
     "model-bad-config": (lambda w: [P, w.recipe(model=w.model("bad-config"))], r"model: .*bad-config"),
     "visual-on-text-model": (lambda w: [P, w.stage(method="visual_token_pruning", budget=8)], r"vision"),
     "experts-on-dense-model": (lambda w: [P, w.stage(method="expert_pruning", keep_ratio=0.5)], r"expert"),
     # ---- prune: the output
     "output-is-source": (lambda w: [P, w.recipe(output=str(w.stories))], r"output: .*source model"),
-    "output-inside-source": (lambda w: [P, w.recipe(output=str(w.stories / "pruned"))], r"output: .*source model"),
-    "output-is-a-file": (lambda w: [P, w.recipe(output=str(w.work / "documents" / "thesis.txt"))], r"not a folder"),
-    "output-existing-folder": (lambda w: [P, w.recipe(output=str(w.work / "documents"))], r"output: .*documents.*overwrite"),
+    "output-inside-source": (
+        lambda w: [P, w.recipe(output=str(w.stories / "pruned"))],
+        r"output: .*source model",
+    ),
+    "output-is-a-file": (
+        lambda w: [P, w.recipe(output=str(w.work / "documents" / "thesis.txt"))],
+        r"not a folder",
+    ),
+    "output-existing-folder": (
+        lambda w: [P, w.recipe(output=str(w.work / "documents"))],
+        r"output: .*documents.*overwrite",
+    ),
     "output-cwd": (lambda w: [P, w.recipe(output=".")], r"output: .*overwrite"),
     "output-cwd-overwrite": (lambda w: [P, w.recipe(output="."), "--overwrite"], r"output: .*working folder"),
     "output-home-overwrite": (lambda w: [P, w.recipe(output="~", overwrite=True)], r"output: .*home"),
     "output-ancestor-overwrite": (lambda w: [P, w.recipe(output="..", overwrite=True)], r"output: "),
     "output-root-overwrite": (lambda w: [P, w.recipe(output="/", overwrite=True)], r"output: "),
-    "output-data-folder-overwrite": (lambda w: [P, w.recipe(output=str(w.root / "data"), overwrite=True)],
-                                     r"output: .*data"),
+    "output-data-folder-overwrite": (
+        lambda w: [P, w.recipe(output=str(w.root / "data"), overwrite=True)],
+        r"output: .*data",
+    ),
     # ---- eval
-    "eval-model-missing": (lambda w: ["eval", "no-model", "--task", "perplexity", "--data", w.data("eval.txt")],
-                           r"no-model"),
-    "eval-data-missing-file": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", "nope.txt"],
-                               r"nope\.txt"),
-    "eval-unknown-task": (lambda w: ["eval", str(w.stories), "--task", "bleu", "--data", w.data("eval.txt")],
-                          r"invalid choice: 'bleu'"),
-    "eval-classification-on-lm": (lambda w: ["eval", str(w.stories), "--task", "classification", "--data",
-                                             w.data("eval.txt")], r"sequence-classification"),
-    "eval-perplexity-on-bert": (lambda w: ["eval", w.model("bert"), "--task", "perplexity", "--data",
-                                           w.data("eval.txt")], r"language-model head"),
-    "eval-vqa-on-lm": (lambda w: ["eval", str(w.stories), "--task", "vqa", "--data", w.data("vqa.jsonl")], r"vqa"),
-    "eval-batch-size-0": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("eval.txt"),
-                                     "--batch-size", "0"], r"--batch-size: must be a positive integer"),
-    "eval-seq-len-0": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("eval.txt"),
-                                  "--seq-len", "0"], r"--seq-len: must be a positive integer"),
-    "eval-limit-text": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("eval.txt"),
-                                   "--limit", "many"], r"--limit: invalid"),
-    "eval-device-tpu": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("eval.txt"),
-                                   "--device", "tpu"], r"tpu"),
-    "eval-device-no-cuda": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("eval.txt"),
-                                       "--device", "cuda:7"], r"cuda:7"),
-    "eval-foreign-code": (lambda w: ["eval", w.model("foreign"), "--task", "perplexity", "--data", w.data("eval.txt")],
-                          r"trust-remote-code"),
-    "eval-pickle": (lambda w: ["eval", w.model("pickled"), "--task", "perplexity", "--data", w.data("eval.txt")],
-                    r"allow.pickle"),
-    "eval-more-layers": (lambda w: ["eval", w.model("more-layers"), "--task", "perplexity", "--data",
-                                    w.data("eval.txt")], r"model\.layers\.[56]"),
-    "eval-truncated": (lambda w: ["eval", w.model("truncated"), "--task", "perplexity", "--data", w.data("eval.txt")],
-                       r"(corrupt|truncated)"),
-    "eval-compare-missing": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("eval.txt"),
-                                        "--compare", "no-original"], r"no-original"),
-    "eval-data-empty": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("empty.txt")],
-                        r"empty\.txt"),
-    "eval-data-binary": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("binary.txt")],
-                         r"binary\.txt.*(UTF-8|binary)"),
-    "eval-data-utf16": (lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("utf16.txt")],
-                        r"utf16\.txt.*UTF-8"),
-    "eval-mc-bad-row": (lambda w: ["eval", str(w.stories), "--task", "multiple_choice", "--data",
-                                   w.data("mc-bad.jsonl")], r"mc-bad\.jsonl:2"),
-    "eval-csv": (lambda w: ["eval", str(w.stories), "--task", "multiple_choice", "--data", w.data("table.csv")],
-                 r"table\.csv.*(unsupported|file type)"),
+    "eval-model-missing": (
+        lambda w: ["eval", "no-model", "--task", "perplexity", "--data", w.data("eval.txt")],
+        r"no-model",
+    ),
+    "eval-data-missing-file": (
+        lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", "nope.txt"],
+        r"nope\.txt",
+    ),
+    "eval-unknown-task": (
+        lambda w: ["eval", str(w.stories), "--task", "bleu", "--data", w.data("eval.txt")],
+        r"invalid choice: 'bleu'",
+    ),
+    "eval-classification-on-lm": (
+        lambda w: ["eval", str(w.stories), "--task", "classification", "--data", w.data("eval.txt")],
+        r"sequence-classification",
+    ),
+    "eval-perplexity-on-bert": (
+        lambda w: ["eval", w.model("bert"), "--task", "perplexity", "--data", w.data("eval.txt")],
+        r"language-model head",
+    ),
+    "eval-vqa-on-lm": (
+        lambda w: ["eval", str(w.stories), "--task", "vqa", "--data", w.data("vqa.jsonl")],
+        r"vqa",
+    ),
+    "eval-batch-size-0": (
+        lambda w: [
+            "eval",
+            str(w.stories),
+            "--task",
+            "perplexity",
+            "--data",
+            w.data("eval.txt"),
+            "--batch-size",
+            "0",
+        ],
+        r"--batch-size: must be a positive integer",
+    ),
+    "eval-seq-len-0": (
+        lambda w: [
+            "eval",
+            str(w.stories),
+            "--task",
+            "perplexity",
+            "--data",
+            w.data("eval.txt"),
+            "--seq-len",
+            "0",
+        ],
+        r"--seq-len: must be a positive integer",
+    ),
+    "eval-limit-text": (
+        lambda w: [
+            "eval",
+            str(w.stories),
+            "--task",
+            "perplexity",
+            "--data",
+            w.data("eval.txt"),
+            "--limit",
+            "many",
+        ],
+        r"--limit: invalid",
+    ),
+    "eval-device-tpu": (
+        lambda w: [
+            "eval",
+            str(w.stories),
+            "--task",
+            "perplexity",
+            "--data",
+            w.data("eval.txt"),
+            "--device",
+            "tpu",
+        ],
+        r"tpu",
+    ),
+    "eval-device-no-cuda": (
+        lambda w: [
+            "eval",
+            str(w.stories),
+            "--task",
+            "perplexity",
+            "--data",
+            w.data("eval.txt"),
+            "--device",
+            "cuda:7",
+        ],
+        r"cuda:7",
+    ),
+    "eval-foreign-code": (
+        lambda w: ["eval", w.model("foreign"), "--task", "perplexity", "--data", w.data("eval.txt")],
+        r"trust-remote-code",
+    ),
+    "eval-pickle": (
+        lambda w: ["eval", w.model("pickled"), "--task", "perplexity", "--data", w.data("eval.txt")],
+        r"allow.pickle",
+    ),
+    "eval-more-layers": (
+        lambda w: ["eval", w.model("more-layers"), "--task", "perplexity", "--data", w.data("eval.txt")],
+        r"model\.layers\.[56]",
+    ),
+    "eval-truncated": (
+        lambda w: ["eval", w.model("truncated"), "--task", "perplexity", "--data", w.data("eval.txt")],
+        r"(corrupt|truncated)",
+    ),
+    "eval-compare-missing": (
+        lambda w: [
+            "eval",
+            str(w.stories),
+            "--task",
+            "perplexity",
+            "--data",
+            w.data("eval.txt"),
+            "--compare",
+            "no-original",
+        ],
+        r"no-original",
+    ),
+    "eval-data-empty": (
+        lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("empty.txt")],
+        r"empty\.txt",
+    ),
+    "eval-data-binary": (
+        lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("binary.txt")],
+        r"binary\.txt.*(UTF-8|binary)",
+    ),
+    "eval-data-utf16": (
+        lambda w: ["eval", str(w.stories), "--task", "perplexity", "--data", w.data("utf16.txt")],
+        r"utf16\.txt.*UTF-8",
+    ),
+    "eval-mc-bad-row": (
+        lambda w: ["eval", str(w.stories), "--task", "multiple_choice", "--data", w.data("mc-bad.jsonl")],
+        r"mc-bad\.jsonl:2",
+    ),
+    "eval-csv": (
+        lambda w: ["eval", str(w.stories), "--task", "multiple_choice", "--data", w.data("table.csv")],
+        r"table\.csv.*(unsupported|file type)",
+    ),
     # ---- bench
     "bench-model-missing": (lambda w: ["bench", "no-model"], r"no-model"),
     "bench-vs-missing": (lambda w: ["bench", str(w.stories), "--vs", "no-original"], r"no-original"),
-    "bench-seq-lens-0": (lambda w: ["bench", str(w.stories), "--seq-lens", "0"], r"--seq-lens: must be a positive"),
-    "bench-repeats-0": (lambda w: ["bench", str(w.stories), "--repeats", "0"], r"--repeats: must be a positive"),
-    "bench-decode-negative": (lambda w: ["bench", str(w.stories), "--decode-tokens", "-1"], r"--decode-tokens"),
+    "bench-seq-lens-0": (
+        lambda w: ["bench", str(w.stories), "--seq-lens", "0"],
+        r"--seq-lens: must be a positive",
+    ),
+    "bench-repeats-0": (
+        lambda w: ["bench", str(w.stories), "--repeats", "0"],
+        r"--repeats: must be a positive",
+    ),
+    "bench-decode-negative": (
+        lambda w: ["bench", str(w.stories), "--decode-tokens", "-1"],
+        r"--decode-tokens",
+    ),
     "bench-warmup-negative": (lambda w: ["bench", str(w.stories), "--warmup", "-1"], r"--warmup"),
     "bench-encoder": (lambda w: ["bench", w.model("bert")], r"encoder classifier"),
     "bench-device-tpu": (lambda w: ["bench", str(w.stories), "--device", "tpu"], r"tpu"),
@@ -362,9 +562,13 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(name, ws, capsys, m
 
 
 def test_the_suite_covers_every_command():
-    commands = {build(Workspace(Path("/r"), Path("/r/s"), Path("/h"), Path("/w")))[0]
-                for build, _ in CASES.values() if "recipe" not in build.__code__.co_names
-                and "stage" not in build.__code__.co_names and "calib" not in build.__code__.co_names}
+    commands = {
+        build(Workspace(Path("/r"), Path("/r/s"), Path("/h"), Path("/w")))[0]
+        for build, _ in CASES.values()
+        if "recipe" not in build.__code__.co_names
+        and "stage" not in build.__code__.co_names
+        and "calib" not in build.__code__.co_names
+    }
     assert {"eval", "bench", "inspect", "methods"} <= commands and len(CASES) >= 60
 
 
@@ -375,7 +579,9 @@ def test_internal_errors_exit_1_and_traceback_only_with_debug(ws, capsys, monkey
     monkeypatch.setattr("hf_prune.cli._inspect", broken)
     assert main(["inspect", str(ws.stories)]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == ("internal error: ZeroDivisionError: planted (rerun with --debug for the traceback)")
+    assert err.strip() == (
+        "internal error: ZeroDivisionError: planted (rerun with --debug for the traceback)"
+    )
     assert main(["inspect", str(ws.stories), "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "ZeroDivisionError: planted" in err

@@ -11,8 +11,10 @@ from hf_prune.errors import ConfigFieldError, RecipeError
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: Long enough that the CLIP tokenizer (one token per character here) needs several chunks.
-LONG_PROMPTS = ["USER: <image>\nwhat is in the picture, and where is it? ASSISTANT:",
-                "USER: <image>\nname the colours ASSISTANT:"]
+LONG_PROMPTS = [
+    "USER: <image>\nwhat is in the picture, and where is it? ASSISTANT:",
+    "USER: <image>\nname the colours ASSISTANT:",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,10 @@ def clip_dirs(tmp_path_factory, tokenizer):
     """A tiny CLIP sharing the tiny LLaVA's vision weights (as LLaVA's real CLIP does), and one that does not."""
     root = tmp_path_factory.mktemp("clip")
     tower = build_tiny_model("llava", tokenizer).model.vision_tower
-    return {"matching": save_tiny_clip(root / "matching", tower), "other": save_tiny_clip(root / "other", seed=7)}
+    return {
+        "matching": save_tiny_clip(root / "matching", tower),
+        "other": save_tiny_clip(root / "other", seed=7),
+    }
 
 
 def reference_keep(model, clip_dir, inputs, texts: list[str], budget: int) -> list[list[int]]:
@@ -35,19 +40,34 @@ def reference_keep(model, clip_dir, inputs, texts: list[str], budget: int) -> li
 
     clip, clip_tokenizer = CLIPModel.from_pretrained(clip_dir).eval(), AutoTokenizer.from_pretrained(clip_dir)
     with torch.no_grad():
-        hidden = clip.vision_model(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        hidden = clip.vision_model(
+            pixel_values=inputs["pixel_values"], output_hidden_states=True
+        ).hidden_states[-2]
         patches = clip.visual_projection(clip.vision_model.post_layernorm(hidden[:, 1:]))
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         kept = []
         for image, text in enumerate(texts):
             ids = clip_tokenizer(text, add_special_tokens=False)["input_ids"]
             step = CLIP_CONTEXT - 2
-            chunks = [ids[i:i + step] for i in range(0, len(ids), step)]
-            text_embeds = torch.cat([clip.text_projection(clip.text_model(
-                input_ids=torch.tensor([[clip_tokenizer.bos_token_id, *c, clip_tokenizer.eos_token_id]])).pooler_output)
-                for c in chunks])
+            chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
+            text_embeds = torch.cat(
+                [
+                    clip.text_projection(
+                        clip.text_model(
+                            input_ids=torch.tensor(
+                                [[clip_tokenizer.bos_token_id, *c, clip_tokenizer.eos_token_id]]
+                            )
+                        ).pooler_output
+                    )
+                    for c in chunks
+                ]
+            )
             relevance = token_selection.instruction_relevance(patches[image], text_embeds)
-            kernel = relevance[:, None] * token_selection.cosine_similarity_matrix(features[image]) * relevance[None]
+            kernel = (
+                relevance[:, None]
+                * token_selection.cosine_similarity_matrix(features[image])
+                * relevance[None]
+            )
             kept.append(token_selection.dpp_greedy_map(kernel[None], budget)[0].tolist())
     return kept
 
@@ -60,7 +80,7 @@ def kept_visual_indices(model, cut, inputs) -> list[list[int]]:
 def instruction_texts(tokenizer, inputs) -> list[str]:
     texts = []
     for ids in inputs["input_ids"]:
-        after = ids[int(torch.nonzero(ids == tokenizer.convert_tokens_to_ids("<image>"))[-1]) + 1:]
+        after = ids[int(torch.nonzero(ids == tokenizer.convert_tokens_to_ids("<image>"))[-1]) + 1 :]
         texts.append(tokenizer.decode(after.tolist(), skip_special_tokens=True))
     return texts
 
@@ -74,15 +94,23 @@ def test_clip_relevance_follows_the_paper(tokenizer, clip_dirs):
     assert len(texts[0]) > 2 * CLIP_CONTEXT  # several chunks
     with torch.no_grad():
         features, relevance_features = model._image_features(inputs["pixel_values"], None, {})
-        cut = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features,
-                                        relevance_features=relevance_features)
-        overridden = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features,
-                                               relevance_features=relevance_features,
-                                               instruction_text=["a red square", "blue"])
+        cut = model.prune_visual_tokens(
+            inputs["input_ids"], inputs["attention_mask"], features, relevance_features=relevance_features
+        )
+        overridden = model.prune_visual_tokens(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            features,
+            relevance_features=relevance_features,
+            instruction_text=["a red square", "blue"],
+        )
         logits = model(**inputs).logits
-    assert kept_visual_indices(model, cut, inputs) == reference_keep(model, clip_dirs["matching"], inputs, texts, 4)
+    assert kept_visual_indices(model, cut, inputs) == reference_keep(
+        model, clip_dirs["matching"], inputs, texts, 4
+    )
     assert kept_visual_indices(model, overridden, inputs) == reference_keep(
-        model, clip_dirs["matching"], inputs, ["a red square", "blue"], 4)
+        model, clip_dirs["matching"], inputs, ["a red square", "blue"], 4
+    )
     assert logits.shape[1] == cut["input_ids"].shape[1]
 
 
@@ -90,14 +118,17 @@ def test_llava_next_packs_clip_embeddings_like_its_features(tokenizer, clip_dirs
     model, _ = pruned_model("llava_next", tokenizer, text_tower=str(clip_dirs["matching"]), budget=2)
     inputs = batch("llava_next", tokenizer)
     with torch.no_grad():
-        features, relevance_features = model._image_features(inputs["pixel_values"], None,
-                                                             {"image_sizes": inputs["image_sizes"]})
+        features, relevance_features = model._image_features(
+            inputs["pixel_values"], None, {"image_sizes": inputs["image_sizes"]}
+        )
         logits = model(**inputs).logits
     newline = model.model.image_newline
     for image, clip_space in zip(features, relevance_features, strict=True):
         assert clip_space.shape == (image.shape[0], 16)
         is_newline = (image == newline).all(-1)
-        assert is_newline.any() and torch.equal(clip_space[is_newline].abs().sum(-1), torch.zeros(int(is_newline.sum())))
+        assert is_newline.any() and torch.equal(
+            clip_space[is_newline].abs().sum(-1), torch.zeros(int(is_newline.sum()))
+        )
         assert (clip_space[~is_newline].abs().sum(-1) > 0).all()
     assert logits.shape[1] < inputs["input_ids"].shape[1]
 
@@ -105,13 +136,19 @@ def test_llava_next_packs_clip_embeddings_like_its_features(tokenizer, clip_dirs
 def test_generate_with_clip_relevance_equals_the_pruned_forward(tokenizer, clip_dirs):
     model, _ = pruned_model("llava", tokenizer, text_tower=str(clip_dirs["matching"]))
     inputs = batch("llava", tokenizer)
-    texts = instruction_texts(tokenizer, inputs)  # fixed, as the step-by-step forward sees generated tokens too
+    texts = instruction_texts(
+        tokenizer, inputs
+    )  # fixed, as the step-by-step forward sees generated tokens too
     with torch.no_grad():
         generated = model.generate(**inputs, instruction_text=texts, max_new_tokens=4, do_sample=False)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         for _ in range(4):
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                           instruction_text=texts).logits
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=inputs["pixel_values"],
+                instruction_text=texts,
+            ).logits
             step = logits[:, -1].argmax(dim=-1, keepdim=True)
             ids, mask = torch.cat([ids, step], dim=1), torch.cat([mask, torch.ones_like(step)], dim=1)
     assert torch.equal(generated, ids)
@@ -124,7 +161,9 @@ def test_a_clip_with_other_vision_weights_is_reported(tokenizer, clip_dirs):
 
 
 def test_clip_relevance_bad_input(tokenizer, clip_dirs, tmp_path):
-    with pytest.raises(RecipeError, match="stage.text_tower: only cdpruner scores instruction relevance, not random"):
+    with pytest.raises(
+        RecipeError, match="stage.text_tower: only cdpruner scores instruction relevance, not random"
+    ):
         pruned_model("llava", tokenizer, text_tower=str(clip_dirs["matching"]), algorithm="random")
     with pytest.raises(ConfigFieldError, match="text_tower.*cannot load a CLIP model"):
         pruned_model("llava", tokenizer, text_tower=str(tmp_path / "missing"))

@@ -70,8 +70,15 @@ def test_cosine_map_improves_cosine_loss(with_base):
             pred, target = pred + base, target + base
         return float(1 - torch.nn.functional.cosine_similarity(pred, target, dim=-1).mean())
 
-    t = fit_cosine_map(m.float(), r.float(), None if base is None else base.float(), lr=1e-2, epochs=20,
-                       batch_tokens=128, progress=False)
+    t = fit_cosine_map(
+        m.float(),
+        r.float(),
+        None if base is None else base.float(),
+        lr=1e-2,
+        epochs=20,
+        batch_tokens=128,
+        progress=False,
+    )
     assert loss(t) < 0.5 * loss(torch.eye(8, dtype=torch.float64))
 
 
@@ -141,8 +148,20 @@ def test_pad_tokens_never_enter_the_statistics():
     from hf_prune.methods.depth.replaceme import ReplaceMeConfig, estimate_map
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                         num_attention_heads=2, num_key_value_heads=1)).double().eval()
+    model = (
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=50,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+            )
+        )
+        .double()
+        .eval()
+    )
     long, short = torch.randint(3, 50, (1, 12)), torch.randint(3, 50, (1, 7))
     padded_ids = torch.zeros(2, 12, dtype=torch.long)
     padded_ids[0], padded_ids[1, :7] = long[0], short[0]
@@ -156,7 +175,8 @@ def test_pad_tokens_never_enter_the_statistics():
         return estimate_map(model, 1, 2, config, PruneContext(adapter, progress=False, _batches=batches))
 
     padded_map, padded_stats = fit([CalibrationBatch(padded_ids, mask)])
-    separate_map, separate_stats = fit([CalibrationBatch(long, torch.ones_like(long)),
-                                        CalibrationBatch(short, torch.ones_like(short))])
+    separate_map, separate_stats = fit(
+        [CalibrationBatch(long, torch.ones_like(long)), CalibrationBatch(short, torch.ones_like(short))]
+    )
     assert padded_stats["calibration_tokens"] == separate_stats["calibration_tokens"] == 19
     torch.testing.assert_close(padded_map, separate_map, rtol=1e-8, atol=1e-8)

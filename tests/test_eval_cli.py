@@ -17,8 +17,14 @@ STORIES = "models/stories260K"
 def pruned_and_cloze(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval-cli")
     out = folder / "stories-drop2"
-    hf_prune.prune({"model": str(shared_asset(STORIES)), "output": str(out),
-                    "stages": [{"method": "layer_drop", "layers": [2, 2]}]}, progress=False)
+    hf_prune.prune(
+        {
+            "model": str(shared_asset(STORIES)),
+            "output": str(out),
+            "stages": [{"method": "layer_drop", "layers": [2, 2]}],
+        },
+        progress=False,
+    )
     text = shared_asset("text/tinystories/sample.txt").read_text()
     cloze = folder / "cloze.jsonl"
     write_jsonl(build_cloze_items(text, num_items=60, seed=0), cloze)
@@ -28,9 +34,25 @@ def pruned_and_cloze(tmp_path_factory):
 def test_eval_compare_writes_report_and_retained(pruned_and_cloze, tmp_path, capsys):
     out, cloze = pruned_and_cloze
     report_dir, results_file = tmp_path / "report", tmp_path / "results.json"
-    code = main(["eval", str(out), "--task", "multiple_choice", "--data", str(cloze), "--compare",
-                 str(shared_asset(STORIES)), "--report-dir", str(report_dir), "--output", str(results_file),
-                 "--device", "cpu", "--quiet"])
+    code = main(
+        [
+            "eval",
+            str(out),
+            "--task",
+            "multiple_choice",
+            "--data",
+            str(cloze),
+            "--compare",
+            str(shared_asset(STORIES)),
+            "--report-dir",
+            str(report_dir),
+            "--output",
+            str(results_file),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert code == 0
     results = json.loads(results_file.read_text())
     original, pruned = results["original"]["accuracy"], results["pruned"]["accuracy"]
@@ -46,8 +68,26 @@ def test_eval_compare_writes_report_and_retained(pruned_and_cloze, tmp_path, cap
 def test_bench_vs_original_prints_ratios(pruned_and_cloze, tmp_path, capsys):
     out, _ = pruned_and_cloze
     output = tmp_path / "bench.json"
-    code = main(["bench", str(out), "--vs", str(shared_asset(STORIES)), "--seq-lens", "16", "32",
-                 "--decode-tokens", "4", "--repeats", "2", "--device", "cpu", "--output", str(output), "--quiet"])
+    code = main(
+        [
+            "bench",
+            str(out),
+            "--vs",
+            str(shared_asset(STORIES)),
+            "--seq-lens",
+            "16",
+            "32",
+            "--decode-tokens",
+            "4",
+            "--repeats",
+            "2",
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+            "--quiet",
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "pruned/original" in table and "prefill ms @16" in table and "decode tokens/s" in table
@@ -66,9 +106,30 @@ def test_eval_refuses_a_task_that_does_not_fit(pruned_and_cloze, tmp_path, capsy
 def test_eval_cpu_dtype_and_limit(pruned_and_cloze, tmp_path, capsys):
     out, _ = pruned_and_cloze
     results_file = tmp_path / "r.json"
-    assert main(["eval", str(out), "--task", "perplexity", "--data", str(shared_asset("text/tinystories/sample.txt")),
-                 "--seq-len", "64", "--limit", "3", "--device", "cpu", "--dtype", "float32",
-                 "--output", str(results_file), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--task",
+                "perplexity",
+                "--data",
+                str(shared_asset("text/tinystories/sample.txt")),
+                "--seq-len",
+                "64",
+                "--limit",
+                "3",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--output",
+                str(results_file),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     results = json.loads(results_file.read_text())
     assert results["device"] == "cpu" and results["dtype"] == "torch.float32"
     assert results["num_windows"] == 3 and results["num_tokens"] == 3 * 63
@@ -78,6 +139,7 @@ def test_eval_cpu_dtype_and_limit(pruned_and_cloze, tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run where a GPU is present)")
 def test_gpu_evaluation_defaults_to_bfloat16_and_matches_cpu(pruned_and_cloze):
     from hf_prune.evals.run_checkpoints import evaluate_checkpoint
+
     from hf_prune.recipe import EvaluationTask
 
     out, cloze = pruned_and_cloze
@@ -94,7 +156,26 @@ def test_device_map_auto_gives_the_same_figure(pruned_and_cloze, tmp_path):
     figures = []
     for extra in ([], ["--device-map", "auto"]):
         results_file = tmp_path / f"r{len(extra)}.json"
-        assert main(["eval", str(out), "--task", "perplexity", "--data", sample, "--seq-len", "64", "--limit", "2",
-                     "--output", str(results_file), "--quiet", *extra]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(out),
+                    "--task",
+                    "perplexity",
+                    "--data",
+                    sample,
+                    "--seq-len",
+                    "64",
+                    "--limit",
+                    "2",
+                    "--output",
+                    str(results_file),
+                    "--quiet",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         figures.append(json.loads(results_file.read_text())["perplexity"])
     assert figures[0] == pytest.approx(figures[1], rel=1e-6)

@@ -141,7 +141,9 @@ def test_structure_config_and_report(cases, family, mode):
         want = adapter.experts(original_layers[i])
         torch.testing.assert_close(experts.gate_up_proj, want.gate_up_proj[kept], atol=0, rtol=0)
         torch.testing.assert_close(experts.down_proj, want.down_proj[kept], atol=0, rtol=0)
-        torch.testing.assert_close(router.weight, adapter.router(original_layers[i]).weight[kept], atol=0, rtol=0)
+        torch.testing.assert_close(
+            router.weight, adapter.router(original_layers[i]).weight[kept], atol=0, rtol=0
+        )
         if adapter.spec.shared_expert_attr:  # never touched
             for name in ("shared_expert", "shared_expert_gate"):
                 before, after = getattr(original_layers[i].mlp, name), getattr(layers[i].mlp, name)
@@ -216,8 +218,12 @@ def test_nonuniform_router_logits_and_aux_loss(cases, token_ids):
 
 
 def _snapshot(model: Any) -> tuple[Any, ...]:
-    return (type(model), model.config.to_json_string(), {k: v.clone() for k, v in model.state_dict().items()},
-            [(getattr(m, "num_experts", None)) for m in model.modules()])
+    return (
+        type(model),
+        model.config.to_json_string(),
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(getattr(m, "num_experts", None)) for m in model.modules()],
+    )
 
 
 @pytest.mark.parametrize("family", MOE_TYPES)
@@ -229,8 +235,11 @@ def test_validation_errors_leave_model_untouched(family):
     before = _snapshot(model)
     last = moe[-1]
     bad = [
-        ({**good, last: [0, NUM_EXPERTS]}, rf"layer {last}: expert index {NUM_EXPERTS} does not exist "
-                                          rf"\(valid range 0\.\.{NUM_EXPERTS - 1}"),
+        (
+            {**good, last: [0, NUM_EXPERTS]},
+            rf"layer {last}: expert index {NUM_EXPERTS} does not exist "
+            rf"\(valid range 0\.\.{NUM_EXPERTS - 1}",
+        ),
         ({**good, last: [0, -1, 2]}, rf"layer {last}: expert index -1 does not exist"),
         ({**good, last: [2]}, rf"layer {last}: keeps 1 experts, fewer than the {TOP_K}"),
         ({i: v for i, v in good.items() if i != last}, rf"MoE layers \[{last}\] are missing"),
@@ -249,12 +258,14 @@ def test_validation_errors_leave_model_untouched(family):
         assert isinstance(info.value, ValueError)
     after = _snapshot(model)
     assert before[0] is after[0] and before[1] == after[1] and before[3] == after[3]
-    assert before[2].keys() == after[2].keys() and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
+    assert before[2].keys() == after[2].keys() and all(
+        torch.equal(before[2][k], after[2][k]) for k in before[2]
+    )
 
 
 # ---- save and reload in fresh processes ---------------------------------------------------------------
 
-RELOAD_SCRIPT = textwrap.dedent(r'''
+RELOAD_SCRIPT = textwrap.dedent(r"""
     import json, sys, traceback
     spec = json.load(open(sys.argv[1]))
     results = {}
@@ -286,14 +297,17 @@ RELOAD_SCRIPT = textwrap.dedent(r'''
             results[name] = {"error": traceback.format_exc()}
     results["_hf_prune_imported"] = "hf_prune" in sys.modules
     json.dump(results, open(sys.argv[2], "w"))
-''')
+""")
 
 
 def _save(case: Case, folder: Path) -> Path:
-    report = {"recipe": {"model": None, "output": str(folder)},
-              "stages": [{"method": "expert_pruning", "removal": case.report}],
-              "params_before": case.report["params_before"], "params_after": case.report["params_after"],
-              "evaluation": []}
+    report = {
+        "recipe": {"model": None, "output": str(folder)},
+        "stages": [{"method": "expert_pruning", "removal": case.report}],
+        "params_before": case.report["params_before"],
+        "params_after": case.report["params_after"],
+        "evaluation": [],
+    }
     return save_pruned_model(case.pruned, build_tokenizer(), folder, report)
 
 
@@ -308,12 +322,22 @@ def reloaded(saved, token_ids, tmp_path_factory) -> dict[str, dict[str, Any]]:
     """Two fresh processes, side by side: without hf_prune (every folder) and after ``import hf_prune``
     (the non-uniform folders)."""
     work = tmp_path_factory.mktemp("reload")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(work / "modules")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "HF_MODULES_CACHE": str(work / "modules"),
+    }
     runs = {}
     for variant, with_hf_prune in (("plain", False), ("hf_prune", True)):
-        spec = {"import_hf_prune": with_hf_prune, "token_ids": token_ids, "max_new_tokens": MAX_NEW_TOKENS,
-                "cases": {}}
+        spec = {
+            "import_hf_prune": with_hf_prune,
+            "token_ids": token_ids,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "cases": {},
+        }
         for (family, mode), folder in saved.items():
             if with_hf_prune and mode == "uniform":
                 continue
@@ -321,8 +345,19 @@ def reloaded(saved, token_ids, tmp_path_factory) -> dict[str, dict[str, Any]]:
             spec["cases"][f"{family}-{mode}"] = {"folder": str(folder), "kwargs": kwargs}
         (work / f"{variant}.json").write_text(json.dumps(spec))
         runs[variant] = subprocess.Popen(
-            [sys.executable, "-c", RELOAD_SCRIPT, str(work / f"{variant}.json"), str(work / f"{variant}-out.json")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=work)
+            [
+                sys.executable,
+                "-c",
+                RELOAD_SCRIPT,
+                str(work / f"{variant}.json"),
+                str(work / f"{variant}-out.json"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=work,
+        )
     results = {}
     for variant, proc in runs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -352,7 +387,13 @@ def test_saved_folders(saved, cases):
 
 
 #: Uniform checkpoints are stock models: only the process without hf_prune loads them.
-RELOADS = [(f, m, v) for f in MOE_TYPES for m in MODES for v in ("plain", "hf_prune") if (m, v) != ("uniform", "hf_prune")]
+RELOADS = [
+    (f, m, v)
+    for f in MOE_TYPES
+    for m in MODES
+    for v in ("plain", "hf_prune")
+    if (m, v) != ("uniform", "hf_prune")
+]
 
 
 @pytest.mark.parametrize(("family", "mode", "variant"), RELOADS)
@@ -368,7 +409,9 @@ def test_reload_matches_in_memory(cases, reloaded, token_ids, family, mode, vari
     if mode == "uniform":
         assert again["module"].startswith("transformers.models.")
     elif variant == "plain":
-        assert again["module"].startswith("transformers_modules.")  # the remote code copied next to the weights
+        assert again["module"].startswith(
+            "transformers_modules."
+        )  # the remote code copied next to the weights
     else:
         assert again["module"] == nonuniform_moe.__name__
     assert again["model_type"] == model.config.model_type
@@ -376,9 +419,16 @@ def test_reload_matches_in_memory(cases, reloaded, token_ids, family, mode, vari
     assert again["experts"] == cases[family, mode].report["experts_per_layer"]
     ids = torch.tensor([token_ids])
     with torch.no_grad():
-        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=MAX_NEW_TOKENS, use_cache=True)[0]
-    torch.testing.assert_close(torch.tensor(again["logits"]), _logits(model, ids)[0], atol=LOGITS_ATOL, rtol=0)
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=MAX_NEW_TOKENS,
+            use_cache=True,
+        )[0]
+    torch.testing.assert_close(
+        torch.tensor(again["logits"]), _logits(model, ids)[0], atol=LOGITS_ATOL, rtol=0
+    )
     assert again["generated"] == generated.tolist()
     assert len(generated) == len(token_ids) + MAX_NEW_TOKENS
 
@@ -406,7 +456,9 @@ def test_mismatched_checkpoint_is_refused(saved, tmp_path, family):
         config["experts_per_layer"][layer] += 1
 
     with pytest.raises(RuntimeError, match="mismatch"):
-        transformers.AutoModelForCausalLM.from_pretrained(_edited_copy(nonuniform, tmp_path / "more", one_more))
+        transformers.AutoModelForCausalLM.from_pretrained(
+            _edited_copy(nonuniform, tmp_path / "more", one_more)
+        )
 
     def too_few(config):
         config["experts_per_layer"][layer] = TOP_K - 1
@@ -421,4 +473,5 @@ def test_mismatched_checkpoint_is_refused(saved, tmp_path, family):
 
     with pytest.raises(RuntimeError, match="mismatch"):
         transformers.AutoModelForCausalLM.from_pretrained(
-            _edited_copy(saved[family, "uniform"], tmp_path / "uniform", stock_count))
+            _edited_copy(saved[family, "uniform"], tmp_path / "uniform", stock_count)
+        )

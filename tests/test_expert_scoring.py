@@ -63,8 +63,12 @@ def saved(tmp_path_factory):
 
 def make_context(model, tokenizer, calibration_file, **calibration):
     settings = {"num_samples": 8, "seq_len": 48, "batch_size": 4, **calibration}
-    return PruneContext(get_adapter(model.config), tokenizer,
-                        CalibrationConfig(data=str(calibration_file), **settings), progress=False)
+    return PruneContext(
+        get_adapter(model.config),
+        tokenizer,
+        CalibrationConfig(data=str(calibration_file), **settings),
+        progress=False,
+    )
 
 
 def top1_mixtral(tokenizer):
@@ -83,12 +87,22 @@ def count_by_hand(model, batches):
     adapter = get_adapter(model.config)
     moe = adapter.moe_layer_indices(model)
     top_k = adapter.top_k(model.config)
-    totals = {i: {"frequency": torch.zeros(NUM_EXPERTS, dtype=torch.int64),
-                  "router_weight": torch.zeros(NUM_EXPERTS, dtype=torch.float64), "tokens": 0} for i in moe}
+    totals = {
+        i: {
+            "frequency": torch.zeros(NUM_EXPERTS, dtype=torch.int64),
+            "router_weight": torch.zeros(NUM_EXPERTS, dtype=torch.float64),
+            "tokens": 0,
+        }
+        for i in moe
+    }
     with torch.no_grad():
         for batch in batches:
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                        output_router_logits=True)
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                use_cache=False,
+                output_router_logits=True,
+            )
             assert len(out.router_logits) == len(moe)
             keep = batch.attention_mask.reshape(-1).bool()
             for index, logits in zip(moe, out.router_logits, strict=True):
@@ -113,10 +127,14 @@ def test_router_statistics_match_router_logits(model_type, tokenizer, calibratio
     assert sorted(stats) == sorted(expected) == get_adapter(model.config).moe_layer_indices(model)
     for index, entry in stats.items():
         assert torch.equal(entry["frequency"], expected[index]["frequency"])
-        torch.testing.assert_close(entry["router_weight"], expected[index]["router_weight"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            entry["router_weight"], expected[index]["router_weight"], rtol=1e-6, atol=1e-6
+        )
         assert int(entry["tokens"]) == expected[index]["tokens"] == sum(b.num_tokens for b in batches)
         assert int(entry["frequency"].sum()) == TOP_K * int(entry["tokens"])
-        torch.testing.assert_close(float(entry["router_weight"].sum()), float(entry["tokens"]), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            float(entry["router_weight"].sum()), float(entry["tokens"]), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_router_statistics_ignore_pad_tokens(tokenizer, calibration_file):
@@ -132,16 +150,19 @@ def test_router_statistics_ignore_pad_tokens(tokenizer, calibration_file):
         mask[0], mask[1, :5] = 1, 1
         context._batches = [CalibrationBatch(ids, mask)]
         padded.append(router_statistics(model, context))
-    context._batches = [CalibrationBatch(long[None], torch.ones(1, 12, dtype=torch.long)),
-                        CalibrationBatch(short[None], torch.ones(1, 5, dtype=torch.long))]
+    context._batches = [
+        CalibrationBatch(long[None], torch.ones(1, 12, dtype=torch.long)),
+        CalibrationBatch(short[None], torch.ones(1, 5, dtype=torch.long)),
+    ]
     separate = router_statistics(model, context)
     for index in separate:
         assert int(separate[index]["tokens"]) == 17
         for stats in padded:
             assert int(stats[index]["tokens"]) == 17
             assert torch.equal(stats[index]["frequency"], separate[index]["frequency"])
-            torch.testing.assert_close(stats[index]["router_weight"], separate[index]["router_weight"],
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                stats[index]["router_weight"], separate[index]["router_weight"], rtol=1e-5, atol=1e-5
+            )
 
 
 # ---- selection --------------------------------------------------------------------------------------
@@ -165,9 +186,14 @@ def test_select_global_ranking_with_floor():
     assert select_experts(scores, top_k=2, keep_ratio=0.5, uniform=False) == {0: [0, 1], 1: [2, 3]}
     assert select_experts(scores, top_k=1, keep_ratio=0.5, uniform=False) == {0: [0, 1, 2], 1: [2]}
     assert select_experts(scores, top_k=1, keep_experts=3, uniform=False) == {0: [0, 1, 2, 3], 1: [2, 3]}
-    assert select_experts(scores, top_k=1, keep_ratio=0.5, uniform=False,
-                          min_experts_per_layer=2) == {0: [0, 1], 1: [2, 3]}
-    assert select_experts(scores, top_k=1, keep_ratio=1.0, uniform=False) == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    assert select_experts(scores, top_k=1, keep_ratio=0.5, uniform=False, min_experts_per_layer=2) == {
+        0: [0, 1],
+        1: [2, 3],
+    }
+    assert select_experts(scores, top_k=1, keep_ratio=1.0, uniform=False) == {
+        0: [0, 1, 2, 3],
+        1: [0, 1, 2, 3],
+    }
     with pytest.raises(ValueError, match="must keep between 6"):
         select_experts(scores, top_k=1, keep_ratio=0.5, uniform=False, min_experts_per_layer=3)
 
@@ -198,9 +224,13 @@ def test_alpha_one_beta_one_is_the_original_model(tokenizer):
     reference = logits_of(model, ids)
     moe = adapter.moe_layer_indices(model)
     ones = {i: torch.ones(NUM_EXPERTS) for i in moe}
-    with alpha_weighted_routing(model, adapter, ones, {i: torch.tensor(1.0) for i in moe}, weighting="router"):
+    with alpha_weighted_routing(
+        model, adapter, ones, {i: torch.tensor(1.0) for i in moe}, weighting="router"
+    ):
         torch.testing.assert_close(logits_of(model, ids), reference, rtol=0, atol=0)
-    with alpha_weighted_routing(model, adapter, ones, {i: torch.tensor(0.5) for i in moe}, weighting="router"):
+    with alpha_weighted_routing(
+        model, adapter, ones, {i: torch.tensor(0.5) for i in moe}, weighting="router"
+    ):
         assert not torch.allclose(logits_of(model, ids), reference)
     torch.testing.assert_close(logits_of(model, ids), reference, rtol=0, atol=0)  # hooks removed
 
@@ -221,8 +251,11 @@ def test_diep_scores(case, tokenizer, calibration_file):
     ids = torch.randint(4, 300, (1, 8), generator=torch.Generator().manual_seed(1))
     reference = logits_of(model, ids)
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = ExpertPruningConfig(keep_ratio=0.5, max_cached_tokens=100,
-                                 alpha_weighting="replace" if case == "mixtral-top1" else "router")
+    config = ExpertPruningConfig(
+        keep_ratio=0.5,
+        max_cached_tokens=100,
+        alpha_weighting="replace" if case == "mixtral-top1" else "router",
+    )
     scores, details = diep_scores(model, context, config)
 
     assert sorted(scores) == moe
@@ -266,8 +299,11 @@ def test_diep_reconstruction_only_with_constant_beta(tokenizer, calibration_file
 
 
 def recipe(source, calibration_file, output=None, **stage):
-    data = {"model": str(source), "stages": [{"method": "expert_pruning", **stage}],
-            "calibration": {"data": str(calibration_file), "num_samples": 8, "seq_len": 48, "batch_size": 4}}
+    data = {
+        "model": str(source),
+        "stages": [{"method": "expert_pruning", **stage}],
+        "calibration": {"data": str(calibration_file), "num_samples": 8, "seq_len": 48, "batch_size": 4},
+    }
     data["output"] = str(output) if output else None
     return data
 
@@ -285,8 +321,10 @@ def check_structure(model, stage):
 def test_frequency_uniform(saved, calibration_file, tmp_path, tokenizer):
     source = saved("mixtral")
     original = transformers.AutoModelForCausalLM.from_pretrained(source)
-    result = hf_prune.prune(recipe(source, calibration_file, tmp_path / "out", algorithm="frequency",
-                                   keep_experts=2), progress=False)
+    result = hf_prune.prune(
+        recipe(source, calibration_file, tmp_path / "out", algorithm="frequency", keep_experts=2),
+        progress=False,
+    )
     (stage,) = result.stages
     assert stage["algorithm"] == "frequency" and stage["uniform"] is True
     assert stage["experts_before"] == 4 * NUM_EXPERTS and stage["experts_after"] == 4 * 2
@@ -307,8 +345,12 @@ def test_frequency_uniform(saved, calibration_file, tmp_path, tokenizer):
 def test_router_weight_non_uniform(saved, calibration_file, tokenizer):
     source = saved("olmoe")
     original = transformers.AutoModelForCausalLM.from_pretrained(source)
-    result = hf_prune.prune(original, recipe(source, calibration_file, algorithm="router_weight", keep_ratio=0.75,
-                                             uniform=False), tokenizer=tokenizer, progress=False)
+    result = hf_prune.prune(
+        original,
+        recipe(source, calibration_file, algorithm="router_weight", keep_ratio=0.75, uniform=False),
+        tokenizer=tokenizer,
+        progress=False,
+    )
     (stage,) = result.stages
     assert stage["algorithm"] == "router_weight" and stage["uniform"] is False
     assert stage["experts_after"] == 12
@@ -318,8 +360,12 @@ def test_router_weight_non_uniform(saved, calibration_file, tokenizer):
     stats = router_statistics(original, make_context(original, tokenizer, calibration_file))
     scores = {}
     for entry in stage["layers"]:
-        torch.testing.assert_close(torch.tensor(entry["scores"], dtype=torch.float64),
-                                   stats[entry["layer"]]["router_weight"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(entry["scores"], dtype=torch.float64),
+            stats[entry["layer"]]["router_weight"],
+            rtol=1e-5,
+            atol=0,
+        )
         scores[entry["layer"]] = stats[entry["layer"]]["router_weight"]
     expected = select_experts(scores, top_k=TOP_K, keep_ratio=0.75, uniform=False)
     assert {e["layer"]: e["kept"] for e in stage["layers"]} == expected
@@ -331,8 +377,12 @@ def test_router_weight_non_uniform(saved, calibration_file, tokenizer):
 def test_diep_end_to_end(saved, calibration_file, tokenizer):
     source = saved("qwen2_moe")
     original = transformers.AutoModelForCausalLM.from_pretrained(source)
-    result = hf_prune.prune(original, recipe(source, calibration_file, algorithm="diep", keep_ratio=0.75),
-                            tokenizer=tokenizer, progress=False)
+    result = hf_prune.prune(
+        original,
+        recipe(source, calibration_file, algorithm="diep", keep_ratio=0.75),
+        tokenizer=tokenizer,
+        progress=False,
+    )
     (stage,) = result.stages
     assert stage["algorithm"] == "diep" and stage["uniform"] is False
     assert [e["layer"] for e in stage["layers"]] == [1, 3]  # layers 0 and 2 are dense
@@ -353,13 +403,17 @@ def test_short_calibration(saved, tmp_path):
     source = saved("mixtral")
     one = tmp_path / "one.txt"
     one.write_text("A single paragraph, far shorter than one batch of eight sequences.\n")
-    result = hf_prune.prune(recipe(source, one, tmp_path / "short", algorithm="frequency", keep_experts=3),
-                            progress=False)
+    result = hf_prune.prune(
+        recipe(source, one, tmp_path / "short", algorithm="frequency", keep_experts=3), progress=False
+    )
     assert result.stages[0]["experts_after"] == 4 * 3
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("Hi")
     output = tmp_path / "out"
-    with pytest.raises(CalibrationError, match=r"gives [0-3] tokens, fewer than the 4 that stages\[0\] \(expert_pruning\) needs"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"gives [0-3] tokens, fewer than the 4 that stages\[0\] \(expert_pruning\) needs",
+    ):
         hf_prune.prune(recipe(source, tiny, output, algorithm="frequency", keep_experts=3), progress=False)
     assert not output.exists()
 
@@ -375,20 +429,37 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr("hf_prune.pipeline.load_model", refuse)
 
 
-@pytest.mark.parametrize(("stage", "message"), [
-    ({"keep_experts": 1}, r"stages\[0\]\.keep_experts: must be in \[2, 4\] .*at least its 2 experts per token.*got 1"),
-    ({"keep_experts": 5}, r"stages\[0\]\.keep_experts: must be in \[2, 4\] .*got 5"),
-    ({"keep_ratio": 0}, r"stages\[0\]\.keep_ratio: must be in \(0, 1\], got 0(\.0)?$"),
-    ({"keep_ratio": 1.5}, r"stages\[0\]\.keep_ratio: must be in \(0, 1\], got 1.5"),
-    ({"keep_ratio": 0.25, "algorithm": "frequency"},
-     r"stages\[0\]\.keep_ratio: must be in \[0.5, 1\] .*keeps 1 of 4 experts in a layer.*got 0.25"),
-    ({"keep_ratio": 0.25}, r"stages\[0\]\.keep_ratio: must be in \[0.5, 1\] .*keeps 4 of 16 experts in total"),
-    ({"keep_ratio": 0.5, "keep_experts": 2}, r"stages\[0\]\.keep_ratio: give exactly one of keep_ratio or keep_experts"),
-    ({}, r"stages\[0\]\.keep_ratio: give exactly one"),
-    ({"keep_experts": 2, "min_experts_per_layer": 5}, r"stages\[0\]\.min_experts_per_layer: must be at most 4"),
-    ({"keep_experts": 2, "algorithm": "magnitude"}, r"stages\[0\]\.algorithm: must be one of 'diep'"),
-    ({"keep_experts": 2, "beta_init": "paper"}, r"stages\[0\]\.beta_init: expected 'official' or float"),
-])
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        (
+            {"keep_experts": 1},
+            r"stages\[0\]\.keep_experts: must be in \[2, 4\] .*at least its 2 experts per token.*got 1",
+        ),
+        ({"keep_experts": 5}, r"stages\[0\]\.keep_experts: must be in \[2, 4\] .*got 5"),
+        ({"keep_ratio": 0}, r"stages\[0\]\.keep_ratio: must be in \(0, 1\], got 0(\.0)?$"),
+        ({"keep_ratio": 1.5}, r"stages\[0\]\.keep_ratio: must be in \(0, 1\], got 1.5"),
+        (
+            {"keep_ratio": 0.25, "algorithm": "frequency"},
+            r"stages\[0\]\.keep_ratio: must be in \[0.5, 1\] .*keeps 1 of 4 experts in a layer.*got 0.25",
+        ),
+        (
+            {"keep_ratio": 0.25},
+            r"stages\[0\]\.keep_ratio: must be in \[0.5, 1\] .*keeps 4 of 16 experts in total",
+        ),
+        (
+            {"keep_ratio": 0.5, "keep_experts": 2},
+            r"stages\[0\]\.keep_ratio: give exactly one of keep_ratio or keep_experts",
+        ),
+        ({}, r"stages\[0\]\.keep_ratio: give exactly one"),
+        (
+            {"keep_experts": 2, "min_experts_per_layer": 5},
+            r"stages\[0\]\.min_experts_per_layer: must be at most 4",
+        ),
+        ({"keep_experts": 2, "algorithm": "magnitude"}, r"stages\[0\]\.algorithm: must be one of 'diep'"),
+        ({"keep_experts": 2, "beta_init": "paper"}, r"stages\[0\]\.beta_init: expected 'official' or float"),
+    ],
+)
 def test_bad_budgets_fail_before_loading(stage, message, saved, calibration_file, tmp_path, no_model_loading):
     output = tmp_path / "out"
     with pytest.raises(RecipeError, match=message):
@@ -398,8 +469,11 @@ def test_bad_budgets_fail_before_loading(stage, message, saved, calibration_file
 
 def test_dense_model_refused_before_loading(saved, calibration_file, tmp_path, no_model_loading):
     output = tmp_path / "out"
-    with pytest.raises(UnsupportedModelError, match=r"stages\[0\] \(expert_pruning\): expert pruning needs a "
-                                                    r"Mixture-of-Experts model; llama has no experts"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"stages\[0\] \(expert_pruning\): expert pruning needs a "
+        r"Mixture-of-Experts model; llama has no experts",
+    ):
         hf_prune.prune(recipe(saved("llama"), calibration_file, output, keep_experts=2), progress=False)
     assert not output.exists()
     llama = transformers.AutoConfig.from_pretrained(saved("llama"))

@@ -19,8 +19,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 #: Source folder → the package it installs as (setup.py's SOURCE_ROOTS).
-SOURCE_ROOTS = {"hf_prune": "hf_prune", "integrations": "hf_prune.integrations",
-                "model_patches": "hf_prune.model_patches", "evals": "hf_prune.evals"}
+SOURCE_ROOTS = {
+    "hf_prune": "hf_prune",
+    "integrations": "hf_prune.integrations",
+    "model_patches": "hf_prune.model_patches",
+    "evals": "hf_prune.evals",
+}
 
 TOP_LAYER = ("hf_prune.pipeline", "hf_prune.cli", "hf_prune.demo")
 LAB = ("hf_prune.evals.testbeds", "hf_prune.evals.benchmarks")
@@ -93,9 +97,10 @@ def within(name: str, prefix: str) -> bool:
 
 
 def is_core(module: str) -> bool:
-    return within(module, "hf_prune") and not any(within(module, p) for p in
-                                                   (*TOP_LAYER, "hf_prune.evals", "hf_prune.integrations",
-                                                    "hf_prune.model_patches"))
+    return within(module, "hf_prune") and not any(
+        within(module, p)
+        for p in (*TOP_LAYER, "hf_prune.evals", "hf_prune.integrations", "hf_prune.model_patches")
+    )
 
 
 def violations_of(imp: Import) -> list[str]:
@@ -110,7 +115,9 @@ def violations_of(imp: Import) -> list[str]:
             if within(name, "hf_prune.model_patches") and relative:
                 continue  # a sibling, copied along as remote code
             if name.split(".")[0] not in MODEL_PATCHES_ALLOWED or within(name, "hf_prune"):
-                out.append(f"{where} (model_patches: torch, transformers, the standard library and its siblings)")
+                out.append(
+                    f"{where} (model_patches: torch, transformers, the standard library and its siblings)"
+                )
             continue
         if is_core(imp.module):
             for banned in ("hf_prune.evals", "hf_prune.integrations", *TOP_LAYER):
@@ -118,8 +125,9 @@ def violations_of(imp: Import) -> list[str]:
                     out.append(f"{where} (the core never imports {banned})")
         if within(imp.module, "hf_prune.evals") or within(imp.module, "hf_prune.integrations"):
             for banned in TOP_LAYER:
-                if within(name, banned) and not (within(imp.module, "hf_prune.evals.benchmarks")
-                                                 and banned == "hf_prune.pipeline"):
+                if within(name, banned) and not (
+                    within(imp.module, "hf_prune.evals.benchmarks") and banned == "hf_prune.pipeline"
+                ):
                     out.append(f"{where} (evals and integrations never import {banned})")
         for lab in LAB:
             if within(name, lab) and not any(within(imp.module, home) for home in LAB):
@@ -131,8 +139,10 @@ def violations_of(imp: Import) -> list[str]:
 
 def test_resolve_relative_imports():
     assert resolve("hf_prune.evals.benchmarks.bench_experts", False, 3, "pipeline") == "hf_prune.pipeline"
-    assert resolve("hf_prune.evals.benchmarks.bench_experts", False, 2, "testbeds.moe_testbed") \
+    assert (
+        resolve("hf_prune.evals.benchmarks.bench_experts", False, 2, "testbeds.moe_testbed")
         == "hf_prune.evals.testbeds.moe_testbed"
+    )
     assert resolve("hf_prune.evals", True, 1, "metrics") == "hf_prune.evals.metrics"
     assert resolve("hf_prune", True, 1, None) == "hf_prune"
     assert resolve("hf_prune.recipe", False, 0, "torch") == "torch"
@@ -144,13 +154,17 @@ def test_rules_catch_a_planted_import():
     planted = [
         Import("hf_prune.recipe", "hf_prune/recipe.py", 1, ("hf_prune.evals.harness",)),
         Import("hf_prune.methods.depth.replaceme", "x.py", 1, ("relative:hf_prune.integrations",)),
-        Import("hf_prune.evals.harness", "evals/harness.py", 1, ("relative:hf_prune.evals.testbeds.moe_testbed",)),
+        Import(
+            "hf_prune.evals.harness", "evals/harness.py", 1, ("relative:hf_prune.evals.testbeds.moe_testbed",)
+        ),
         Import("hf_prune.cli", "hf_prune/cli.py", 1, ("hf_prune.evals.benchmarks.bench_experts",)),
         Import("hf_prune.evals.report", "evals/report.py", 1, ("relative:hf_prune.pipeline",)),
         Import("hf_prune.evals.testbeds.vlm_testbed", "x.py", 1, ("hf_prune.cli",)),
         Import("hf_prune.integrations.encoder_retainer_training", "x.py", 1, ("hf_prune.cli",)),
         Import("hf_prune.model_patches.nonuniform_moe", "x.py", 1, ("numpy",)),
-        Import("hf_prune.model_patches.nonuniform_moe", "x.py", 1, ("hf_prune.model_patches.token_selection",)),
+        Import(
+            "hf_prune.model_patches.nonuniform_moe", "x.py", 1, ("hf_prune.model_patches.token_selection",)
+        ),
     ]
     assert [bool(violations_of(imp)) for imp in planted] == [True] * len(planted)
     fine = [

@@ -36,9 +36,17 @@ FIXTURES = Path(__file__).parent / "fixtures" / "legacy_checkpoints"
 #: Today's remote code. (Importing it imported hf_prune, which registered the hf_prune_* classes.)
 MODEL_PATCHES = Path(hf_prune.model_patches.__file__).parent
 #: Every fixture, by name: a missing one fails (test_fixtures_all_there_and_small) rather than going untested.
-NAMES = ["nonuniform_moe_mixtral", "nonuniform_moe_qwen2_moe", "prompt_llama_adtp", "prompt_llama_attention",
-         "text_bert_adtp", "text_bert_attention", "text_distilbert_attention", "visual_llava_cdpruner",
-         "visual_qwen2_vl_cdpruner"]
+NAMES = [
+    "nonuniform_moe_mixtral",
+    "nonuniform_moe_qwen2_moe",
+    "prompt_llama_adtp",
+    "prompt_llama_attention",
+    "text_bert_adtp",
+    "text_bert_attention",
+    "text_distilbert_attention",
+    "visual_llava_cdpruner",
+    "visual_qwen2_vl_cdpruner",
+]
 ATOL = 1e-5
 #: The issue's budget for all of them together (files' own sizes).
 MAX_BYTES = 1024 * 1024
@@ -49,8 +57,10 @@ def expected(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, tor
     """(expected.json, the forward's keyword arguments, the outputs it gave when saved)."""
     meta = json.loads((folder / "expected.json").read_text())
     tensors = load_file(folder / "expected.safetensors")
-    split = {prefix: {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-             for prefix in ("inputs", "outputs")}
+    split = {
+        prefix: {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        for prefix in ("inputs", "outputs")
+    }
     assert sorted(split["inputs"]) == meta["inputs"] and sorted(split["outputs"]) == meta["outputs"]
     return meta, split["inputs"], split["outputs"]
 
@@ -59,7 +69,9 @@ def assert_same_outputs(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     assert sorted(got) == sorted(want), f"{name}: outputs {sorted(got)}, saved with {sorted(want)}"
     for key, value in want.items():
         if value.is_floating_point():
-            torch.testing.assert_close(got[key], value, atol=ATOL, rtol=0, msg=lambda m, k=key: f"{name}.{k}: {m}")
+            torch.testing.assert_close(
+                got[key], value, atol=ATOL, rtol=0, msg=lambda m, k=key: f"{name}.{k}: {m}"
+            )
         else:  # kept-token masks: exactly the same tokens
             assert torch.equal(got[key], value), f"{name}.{key}: {got[key].tolist()} != {value.tolist()}"
 
@@ -97,8 +109,12 @@ def test_loads_after_import_hf_prune(copies, name):
     # (transformers then takes the registered class without asking); False fails cleanly where it has not.
     model = auto.from_pretrained(folder, trust_remote_code=False).eval()
     assert model.config.model_type == meta["model_type"]
-    assert type(model).__module__.startswith("hf_prune."), f"{name}: loaded {type(model)}, not hf_prune's class"
-    assert not (problems := weight_name_problems(model, folder)), f"{name}: weights not loaded cleanly: {problems}"
+    assert type(model).__module__.startswith("hf_prune."), (
+        f"{name}: loaded {type(model)}, not hf_prune's class"
+    )
+    assert not (problems := weight_name_problems(model, folder)), (
+        f"{name}: weights not loaded cleanly: {problems}"
+    )
     with torch.no_grad():
         out = model(**inputs)
     assert_same_outputs({key: getattr(out, key) for key in want}, want, name)
@@ -157,8 +173,10 @@ def with_current_code(source: Path, target: Path) -> Path:
     meta = json.loads((source / "expected.json").read_text())
     named = {ref.split(".")[0] + ".py" for ref in meta["auto_map"].values()}
     gone = sorted(named - set(current))
-    assert not gone, (f"{source.name}: its auto_map names {gone}, no longer in model_patches/: old checkpoints "
-                      "refreshed with the new remote code could not find their classes")
+    assert not gone, (
+        f"{source.name}: its auto_map names {gone}, no longer in model_patches/: old checkpoints "
+        "refreshed with the new remote code could not find their classes"
+    )
     for path in current.values():
         shutil.copyfile(path, target / path.name)
     return target
@@ -169,22 +187,45 @@ def reloaded(copies, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     """{variant: (results by fixture name, folder of the outputs)}: one fresh process per variant, side by side,
     each loading every fixture with trust_remote_code=True."""
     work = tmp_path_factory.mktemp("legacy-reload")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
     runs = {}
     for variant in CODE_VARIANTS:
         spec = {}
         (work / variant / "out").mkdir(parents=True)
         for name in NAMES:
-            folder = copies / name if variant == "saved_code" else with_current_code(copies / name, work / variant / name)
+            folder = (
+                copies / name
+                if variant == "saved_code"
+                else with_current_code(copies / name, work / variant / name)
+            )
             meta = json.loads((folder / "expected.json").read_text())
-            spec[name] = {"folder": str(folder), "auto_class": meta["auto_class"], "outputs": meta["outputs"],
-                          "result": str(work / variant / "out" / f"{name}.safetensors")}
+            spec[name] = {
+                "folder": str(folder),
+                "auto_class": meta["auto_class"],
+                "outputs": meta["outputs"],
+                "result": str(work / variant / "out" / f"{name}.safetensors"),
+            }
         (work / variant / "spec.json").write_text(json.dumps(spec))
-        runs[variant] = subprocess.Popen([sys.executable, "-c", RELOAD, str(work / variant / "spec.json"),
-                                          str(work / variant / "results.json")], cwd=work, text=True,
-                                         env={**env, "HF_MODULES_CACHE": str(work / variant / "modules")},
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        runs[variant] = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                RELOAD,
+                str(work / variant / "spec.json"),
+                str(work / variant / "results.json"),
+            ],
+            cwd=work,
+            text=True,
+            env={**env, "HF_MODULES_CACHE": str(work / variant / "modules")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
     results = {}
     for variant, run in runs.items():
         stdout, stderr = run.communicate(timeout=300)

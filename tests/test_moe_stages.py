@@ -36,9 +36,15 @@ def test_two_stage_recipe_reloads(family, order, tmp_path):
     source = save_tiny_model(family, tmp_path / "src")
     calibration = write_calibration_file(tmp_path / "calib.txt")
     stages = [EXPERTS, DEPTH] if order == "experts_then_depth" else [DEPTH, EXPERTS]
-    result = hf_prune.prune({"model": str(source), "output": str(tmp_path / "out"), "stages": stages,
-                             "calibration": {"data": str(calibration), "num_samples": 8, "seq_len": 32}},
-                            progress=False)
+    result = hf_prune.prune(
+        {
+            "model": str(source),
+            "output": str(tmp_path / "out"),
+            "stages": stages,
+            "calibration": {"data": str(calibration), "num_samples": 8, "seq_len": 32},
+        },
+        progress=False,
+    )
     config = result.model.config
     assert config.num_hidden_layers == 3
     assert result.report["params_after"] < result.report["params_before"]
@@ -50,8 +56,11 @@ def test_two_stage_recipe_reloads(family, order, tmp_path):
         assert config.model_type == f"hf_prune_{family}" and len(config.experts_per_layer) == 3
     modes = ["hf_prune", "remote"] if config.model_type.startswith("hf_prune_") else ["plain"]
     for mode in modes:
-        done = subprocess.run([sys.executable, "-c", RELOAD, str(result.output), mode, json.dumps(ids)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", RELOAD, str(result.output), mode, json.dumps(ids)],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         reloaded = json.loads(done.stdout.strip().splitlines()[-1])
         assert reloaded["model_type"] == config.model_type

@@ -31,7 +31,9 @@ def _tiny_build(out_dir, seed=0):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in TINY_SIZES.items():
             patch.setattr(moe_testbed, name, value)
-        return moe_testbed.build_moe_testbed(out_dir, assets=_assets(), seed=seed, progress=False, _steps=TINY_STEPS)
+        return moe_testbed.build_moe_testbed(
+            out_dir, assets=_assets(), seed=seed, progress=False, _steps=TINY_STEPS
+        )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,10 @@ def tiny_model(tiny_dir):
 
 
 def _split_texts(folder, split):
-    return {domain: (folder / "data" / f"{split}_{domain}.txt").read_text(encoding="utf-8")
-            for domain in moe_testbed.DOMAINS}
+    return {
+        domain: (folder / "data" / f"{split}_{domain}.txt").read_text(encoding="utf-8")
+        for domain in moe_testbed.DOMAINS
+    }
 
 
 def test_tiny_build_loads_as_a_stock_mixtral(tiny_dir, tiny_model):
@@ -54,7 +58,9 @@ def test_tiny_build_loads_as_a_stock_mixtral(tiny_dir, tiny_model):
     config = model.config
     assert type(model).__name__ == "MixtralForCausalLM" and config.model_type == "mixtral"
     assert (config.num_local_experts, config.num_experts_per_tok) == (8, 2)
-    assert config.num_hidden_layers == moe_testbed.NUM_LAYERS and config.hidden_size == moe_testbed.HIDDEN_SIZE
+    assert (
+        config.num_hidden_layers == moe_testbed.NUM_LAYERS and config.hidden_size == moe_testbed.HIDDEN_SIZE
+    )
     assert config.output_router_logits is False  # a plain forward's loss is the LM loss
     assert len(tokenizer) == moe_testbed.VOCAB_SIZE
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 3)
@@ -73,12 +79,19 @@ def test_tiny_build_loads_as_a_stock_mixtral(tiny_dir, tiny_model):
 
     record = json.loads((tiny_dir / "testbed.json").read_text())
     assert record["version"] == moe_testbed.MOE_TESTBED_VERSION and record["steps"] == TINY_STEPS
-    assert record["seconds"] > 0 and set(record["seconds_by_stage"]) == {"data", "tokenizer", "training", "evaluation"}
+    assert record["seconds"] > 0 and set(record["seconds_by_stage"]) == {
+        "data",
+        "tokenizer",
+        "training",
+        "evaluation",
+    }
     assert set(record["eval_perplexity"]) == set(moe_testbed.DOMAINS)
     assert all(ppl > 1 for ppl in record["eval_perplexity"].values())
     losses = record["final_losses"]
     assert set(losses["train_ce_by_domain"]) == set(moe_testbed.DOMAINS) and losses["train_ce"] > 0
-    assert 0.5 < losses["load_balancing_loss"] < 8 and losses["router_z_loss"] > 0  # Switch loss: 1 when balanced
+    assert (
+        0.5 < losses["load_balancing_loss"] < 8 and losses["router_z_loss"] > 0
+    )  # Switch loss: 1 when balanced
     assert len(record["routing"]["layers"]) == moe_testbed.NUM_LAYERS
     assert set(record["ablation"]["most_vs_least"]) == set(moe_testbed.DOMAINS)
     assert {"load_spread", "ablation", "passed"} <= set(record["checks"])
@@ -124,8 +137,10 @@ def test_splits_are_disjoint_slices_of_the_sources(tiny_dir):
     calibration_lines = {line for text in splits["calibration"].values() for line in text.split("\n")}
     assert all(line in calibration_lines for record_text in records for line in record_text.split("\n"))
     first_records = records[: len(moe_testbed.DOMAINS)]  # one record of each domain, in turn
-    assert [record_text.split("\n")[0] in splits["calibration"][d] for record_text, d in
-            zip(first_records, moe_testbed.DOMAINS, strict=True)] == [True] * len(moe_testbed.DOMAINS)
+    assert [
+        record_text.split("\n")[0] in splits["calibration"][d]
+        for record_text, d in zip(first_records, moe_testbed.DOMAINS, strict=True)
+    ] == [True] * len(moe_testbed.DOMAINS)
 
 
 def test_routing_report_fields(tiny_dir, tiny_model):
@@ -139,7 +154,9 @@ def test_routing_report_fields(tiny_dir, tiny_model):
         assert len(layer["load"]) == 8 and math.isclose(sum(layer["load"]), 1, abs_tol=1e-3)
         assert layer["max_load"] == max(layer["load"]) and layer["min_load"] == min(layer["load"])
         assert 0 < layer["load_entropy"] <= math.log(8) + 1e-6
-        assert math.isclose(layer["normalised_load_entropy"], layer["load_entropy"] / math.log(8), abs_tol=1e-3)
+        assert math.isclose(
+            layer["normalised_load_entropy"], layer["load_entropy"] / math.log(8), abs_tol=1e-3
+        )
         assert 0 < layer["router_entropy"] <= math.log(8) + 1e-6
         assert set(layer["per_domain_load"]) == set(moe_testbed.DOMAINS)
         for domain, load in layer["per_domain_load"].items():
@@ -165,10 +182,15 @@ def test_ablation_check_fields(tiny_dir, tiny_model):
     for domain in moe_testbed.DOMAINS:
         ratio = perplexity["most_used_removed"][domain] / perplexity["least_used_removed"][domain]
         assert math.isclose(result["most_vs_least"][domain], ratio, rel_tol=1e-3)
-        assert math.isclose(result["ratio_to_baseline"]["most_used_removed"][domain],
-                            perplexity["most_used_removed"][domain] / perplexity["baseline"][domain], rel_tol=1e-3)
+        assert math.isclose(
+            result["ratio_to_baseline"]["most_used_removed"][domain],
+            perplexity["most_used_removed"][domain] / perplexity["baseline"][domain],
+            rel_tol=1e-3,
+        )
         own = result["per_domain"][domain]
-        assert {"most_used", "least_used", "most_used_removed", "least_used_removed", "most_vs_least"} <= set(own)
+        assert {"most_used", "least_used", "most_used_removed", "least_used_removed", "most_vs_least"} <= set(
+            own
+        )
     json.dumps(result)
     # Hooks are removed afterwards: the model is unchanged.
     tokens = moe_routing.token_stream(tokenizer, texts["stories"], 256)

@@ -38,7 +38,9 @@ def make_word_tokenizer(*, bos: bool = True) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if bos:
         backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def direct_loglik(model, tokenizer, question, choice, *, max_length=None):
     whole_ids = tokenizer(question + " " + choice)["input_ids"]
     num_continuation = len(whole_ids) - len(context_ids)
     if max_length is not None:
-        whole_ids = whole_ids[-(max_length + 1):]
+        whole_ids = whole_ids[-(max_length + 1) :]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([whole_ids[:-1]])).logits[0]
     log_probs = torch.log_softmax(logits.double(), dim=-1)
@@ -105,14 +107,17 @@ def argmax(values):
 
 def test_matches_direct_computation(tiny_llama, word_tokenizer, rows, tmp_path):
     path = write_rows(tmp_path / "mc.jsonl", rows)
-    result = evaluate_multiple_choice(tiny_llama, word_tokenizer, path, batch_size=4, progress=False,
-                                      return_details=True)
+    result = evaluate_multiple_choice(
+        tiny_llama, word_tokenizer, path, batch_size=4, progress=False, return_details=True
+    )
     assert result["num_examples"] == len(rows)
     assert result["data"] == str(path)
     assert result["seconds"] >= 0
     correct = correct_norm = 0
     for row, detail in zip(rows, result["per_example"], strict=True):
-        expected = [direct_loglik(tiny_llama, word_tokenizer, row["question"], choice) for choice in row["choices"]]
+        expected = [
+            direct_loglik(tiny_llama, word_tokenizer, row["question"], choice) for choice in row["choices"]
+        ]
         assert detail["loglik"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
         assert all(value < 0 for value in detail["loglik"])
         assert detail["pred"] == argmax(expected)
@@ -129,10 +134,12 @@ def test_matches_direct_computation(tiny_llama, word_tokenizer, rows, tmp_path):
 
 
 def test_batch_size_does_not_change_results(tiny_llama, word_tokenizer, rows):
-    one = evaluate_multiple_choice(tiny_llama, word_tokenizer, rows, batch_size=1, progress=False,
-                                   return_details=True)
-    five = evaluate_multiple_choice(tiny_llama, word_tokenizer, rows, batch_size=5, progress=False,
-                                    return_details=True)
+    one = evaluate_multiple_choice(
+        tiny_llama, word_tokenizer, rows, batch_size=1, progress=False, return_details=True
+    )
+    five = evaluate_multiple_choice(
+        tiny_llama, word_tokenizer, rows, batch_size=5, progress=False, return_details=True
+    )
     assert one["accuracy"] == five["accuracy"]
     assert one["accuracy_norm"] == five["accuracy_norm"]
     for a, b in zip(one["per_example"], five["per_example"], strict=True):
@@ -145,14 +152,16 @@ def test_padding_does_not_change_scores(tiny_llama, word_tokenizer):
     long = {"question": " ".join(WORDS[:20]), "choices": ["w6", "w7"], "answer": 1}
     alone = evaluate_multiple_choice(tiny_llama, word_tokenizer, [short], progress=False, return_details=True)
     # With the long row in the same batch, the short requests are right-padded by ~20 positions.
-    padded = evaluate_multiple_choice(tiny_llama, word_tokenizer, [long, short], batch_size=8, progress=False,
-                                      return_details=True)
+    padded = evaluate_multiple_choice(
+        tiny_llama, word_tokenizer, [long, short], batch_size=8, progress=False, return_details=True
+    )
     assert padded["per_example"][1]["loglik"] == pytest.approx(alone["per_example"][0]["loglik"], rel=1e-6)
     # Whatever the pad id, masked positions do not matter.
     tokenizer = make_word_tokenizer()
     tokenizer.pad_token = "w9"
-    other_pad = evaluate_multiple_choice(tiny_llama, tokenizer, [long, short], batch_size=8, progress=False,
-                                         return_details=True)
+    other_pad = evaluate_multiple_choice(
+        tiny_llama, tokenizer, [long, short], batch_size=8, progress=False, return_details=True
+    )
     for a, b in zip(padded["per_example"], other_pad["per_example"], strict=True):
         assert a["loglik"] == pytest.approx(b["loglik"], rel=1e-6)
 
@@ -170,21 +179,33 @@ def test_tokenizer_without_bos(tiny_llama):
         expected.append(sum(log_probs[p - 1, ids[p]].item() for p in range(num_context, len(ids))))
     assert result["per_example"][0]["loglik"] == pytest.approx(expected, rel=1e-5)
     # An empty question: the continuation is scored after the BOS token, as lm-eval does.
-    empty = evaluate_multiple_choice(tiny_llama, tokenizer, [{"question": "", "choices": ["w4", "w5"], "answer": 0}],
-                                     progress=False, return_details=True)
+    empty = evaluate_multiple_choice(
+        tiny_llama,
+        tokenizer,
+        [{"question": "", "choices": ["w4", "w5"], "answer": 0}],
+        progress=False,
+        return_details=True,
+    )
     with torch.no_grad():
         log_probs = torch.log_softmax(tiny_llama(input_ids=torch.tensor([[1]])).logits[0, 0].double(), -1)
-    assert empty["per_example"][0]["loglik"] == pytest.approx([log_probs[7].item(), log_probs[8].item()], rel=1e-5)
+    assert empty["per_example"][0]["loglik"] == pytest.approx(
+        [log_probs[7].item(), log_probs[8].item()], rel=1e-5
+    )
 
 
 def test_left_truncation_to_max_length(tiny_llama, word_tokenizer):
     row = {"question": " ".join(WORDS[:25]), "choices": ["w1 w2 w3", "w4"], "answer": 0}
-    result = evaluate_multiple_choice(tiny_llama, word_tokenizer, [row], max_length=8, progress=False,
-                                      return_details=True)
-    expected = [direct_loglik(tiny_llama, word_tokenizer, row["question"], choice, max_length=8)
-                for choice in row["choices"]]
+    result = evaluate_multiple_choice(
+        tiny_llama, word_tokenizer, [row], max_length=8, progress=False, return_details=True
+    )
+    expected = [
+        direct_loglik(tiny_llama, word_tokenizer, row["question"], choice, max_length=8)
+        for choice in row["choices"]
+    ]
     assert result["per_example"][0]["loglik"] == pytest.approx(expected, rel=1e-5)
-    untruncated = [direct_loglik(tiny_llama, word_tokenizer, row["question"], choice) for choice in row["choices"]]
+    untruncated = [
+        direct_loglik(tiny_llama, word_tokenizer, row["question"], choice) for choice in row["choices"]
+    ]
     assert result["per_example"][0]["loglik"] != pytest.approx(untruncated, rel=1e-5)
     assert default_max_length(tiny_llama) == 64
 
@@ -193,8 +214,9 @@ def test_answer_as_text_limit_and_training_mode(tiny_llama, word_tokenizer, rows
     by_text = [{**row, "answer": row["choices"][row["answer"]]} for row in rows]
     tiny_llama.train()
     try:
-        result = evaluate_multiple_choice(tiny_llama, word_tokenizer, by_text, limit=5, progress=False,
-                                          return_details=True)
+        result = evaluate_multiple_choice(
+            tiny_llama, word_tokenizer, by_text, limit=5, progress=False, return_details=True
+        )
         assert tiny_llama.training
     finally:
         tiny_llama.eval()
@@ -246,15 +268,18 @@ GOOD = {"question": "w1 w2", "choices": ["w3", "w4"], "answer": 0}
 def test_bad_rows_name_file_and_line(tiny_llama, word_tokenizer, tmp_path, bad_row, message):
     path = tmp_path / "bad.jsonl"
     # Line 2 is blank, so the bad row is on line 4 although it is the third record.
-    path.write_text("\n".join([json.dumps(GOOD), "", json.dumps(GOOD), json.dumps(bad_row)]) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        "\n".join([json.dumps(GOOD), "", json.dumps(GOOD), json.dumps(bad_row)]) + "\n", encoding="utf-8"
+    )
     with pytest.raises(DataError, match=rf"bad\.jsonl:4: .*{message}"):
         evaluate_multiple_choice(tiny_llama, word_tokenizer, path, progress=False)
 
 
 def test_bad_in_memory_row_names_index(tiny_llama, word_tokenizer):
     with pytest.raises(DataError, match=r"data\[1\]: 'choices' needs at least 2"):
-        evaluate_multiple_choice(tiny_llama, word_tokenizer, [GOOD, {**GOOD, "choices": ["w3"]}], progress=False)
+        evaluate_multiple_choice(
+            tiny_llama, word_tokenizer, [GOOD, {**GOOD, "choices": ["w3"]}], progress=False
+        )
 
 
 # --- the cloze builder ---------------------------------------------------------------------------
@@ -282,8 +307,10 @@ def test_cloze_items_are_well_formed_and_deterministic():
         assert len(choices) == 4 and len({choice.lower() for choice in choices}) == 4
         assert answer.isalpha() and all(choice.isalpha() for choice in choices)
         # The answer is the word that really follows the passage, within one document.
-        assert any(item["question"] + " " + answer in document or item["question"] + "\n" + answer in document
-                   for document in documents)
+        assert any(
+            item["question"] + " " + answer in document or item["question"] + "\n" + answer in document
+            for document in documents
+        )
     assert len({item["answer"] for item in items}) == 4  # the answer position varies
 
 
@@ -322,8 +349,9 @@ def stories260k():
 
 def cloze_accuracy(stories260k, text_path, tmp_path):
     model, tokenizer = stories260k
-    items = build_cloze_items(text_path.read_text(encoding="utf-8"), num_items=NUM_ITEMS,
-                              num_choices=NUM_CHOICES, seed=0)
+    items = build_cloze_items(
+        text_path.read_text(encoding="utf-8"), num_items=NUM_ITEMS, num_choices=NUM_CHOICES, seed=0
+    )
     path = write_jsonl(items, tmp_path / f"cloze-{text_path.parent.name}.jsonl")
     return evaluate_multiple_choice(model, tokenizer, path, batch_size=32, progress=False)
 

@@ -58,13 +58,19 @@ def no_model_loading(monkeypatch):
 
 
 def layer_drop_recipe(source, output, **changes):
-    return {"model": str(source), "output": str(output), "stages": [{"method": "layer_drop", "layers": [1, 1]}],
-            **changes}
+    return {
+        "model": str(source),
+        "output": str(output),
+        "stages": [{"method": "layer_drop", "layers": [1, 1]}],
+        **changes,
+    }
 
 
 def tree(folder: Path) -> dict[str, bytes | None]:
     """Every path under ``folder`` (hidden ones too) with its bytes (None for a folder)."""
-    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))
+    }
 
 
 def leftovers(folder: Path, name: str = "out") -> list[str]:
@@ -101,7 +107,9 @@ def test_existing_user_folder_is_refused_for_a_model_in_memory(tmp_path, source)
     (documents / "thesis.txt").write_text("four years of work")
     model = AutoModelForCausalLM.from_pretrained(source)
     with pytest.raises(RecipeError, match=f"output: {documents} already exists"):
-        hf_prune.prune(model, {"output": str(documents), "stages": [{"method": "layer_drop", "layers": [1, 1]}]})
+        hf_prune.prune(
+            model, {"output": str(documents), "stages": [{"method": "layer_drop", "layers": [1, 1]}]}
+        )
     assert (documents / "thesis.txt").read_text() == "four years of work"
 
 
@@ -129,21 +137,41 @@ def _never_replaced_case(case: str, tmp_path: Path, monkeypatch) -> tuple[dict, 
         recipes = earlier_output(tmp_path / "recipes")
         return {"output": str(recipes)}, recipes / "recipe.yaml", recipes, "contains the recipe file"
     if case == "calibration data folder":
-        return ({"output": str(data), "calibration": {"data": str(data / "calib.txt")}}, None, data,
-                "contains calibration.data")
+        return (
+            {"output": str(data), "calibration": {"data": str(data / "calib.txt")}},
+            None,
+            data,
+            "contains calibration.data",
+        )
     if case == "evaluation data folder":
-        return ({"output": str(data), "evaluate": [{"task": "perplexity", "data": str(data / "calib.txt")}]},
-                None, data, "contains evaluate[0].data")
+        return (
+            {"output": str(data), "evaluate": [{"task": "perplexity", "data": str(data / "calib.txt")}]},
+            None,
+            data,
+            "contains evaluate[0].data",
+        )
     if case == "stage training data folder":
-        stage = {"method": "text_token_pruning", "algorithm": "fixed", "keep_ratio": 0.5,
-                 "train_data": str(data / "calib.txt"), "train_steps": 1}
+        stage = {
+            "method": "text_token_pruning",
+            "algorithm": "fixed",
+            "keep_ratio": 0.5,
+            "train_data": str(data / "calib.txt"),
+            "train_steps": 1,
+        }
         return {"output": str(data), "stages": [stage]}, None, data, "contains stages[0].train_data"
     raise AssertionError(case)
 
 
-NEVER_REPLACED = ["working folder", "ancestor of the working folder", "home folder", "ancestor of the home folder",
-                  "recipe folder", "calibration data folder", "evaluation data folder",
-                  "stage training data folder"]
+NEVER_REPLACED = [
+    "working folder",
+    "ancestor of the working folder",
+    "home folder",
+    "ancestor of the home folder",
+    "recipe folder",
+    "calibration data folder",
+    "evaluation data folder",
+    "stage training data folder",
+]
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
@@ -211,7 +239,9 @@ def test_overwrite_replaces_a_plain_folder_and_a_rerun_needs_no_overwrite(how, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # replaced by a rename: no temporaries left
     first = json.loads((documents / REPORT_FILE).read_text())["created"]
     time.sleep(1.01)  # "created" has one-second resolution
-    result = hf_prune.prune(layer_drop_recipe(source, documents), progress=False)  # an earlier output: no flag
+    result = hf_prune.prune(
+        layer_drop_recipe(source, documents), progress=False
+    )  # an earlier output: no flag
     assert json.loads((documents / REPORT_FILE).read_text())["created"] != first
     assert AutoModelForCausalLM.from_pretrained(result.output).config.num_hidden_layers == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -238,7 +268,9 @@ def test_unwritable_output_folder_is_refused_before_loading(tmp_path, source, no
         parent.chmod(0o555)
     output = parent / "hf-prune-test-output" / "pruned"
     try:
-        with pytest.raises(RecipeError, match=f"output: {output} cannot be written: {parent} is not writable"):
+        with pytest.raises(
+            RecipeError, match=f"output: {output} cannot be written: {parent} is not writable"
+        ):
             hf_prune.prune(layer_drop_recipe(source, output))
     finally:
         if parent.is_relative_to(tmp_path):
@@ -246,7 +278,9 @@ def test_unwritable_output_folder_is_refused_before_loading(tmp_path, source, no
     assert not output.parent.exists()
 
 
-def test_too_little_free_disk_space_is_refused_naming_both_sizes(tmp_path, source, monkeypatch, no_model_loading):
+def test_too_little_free_disk_space_is_refused_naming_both_sizes(
+    tmp_path, source, monkeypatch, no_model_loading
+):
     weights = (source / "model.safetensors").stat().st_size
     free = weights // 2
     seen = []
@@ -261,7 +295,10 @@ def test_too_little_free_disk_space_is_refused_naming_both_sizes(tmp_path, sourc
         hf_prune.prune(layer_drop_recipe(source, output))
     message = str(error.value)
     assert message.startswith("output: not enough free disk space")
-    assert f"{format_bytes(free)} free in {tmp_path}" in message and f"needs about {format_bytes(weights)}" in message
+    assert (
+        f"{format_bytes(free)} free in {tmp_path}" in message
+        and f"needs about {format_bytes(weights)}" in message
+    )
     assert seen == [tmp_path]  # the nearest folder that exists: the output's parents are made by the save
     assert list(tmp_path.iterdir()) == []
 
@@ -277,8 +314,13 @@ def test_stale_temporary_folders_are_removed_by_the_next_save(tmp_path, caplog):
         folder.mkdir()
         (folder / "junk.safetensors").write_bytes(b"\0" * 1000)
     # Not ours: other targets, other names, a file, and a folder a running save holds locked.
-    kept = [tmp_path / ".out2.tmp-deadbeef", tmp_path / ".out.tmp-deadbeef0", tmp_path / ".out.tmp-notes",
-            tmp_path / "out.tmp-deadbeef", tmp_path / ".out.tmp-0badc0de"]
+    kept = [
+        tmp_path / ".out2.tmp-deadbeef",
+        tmp_path / ".out.tmp-deadbeef0",
+        tmp_path / ".out.tmp-notes",
+        tmp_path / "out.tmp-deadbeef",
+        tmp_path / ".out.tmp-0badc0de",
+    ]
     for folder in kept:
         folder.mkdir()
     (tmp_path / ".out.old-12345678").write_text("a file, not a folder")
@@ -313,14 +355,26 @@ def test_previous_output_kept_only_beside_the_target_is_restored(tmp_path, caplo
 #: to be written (the child does not pause there: the kill races the real write, so either output may remain),
 #: with the weights written but not the rest, between the two renames of the swap (no output: the old one
 #: waits beside it), while the old output is being deleted, after the save.
-KILL_POINTS = {"start": "old", "writing": "old or new", "weights written": "old", "between renames": None,
-               "removing old": "new", "done": "new"}
+KILL_POINTS = {
+    "start": "old",
+    "writing": "old or new",
+    "weights written": "old",
+    "between renames": None,
+    "removing old": "new",
+    "done": "new",
+}
 RACING = "writing"
 
 
 def _report(version: str, target: Path, params: int) -> dict:
-    return {"recipe": {"model": None, "output": str(target)}, "stages": [], "params_before": params,
-            "params_after": params, "evaluation": [], "version": version}
+    return {
+        "recipe": {"model": None, "output": str(target)},
+        "stages": [],
+        "params_before": params,
+        "params_after": params,
+        "evaluation": [],
+        "version": version,
+    }
 
 
 def _save_and_stop_at(model, target: Path, stop_at: str, pipe: int) -> None:
@@ -377,7 +431,9 @@ def test_kill_9_during_a_save_leaves_the_old_or_new_output(tmp_path, source):
     model = AutoModelForCausalLM.from_pretrained(source)
     params = sum(p.numel() for p in model.parameters())
     for stop_at, expected in KILL_POINTS.items():
-        save_pruned_model(model, None, target, _report("old", target, params))  # also clears the last kill's mess
+        save_pruned_model(
+            model, None, target, _report("old", target, params)
+        )  # also clears the last kill's mess
         assert _version(target) == "old" and leftovers(tmp_path) == []
         read_end, write_end = os.pipe()
         pid = os.fork()
@@ -426,8 +482,11 @@ def test_nan_weights_are_refused_and_the_previous_output_kept(tmp_path, source):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, :3] = float("nan")
         model.model.layers[2].self_attn.q_proj.weight[1, 1] = float("inf")
-    with pytest.raises(HfPruneError, match=r"^model\.layers\.1\.mlp\.down_proj\.weight holds 3 NaN/inf values "
-                                           r"\(and 1 more tensors\); nothing was saved"):
+    with pytest.raises(
+        HfPruneError,
+        match=r"^model\.layers\.1\.mlp\.down_proj\.weight holds 3 NaN/inf values "
+        r"\(and 1 more tensors\); nothing was saved",
+    ):
         save_pruned_model(model, None, target, _report("new", target, 1))
     assert tree(tmp_path) == before
 
@@ -441,10 +500,17 @@ def test_a_stage_producing_nan_saves_nothing(tmp_path):
     before = tree(output)
     # Adam steps of ~lr each: a few of them overflow float32 in the folded down projection.
     stage = {"method": "replaceme", "num_layers": 1, "estimator": "cosine", "lr": 3e37, "epochs": 5}
-    recipe = {"model": str(source), "output": str(output), "stages": [stage],
-              "calibration": {"data": str(calibration), "num_samples": 4, "seq_len": 32}}
-    with pytest.raises(HfPruneError, match=r"model\.layers\.\d+\.mlp\.down_proj\.weight holds \d+ NaN/inf values.*"
-                                           r"nothing was saved"):
+    recipe = {
+        "model": str(source),
+        "output": str(output),
+        "stages": [stage],
+        "calibration": {"data": str(calibration), "num_samples": 4, "seq_len": 32},
+    }
+    with pytest.raises(
+        HfPruneError,
+        match=r"model\.layers\.\d+\.mlp\.down_proj\.weight holds \d+ NaN/inf values.*"
+        r"nothing was saved",
+    ):
         hf_prune.prune(recipe, progress=False)
     assert tree(output) == before and leftovers(tmp_path) == []
 
@@ -459,8 +525,14 @@ def _strict(text: str):
 def test_hf_prune_json_is_strict_json(tmp_path, source):
     model = AutoModelForCausalLM.from_pretrained(source)
     report = _report("new", tmp_path / "out", 1)
-    report["stages"] = [{"method": "replaceme", "relative_error": float("nan"), "distances": [0.5, float("inf")],
-                         "tensor": torch.tensor([1.0, float("-inf")])}]
+    report["stages"] = [
+        {
+            "method": "replaceme",
+            "relative_error": float("nan"),
+            "distances": [0.5, float("inf")],
+            "tensor": torch.tensor([1.0, float("-inf")]),
+        }
+    ]
     save_pruned_model(model, None, tmp_path / "out", report)
     saved = _strict((tmp_path / "out" / REPORT_FILE).read_text())
     assert saved["stages"][0]["relative_error"] is None
@@ -473,11 +545,20 @@ def test_a_model_built_in_memory_saves_below_the_working_folder(tmp_path, monkey
     under the working folder is fine (an empty name once counted as the working folder itself)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     assert model.name_or_path == ""
     monkeypatch.chdir(tmp_path)
-    result = hf_prune.prune(model, {"output": "pruned", "stages": [{"method": "layer_drop", "layers": [1, 1]}]},
-                            progress=False)
+    result = hf_prune.prune(
+        model, {"output": "pruned", "stages": [{"method": "layer_drop", "layers": [1, 1]}]}, progress=False
+    )
     assert result.output == tmp_path / "pruned"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").config.num_hidden_layers == 2

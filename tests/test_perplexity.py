@@ -1,4 +1,3 @@
-
 import json
 import math
 import random
@@ -202,8 +201,14 @@ def test_document_separator_is_removed(tiny_llama, word_tokenizer, tmp_path, cor
     marked = tmp_path / "marked.txt"
     marked.write_text(" ".join(words[:30]) + "\n<|endoftext|>\n" + " ".join(words[30:]), encoding="utf-8")
     expected = evaluate_perplexity(tiny_llama, word_tokenizer, plain, seq_len=SEQ_LEN, progress=False)
-    stripped = evaluate_perplexity(tiny_llama, word_tokenizer, marked, seq_len=SEQ_LEN, progress=False,
-                                   document_separator=DEFAULT_DOCUMENT_SEPARATOR)
+    stripped = evaluate_perplexity(
+        tiny_llama,
+        word_tokenizer,
+        marked,
+        seq_len=SEQ_LEN,
+        progress=False,
+        document_separator=DEFAULT_DOCUMENT_SEPARATOR,
+    )
     assert stripped["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
     kept = evaluate_perplexity(tiny_llama, word_tokenizer, marked, seq_len=SEQ_LEN, progress=False)
     assert kept["num_tokens"] == expected["num_tokens"] + 1  # the marker is one <unk> word here
@@ -282,8 +287,15 @@ def stories260k():
 def test_stories260k_tinystories_perplexity(stories260k):
     model, tokenizer = stories260k
     sample = shared_asset("text/tinystories/sample.txt")
-    result = evaluate_perplexity(model, tokenizer, sample, seq_len=512, limit=1, progress=False,
-                                 document_separator=DEFAULT_DOCUMENT_SEPARATOR)
+    result = evaluate_perplexity(
+        model,
+        tokenizer,
+        sample,
+        seq_len=512,
+        limit=1,
+        progress=False,
+        document_separator=DEFAULT_DOCUMENT_SEPARATOR,
+    )
     # ../shared/assets/README.md quotes 4.06 for the first 512 tokens of this in-domain text, with
     # the literal <|endoftext|> markers between stories removed (the tokenizer spells them out).
     assert 3.8 <= result["perplexity"] <= 4.3, result

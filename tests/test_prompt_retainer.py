@@ -2,7 +2,6 @@
 on a plain text file, keep_ratio 1 is the stock model, generate = the pruned forward step by step, the ratio
 head gives prompts their own ratios, the retainer reloads in a fresh process, and bad input names its key."""
 
-
 import pytest
 import torch
 from fresh_process import generate_after_reload
@@ -15,8 +14,15 @@ from hf_prune.errors import DataError, RecipeError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TRAINING = {"train_steps": 4, "batch_size": 4, "max_length": 24, "continuation_length": 8, "ig_steps": 2,
-            "target_ratio": 0.5, "learning_rate": 1e-2}
+TRAINING = {
+    "train_steps": 4,
+    "batch_size": 4,
+    "max_length": 24,
+    "continuation_length": 8,
+    "ig_steps": 2,
+    "target_ratio": 0.5,
+    "learning_rate": 1e-2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,11 @@ def kept_count(n: int, ratio: float) -> int:
 def test_training_through_prune_changes_the_retainer(stock, tokenizer, text_file):
     result = pruned(stock, tokenizer, text_file, algorithm="adtp", layer=1)
     training = result.report["stages"][0]["training"]
-    assert training["steps"] == 4 and training["windows"] >= 4 and set(training["final"]) >= {"task", "distill", "flops"}
+    assert (
+        training["steps"] == 4
+        and training["windows"] >= 4
+        and set(training["final"]) >= {"task", "distill", "flops"}
+    )
     torch.manual_seed(0)  # the stage's seed: the retainer it starts from
     untrained = PromptRetainer(stock.config.hidden_size, 6, 64)
     trained = result.model.retainer.state_dict()
@@ -67,9 +77,13 @@ def test_fixed_keep_ratio_one_is_the_stock_model(stock, tokenizer, text_file):
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits[real], stock(**inputs).logits[real], rtol=1e-5, atol=1e-5)
-        assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False),
-                           stock.generate(**inputs, max_new_tokens=6, do_sample=False))
+        torch.testing.assert_close(
+            model(**inputs).logits[real], stock(**inputs).logits[real], rtol=1e-5, atol=1e-5
+        )
+        assert torch.equal(
+            model.generate(**inputs, max_new_tokens=6, do_sample=False),
+            stock.generate(**inputs, max_new_tokens=6, do_sample=False),
+        )
 
 
 @pytest.mark.parametrize(("family", "layer"), [("llama", 0), ("qwen2", 1), ("mistral", 2)])
@@ -80,14 +94,24 @@ def test_adtp_generate_equals_the_pruned_forward_step_by_step(stock, tokenizer, 
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     length = inputs["input_ids"].shape[1]
     with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
-                                   output_logits=True)
+        generated = model.generate(
+            **inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
         positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
         out = model(**inputs, position_ids=positions, use_cache=True)
-        ratios = None if layer else chosen_ratios(model.settings, model.retainer(
-            model.model.embed_tokens(inputs["input_ids"]), inputs["attention_mask"].bool())[1])
-        assert ratios is None or out.kept_tokens.sum(1).tolist() == [kept_count(int(n), float(r)) for n, r in
-                                                   zip(inputs["attention_mask"].sum(1), ratios, strict=True)]
+        ratios = (
+            None
+            if layer
+            else chosen_ratios(
+                model.settings,
+                model.retainer(
+                    model.model.embed_tokens(inputs["input_ids"]), inputs["attention_mask"].bool()
+                )[1],
+            )
+        )
+        assert ratios is None or out.kept_tokens.sum(1).tolist() == [
+            kept_count(int(n), float(r)) for n, r in zip(inputs["attention_mask"].sum(1), ratios, strict=True)
+        ]
         cache, mask, steps = out.cache, inputs["attention_mask"], [out.logits[:, -1]]
         for _ in range(4):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -105,7 +129,9 @@ def test_a_sharp_ratio_head_gives_prompts_their_own_ratios(stock, tokenizer, tex
     candidates = model.settings["candidate_ratios"]
     mask = inputs["attention_mask"].bool()
     embeddings = model.model.embed_tokens(inputs["input_ids"]).detach()
-    means = (embeddings * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # the pooled mean the head reads
+    means = (embeddings * mask[..., None]).sum(1) / mask.sum(
+        1, keepdim=True
+    )  # the pooled mean the head reads
     dim = int((means.amax(0) * -means.amin(0)).argmax())  # a coordinate of both signs
     with torch.no_grad():  # ratio 0.2 where the prompt's mean coordinate is positive, else 0.7
         first, second = model.retainer.ratio[0], model.retainer.ratio[2]
@@ -121,15 +147,26 @@ def test_a_sharp_ratio_head_gives_prompts_their_own_ratios(stock, tokenizer, tex
             n = int(inputs["attention_mask"][row].sum())
             assert int(out.kept_tokens[row].sum()) == kept_count(n, expected[row])
             alone = tokenizer([prompt], return_tensors="pt")
-            assert torch.equal(model.generate(**alone, max_new_tokens=4, do_sample=False)[0, alone["input_ids"].shape[1]:],
-                               model.generate(**inputs, max_new_tokens=4, do_sample=False)[row, inputs["input_ids"].shape[1]:])
+            assert torch.equal(
+                model.generate(**alone, max_new_tokens=4, do_sample=False)[0, alone["input_ids"].shape[1] :],
+                model.generate(**inputs, max_new_tokens=4, do_sample=False)[
+                    row, inputs["input_ids"].shape[1] :
+                ],
+            )
 
 
 @pytest.mark.slow
 def test_save_and_reload_in_a_fresh_process(stock, tokenizer, text_file, tmp_path):
-    stage = {"method": "text_token_pruning", "algorithm": "adtp", "layer": 1, "train_data": str(text_file), **TRAINING}
-    result = hf_prune.prune(stock, {"output": str(tmp_path / "out"), "stages": [stage]}, tokenizer=tokenizer,
-                            progress=False)
+    stage = {
+        "method": "text_token_pruning",
+        "algorithm": "adtp",
+        "layer": 1,
+        "train_data": str(text_file),
+        **TRAINING,
+    }
+    result = hf_prune.prune(
+        stock, {"output": str(tmp_path / "out"), "stages": [stage]}, tokenizer=tokenizer, progress=False
+    )
     assert "prompt_retainer.py" in {p.name for p in result.output.iterdir()}
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     model = result.model.eval()
@@ -138,20 +175,28 @@ def test_save_and_reload_in_a_fresh_process(stock, tokenizer, text_file, tmp_pat
     retainer_sum = sum(float(p.detach().double().sum()) for p in model.retainer.parameters())
     for mode, got in generate_after_reload(result.output, inputs, tmp_path).items():
         assert got["class"] == "HfPruneLlamaForCausalLM" and got["hf_prune"] == (mode == "hf_prune")
-        assert got["retainer"] == pytest.approx(retainer_sum, abs=1e-9)  # the trained weights, not a fresh init
+        assert got["retainer"] == pytest.approx(
+            retainer_sum, abs=1e-9
+        )  # the trained weights, not a fresh init
         assert got["tokens"] == expected
 
 
 def test_bad_input_names_the_key(stock, tokenizer, text_file, tmp_path):
     with pytest.raises(RecipeError, match=r"stages\[0\]\.train_data: adtp learns its saliency"):
-        hf_prune.prune(stock, {"stages": [{"method": "text_token_pruning", "algorithm": "adtp"}]}, progress=False)
+        hf_prune.prune(
+            stock, {"stages": [{"method": "text_token_pruning", "algorithm": "adtp"}]}, progress=False
+        )
     with pytest.raises(RecipeError, match=r"stages\[0\]\.train_data: file not found: .*missing\.txt"):
         pruned(stock, tokenizer, tmp_path / "missing.txt", algorithm="adtp")
     short = tmp_path / "short.txt"
     short.write_text(PROMPTS[1])
-    with pytest.raises(DataError, match=r"train_data: .*short\.txt gives 1 windows of 24 tokens, fewer than one batch"):
+    with pytest.raises(
+        DataError, match=r"train_data: .*short\.txt gives 1 windows of 24 tokens, fewer than one batch"
+    ):
         pruned(stock, tokenizer, short, algorithm="fixed", keep_ratio=0.5)
     with pytest.raises(RecipeError, match=r"stages\[0\]\.keep_ratio"):
         pruned(stock, tokenizer, text_file, algorithm="fixed")
-    with pytest.raises(RecipeError, match=rf"stages\[0\]\.layer: must be below the model's {NUM_LAYERS} layers"):
+    with pytest.raises(
+        RecipeError, match=rf"stages\[0\]\.layer: must be below the model's {NUM_LAYERS} layers"
+    ):
         pruned(stock, tokenizer, text_file, algorithm="adtp", layer=NUM_LAYERS)

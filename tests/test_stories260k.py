@@ -49,7 +49,9 @@ def test_lstsq_beats_layer_drop_of_the_same_layer(layer, generated_calibration):
         r = recipe(method, {"layers": [layer, layer]}, generated_calibration)
         del r["model"], r["output"]
         results[method] = hf_prune.prune(model, r, tokenizer=tokenizer, progress=False).report
-    replaceme, drop = (results[m]["evaluation"][0]["pruned"]["perplexity"] for m in ("replaceme", "layer_drop"))
+    replaceme, drop = (
+        results[m]["evaluation"][0]["pruned"]["perplexity"] for m in ("replaceme", "layer_drop")
+    )
     original = results["replaceme"]["evaluation"][0]["original"]["perplexity"]
     assert results["replaceme"]["stages"][0]["removed_layers"] == [layer]
     assert original < replaceme < drop, (original, replaceme, drop)
@@ -60,7 +62,9 @@ def test_lstsq_beats_layer_drop_of_the_same_layer(layer, generated_calibration):
 def test_recipe_file_cli_prune_eval_and_fresh_reload(generated_calibration, tmp_path):
     out = tmp_path / "stories-4layers"
     recipe_path = tmp_path / "recipe.json"
-    recipe_path.write_text(json.dumps(recipe("replaceme", {"num_layers": 1}, generated_calibration, str(out))))
+    recipe_path.write_text(
+        json.dumps(recipe("replaceme", {"num_layers": 1}, generated_calibration, str(out)))
+    )
     cli = [sys.executable, "-m", "hf_prune.cli"]
     done = subprocess.run([*cli, "prune", str(recipe_path), "--quiet"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -69,22 +73,43 @@ def test_recipe_file_cli_prune_eval_and_fresh_reload(generated_calibration, tmp_
     report = json.loads((out / "hf_prune.json").read_text())
     stage = report["stages"][0]
     assert {"recipe", "versions", "params_before", "params_after", "stages"} <= set(report)
-    assert stage["method"] == "replaceme" and stage["estimator"] == "lstsq" and len(stage["removed_layers"]) == 1
+    assert (
+        stage["method"] == "replaceme" and stage["estimator"] == "lstsq" and len(stage["removed_layers"]) == 1
+    )
     assert stage["cuts"][0]["angular_distance"][0] == min(stage["candidate_distances"])
-    assert report["params_after"] < report["params_before"] and report["versions"]["transformers"].startswith("5.")
+    assert report["params_after"] < report["params_before"] and report["versions"]["transformers"].startswith(
+        "5."
+    )
     evaluation = report["evaluation"][0]
     assert evaluation["retained"] == pytest.approx(
-        evaluation["original"]["perplexity"] / evaluation["pruned"]["perplexity"])
+        evaluation["original"]["perplexity"] / evaluation["pruned"]["perplexity"]
+    )
     assert "model-index" in (out / "README.md").read_text()
 
     # hf-prune eval computes the same figure from the saved checkpoint.
     results_file = tmp_path / "results.json"
-    done = subprocess.run([*cli, "eval", str(out), "--task", "perplexity", "--data", str(shared_asset(SAMPLE)),
-                           "--seq-len", "512", "--output", str(results_file), "--quiet"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            *cli,
+            "eval",
+            str(out),
+            "--task",
+            "perplexity",
+            "--data",
+            str(shared_asset(SAMPLE)),
+            "--seq-len",
+            "512",
+            "--output",
+            str(results_file),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(results_file.read_text())["perplexity"] == pytest.approx(
-        evaluation["pruned"]["perplexity"], rel=1e-5)
+        evaluation["pruned"]["perplexity"], rel=1e-5
+    )
 
     # A fresh process with plain transformers (hf_prune never imported) gives the same logits.
     script = (
@@ -114,8 +139,12 @@ def test_recipe_file_cli_prune_eval_and_fresh_reload(generated_calibration, tmp_
 
 
 def test_cosine_estimator_runs_and_reports(generated_calibration, tmp_path):
-    r = recipe("replaceme", {"layers": [3, 3], "estimator": "cosine", "lr": 1e-3, "epochs": 3,
-                             "cosine_loss": "full"}, generated_calibration, str(tmp_path / "cos"))
+    r = recipe(
+        "replaceme",
+        {"layers": [3, 3], "estimator": "cosine", "lr": 1e-3, "epochs": 3, "cosine_loss": "full"},
+        generated_calibration,
+        str(tmp_path / "cos"),
+    )
     report = hf_prune.prune(r, progress=False).report
     cut = report["stages"][0]["cuts"][0]
     assert report["stages"][0]["estimator"] == "cosine"

@@ -60,8 +60,9 @@ def tiny_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in TINY_SIZES.items():
             patch.setattr(text_testbed, name, value)
-        return text_testbed.build_text_testbed(tmp_path_factory.mktemp("text") / "testbed", assets=_assets(),
-                                               progress=False, _steps=TINY_STEPS)
+        return text_testbed.build_text_testbed(
+            tmp_path_factory.mktemp("text") / "testbed", assets=_assets(), progress=False, _steps=TINY_STEPS
+        )
 
 
 def _squash(text: str) -> str:
@@ -70,14 +71,19 @@ def _squash(text: str) -> str:
 
 
 def test_clean_wikitext_and_snippet_packing():
-    assert text_testbed.clean_wikitext(" It weighs 0 @.@ 7 kg ( 1 @,@ 500 lb ) , it 's well @-@ known . ") \
+    assert (
+        text_testbed.clean_wikitext(" It weighs 0 @.@ 7 kg ( 1 @,@ 500 lb ) , it 's well @-@ known . ")
         == "It weighs 0.7 kg (1,500 lb), it's well-known."
+    )
     short = "One two three four five."  # 5 words: packed with the next sentence
     long_sentence = " ".join(["word"] * 50) + "."  # over MAX_WORDS: dropped
-    out = text_testbed.snippets([f"{short} {short} {short} {short}", f"{short} {long_sentence} {short}", short])
+    out = text_testbed.snippets(
+        [f"{short} {short} {short} {short}", f"{short} {long_sentence} {short}", short]
+    )
     assert out == [f"{short} {short} {short} {short}"]
-    assert text_testbed.snippets(["Nine words here are enough to make one snippet."]) \
-        == ["Nine words here are enough to make one snippet."]
+    assert text_testbed.snippets(["Nine words here are enough to make one snippet."]) == [
+        "Nine words here are enough to make one snippet."
+    ]
 
 
 def test_splits_are_balanced_disjoint_and_deterministic(tiny_splits, tiny_sizes):
@@ -102,11 +108,14 @@ def test_splits_are_balanced_disjoint_and_deterministic(tiny_splits, tiny_sizes)
 def test_snippets_come_from_their_corpus_and_part(tiny_splits, tiny_sizes):
     splits, _ = tiny_splits
     assets = _assets()
-    valid, test = (_squash((assets / p).read_text(encoding="utf-8")) for p in text_testbed.SOURCES["wikitext"])
+    valid, test = (
+        _squash((assets / p).read_text(encoding="utf-8")) for p in text_testbed.SOURCES["wikitext"]
+    )
     play = (assets / text_testbed.SOURCES["shakespeare"][0]).read_text(encoding="utf-8")
     cut = text_testbed._cut_at_blank_line(play, text_testbed.SHAKESPEARE_TEST_FRACTION)
-    stories = text_testbed.sample_stories(str(assets / text_testbed.SOURCES["stories"][0]),
-                                          TINY_SIZES["STORY_SAMPLES"])
+    stories = text_testbed.sample_stories(
+        str(assets / text_testbed.SOURCES["stories"][0]), TINY_SIZES["STORY_SAMPLES"]
+    )
     first_test = int(len(stories) * (1 - text_testbed.STORIES_TEST_FRACTION))
     parts = {  # (where train / validation snippets come from, where test snippets come from)
         "wikitext": (valid, test),
@@ -123,8 +132,17 @@ def test_snippets_come_from_their_corpus_and_part(tiny_splits, tiny_sizes):
 
 def test_tiny_build_reloads_as_a_named_bert_classifier(tiny_dir):
     files = {path.relative_to(tiny_dir).as_posix() for path in tiny_dir.rglob("*") if path.is_file()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "testbed.json",
-            "data/train.jsonl", "data/validation.jsonl", "data/test.jsonl", "data/real_stories.jsonl"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "testbed.json",
+        "data/train.jsonl",
+        "data/validation.jsonl",
+        "data/test.jsonl",
+        "data/real_stories.jsonl",
+    } <= files
     model = AutoModelForSequenceClassification.from_pretrained(tiny_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.model_type == "bert"
@@ -136,7 +154,9 @@ def test_tiny_build_reloads_as_a_named_bert_classifier(tiny_dir):
     record = json.loads((tiny_dir / "testbed.json").read_text())
     assert record["version"] == text_testbed.TEXT_TESTBED_VERSION and record["steps"] == TINY_STEPS
     assert set(record["seconds_by_stage"]) == {"data", "training", "evaluation"} and record["seconds"] > 0
-    assert record["class_counts"]["test"] == dict.fromkeys(text_testbed.LABELS, TINY_SIZES["SPLIT_SIZES"]["test"])
+    assert record["class_counts"]["test"] == dict.fromkeys(
+        text_testbed.LABELS, TINY_SIZES["SPLIT_SIZES"]["test"]
+    )
     assert all(0 <= record["accuracy"][k] <= 1 for k in ("validation", "test", "real_stories"))
     assert all(8 < tokens <= text_testbed.MAX_LENGTH for tokens in record["mean_tokens_per_example"].values())
 
@@ -150,5 +170,7 @@ def test_tiny_build_reloads_as_a_named_bert_classifier(tiny_dir):
 def test_text_testbed_dir_reuses_a_complete_folder(tmp_path, monkeypatch):
     target = tmp_path / text_testbed.TEXT_TESTBED_VERSION
     target.mkdir()
-    monkeypatch.setattr(text_testbed, "build_text_testbed", lambda *a, **k: pytest.fail("rebuilt a cached testbed"))
+    monkeypatch.setattr(
+        text_testbed, "build_text_testbed", lambda *a, **k: pytest.fail("rebuilt a cached testbed")
+    )
     assert text_testbed.text_testbed_dir(tmp_path) == target

@@ -34,26 +34,36 @@ STOCK_NAMES = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
 
 def tiny_bert(tokenizer, seed: int = 0, family: str = "bert"):
     """A random 3-layer, hidden-32 classifier of ``family`` over the test vocabulary."""
-    shared = {"vocab_size": len(tokenizer), "num_labels": 3, "id2label": {0: "a", 1: "b", 2: "c"},
-              "label2id": {"a": 0, "b": 1, "c": 2}, "pad_token_id": tokenizer.pad_token_id, "max_position_embeddings": 128}
+    shared = {
+        "vocab_size": len(tokenizer),
+        "num_labels": 3,
+        "id2label": {0: "a", 1: "b", 2: "c"},
+        "label2id": {"a": 0, "b": 1, "c": 2},
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_position_embeddings": 128,
+    }
     if family == "distilbert":  # its own names for the sizes
         config = transformers.DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=64, **shared)
     else:
         config = getattr(transformers, f"{STOCK_NAMES[family]}Config")(
-            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, **shared)
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, **shared
+        )
     torch.manual_seed(seed)
     return getattr(transformers, f"{STOCK_NAMES[family]}ForSequenceClassification")(config).eval()
 
 
 def sentences(count: int, seed: int = 0) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=generator))
-            for n in torch.randint(4, 30, (count,), generator=generator)]
+    return [
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=generator))
+        for n in torch.randint(4, 30, (count,), generator=generator)
+    ]
 
 
 def pruned(model, tokenizer, **fields):
-    result = hf_prune.prune(model, {"stages": [{"method": "text_token_pruning", **fields}]}, tokenizer=tokenizer,
-                            progress=False)
+    result = hf_prune.prune(
+        model, {"stages": [{"method": "text_token_pruning", **fields}]}, tokenizer=tokenizer, progress=False
+    )
     return result.model.eval()
 
 
@@ -62,12 +72,19 @@ def batch(tokenizer, texts):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("fields", [{"algorithm": "fixed", "keep_ratio": 1.0, "train_data": "unused.jsonl"},
-                                    {"algorithm": "random", "keep_ratio": 1.0},
-                                    {"algorithm": "attention", "keep_ratio": 1.0, "layer": 2},
-                                    {"algorithm": "random", "keep_ratio": 1.0, "layer": 1}])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"algorithm": "fixed", "keep_ratio": 1.0, "train_data": "unused.jsonl"},
+        {"algorithm": "random", "keep_ratio": 1.0},
+        {"algorithm": "attention", "keep_ratio": 1.0, "layer": 2},
+        {"algorithm": "random", "keep_ratio": 1.0, "layer": 1},
+    ],
+)
 def test_ratio_one_is_the_unpruned_model(tokenizer, fields, family, monkeypatch):
-    monkeypatch.setattr("hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {})
+    monkeypatch.setattr(
+        "hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+    )
     stock = tiny_bert(tokenizer, family=family)
     model = pruned(stock, tokenizer, **fields)
     inputs = batch(tokenizer, sentences(6))
@@ -79,7 +96,9 @@ def test_ratio_one_is_the_unpruned_model(tokenizer, fields, family, monkeypatch)
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_specials_always_kept_and_padding_never_counts(tokenizer, family):
-    model = pruned(tiny_bert(tokenizer, family=family), tokenizer, algorithm="random", keep_ratio=0.2, layer=1)
+    model = pruned(
+        tiny_bert(tokenizer, family=family), tokenizer, algorithm="random", keep_ratio=0.2, layer=1
+    )
     texts = sentences(5, seed=3)
     inputs = batch(tokenizer, texts)
     with torch.no_grad():
@@ -87,11 +106,15 @@ def test_specials_always_kept_and_padding_never_counts(tokenizer, family):
         for row, text in enumerate(texts):
             alone = model(**batch(tokenizer, [text]))
             real = int(inputs["attention_mask"][row].sum())
-            assert together.kept_fraction[row] * real == pytest.approx(2 + -(-(real - 2) * 2 // 10))  # CLS, SEP + ⌈0.2·n⌉
-            assert torch.equal(alone.kept_fraction, together.kept_fraction[row:row + 1])
+            assert together.kept_fraction[row] * real == pytest.approx(
+                2 + -(-(real - 2) * 2 // 10)
+            )  # CLS, SEP + ⌈0.2·n⌉
+            assert torch.equal(alone.kept_fraction, together.kept_fraction[row : row + 1])
     # Different lengths in one batch: the padded rows keep the same tokens as alone (random scores are per
     # position, so compare the attention baseline, which depends on the content only).
-    attention = pruned(tiny_bert(tokenizer, family=family), tokenizer, algorithm="attention", keep_ratio=0.3, layer=1)
+    attention = pruned(
+        tiny_bert(tokenizer, family=family), tokenizer, algorithm="attention", keep_ratio=0.3, layer=1
+    )
     with torch.no_grad():
         together = attention(**inputs)
         for row, text in enumerate(texts):
@@ -101,7 +124,9 @@ def test_specials_always_kept_and_padding_never_counts(tokenizer, family):
 
 
 def test_adtp_ratio_adapts_per_sequence(tokenizer, monkeypatch):
-    monkeypatch.setattr("hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {})
+    monkeypatch.setattr(
+        "hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+    )
     model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="adtp", train_data="unused.jsonl")
     with torch.no_grad():
         model.retainer.ratio[2].weight.mul_(200)  # a sharper ratio head: its choice follows the input
@@ -124,14 +149,30 @@ def write_labelled(path, tokenizer, rows: int, with_labels: bool = True):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_through_the_pipeline_and_fresh_reload(tokenizer, tmp_path, family):
     data = write_labelled(tmp_path / "train.jsonl", tokenizer, 64)
-    stage = {"method": "text_token_pruning", "algorithm": "adtp", "train_data": str(data), "train_steps": 6,
-             "batch_size": 8, "target_ratio": 0.3, "learning_rate": 5e-3}
+    stage = {
+        "method": "text_token_pruning",
+        "algorithm": "adtp",
+        "train_data": str(data),
+        "train_steps": 6,
+        "batch_size": 8,
+        "target_ratio": 0.3,
+        "learning_rate": 5e-3,
+    }
     source = tiny_bert(tokenizer, family=family)
-    result = hf_prune.prune(source, {"stages": [stage], "output": str(tmp_path / "out")}, tokenizer=tokenizer,
-                            progress=False)
+    result = hf_prune.prune(
+        source, {"stages": [stage], "output": str(tmp_path / "out")}, tokenizer=tokenizer, progress=False
+    )
     training = result.report["stages"][0]["training"]
     assert training["steps"] == 6 and training["examples"] == 64
-    assert set(training["final"]) == {"task", "distill", "kept", "ratio", "price", "chosen_ratio", "chosen_cost"}
+    assert set(training["final"]) == {
+        "task",
+        "distill",
+        "kept",
+        "ratio",
+        "price",
+        "chosen_ratio",
+        "chosen_cost",
+    }
     assert training["ratio_choice"]["mean_ratio"] == pytest.approx(0.3, abs=0.1)
     stock_name = STOCK_NAMES[family]
     assert type(source).__name__ == f"{stock_name}ForSequenceClassification"  # the source is untouched
@@ -139,7 +180,9 @@ def test_training_through_the_pipeline_and_fresh_reload(tokenizer, tmp_path, fam
     assert saved["model_type"] == f"hf_prune_{family}" and saved["token_pruning"]["algorithm"] == "adtp"
     assert (result.output / "text_token_pruning.py").is_file()
     card = (result.output / "README.md").read_text()  # the card shows the class that loads a classifier
-    assert "AutoModelForSequenceClassification.from_pretrained(" in card and "AutoModelForCausalLM" not in card
+    assert (
+        "AutoModelForSequenceClassification.from_pretrained(" in card and "AutoModelForCausalLM" not in card
+    )
     inputs = batch(tokenizer, sentences(4, seed=11))
     with torch.no_grad():
         expected = result.model(**inputs)
@@ -157,8 +200,14 @@ print(json.dumps({"logits": out.logits.tolist(), "kept": out.kept_fraction.tolis
 """
     payload = json.dumps({k: v.tolist() for k, v in inputs.items()})
     for mode in ("hf_prune", "remote"):
-        done = subprocess.run([sys.executable, "-c", script, str(result.output), mode, payload], capture_output=True,
-                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(result.output), mode, payload],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         got = json.loads(done.stdout.strip().splitlines()[-1])
         assert got["class"] == f"HfPrune{stock_name}ForSequenceClassification"
@@ -170,15 +219,21 @@ print(json.dumps({"logits": out.logits.tolist(), "kept": out.kept_fraction.tolis
 def test_candidate_costs_at_ratio_one_are_the_teachers(tokenizer, monkeypatch):
     from hf_prune.integrations.encoder_retainer_training import candidate_costs
 
-    monkeypatch.setattr("hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {})
+    monkeypatch.setattr(
+        "hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+    )
     stock = tiny_bert(tokenizer)
     model = pruned(stock, tokenizer, algorithm="adtp", train_data="unused.jsonl")
     inputs = batch(tokenizer, sentences(8, seed=2))
     with torch.no_grad():
         probs = stock(**inputs).logits.softmax(-1)
-    costs = candidate_costs(model, inputs["input_ids"], inputs["attention_mask"], probs.argmax(-1), [0.1, 0.5, 1.0])
+    costs = candidate_costs(
+        model, inputs["input_ids"], inputs["attention_mask"], probs.argmax(-1), [0.1, 0.5, 1.0]
+    )
     assert costs.shape == (8, 3) and bool(((costs >= 0) & (costs <= 1)).all())
-    torch.testing.assert_close(costs[:, 2], 1 - probs.max(-1).values, atol=1e-5, rtol=0)  # ratio 1 is the teacher
+    torch.testing.assert_close(
+        costs[:, 2], 1 - probs.max(-1).values, atol=1e-5, rtol=0
+    )  # ratio 1 is the teacher
     assert not torch.equal(costs[:, 0], costs[:, 2])
 
 
@@ -188,9 +243,18 @@ def test_short_training_makes_the_ratio_adapt(tokenizer, tmp_path):
     sentences, and the price meets the budget on the training sentences. (Deterministic for these seeds on
     one thread; over 12 model / training seeds, 11 gave 2-4 distinct ratios on these sentences.)"""
     data = write_labelled(tmp_path / "train.jsonl", tokenizer, 96)
-    stage = {"method": "text_token_pruning", "algorithm": "adtp", "train_data": str(data), "train_steps": 24,
-             "batch_size": 16, "target_ratio": 0.3, "seed": 0}
-    result = hf_prune.prune(tiny_bert(tokenizer, seed=1), {"stages": [stage]}, tokenizer=tokenizer, progress=False)
+    stage = {
+        "method": "text_token_pruning",
+        "algorithm": "adtp",
+        "train_data": str(data),
+        "train_steps": 24,
+        "batch_size": 16,
+        "target_ratio": 0.3,
+        "seed": 0,
+    }
+    result = hf_prune.prune(
+        tiny_bert(tokenizer, seed=1), {"stages": [stage]}, tokenizer=tokenizer, progress=False
+    )
     choice = result.report["stages"][0]["training"]["ratio_choice"]
     assert choice["mean_ratio"] == pytest.approx(0.3, abs=0.05)
     assert sum(share > 0 for share in choice["share"].values()) >= 2
@@ -204,7 +268,9 @@ def test_a_checkpoint_without_a_price_is_refused(tokenizer, tmp_path, monkeypatc
     not ratios chosen by a head that means something else."""
     from safetensors.torch import load_file, save_file
 
-    monkeypatch.setattr("hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {})
+    monkeypatch.setattr(
+        "hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+    )
     model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="adtp", train_data="unused.jsonl")
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
@@ -218,17 +284,35 @@ def test_a_checkpoint_without_a_price_is_refused(tokenizer, tmp_path, monkeypatc
 def test_training_without_labels_is_refused(tokenizer, tmp_path):
     data = write_labelled(tmp_path / "unlabelled.jsonl", tokenizer, 16, with_labels=False)
     with pytest.raises(DataError, match="label"):
-        hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning", "algorithm": "fixed",
-                                                          "keep_ratio": 0.5, "train_data": str(data)}]},
-                       tokenizer=tokenizer, progress=False)
+        hf_prune.prune(
+            tiny_bert(tokenizer),
+            {
+                "stages": [
+                    {
+                        "method": "text_token_pruning",
+                        "algorithm": "fixed",
+                        "keep_ratio": 0.5,
+                        "train_data": str(data),
+                    }
+                ]
+            },
+            tokenizer=tokenizer,
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"algorithm": "random", "keep_ratio": 0}, r"keep_ratio: must be in \(0, 1\], got 0"),
-    ({"algorithm": "random", "keep_ratio": 1.5}, r"keep_ratio: must be in \(0, 1\], got 1.5"),
-    ({"algorithm": "random"}, r"keep_ratio: random needs a retention ratio in \(0, 1\]"),
-    ({"candidate_ratios": [0.5, 2.0]}, r"candidate_ratios: must be a non-empty list of ratios in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"algorithm": "random", "keep_ratio": 0}, r"keep_ratio: must be in \(0, 1\], got 0"),
+        ({"algorithm": "random", "keep_ratio": 1.5}, r"keep_ratio: must be in \(0, 1\], got 1.5"),
+        ({"algorithm": "random"}, r"keep_ratio: random needs a retention ratio in \(0, 1\]"),
+        (
+            {"candidate_ratios": [0.5, 2.0]},
+            r"candidate_ratios: must be a non-empty list of ratios in \(0, 1\]",
+        ),
+    ],
+)
 def test_bad_settings_name_the_key(fields, message):
     with pytest.raises(RecipeError, match=r"stages\[0\]\." + message):
         build_dataclass(get_method("text_token_pruning").config_cls, fields, "stages[0]")
@@ -239,14 +323,35 @@ def test_unsupported_models_and_missing_training_data(tokenizer):
 
     mixtral = build_tiny_model("mixtral", build_tokenizer())
     with pytest.raises(UnsupportedModelError, match="supports BERT-family classifiers .* mixtral is neither"):
-        hf_prune.prune(mixtral, {"stages": [{"method": "text_token_pruning", "algorithm": "random", "keep_ratio": 0.5}]},
-                       progress=False)
+        hf_prune.prune(
+            mixtral,
+            {"stages": [{"method": "text_token_pruning", "algorithm": "random", "keep_ratio": 0.5}]},
+            progress=False,
+        )
     with pytest.raises(RecipeError, match=r"stages\[0\]\.train_data: adtp learns its saliency"):
-        hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning"}]}, tokenizer=tokenizer,
-                       progress=False)
+        hf_prune.prune(
+            tiny_bert(tokenizer),
+            {"stages": [{"method": "text_token_pruning"}]},
+            tokenizer=tokenizer,
+            progress=False,
+        )
     with pytest.raises(RecipeError, match=r"stages\[0\]\.layer: attention scores come from the layer before"):
-        hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning", "algorithm": "attention",
-                                                          "keep_ratio": 0.5, "layer": 0}]}, progress=False)
+        hf_prune.prune(
+            tiny_bert(tokenizer),
+            {
+                "stages": [
+                    {"method": "text_token_pruning", "algorithm": "attention", "keep_ratio": 0.5, "layer": 0}
+                ]
+            },
+            progress=False,
+        )
     with pytest.raises(RecipeError, match=r"stages\[0\]\.layer: must be below the model's 3 layers"):
-        hf_prune.prune(tiny_bert(tokenizer), {"stages": [{"method": "text_token_pruning", "algorithm": "random",
-                                                          "keep_ratio": 0.5, "layer": 3}]}, progress=False)
+        hf_prune.prune(
+            tiny_bert(tokenizer),
+            {
+                "stages": [
+                    {"method": "text_token_pruning", "algorithm": "random", "keep_ratio": 0.5, "layer": 3}
+                ]
+            },
+            progress=False,
+        )

@@ -17,8 +17,10 @@ from hf_prune.registry import get_method, run_stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PROMPTS = ["USER: <image>\nwhat is in the picture? ASSISTANT:",
-           "USER: <image>\ndescribe the colours of this image in a few words ASSISTANT:"]
+PROMPTS = [
+    "USER: <image>\nwhat is in the picture? ASSISTANT:",
+    "USER: <image>\ndescribe the colours of this image in a few words ASSISTANT:",
+]
 
 
 # ---- selection functions -------------------------------------------------------------------------------
@@ -28,8 +30,10 @@ def brute_force_greedy_map(kernel: torch.Tensor, count: int) -> list[int]:
     """Greedy MAP by definition: add the item that maximises det(L_S) at each step."""
     chosen: list[int] = []
     for _ in range(count):
-        best = max((j for j in range(kernel.shape[0]) if j not in chosen),
-                   key=lambda j: torch.linalg.det(kernel[[*chosen, j]][:, [*chosen, j]].double()).item())
+        best = max(
+            (j for j in range(kernel.shape[0]) if j not in chosen),
+            key=lambda j: torch.linalg.det(kernel[[*chosen, j]][:, [*chosen, j]].double()).item(),
+        )
         chosen.append(best)
     return sorted(chosen)
 
@@ -71,14 +75,18 @@ def test_instruction_relevance_range_and_sign():
     assert torch.equal(patch.instruction_relevance(features, instruction[:0]), torch.ones(16))
 
 
-@pytest.mark.parametrize(("grid", "count", "shape"), [((8, 8), 16, (4, 4)), ((8, 8), 32, (4, 8)),
-                                                       ((4, 8), 8, (2, 4)), ((8, 8), 7, (1, 7))])
+@pytest.mark.parametrize(
+    ("grid", "count", "shape"),
+    [((8, 8), 16, (4, 4)), ((8, 8), 32, (4, 8)), ((4, 8), 8, (2, 4)), ((8, 8), 7, (1, 7))],
+)
 def test_pool_grid_averages_blocks(grid, count, shape):
     h0, w0 = grid
     features = torch.arange(h0 * w0, dtype=torch.float32)[:, None].repeat(1, 3)
     pooled = patch.pool_grid(features, grid, count)
     assert pooled.shape == (count, 3)
-    expected = torch.nn.functional.adaptive_avg_pool2d(features[:, 0].reshape(1, 1, h0, w0), shape).reshape(-1)
+    expected = torch.nn.functional.adaptive_avg_pool2d(features[:, 0].reshape(1, 1, h0, w0), shape).reshape(
+        -1
+    )
     torch.testing.assert_close(pooled[:, 0], expected)
 
 
@@ -95,8 +103,12 @@ def test_kept_count():
 def pruned_model(model_type: str, tokenizer, **fields):
     model = build_tiny_model(model_type, tokenizer).eval()
     config = build_dataclass(get_method("visual_token_pruning").config_cls, {"budget": 4, **fields}, "stage")
-    report = run_stage(get_method("visual_token_pruning"), model, config,
-                       PruneContext(get_adapter(model.config), tokenizer, None, progress=False))
+    report = run_stage(
+        get_method("visual_token_pruning"),
+        model,
+        config,
+        PruneContext(get_adapter(model.config), tokenizer, None, progress=False),
+    )
     return model, report
 
 
@@ -108,8 +120,9 @@ def tokenizer():
 def batch(model_type, tokenizer, prompts=PROMPTS, seeds=(1, 2)):
     processor = build_processor(model_type, tokenizer)
     processor.tokenizer.padding_side = "left"
-    return processor(images=[sample_image(seed=s) for s in seeds], text=list(prompts), return_tensors="pt",
-                     padding=True)
+    return processor(
+        images=[sample_image(seed=s) for s in seeds], text=list(prompts), return_tensors="pt", padding=True
+    )
 
 
 @pytest.mark.parametrize("model_type", ["llava", "llava_next"])
@@ -125,7 +138,9 @@ def test_budget_at_or_above_the_token_count_changes_nothing(model_type, tokenize
 ALGORITHMS = ["cdpruner", "diversity", "random", "pooling", "fastv"]
 
 
-@pytest.mark.parametrize(("model_type", "algorithm"), list(itertools.product(["llava", "llava_next"], ALGORITHMS)))
+@pytest.mark.parametrize(
+    ("model_type", "algorithm"), list(itertools.product(["llava", "llava_next"], ALGORITHMS))
+)
 def test_pruned_forward_is_the_stock_model_on_the_kept_tokens(model_type, algorithm, tokenizer):
     """The pruned logits equal the stock forward on the kept tokens' embeddings, with labels cut alike."""
     model, _ = pruned_model(model_type, tokenizer, algorithm=algorithm, fastv_layer=1)
@@ -135,12 +150,18 @@ def test_pruned_forward_is_the_stock_model_on_the_kept_tokens(model_type, algori
     with torch.no_grad():
         out = model(**inputs, labels=labels)
         extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
-        features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output)
-        cut = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features, labels=labels)
+        features = list(
+            model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
+        )
+        cut = model.prune_visual_tokens(
+            inputs["input_ids"], inputs["attention_mask"], features, labels=labels
+        )
         embeds = model.get_input_embeddings()(cut["input_ids"])
         image_mask = (cut["input_ids"] == model.config.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(image_mask, torch.cat(cut["features"]))
-        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=cut["attention_mask"]).last_hidden_state
+        hidden = model.model.language_model(
+            inputs_embeds=embeds, attention_mask=cut["attention_mask"]
+        ).last_hidden_state
         expected = model.lm_head(hidden)
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
     image_tokens = (cut["input_ids"] == model.config.image_token_id).sum(dim=1)
@@ -163,8 +184,11 @@ def test_llava_next_keeps_every_newline_token(tokenizer):
     model, _ = pruned_model("llava_next", tokenizer, algorithm="random", budget=1)
     inputs = batch("llava_next", tokenizer)
     with torch.no_grad():
-        features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                       image_sizes=inputs["image_sizes"]).pooler_output)
+        features = list(
+            model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+            ).pooler_output
+        )
         cut = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features)
     newline = model.model.image_newline
     for full, kept in zip(features, cut["features"], strict=True):
@@ -182,7 +206,7 @@ def test_generate_equals_the_pruned_forward_step_by_step(model_type, algorithm, 
     instruction = [row[row != pad] for row in inputs["input_ids"][:, -12:]]
     with torch.no_grad():
         generated = model.generate(**inputs, instruction_ids=instruction, max_new_tokens=6, do_sample=False)
-        assert torch.equal(generated[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+        assert torch.equal(generated[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         for _ in range(6):
@@ -196,24 +220,36 @@ def test_generate_samples_and_returns_several_sequences(tokenizer):
     model, _ = pruned_model("llava", tokenizer)
     inputs = batch("llava", tokenizer)
     torch.manual_seed(0)
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=0, num_return_sequences=2,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=4,
+        do_sample=True,
+        top_k=0,
+        num_return_sequences=2,
+        return_dict_in_generate=True,
+    )
     assert out.sequences.shape == (4, inputs["input_ids"].shape[1] + 4)
-    assert torch.equal(out.sequences[::2, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert torch.equal(out.sequences[::2, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 
 def test_the_instruction_comes_from_the_prompt(tokenizer):
     model, _ = pruned_model("llava", tokenizer, algorithm="cdpruner")
     selections = {}
-    for prompt in ("USER: <image>\nwhat is it? ASSISTANT:", "USER: <image>\ncount the red dots on the left ASSISTANT:",
-                   "USER: <image>\nwhere is the shadow falling? ASSISTANT:"):
+    for prompt in (
+        "USER: <image>\nwhat is it? ASSISTANT:",
+        "USER: <image>\ncount the red dots on the left ASSISTANT:",
+        "USER: <image>\nwhere is the shadow falling? ASSISTANT:",
+    ):
         inputs = batch("llava", tokenizer, prompts=[prompt], seeds=(3,))
         with torch.no_grad():
             features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
             auto = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features)
-            text_after = inputs["input_ids"][0][(inputs["input_ids"][0] == model.config.image_token_id).nonzero()[-1] + 1:]
-            explicit = model.prune_visual_tokens(inputs["input_ids"], inputs["attention_mask"], features,
-                                                 instruction_ids=[text_after])
+            text_after = inputs["input_ids"][0][
+                (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[-1] + 1 :
+            ]
+            explicit = model.prune_visual_tokens(
+                inputs["input_ids"], inputs["attention_mask"], features, instruction_ids=[text_after]
+            )
         assert torch.equal(auto["keep"], explicit["keep"])
         selections[prompt] = tuple(auto["keep"][0].nonzero().reshape(-1).tolist())
     assert len(set(selections.values())) > 1, "the kept tokens never depend on the instruction"
@@ -232,8 +268,12 @@ def test_training_with_labels_reaches_the_vision_side(tokenizer):
 
 def test_source_model_is_left_alone(tokenizer):
     source = build_tiny_model("llava", tokenizer).eval()
-    result = hf_prune.prune(source, {"stages": [{"method": "visual_token_pruning", "budget": 4}]},
-                            tokenizer=build_processor("llava", tokenizer), progress=False)
+    result = hf_prune.prune(
+        source,
+        {"stages": [{"method": "visual_token_pruning", "budget": 4}]},
+        tokenizer=build_processor("llava", tokenizer),
+        progress=False,
+    )
     assert type(source).__name__ == "LlavaForConditionalGeneration" and source.config.model_type == "llava"
     assert result.model.config.model_type == "hf_prune_llava"
     assert result.model.config.token_pruning["budget"] == 4
@@ -246,17 +286,23 @@ def test_image_count_must_match_the_placeholders(tokenizer):
     model, _ = pruned_model("llava", tokenizer)
     inputs = batch("llava", tokenizer)
     with pytest.raises(ValueError, match=r"image tokens but the images give .* features \(1 images\)"):
-        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-              pixel_values=inputs["pixel_values"][:1])
+        model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"][:1],
+        )
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"budget": 0}, r"budget: must be a positive integer"),
-    ({"budget": -3}, r"budget: must be a positive integer"),
-    ({"keep_ratio": 1.5}, r"keep_ratio: must be in \(0, 1\]"),
-    ({"budget": 4, "keep_ratio": 0.5}, r"budget: give exactly one of budget or keep_ratio"),
-    ({"budget": 4, "algorithm": "tome"}, r"algorithm: must be one of 'cdpruner' \| 'diversity'"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"budget": 0}, r"budget: must be a positive integer"),
+        ({"budget": -3}, r"budget: must be a positive integer"),
+        ({"keep_ratio": 1.5}, r"keep_ratio: must be in \(0, 1\]"),
+        ({"budget": 4, "keep_ratio": 0.5}, r"budget: give exactly one of budget or keep_ratio"),
+        ({"budget": 4, "algorithm": "tome"}, r"algorithm: must be one of 'cdpruner' \| 'diversity'"),
+    ],
+)
 def test_bad_settings_name_the_key(fields, message):
     spec = get_method("visual_token_pruning")
     with pytest.raises(RecipeError, match=r"stages\[0\]\." + message):
@@ -265,7 +311,9 @@ def test_bad_settings_name_the_key(fields, message):
 
 def test_models_without_a_supported_vision_tower_are_refused(tokenizer, tmp_path):
     dense = build_tiny_model("llama", build_tokenizer())
-    with pytest.raises(UnsupportedModelError, match="needs a vision-language model; llama has no vision tower"):
+    with pytest.raises(
+        UnsupportedModelError, match="needs a vision-language model; llama has no vision tower"
+    ):
         hf_prune.prune(dense, {"stages": [{"method": "visual_token_pruning", "budget": 4}]}, progress=False)
     config = get_method("visual_token_pruning").config_cls(budget=4, algorithm="fastv", fastv_layer=9)
     llava = build_tiny_model("llava", tokenizer)

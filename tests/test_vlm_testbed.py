@@ -33,7 +33,9 @@ def _assets():
 def _tiny_build(out_dir, seed=0):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(vlm_testbed, "EVAL_COMPOSITES", TINY_COMPOSITES)
-        return vlm_testbed.build_vlm_testbed(out_dir, assets=_assets(), seed=seed, progress=False, _steps=TINY_STEPS)
+        return vlm_testbed.build_vlm_testbed(
+            out_dir, assets=_assets(), seed=seed, progress=False, _steps=TINY_STEPS
+        )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def _rows(folder):
 def _cell(composite, cell):
     _, row, col = vlm_testbed.CELLS[cell]
     size = vlm_testbed.ITEM_SIZE
-    return composite[..., row * size:(row + 1) * size, col * size:(col + 1) * size]
+    return composite[..., row * size : (row + 1) * size, col * size : (col + 1) * size]
 
 
 def test_composites_put_each_item_in_its_cell():
@@ -65,7 +67,14 @@ def test_composites_put_each_item_in_its_cell():
     assert np.array_equal(vlm_testbed.make_composites(torch.from_numpy(items)).numpy(), composites)
     # The image tokens of a cell are the 4 x 4 patches over it.
     cells = vlm_testbed.token_cells().view(8, 8)
-    assert [int(cells[y, x]) for y, x in ((0, 0), (0, 7), (7, 0), (7, 7), (3, 4), (4, 3))] == [0, 1, 2, 3, 1, 2]
+    assert [int(cells[y, x]) for y, x in ((0, 0), (0, 7), (7, 0), (7, 7), (3, 4), (4, 3))] == [
+        0,
+        1,
+        2,
+        3,
+        1,
+        2,
+    ]
     assert Counter(cells.flatten().tolist()) == {0: 16, 1: 16, 2: 16, 3: 16}
 
 
@@ -77,9 +86,24 @@ def test_require_presence():
         draws.append((label, same))
         return 2 if same else 5
 
-    assert vlm_testbed.require_presence([0, 1, 4, 5], labels, 8, True, 1, draw) == [0, 2, 4, 5]  # a bag put in cell 1
-    assert vlm_testbed.require_presence([0, 2, 4, 5], labels, 8, True, 3, draw) == [0, 2, 4, 5]  # one is there already
-    assert vlm_testbed.require_presence([2, 1, 3, 0], labels, 8, False, 0, draw) == [5, 1, 5, 0]  # every bag replaced
+    assert vlm_testbed.require_presence([0, 1, 4, 5], labels, 8, True, 1, draw) == [
+        0,
+        2,
+        4,
+        5,
+    ]  # a bag put in cell 1
+    assert vlm_testbed.require_presence([0, 2, 4, 5], labels, 8, True, 3, draw) == [
+        0,
+        2,
+        4,
+        5,
+    ]  # one is there already
+    assert vlm_testbed.require_presence([2, 1, 3, 0], labels, 8, False, 0, draw) == [
+        5,
+        1,
+        5,
+        0,
+    ]  # every bag replaced
     assert draws == [(8, True), (8, False), (8, False)]
 
 
@@ -87,7 +111,9 @@ def test_held_out_questions_are_balanced_and_correct(test_split):
     images, labels = test_split
     composites, rows = vlm_testbed.eval_rows(labels)
     n = vlm_testbed.EVAL_COMPOSITES
-    assert composites.shape == (n, 4) and len(set(composites.flatten().tolist())) == 4 * n  # distinct test items
+    assert (
+        composites.shape == (n, 4) and len(set(composites.flatten().tolist())) == 4 * n
+    )  # distinct test items
     assert Counter(row["kind"] for row in rows) == {"position": n, "presence": n}
     position = [row for row in rows if row["kind"] == "position"]
     presence = [row for row in rows if row["kind"] == "presence"]
@@ -95,28 +121,35 @@ def test_held_out_questions_are_balanced_and_correct(test_split):
     per_class = Counter((row["question"], row["answer"]) for row in presence)
     asked = {row["question"] for row in presence}
     assert len(asked) == len(vlm_testbed.PRESENCE_CLASSES)
-    assert all(per_class[question, "yes"] == per_class[question, "no"] for question in asked)  # balanced per class
+    assert all(
+        per_class[question, "yes"] == per_class[question, "no"] for question in asked
+    )  # balanced per class
     assert max(per_class.values()) - min(per_class.values()) <= 1  # and classes asked in turn
     for row in position:
         cell = [name for name, _, _ in vlm_testbed.CELLS].index(row["question"].split("the ")[1].rstrip("?"))
         assert row["answer"] == vlm_testbed.SHORT_NAMES[labels[composites[row["composite"]][cell]]]
     for row in presence:
         present = {vlm_testbed.SHORT_NAMES[label] for label in labels[composites[row["composite"]]]}
-        assert row["answer"] == ("yes" if row["question"][len("Is there a "):-1] in present else "no")
+        assert row["answer"] == ("yes" if row["question"][len("Is there a ") : -1] in present else "no")
 
 
 def test_training_batches_are_balanced():
     labels = np.random.default_rng(0).integers(0, 10, size=500)
     images = torch.zeros((500, 28, 28), dtype=torch.uint8)
-    pools = {(label, same): torch.from_numpy(np.flatnonzero((labels == label) == same))
-             for label in vlm_testbed.PRESENCE_CLASSES for same in (True, False)}
+    pools = {
+        (label, same): torch.from_numpy(np.flatnonzero((labels == label) == same))
+        for label in vlm_testbed.PRESENCE_CLASSES
+        for same in (True, False)
+    }
     composites, qa = vlm_testbed._sample_batch(images, labels, pools, torch.Generator().manual_seed(0))
     assert composites.shape == (vlm_testbed.BATCH_SIZE, 56, 56)
     kinds = Counter(kind for kind, _, _ in qa)
     presence = vlm_testbed.BATCH_SIZE // vlm_testbed.PRESENCE_EVERY
     assert kinds == {"position": vlm_testbed.BATCH_SIZE - presence, "presence": presence}
-    assert Counter(answer for kind, _, answer in qa if kind == "presence") == {"yes": kinds["presence"] // 2,
-                                                                                "no": kinds["presence"] // 2}
+    assert Counter(answer for kind, _, answer in qa if kind == "presence") == {
+        "yes": kinds["presence"] // 2,
+        "no": kinds["presence"] // 2,
+    }
 
 
 def test_collate_left_pads_and_labels_only_the_answer():
@@ -134,8 +167,14 @@ def test_collate_left_pads_and_labels_only_the_answer():
 
 
 def test_tiny_build_folder(tiny_dir, test_split):
-    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "testbed.json",
-                 "data/eval.jsonl"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "testbed.json",
+        "data/eval.jsonl",
+    ):
         assert (tiny_dir / name).is_file(), name
     assert not list(tiny_dir.parent.glob(".testbed.tmp-*"))  # published atomically, nothing left behind
     images, labels = test_split
@@ -156,7 +195,11 @@ def test_tiny_build_folder(tiny_dir, test_split):
     assert record["version"] == vlm_testbed.VLM_TESTBED_VERSION
     assert (record["vision_steps"], record["steps"]) == (TINY_STEPS, TINY_STEPS)
     assert record["seconds"] > 0 and set(record["seconds_by_stage"]) == {
-        "data", "vision_pretraining", "instruction_tuning", "evaluation"}
+        "data",
+        "vision_pretraining",
+        "instruction_tuning",
+        "evaluation",
+    }
     accuracy = record["held_out_accuracy"]
     assert set(accuracy) == {"overall", "position", "presence"}
     assert accuracy["overall"]["num_examples"] == 2 * TINY_COMPOSITES
@@ -169,7 +212,10 @@ def test_tiny_build_folder(tiny_dir, test_split):
 def test_tiny_build_reloads_as_a_stock_llava(tiny_dir):
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(tiny_dir)
-    assert type(model).__name__ == "LlavaForConditionalGeneration" and type(processor).__name__ == "LlavaProcessor"
+    assert (
+        type(model).__name__ == "LlavaForConditionalGeneration"
+        and type(processor).__name__ == "LlavaProcessor"
+    )
     config = model.config
     assert config.vision_feature_select_strategy == "default" and config.image_seq_length == 64
     assert (config.vision_config.image_size, config.vision_config.patch_size) == (56, 56 // 8)
@@ -216,8 +262,10 @@ def test_testbed_dir_builds_only_when_missing(tmp_path, monkeypatch):
     assert vlm_testbed.vlm_testbed_dir(tmp_path) == target and len(calls) == 1
     monkeypatch.setenv("HF_PRUNE_CACHE", str(tmp_path / "cache"))
     vlm_testbed.vlm_testbed_dir()
-    assert calls[-1] == (tmp_path / "cache" / vlm_testbed.VLM_TESTBED_VERSION,
-                         {"assets": vlm_testbed.default_assets_dir(), "progress": True})
+    assert calls[-1] == (
+        tmp_path / "cache" / vlm_testbed.VLM_TESTBED_VERSION,
+        {"assets": vlm_testbed.default_assets_dir(), "progress": True},
+    )
 
 
 # ---- the CLIP text tower trained for the testbed (evals/testbeds/vlm_testbed_clip.py) ----------------------------------
@@ -245,14 +293,22 @@ def test_testbed_clip_builds_and_drives_cdpruner(tiny_dir, tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(vlm_testbed_clip, "STEPS", TINY_STEPS)
         vlm_testbed_clip.build_testbed_clip(tmp_path / "clip", tiny_dir, assets=_assets(), progress=False)
-    result = hf_prune.prune({"model": str(tiny_dir), "output": str(tmp_path / "pruned"), "stages": [
-        {"method": "visual_token_pruning", "budget": 8, "text_tower": str(tmp_path / "clip")}]}, progress=False)
+    result = hf_prune.prune(
+        {
+            "model": str(tiny_dir),
+            "output": str(tmp_path / "pruned"),
+            "stages": [{"method": "visual_token_pruning", "budget": 8, "text_tower": str(tmp_path / "clip")}],
+        },
+        progress=False,
+    )
     report = result.report["stages"][0]
     assert report["relevance"] == "clip_text_tower" and report["text_tower_matches_vision_tower"] is True
     # The text tower was trained on the very string the pruned model decodes from a prompt.
     processor = AutoProcessor.from_pretrained(tiny_dir)
     question = "Is there a bag?"
-    inputs = processor(images=[Image.new("RGB", (56, 56))], text=[build_prompt(processor, question)], return_tensors="pt")
+    inputs = processor(
+        images=[Image.new("RGB", (56, 56))], text=[build_prompt(processor, question)], return_tensors="pt"
+    )
     model = result.model
     image_mask = inputs["input_ids"] == model.config.image_token_id
     runs = [(0, torch.nonzero(image_mask[0]).squeeze(1))]

@@ -60,7 +60,7 @@ def pydoc_text(num_chars: int, *, skip: int = 0) -> str:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[key].strip() for key in sorted(topics))
-    return text[skip:skip + num_chars]
+    return text[skip : skip + num_chars]
 
 
 def write_calibration_file(path: str | os.PathLike, num_chars: int = 12_000) -> Path:
@@ -83,15 +83,26 @@ def _base_tokenizer() -> Any:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     text = pydoc_text(20_000)
-    backend.train_from_iterator([text[i:i + 1000] for i in range(0, len(text), 1000)], trainer=trainer)
+    backend.train_from_iterator([text[i : i + 1000] for i in range(0, len(text), 1000)], trainer=trainer)
     bos = SPECIAL_TOKENS[1]
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>", padding_side="right")
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="right",
+    )
 
 
 def build_tokenizer(*, image_token: bool = False) -> Any:
@@ -107,10 +118,18 @@ def build_tokenizer(*, image_token: bool = False) -> Any:
 
 def _text_kwargs(tokenizer: Any) -> dict[str, Any]:
     return dict(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-        num_hidden_layers=NUM_LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        max_position_embeddings=512, initializer_range=INIT_STD, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=512,
+        initializer_range=INIT_STD,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -129,21 +148,40 @@ def tiny_text_config(model_type: str, tokenizer: Any) -> Any:
     if model_type == "mistral":
         return tf.MistralConfig(**kw, sliding_window=SLIDING_WINDOW)
     if model_type == "qwen2":
-        return tf.Qwen2Config(**kw, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
-                              layer_types=_mixed_layer_types())
+        return tf.Qwen2Config(
+            **kw, use_sliding_window=True, sliding_window=SLIDING_WINDOW, layer_types=_mixed_layer_types()
+        )
     if model_type == "qwen3":
-        return tf.Qwen3Config(**kw, head_dim=HIDDEN // HEADS, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
-                              layer_types=_mixed_layer_types())
+        return tf.Qwen3Config(
+            **kw,
+            head_dim=HIDDEN // HEADS,
+            use_sliding_window=True,
+            sliding_window=SLIDING_WINDOW,
+            layer_types=_mixed_layer_types(),
+        )
     if model_type == "mixtral":
         kw["intermediate_size"] = MOE_INTERMEDIATE
         return tf.MixtralConfig(**kw, **moe, num_local_experts=NUM_EXPERTS)
     if model_type == "qwen2_moe":
-        return tf.Qwen2MoeConfig(**kw, **moe, num_experts=NUM_EXPERTS, moe_intermediate_size=MOE_INTERMEDIATE,
-                                 shared_expert_intermediate_size=2 * MOE_INTERMEDIATE,
-                                 decoder_sparse_step=QWEN2_MOE_SPARSE_STEP, mlp_only_layers=[], norm_topk_prob=True)
+        return tf.Qwen2MoeConfig(
+            **kw,
+            **moe,
+            num_experts=NUM_EXPERTS,
+            moe_intermediate_size=MOE_INTERMEDIATE,
+            shared_expert_intermediate_size=2 * MOE_INTERMEDIATE,
+            decoder_sparse_step=QWEN2_MOE_SPARSE_STEP,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+        )
     if model_type == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**kw, **moe, head_dim=HIDDEN // HEADS, num_experts=NUM_EXPERTS,
-                                 moe_intermediate_size=MOE_INTERMEDIATE, norm_topk_prob=True)
+        return tf.Qwen3MoeConfig(
+            **kw,
+            **moe,
+            head_dim=HIDDEN // HEADS,
+            num_experts=NUM_EXPERTS,
+            moe_intermediate_size=MOE_INTERMEDIATE,
+            norm_topk_prob=True,
+        )
     if model_type == "olmoe":
         kw["intermediate_size"] = MOE_INTERMEDIATE
         return tf.OlmoeConfig(**kw, **moe, num_experts=NUM_EXPERTS)
@@ -155,13 +193,24 @@ def tiny_text_config(model_type: str, tokenizer: Any) -> Any:
 def tiny_vision_config() -> Any:
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
-                            num_attention_heads=HEADS, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-                            projection_dim=HIDDEN, initializer_range=INIT_STD)
+    return CLIPVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=HIDDEN,
+        initializer_range=INIT_STD,
+    )
 
 
 #: LLaVA-NeXT "anyres" grid: an image is resized to the best of these and cut into IMAGE_SIZE tiles.
-GRID_PINPOINTS = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+GRID_PINPOINTS = [
+    [IMAGE_SIZE, 2 * IMAGE_SIZE],
+    [2 * IMAGE_SIZE, IMAGE_SIZE],
+    [2 * IMAGE_SIZE, 2 * IMAGE_SIZE],
+]
 
 
 def tiny_config(model_type: str, tokenizer: Any) -> Any:
@@ -171,14 +220,20 @@ def tiny_config(model_type: str, tokenizer: Any) -> Any:
     if model_type not in VISION_TYPES:
         return tiny_text_config(model_type, tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    common = dict(vision_config=tiny_vision_config(), text_config=tiny_text_config("llama", tokenizer),
-                  image_token_id=image_token_id, vision_feature_layer=-2,
-                  vision_feature_select_strategy="default", tie_word_embeddings=False)
+    common = dict(
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config("llama", tokenizer),
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
     if model_type == "llava":
         return tf.LlavaConfig(**common, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
     if model_type == "llava_next":
-        return tf.LlavaNextConfig(**common, image_grid_pinpoints=GRID_PINPOINTS,
-                                  image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+        return tf.LlavaNextConfig(
+            **common, image_grid_pinpoints=GRID_PINPOINTS, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2
+        )
     raise ValueError(model_type)
 
 
@@ -210,8 +265,9 @@ def damp_layer_(layer: torch.nn.Module, factor: float = DAMPING) -> None:
             param.mul_(factor)
 
 
-def build_tiny_model(model_type: str, tokenizer: Any = None, *, seed: int = SEED,
-                     damped_layer: int | None = DAMPED_LAYER) -> Any:
+def build_tiny_model(
+    model_type: str, tokenizer: Any = None, *, seed: int = SEED, damped_layer: int | None = DAMPED_LAYER
+) -> Any:
     """A tiny float32 model of ``model_type`` with its head, in eval mode, weights from ``seed``.
 
     ``damped_layer`` (default DAMPED_LAYER) is made nearly the identity, see ``damp_layer_``.
@@ -238,13 +294,20 @@ def build_processor(model_type: str, tokenizer: Any) -> Any:
 
     size = {"shortest_edge": IMAGE_SIZE}
     crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    common = dict(tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
-                  num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
+    common = dict(
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+    )
     if model_type == "llava":
         image_processor = tf.CLIPImageProcessorPil(size=size, crop_size=crop)
         return tf.LlavaProcessor(image_processor=image_processor, **common)
     if model_type == "llava_next":
-        image_processor = tf.LlavaNextImageProcessorPil(size=size, crop_size=crop, image_grid_pinpoints=GRID_PINPOINTS)
+        image_processor = tf.LlavaNextImageProcessorPil(
+            size=size, crop_size=crop, image_grid_pinpoints=GRID_PINPOINTS
+        )
         return tf.LlavaNextProcessor(image_processor=image_processor, **common)
     raise ValueError(f"{model_type!r} has no processor")
 
@@ -283,18 +346,27 @@ def sample_image(height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, seed: int = 
 CLIP_CONTEXT = 16
 
 
-def save_tiny_clip(folder: str | os.PathLike, vision_tower: Any = None, *, seed: int = SEED,
-                   vision_width: int = HIDDEN) -> Path:
+def save_tiny_clip(
+    folder: str | os.PathLike, vision_tower: Any = None, *, seed: int = SEED, vision_width: int = HIDDEN
+) -> Path:
     """A tiny random CLIPModel (vision width = the tiny LLaVA's) with its tokenizer, saved to ``folder``;
     ``vision_tower`` (a CLIPVisionModel) supplies its vision weights, as the real CLIP of a LLaVA would."""
     from hf_prune.evals.testbeds.vlm_testbed_clip import character_clip_tokenizer
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
     tokenizer = character_clip_tokenizer()
-    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                          num_hidden_layers=2, num_attention_heads=HEADS, max_position_embeddings=CLIP_CONTEXT,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, projection_dim=16)
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        max_position_embeddings=CLIP_CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=16,
+    )
     vision = {**tiny_vision_config().to_dict(), "hidden_size": vision_width}
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=16)
     torch.manual_seed(seed)

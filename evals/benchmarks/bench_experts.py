@@ -43,8 +43,12 @@ from ..testbeds.moe_testbed import moe_testbed_dir
 
 DOMAINS = ("stories", "shakespeare", "wikitext")
 #: (label, stage fields) of every row; "diep β₀=1" shows the official β schedule's effect.
-ALGORITHMS = (("diep", {"algorithm": "diep"}), ("diep β₀=1", {"algorithm": "diep", "beta_init": 1.0}),
-              ("frequency", {"algorithm": "frequency"}), ("router_weight", {"algorithm": "router_weight"}))
+ALGORITHMS = (
+    ("diep", {"algorithm": "diep"}),
+    ("diep β₀=1", {"algorithm": "diep", "beta_init": 1.0}),
+    ("frequency", {"algorithm": "frequency"}),
+    ("router_weight", {"algorithm": "router_weight"}),
+)
 
 # Peak RSS added by one from_pretrained and then reading every weight, in a fresh process, sampled every
 # millisecond; the modeling code is imported before the baseline is read, so only the load counts.
@@ -85,8 +89,13 @@ def load_peak_mib(folder: Path, how: str) -> dict:
 
     ``how``: ``plain`` (no hf_prune), ``hf_prune`` (imported first) or ``remote`` (``trust_remote_code``).
     """
-    result = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(folder), how], capture_output=True,
-                            text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_PROBE, str(folder), how],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -95,19 +104,29 @@ def disk_bytes(folder: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5])
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--skip-quality", action="store_true", help="skip the perplexity table (steps 1 and 2)")
-    parser.add_argument("--skip-load", action="store_true", help="skip the checkpoint save / load measurements")
+    parser.add_argument(
+        "--skip-quality", action="store_true", help="skip the perplexity table (steps 1 and 2)"
+    )
+    parser.add_argument(
+        "--skip-load", action="store_true", help="skip the checkpoint save / load measurements"
+    )
     args = parser.parse_args(argv)
     folder = moe_testbed_dir()
     tokenizer = load_preprocessor(str(folder))
     original = load_model(str(folder))
     adapter = get_adapter(original.config)
-    calibration_fields = {"data": str(folder / "data" / "calibration.txt"), "num_samples": args.num_samples,
-                          "seq_len": args.seq_len, "packing": True}
+    calibration_fields = {
+        "data": str(folder / "data" / "calibration.txt"),
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "packing": True,
+    }
     calibration = build_dataclass(CalibrationConfig, calibration_fields, "calibration")
     context = PruneContext(adapter, tokenizer, calibration, progress=False)
     context.calibration_batches()
@@ -118,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         print_checkpoint_costs(folder, calibration_fields, "MoE testbed checkpoints")
         with tempfile.TemporaryDirectory(prefix="bench-experts-large-") as tmp:
             large = save_large_random_mixtral(folder, Path(tmp) / "mixtral-512x8")
-            print_checkpoint_costs(large, calibration_fields, "random Mixtral, hidden 512, 8 layers, 8 experts")
+            print_checkpoint_costs(
+                large, calibration_fields, "random Mixtral, hidden 512, 8 layers, 8 experts"
+            )
 
 
 def print_quality_table(folder: Path, original, context: PruneContext, keeps: list[float]) -> None:
@@ -126,11 +147,17 @@ def print_quality_table(folder: Path, original, context: PruneContext, keeps: li
     tokenizer, adapter = context.tokenizer, context.adapter
 
     def perplexities(model) -> list[float]:
-        return [evaluate_perplexity(model, tokenizer, folder / "data" / f"eval_{d}.txt", seq_len=128,
-                                    progress=False)["perplexity"] for d in DOMAINS]
+        return [
+            evaluate_perplexity(
+                model, tokenizer, folder / "data" / f"eval_{d}.txt", seq_len=128, progress=False
+            )["perplexity"]
+            for d in DOMAINS
+        ]
 
-    print(f"testbed {folder}: {count_parameters(original):,} parameters, experts per layer "
-          f"{adapter.experts_per_layer(original)}, calibration {sum(b.num_tokens for b in context.calibration_batches()):,} tokens")
+    print(
+        f"testbed {folder}: {count_parameters(original):,} parameters, experts per layer "
+        f"{adapter.experts_per_layer(original)}, calibration {sum(b.num_tokens for b in context.calibration_batches()):,} tokens"
+    )
     header = f"{'algorithm':<14} {'uniform':<8} {'keep':>5} " + " ".join(f"{d:>12}" for d in DOMAINS)
     print(header + f" {'params':>8} {'seconds':>8}  experts per layer")
     base = perplexities(original)
@@ -140,15 +167,21 @@ def print_quality_table(folder: Path, original, context: PruneContext, keeps: li
         for label, fields in ALGORITHMS:
             for uniform in (True, False):
                 model = load_model(str(folder))
-                config = build_dataclass(get_method("expert_pruning").config_cls,
-                                         {**fields, "keep_ratio": keep, "uniform": uniform}, "stage")
+                config = build_dataclass(
+                    get_method("expert_pruning").config_cls,
+                    {**fields, "keep_ratio": keep, "uniform": uniform},
+                    "stage",
+                )
                 started = time.perf_counter()
                 report = run_stage(get_method("expert_pruning"), model, config, context)
                 seconds = time.perf_counter() - started
                 ppl = perplexities(model)
-                print(f"{label:<14} {str(uniform):<8} {keep:>5.2f} " + " ".join(f"{p:>12.2f}" for p in ppl)
-                      + f" {count_parameters(model) / count_parameters(original):>8.1%} {seconds:>8.2f}  "
-                      f"{adapter.experts_per_layer(model)}")
+                print(
+                    f"{label:<14} {str(uniform):<8} {keep:>5.2f} "
+                    + " ".join(f"{p:>12.2f}" for p in ppl)
+                    + f" {count_parameters(model) / count_parameters(original):>8.1%} {seconds:>8.2f}  "
+                    f"{adapter.experts_per_layer(model)}"
+                )
                 if label == "diep" and not uniform:
                     diep_reports[keep] = report.details
                 del model, report
@@ -156,10 +189,12 @@ def print_quality_table(folder: Path, original, context: PruneContext, keeps: li
     for keep, details in diep_reports.items():
         seconds = details["diep"]["seconds"]
         per_layer = ", ".join(f"layer {e['layer']} {e['scoring_seconds']:.2f}" for e in details["layers"])
-        print(f"\nDiEP search time, keep {keep} (non-uniform, {details['diep']['cached_tokens']:,} cached tokens, "
-              f"{details['calibration_tokens']:,} calibration tokens): total {seconds['total']:.2f} s = caching "
-              f"{seconds['cache']:.2f} s + reconstruction per layer ({per_layer}) + language-model loss "
-              f"{seconds['lm_loss']:.2f} s")
+        print(
+            f"\nDiEP search time, keep {keep} (non-uniform, {details['diep']['cached_tokens']:,} cached tokens, "
+            f"{details['calibration_tokens']:,} calibration tokens): total {seconds['total']:.2f} s = caching "
+            f"{seconds['cache']:.2f} s + reconstruction per layer ({per_layer}) + language-model loss "
+            f"{seconds['lm_loss']:.2f} s"
+        )
 
 
 def print_checkpoint_costs(folder: Path, calibration_fields: dict, title: str) -> None:
@@ -168,30 +203,60 @@ def print_checkpoint_costs(folder: Path, calibration_fields: dict, title: str) -
         outputs = {}
         for name, uniform in (("uniform", True), ("non-uniform", False)):
             out = Path(tmp) / name
-            prune({"model": str(folder), "calibration": calibration_fields, "output": str(out),
-                   "stages": [{"method": "expert_pruning", "algorithm": "frequency", "keep_ratio": 0.5,
-                               "uniform": uniform}]}, progress=False)
+            prune(
+                {
+                    "model": str(folder),
+                    "calibration": calibration_fields,
+                    "output": str(out),
+                    "stages": [
+                        {
+                            "method": "expert_pruning",
+                            "algorithm": "frequency",
+                            "keep_ratio": 0.5,
+                            "uniform": uniform,
+                        }
+                    ],
+                },
+                progress=False,
+            )
             outputs[name] = out
-        rows = [("original", folder, "plain"), ("frequency 50% uniform", outputs["uniform"], "plain"),
-                ("frequency 50% non-uniform", outputs["non-uniform"], "hf_prune"),
-                ("frequency 50% non-uniform", outputs["non-uniform"], "remote")]
-        print(f"\n{title}: ratios are parameters / disk / peak against the original (peak: after reading every weight)")
-        print(f"{'checkpoint':<27} {'load path':<9} {'class':<34} {'params':>12} {'disk MiB':>9} {'load MiB':>9} {'peak MiB':>9}")
+        rows = [
+            ("original", folder, "plain"),
+            ("frequency 50% uniform", outputs["uniform"], "plain"),
+            ("frequency 50% non-uniform", outputs["non-uniform"], "hf_prune"),
+            ("frequency 50% non-uniform", outputs["non-uniform"], "remote"),
+        ]
+        print(
+            f"\n{title}: ratios are parameters / disk / peak against the original (peak: after reading every weight)"
+        )
+        print(
+            f"{'checkpoint':<27} {'load path':<9} {'class':<34} {'params':>12} {'disk MiB':>9} {'load MiB':>9} {'peak MiB':>9}"
+        )
         base = None
         for name, path, how in rows:
             probe = load_peak_mib(path, how)
             disk = disk_bytes(path)
             base = base or (probe["parameters"], disk, probe["peak_mib"])
-            print(f"{name:<27} {how:<9} {probe['class']:<34} {probe['parameters']:>12,} {disk / 2**20:>9.2f} "
-                  f"{probe['load_mib']:>9.1f} {probe['peak_mib']:>9.1f}   {probe['parameters'] / base[0]:.3f} / {disk / base[1]:.3f} / "
-                  f"{probe['peak_mib'] / base[2]:.3f}")
+            print(
+                f"{name:<27} {how:<9} {probe['class']:<34} {probe['parameters']:>12,} {disk / 2**20:>9.2f} "
+                f"{probe['load_mib']:>9.1f} {probe['peak_mib']:>9.1f}   {probe['parameters'] / base[0]:.3f} / {disk / base[1]:.3f} / "
+                f"{probe['peak_mib'] / base[2]:.3f}"
+            )
 
 
 def save_large_random_mixtral(testbed: Path, out: Path) -> Path:
     """The testbed's architecture and tokenizer, widened to hidden 512 / 8 layers (~0.1B parameters), random weights."""
     config = AutoConfig.from_pretrained(testbed, trust_remote_code=False)
-    config.update({"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8,
-                   "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64})
+    config.update(
+        {
+            "hidden_size": 512,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 64,
+        }
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)

@@ -81,16 +81,25 @@ def forward_floor(model, adapter, batches: list[CalibrationBatch], depth: int) -
     return time.perf_counter() - start
 
 
-def run_case(title: str, model, tokenizer, texts: list[str], calibration: CalibrationConfig, num_layers: int,
-             eval_file: Path | None) -> None:
+def run_case(
+    title: str,
+    model,
+    tokenizer,
+    texts: list[str],
+    calibration: CalibrationConfig,
+    num_layers: int,
+    eval_file: Path | None,
+) -> None:
     adapter = get_adapter(model.config)
     batches = tokenize_calibration(texts, tokenizer, calibration)
     total_layers = adapter.num_layers(model.config)
     forward_floor(model, adapter, batches[:1], total_layers)  # warm-up
     floor = min(forward_floor(model, adapter, batches, total_layers) for _ in range(3))
     tokens = sum(b.num_tokens for b in batches)
-    print(f"\n## {title}: {total_layers} layers, {count_parameters(model):,} parameters, "
-          f"remove {num_layers}; calibration {len(batches)} batches, {tokens:,} tokens")
+    print(
+        f"\n## {title}: {total_layers} layers, {count_parameters(model):,} parameters, "
+        f"remove {num_layers}; calibration {len(batches)} batches, {tokens:,} tokens"
+    )
     print(f"floor (one full forward pass over the calibration data, best of 3): {floor:.2f}s")
     baseline_ppl = None
     if eval_file is not None:
@@ -107,10 +116,12 @@ def run_case(title: str, model, tokenizer, texts: list[str], calibration: Calibr
         cut = report["cuts"][0]
         error = cut.get("relative_error_with_map", cut.get("relative_error_without_map"))
         label = method + "".join(f" {k}={v}" for k, v in fields.items())
-        line = (f"{label:<52} {str(report['removed_layers']):>16} "
-                f"{count_parameters(pruned) / count_parameters(model):>8.1%} {report['seconds']:>6.2f}s "
-                f"{report['seconds'] / floor:>8.2f} {memory.extra_mib:>9.1f} "
-                f"{'' if error is None else f'{error:.3f}':>8}")
+        line = (
+            f"{label:<52} {str(report['removed_layers']):>16} "
+            f"{count_parameters(pruned) / count_parameters(model):>8.1%} {report['seconds']:>6.2f}s "
+            f"{report['seconds'] / floor:>8.2f} {memory.extra_mib:>9.1f} "
+            f"{'' if error is None else f'{error:.3f}':>8}"
+        )
         if eval_file is not None:
             ppl = _perplexity(pruned, tokenizer, eval_file)
             line += f"  {ppl:>10.3f}  {baseline_ppl / ppl:>8.1%}"
@@ -118,12 +129,15 @@ def run_case(title: str, model, tokenizer, texts: list[str], calibration: Calibr
 
 
 def _perplexity(model, tokenizer, path: Path) -> float:
-    return evaluate_perplexity(model, tokenizer, path, seq_len=512, progress=False,
-                               document_separator=DEFAULT_DOCUMENT_SEPARATOR)["perplexity"]
+    return evaluate_perplexity(
+        model, tokenizer, path, seq_len=512, progress=False, document_separator=DEFAULT_DOCUMENT_SEPARATOR
+    )["perplexity"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--assets", default=str(Path(__file__).resolve().parents[3] / "shared" / "assets"))
     parser.add_argument("--large-layers", type=int, default=16)
     parser.add_argument("--large-hidden", type=int, default=512)
@@ -138,21 +152,44 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(stories, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(stories, trust_remote_code=False).to(device).eval()
     texts = self_generated_texts(model, tokenizer, num_samples=args.num_samples, max_new_tokens=args.seq_len)
-    calibration = build_dataclass(CalibrationConfig, {"data": "self-generated", "num_samples": args.num_samples,
-                                                      "seq_len": args.seq_len, "batch_size": 8}, "calibration")
+    calibration = build_dataclass(
+        CalibrationConfig,
+        {"data": "self-generated", "num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": 8},
+        "calibration",
+    )
     sample = assets / "text" / "tinystories" / "sample.txt"
     for removed in (1, 2):
-        run_case(f"stories260K (self-generated calibration, eval {sample.name})", model, tokenizer, texts,
-                 calibration, removed, sample)
+        run_case(
+            f"stories260K (self-generated calibration, eval {sample.name})",
+            model,
+            tokenizer,
+            texts,
+            calibration,
+            removed,
+            sample,
+        )
 
     hidden = args.large_hidden
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=args.large_layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=hidden // 128, max_position_embeddings=1024)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=args.large_layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=1024,
+    )
     torch.manual_seed(0)
     large = LlamaForCausalLM(config).to(device).eval()
-    run_case(f"random Llama {args.large_layers}x{hidden} (timing and memory only)", large, tokenizer, texts,
-             calibration, args.large_layers // 4, None)
+    run_case(
+        f"random Llama {args.large_layers}x{hidden} (timing and memory only)",
+        large,
+        tokenizer,
+        texts,
+        calibration,
+        args.large_layers // 4,
+        None,
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,11 @@ ACCURACY_VARIANTS = {
     "cdpruner": {"algorithm": "cdpruner"},
     "cdpruner (negative)": {"algorithm": "cdpruner", "relevance_sign": "negative"},
     "cdpruner+clip": {"algorithm": "cdpruner", "text_tower": "<testbed clip>"},
-    "cdpruner+clip (negative)": {"algorithm": "cdpruner", "text_tower": "<testbed clip>", "relevance_sign": "negative"},
+    "cdpruner+clip (negative)": {
+        "algorithm": "cdpruner",
+        "text_tower": "<testbed clip>",
+        "relevance_sign": "negative",
+    },
     **{name: {"algorithm": name, "fastv_layer": 1} for name in ALGORITHMS[1:]},
 }
 
@@ -65,8 +69,11 @@ def select(algorithm: str, features: torch.Tensor, instruction: torch.Tensor, co
         return token_selection.pool_grid(features, token_selection.square_grid(n), count)
     if algorithm == "random":
         return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:count].sort().values
-    relevance = (token_selection.instruction_relevance(features, instruction) if algorithm == "cdpruner"
-                 else torch.ones(n, device=features.device))
+    relevance = (
+        token_selection.instruction_relevance(features, instruction)
+        if algorithm == "cdpruner"
+        else torch.ones(n, device=features.device)
+    )
     kernel = relevance[:, None] * token_selection.cosine_similarity_matrix(features) * relevance[None, :]
     return token_selection.dpp_greedy_map(kernel[None], count)[0]
 
@@ -75,19 +82,36 @@ def llava_7b_config() -> Any:
     """LLaVA-1.5-7B shapes (CLIP ViT-L/14-336 + Vicuna-7B), no weights."""
     import transformers
 
-    vision = transformers.CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                                           num_hidden_layers=24, num_attention_heads=16)
-    text = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32064)
-    return transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000,
-                                    vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = transformers.CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+    )
+    text = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+    )
+    return transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
 
 
 def matmul_gflops(device: torch.device) -> float:
     """Measured float32 throughput of a 4,096² matmul on ``device`` (GFLOP/s)."""
     a = torch.randn(4096, 4096, device=device)
     ms = _median_ms(lambda: a @ a, repeats=3, device=device)
-    return 2 * 4096 ** 3 / ms / 1e6
+    return 2 * 4096**3 / ms / 1e6
 
 
 def print_selection_overhead(device: torch.device) -> None:
@@ -99,10 +123,16 @@ def print_selection_overhead(device: torch.device) -> None:
     config = llava_7b_config()
     full_len = n + question
     full = analytic_flops_per_token(config, full_len)["prefill_flops_per_token"] * full_len
-    print(f"1. selection overhead per image (N {n}, d {d}) on {device}; matmul throughput {gflops:,.0f} GFLOP/s")
-    print(f"   LLaVA-1.5-7B language-model prefill, {n} visual + {question} text tokens: {full / 1e12:.2f} TFLOPs "
-          f"= {full / gflops / 1e6:,.0f} ms at that rate")
-    print(f"   {'algorithm':<10} {'T':>4} {'selection ms':>13} {'prefill saved (TFLOPs / ms)':>29} {'overhead/saved':>15}")
+    print(
+        f"1. selection overhead per image (N {n}, d {d}) on {device}; matmul throughput {gflops:,.0f} GFLOP/s"
+    )
+    print(
+        f"   LLaVA-1.5-7B language-model prefill, {n} visual + {question} text tokens: {full / 1e12:.2f} TFLOPs "
+        f"= {full / gflops / 1e6:,.0f} ms at that rate"
+    )
+    print(
+        f"   {'algorithm':<10} {'T':>4} {'selection ms':>13} {'prefill saved (TFLOPs / ms)':>29} {'overhead/saved':>15}"
+    )
     for count in (64, 128):
         kept_len = count + question
         kept = analytic_flops_per_token(config, kept_len)["prefill_flops_per_token"] * kept_len
@@ -110,16 +140,22 @@ def print_selection_overhead(device: torch.device) -> None:
         saved_ms = saved / gflops / 1e6
         for algorithm in ("cdpruner", "diversity", "random", "pooling"):
             ms = _median_ms(lambda a=algorithm, c=count: select(a, features, instruction, c), device=device)
-            print(f"   {algorithm:<10} {count:>4} {ms:>13.2f} {saved / 1e12:>17.2f} / {saved_ms:>9,.0f} "
-                  f"{ms / saved_ms:>15.2%}")
+            print(
+                f"   {algorithm:<10} {count:>4} {ms:>13.2f} {saved / 1e12:>17.2f} / {saved_ms:>9,.0f} "
+                f"{ms / saved_ms:>15.2%}"
+            )
 
 
 def prune_copy(model: Any, tokenizer: Any, **fields) -> Any:
     """A copy of ``model`` with visual token pruning set to ``fields``."""
     pruned = copy.deepcopy(model)
     config = build_dataclass(get_method("visual_token_pruning").config_cls, fields, "stage")
-    run_stage(get_method("visual_token_pruning"), pruned, config,
-              PruneContext(get_adapter(pruned.config), tokenizer, None, progress=False))
+    run_stage(
+        get_method("visual_token_pruning"),
+        pruned,
+        config,
+        PruneContext(get_adapter(pruned.config), tokenizer, None, progress=False),
+    )
     return pruned.eval()
 
 
@@ -128,26 +164,51 @@ def random_llava(device: torch.device) -> tuple[Any, Any]:
     8-layer Llama; returns (model, inputs of one image and a 40-token question)."""
     import transformers
 
-    vision = transformers.CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024,
-                                           num_hidden_layers=4, num_attention_heads=4)
-    text = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                                    num_attention_heads=16, num_key_value_heads=16, vocab_size=4096)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=4000,
-                                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = transformers.CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    )
+    text = transformers.LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=4096,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=4000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(config).eval().to(device)
     ids = torch.randint(5, 3999, (1, 616), generator=torch.Generator().manual_seed(0))
     ids[0, 1:577] = 4000
-    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-              "pixel_values": torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1)).to(device)}
+    inputs = {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1)).to(device),
+    }
     return model, inputs
 
 
-def print_prefill_vs_budget(title: str, model: Any, tokenizer: Any, inputs: dict, budgets: list[int],
-                            device: torch.device) -> None:
-    print(f"\n2. prefill vs budget: {title} (cdpruner; FLOPs: the language model, per input token; the vision "
-          "tower, which pruning does not change, is left out)")
-    print(f"   {'budget':>7} {'LM tokens':>9} {'prefill ms':>11} {'ratio':>7} {'FLOPs/input token':>18} {'ratio':>7}")
+def print_prefill_vs_budget(
+    title: str, model: Any, tokenizer: Any, inputs: dict, budgets: list[int], device: torch.device
+) -> None:
+    print(
+        f"\n2. prefill vs budget: {title} (cdpruner; FLOPs: the language model, per input token; the vision "
+        "tower, which pruning does not change, is left out)"
+    )
+    print(
+        f"   {'budget':>7} {'LM tokens':>9} {'prefill ms':>11} {'ratio':>7} {'FLOPs/input token':>18} {'ratio':>7}"
+    )
     seq_len = inputs["input_ids"].shape[1]
     image_tokens = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     base_ms = base_flops = None
@@ -157,8 +218,10 @@ def print_prefill_vs_budget(title: str, model: Any, tokenizer: Any, inputs: dict
             ms = _median_ms(lambda m=pruned: m(**inputs), device=device)
         flops = analytic_flops_per_token(pruned.config, seq_len, image_tokens=image_tokens)
         base_ms, base_flops = base_ms or ms, base_flops or flops["prefill_flops_per_token"]
-        print(f"   {budget:>7} {flops.get('language_model_tokens', seq_len):>9} {ms:>11.2f} {ms / base_ms:>7.3f} "
-              f"{flops['prefill_flops_per_token'] / 1e6:>16.2f}M {flops['prefill_flops_per_token'] / base_flops:>7.3f}")
+        print(
+            f"   {budget:>7} {flops.get('language_model_tokens', seq_len):>9} {ms:>11.2f} {ms / base_ms:>7.3f} "
+            f"{flops['prefill_flops_per_token'] / 1e6:>16.2f}M {flops['prefill_flops_per_token'] / base_flops:>7.3f}"
+        )
 
 
 def print_accuracy_table(limit: int | None, device: torch.device, only: list[str] | None = None) -> None:
@@ -171,12 +234,21 @@ def print_accuracy_table(limit: int | None, device: torch.device, only: list[str
     processor = load_preprocessor(str(folder), vision_language=True)
     model = load_model(str(folder)).to(device).eval()
     data = folder / "data" / "eval.jsonl"
-    inputs = processor(images=[_first_image(data)], text=[f"USER: {processor.image_token}\nIs there a bag? ASSISTANT:"],
-                       return_tensors="pt").to(device)
+    inputs = processor(
+        images=[_first_image(data)],
+        text=[f"USER: {processor.image_token}\nIs there a bag? ASSISTANT:"],
+        return_tensors="pt",
+    ).to(device)
     image_tokens = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     budgets = [b for b in (32, 16, 8, 4) if b < image_tokens]
-    print_prefill_vs_budget(f"the testbed ({image_tokens} visual tokens)", model, processor, dict(inputs),
-                            [image_tokens, *budgets], device)
+    print_prefill_vs_budget(
+        f"the testbed ({image_tokens} visual tokens)",
+        model,
+        processor,
+        dict(inputs),
+        [image_tokens, *budgets],
+        device,
+    )
 
     def accuracy(m: Any) -> dict[str, float]:
         result = evaluate_vqa(m, processor, data, batch_size=16, limit=limit, progress=False)
@@ -184,18 +256,25 @@ def print_accuracy_table(limit: int | None, device: torch.device, only: list[str
 
     base = accuracy(model)
     keys = sorted(base)
-    print(f"\n3. testbed accuracy vs visual tokens kept (of {image_tokens}); {limit or 'all'} held-out questions")
+    print(
+        f"\n3. testbed accuracy vs visual tokens kept (of {image_tokens}); {limit or 'all'} held-out questions"
+    )
     print(f"   {'algorithm':<24} {'kept':>5} " + " ".join(f"{k:>22}" for k in keys))
     print(f"   {'none':<24} {image_tokens:>5} " + " ".join(f"{base[k]:>22.3f}" for k in keys))
     variants = {label: fields for label, fields in ACCURACY_VARIANTS.items() if not only or label in only}
     if any("text_tower" in fields for fields in variants.values()):
         clip = str(vlm_testbed_clip_dir())
-        variants = {label: {**fields, "text_tower": clip} if "text_tower" in fields else fields
-                    for label, fields in variants.items()}
+        variants = {
+            label: {**fields, "text_tower": clip} if "text_tower" in fields else fields
+            for label, fields in variants.items()
+        }
     for budget in budgets:
         for label, fields in variants.items():
             scores = accuracy(prune_copy(model, processor, budget=budget, **fields))
-            print(f"   {label:<24} {budget:>5} " + " ".join(f"{scores.get(k, float('nan')):>22.3f}" for k in keys))
+            print(
+                f"   {label:<24} {budget:>5} "
+                + " ".join(f"{scores.get(k, float('nan')):>22.3f}" for k in keys)
+            )
 
 
 def _first_image(jsonl) -> Any:
@@ -208,19 +287,32 @@ def _first_image(jsonl) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the testbed (parts 2b and 3)")
     parser.add_argument("--limit", type=int, default=None, help="held-out questions to score (default: all)")
-    parser.add_argument("--only", nargs="+", choices=list(ACCURACY_VARIANTS), default=None,
-                        help="accuracy table: only these rows (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(ACCURACY_VARIANTS),
+        default=None,
+        help="accuracy table: only these rows (default: all)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     print_selection_overhead(device)
     model, inputs = random_llava(device)
-    print_prefill_vs_budget("random LLaVA, CLIP-336/14 (576 tokens) + Llama 1,024 × 8 layers", model, None, inputs,
-                            [576, 256, 128, 64, 32], device)
+    print_prefill_vs_budget(
+        "random LLaVA, CLIP-336/14 (576 tokens) + Llama 1,024 × 8 layers",
+        model,
+        None,
+        inputs,
+        [576, 256, 128, 64, 32],
+        device,
+    )
     if not args.skip_accuracy:
         print_accuracy_table(args.limit, device, args.only)
 

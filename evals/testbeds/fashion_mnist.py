@@ -19,12 +19,22 @@ import numpy as np
 
 #: Class names in label order (0..9), as published with the dataset.
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 #: Where the files live beside a source checkout (``<repo>/../shared/assets/images/fashion-mnist``).
-DEFAULT_FASHION_MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "assets" / "images" / "fashion-mnist"
+DEFAULT_FASHION_MNIST_DIR = (
+    Path(__file__).resolve().parents[3] / "shared" / "assets" / "images" / "fashion-mnist"
+)
 
 _SPLIT_PREFIX = {"test": "t10k", "train": "train"}
 _IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
@@ -40,8 +50,10 @@ def _read_idx(path: Path, *, magic: int, limit: int | None) -> np.ndarray:
     with gzip.open(path, "rb") as handle:
         header = handle.read(4)
         if len(header) != 4 or int.from_bytes(header, "big") != magic:
-            raise ValueError(f"{path}: not an IDX file of the expected kind (magic {header.hex() or 'missing'}, "
-                             f"expected {magic:08x})")
+            raise ValueError(
+                f"{path}: not an IDX file of the expected kind (magic {header.hex() or 'missing'}, "
+                f"expected {magic:08x})"
+            )
         ndim = magic & 0xFF
         dims = [int.from_bytes(handle.read(4), "big") for _ in range(ndim)]
         count = dims[0] if limit is None else min(limit, dims[0])
@@ -52,8 +64,9 @@ def _read_idx(path: Path, *, magic: int, limit: int | None) -> np.ndarray:
     return np.frombuffer(payload, dtype=np.uint8).reshape(count, *dims[1:]).copy()
 
 
-def read_fashion_mnist(folder: str | os.PathLike, split: str = "test",
-                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_fashion_mnist(
+    folder: str | os.PathLike, split: str = "test", limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(images, labels)`` of a split: uint8 ``[N, 28, 28]`` and uint8 ``[N]`` (class indices 0..9).
 
     ``limit`` reads only the first ``limit`` examples (the gzip stream is not decoded past them).
@@ -71,8 +84,16 @@ def read_fashion_mnist(folder: str | os.PathLike, split: str = "test",
     return images, labels
 
 
-def write_vqa_set(images_dir: str | os.PathLike, out_jsonl: str | os.PathLike, n: int, seed: int, *,
-                  source: str | os.PathLike | None = None, split: str = "test", size: int = 32) -> Path:
+def write_vqa_set(
+    images_dir: str | os.PathLike,
+    out_jsonl: str | os.PathLike,
+    n: int,
+    seed: int,
+    *,
+    source: str | os.PathLike | None = None,
+    split: str = "test",
+    size: int = 32,
+) -> Path:
     """Save ``n`` Fashion-MNIST images, drawn without replacement with ``seed``, as ``size``×``size``
     grayscale PNGs in ``images_dir``, and write a VQA JSONL (``out_jsonl``) with one row per image:
     ``{"image", "question": "what is this?", "answers": [class name], "label": class index}``.
@@ -96,17 +117,24 @@ def write_vqa_set(images_dir: str | os.PathLike, out_jsonl: str | os.PathLike, n
         label = int(labels[index])
         image_path = images_dir / f"fashion_mnist_{split}_{index:05d}.png"
         Image.fromarray(images[index]).resize((size, size), Image.Resampling.BILINEAR).save(image_path)
-        rows.append({
-            "image": os.path.relpath(image_path.resolve(), out_jsonl.parent.resolve()),
-            "question": VQA_QUESTION,
-            "answers": [FASHION_MNIST_CLASSES[label]],
-            "label": label,
-        })
+        rows.append(
+            {
+                "image": os.path.relpath(image_path.resolve(), out_jsonl.parent.resolve()),
+                "question": VQA_QUESTION,
+                "answers": [FASHION_MNIST_CLASSES[label]],
+                "label": label,
+            }
+        )
     with out_jsonl.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     return out_jsonl
 
 
-__all__ = ["DEFAULT_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "VQA_QUESTION", "read_fashion_mnist",
-           "write_vqa_set"]
+__all__ = [
+    "DEFAULT_FASHION_MNIST_DIR",
+    "FASHION_MNIST_CLASSES",
+    "VQA_QUESTION",
+    "read_fashion_mnist",
+    "write_vqa_set",
+]

@@ -38,21 +38,24 @@ def token_stream(tokenizer: Any, text: str, max_tokens: int | None = None) -> to
     return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
 
 
-
 def _moe_blocks(model: Any) -> list[Any]:
     """The MoE blocks (``layer.mlp`` with a ``gate`` router) of a Mixtral-style model, in layer order."""
     blocks = [layer.mlp for layer in model.model.layers]
     if not all(hasattr(block, "gate") and hasattr(block.gate, "top_k") for block in blocks):
-        raise TypeError(f"{type(model).__name__}: expected Mixtral-style MoE layers (layer.mlp.gate with top_k)")
+        raise TypeError(
+            f"{type(model).__name__}: expected Mixtral-style MoE layers (layer.mlp.gate with top_k)"
+        )
     return blocks
 
 
 def _windows(tokens: torch.Tensor, seq_len: int, batch_size: int = 16) -> list[torch.Tensor]:
     """Non-overlapping windows of ``tokens`` (the shorter tail alone), batched by equal length."""
     full = len(tokens) // seq_len
-    batches = [tokens[: full * seq_len].view(full, seq_len)[i:i + batch_size] for i in range(0, full, batch_size)]
+    batches = [
+        tokens[: full * seq_len].view(full, seq_len)[i : i + batch_size] for i in range(0, full, batch_size)
+    ]
     if len(tokens) - full * seq_len >= 2:
-        batches.append(tokens[full * seq_len:][None])
+        batches.append(tokens[full * seq_len :][None])
     return batches
 
 
@@ -70,6 +73,7 @@ def _routing_counts(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, tor
             log_probs = logits.float().log_softmax(dim=-1)
             entropy[index] += -(log_probs.exp() * log_probs).nan_to_num().sum(dim=-1).double().sum()
             counts[index] += torch.bincount(indices.reshape(-1), minlength=num_experts).double()
+
         return hook
 
     handles = [block.gate.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
@@ -116,20 +120,31 @@ def routing_report(model: Any, tokenizer: Any, texts: Mapping[str, str], *, max_
         load = total_counts[index] / total_counts[index].sum()
         domain_load = {d: counts[index] / counts[index].sum() for d, (counts, _, _) in per_domain.items()}
         load_entropy = _entropy(load)
-        layers.append({
-            "layer": index,
-            "load": [round(float(x), 4) for x in load],
-            "max_load": round(float(load.max()), 4),
-            "min_load": round(float(load.min()), 4),
-            "load_entropy": round(load_entropy, 4),
-            "normalised_load_entropy": round(load_entropy / math.log(num_experts), 4),
-            "router_entropy": round(float(total_entropy[index]) / total_tokens, 4),
-            "per_domain_load": {d: [round(float(x), 4) for x in p] for d, p in domain_load.items()},
-            "per_domain_top_experts": {d: sorted(p.topk(top_k).indices.tolist()) for d, p in domain_load.items()},
-            "domain_load_distance": {d: round(0.5 * float((p - load).abs().sum()), 4) for d, p in domain_load.items()},
-        })
-    return {"num_experts": num_experts, "top_k": top_k, "max_tokens": max_tokens,
-            "tokens": {d: n for d, (_, _, n) in per_domain.items()}, "layers": layers}
+        layers.append(
+            {
+                "layer": index,
+                "load": [round(float(x), 4) for x in load],
+                "max_load": round(float(load.max()), 4),
+                "min_load": round(float(load.min()), 4),
+                "load_entropy": round(load_entropy, 4),
+                "normalised_load_entropy": round(load_entropy / math.log(num_experts), 4),
+                "router_entropy": round(float(total_entropy[index]) / total_tokens, 4),
+                "per_domain_load": {d: [round(float(x), 4) for x in p] for d, p in domain_load.items()},
+                "per_domain_top_experts": {
+                    d: sorted(p.topk(top_k).indices.tolist()) for d, p in domain_load.items()
+                },
+                "domain_load_distance": {
+                    d: round(0.5 * float((p - load).abs().sum()), 4) for d, p in domain_load.items()
+                },
+            }
+        )
+    return {
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "max_tokens": max_tokens,
+        "tokens": {d: n for d, (_, _, n) in per_domain.items()},
+        "layers": layers,
+    }
 
 
 @torch.no_grad()
@@ -150,10 +165,14 @@ def _perplexity_without(model: Any, tokens: torch.Tensor, removed: Mapping[int, 
             weights, indices = probs.topk(module.top_k, dim=-1)
             weights = weights / weights.sum(dim=-1, keepdim=True)
             return masked, weights.to(output[1].dtype), indices
+
         return hook
 
-    handles = [blocks[layer].gate.register_forward_hook(make_hook(list(experts)))
-               for layer, experts in removed.items() if experts]
+    handles = [
+        blocks[layer].gate.register_forward_hook(make_hook(list(experts)))
+        for layer, experts in removed.items()
+        if experts
+    ]
     try:
         return perplexity_of_tokens(model, tokens, seq_len=SEQ_LEN, batch_size=16)["perplexity"]
     finally:
@@ -161,9 +180,15 @@ def _perplexity_without(model: Any, tokens: torch.Tensor, removed: Mapping[int, 
             handle.remove()
 
 
-def ablation_check(model: Any, tokenizer: Any, eval_texts: Mapping[str, str], *,
-                   usage_texts: Mapping[str, str] | None = None, num_removed: int = 2,
-                   max_tokens: int | None = None) -> dict:
+def ablation_check(
+    model: Any,
+    tokenizer: Any,
+    eval_texts: Mapping[str, str],
+    *,
+    usage_texts: Mapping[str, str] | None = None,
+    num_removed: int = 2,
+    max_tokens: int | None = None,
+) -> dict:
     """Perplexity per domain after removing the ``num_removed`` most-used vs least-used experts per layer.
 
     Removing means masking the experts' router logits to -inf (see ``_perplexity_without``). Usage is
@@ -189,14 +214,19 @@ def ablation_check(model: Any, tokenizer: Any, eval_texts: Mapping[str, str], *,
             chosen[index] = sorted(order[:num_removed])
         return chosen
 
-    removed = {"most_used": pick(lambda i: report["layers"][i]["load"], True),
-               "least_used": pick(lambda i: report["layers"][i]["load"], False)}
+    removed = {
+        "most_used": pick(lambda i: report["layers"][i]["load"], True),
+        "least_used": pick(lambda i: report["layers"][i]["load"], False),
+    }
     streams = {domain: token_stream(tokenizer, text, max_tokens) for domain, text in eval_texts.items()}
     perplexity = {
         "baseline": {d: _perplexity_without(model, tokens, {}) for d, tokens in streams.items()},
-        "most_used_removed": {d: _perplexity_without(model, tokens, removed["most_used"]) for d, tokens in streams.items()},
-        "least_used_removed": {d: _perplexity_without(model, tokens, removed["least_used"])
-                               for d, tokens in streams.items()},
+        "most_used_removed": {
+            d: _perplexity_without(model, tokens, removed["most_used"]) for d, tokens in streams.items()
+        },
+        "least_used_removed": {
+            d: _perplexity_without(model, tokens, removed["least_used"]) for d, tokens in streams.items()
+        },
     }
     per_domain = {}
     for domain, tokens in streams.items():
@@ -204,18 +234,33 @@ def ablation_check(model: Any, tokenizer: Any, eval_texts: Mapping[str, str], *,
             continue
         most = pick(lambda i, d=domain: report["layers"][i]["per_domain_load"][d], True)
         least = pick(lambda i, d=domain: report["layers"][i]["per_domain_load"][d], False)
-        most_ppl, least_ppl = _perplexity_without(model, tokens, most), _perplexity_without(model, tokens, least)
-        per_domain[domain] = {"most_used": most, "least_used": least, "most_used_removed": round(most_ppl, 4),
-                              "least_used_removed": round(least_ppl, 4), "most_vs_least": round(most_ppl / least_ppl, 4)}
+        most_ppl, least_ppl = (
+            _perplexity_without(model, tokens, most),
+            _perplexity_without(model, tokens, least),
+        )
+        per_domain[domain] = {
+            "most_used": most,
+            "least_used": least,
+            "most_used_removed": round(most_ppl, 4),
+            "least_used_removed": round(least_ppl, 4),
+            "most_vs_least": round(most_ppl / least_ppl, 4),
+        }
     return {
         "num_removed": num_removed,
         "usage_measured_on": sorted(usage_texts),
         "removed": removed,
-        "perplexity": {kind: {d: round(v, 4) for d, v in values.items()} for kind, values in perplexity.items()},
-        "ratio_to_baseline": {kind: {d: round(v / perplexity["baseline"][d], 4) for d, v in values.items()}
-                              for kind, values in perplexity.items() if kind != "baseline"},
-        "most_vs_least": {d: round(perplexity["most_used_removed"][d] / perplexity["least_used_removed"][d], 4)
-                          for d in streams},
+        "perplexity": {
+            kind: {d: round(v, 4) for d, v in values.items()} for kind, values in perplexity.items()
+        },
+        "ratio_to_baseline": {
+            kind: {d: round(v / perplexity["baseline"][d], 4) for d, v in values.items()}
+            for kind, values in perplexity.items()
+            if kind != "baseline"
+        },
+        "most_vs_least": {
+            d: round(perplexity["most_used_removed"][d] / perplexity["least_used_removed"][d], 4)
+            for d in streams
+        },
         "per_domain": per_domain,
     }
 
@@ -227,9 +272,12 @@ def usability_checks(routing: Mapping[str, Any], ablation: Mapping[str, Any]) ->
     min_ratio = min(ablation["most_vs_least"].values())
     min_own_ratio = min((own["most_vs_least"] for own in ablation["per_domain"].values()), default=math.inf)
     checks = {
-        "max_expert_load": max_load, "max_expert_load_limit": MAX_EXPERT_LOAD,
-        "min_normalised_load_entropy": min_entropy, "min_normalised_load_entropy_limit": MIN_NORMALISED_LOAD_ENTROPY,
-        "min_most_vs_least_ratio": min_ratio, "min_own_domain_most_vs_least_ratio": min_own_ratio,
+        "max_expert_load": max_load,
+        "max_expert_load_limit": MAX_EXPERT_LOAD,
+        "min_normalised_load_entropy": min_entropy,
+        "min_normalised_load_entropy_limit": MIN_NORMALISED_LOAD_ENTROPY,
+        "min_most_vs_least_ratio": min_ratio,
+        "min_own_domain_most_vs_least_ratio": min_own_ratio,
         "min_most_vs_least_ratio_limit": MIN_ABLATION_RATIO,
     }
     checks["load_spread"] = max_load <= MAX_EXPERT_LOAD and min_entropy >= MIN_NORMALISED_LOAD_ENTROPY

@@ -121,9 +121,9 @@ AUX_LOSS_COEF = 0.005
 Z_LOSS_COEF = 1e-3  # router z-loss (ST-MoE): mean squared logsumexp of the router logits
 
 
-
-def moe_testbed_dir(cache_dir: str | os.PathLike | None = None, *,
-                    assets: str | os.PathLike | None = None) -> pathlib.Path:
+def moe_testbed_dir(
+    cache_dir: str | os.PathLike | None = None, *, assets: str | os.PathLike | None = None
+) -> pathlib.Path:
     """Return the folder of the cached MoE testbed, building it first (a few minutes) if missing."""
     root = pathlib.Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / MOE_TESTBED_VERSION
@@ -134,6 +134,7 @@ def moe_testbed_dir(cache_dir: str | os.PathLike | None = None, *,
 
 
 # --------------------------------------------------------------------------------------------- data
+
 
 def _source(assets: pathlib.Path, domain: str) -> pathlib.Path:
     path = assets / SOURCES[domain]
@@ -148,9 +149,17 @@ def _sample_stories(model_dir: str, num_samples: int) -> str:
     from hf_prune.calibration import self_generated_texts
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
-    texts = self_generated_texts(model, tokenizer, num_samples=num_samples, max_new_tokens=STORY_MAX_NEW_TOKENS,
-                                 seed=STORY_SEED, batch_size=64)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=False
+    ).eval()
+    texts = self_generated_texts(
+        model,
+        tokenizer,
+        num_samples=num_samples,
+        max_new_tokens=STORY_MAX_NEW_TOKENS,
+        seed=STORY_SEED,
+        batch_size=64,
+    )
     stories = [re.sub(r"\n\s*\n+", "\n", text.strip()) for text in texts]
     return "\n\n".join(story for story in stories if story)
 
@@ -164,7 +173,9 @@ def _domain_text_and_boundaries(assets: pathlib.Path, domain: str) -> tuple[str,
         text = _source(assets, domain).read_text(encoding="utf-8")
         # Speeches for shakespeare; articles (" = Title = " headings) for WikiText.
         pattern = r"\n\n" if domain == "shakespeare" else r"(?m)^ \n(?= = [^=\n].* = \n)"
-    return text, [match.end() if domain != "wikitext" else match.start() for match in re.finditer(pattern, text)]
+    return text, [
+        match.end() if domain != "wikitext" else match.start() for match in re.finditer(pattern, text)
+    ]
 
 
 def _split_domain(text: str, boundaries: list[int]) -> dict[str, tuple[int, int]]:
@@ -179,8 +190,11 @@ def _split_domain(text: str, boundaries: list[int]) -> dict[str, tuple[int, int]
 
     eval_start = cut_before(len(text), EVAL_CHARS)
     calibration_start = cut_before(eval_start, CALIBRATION_CHARS)
-    return {"train": (0, calibration_start), "calibration": (calibration_start, eval_start),
-            "eval": (eval_start, len(text))}
+    return {
+        "train": (0, calibration_start),
+        "calibration": (calibration_start, eval_start),
+        "eval": (eval_start, len(text)),
+    }
 
 
 def testbed_text_splits(assets: str | os.PathLike) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
@@ -218,20 +232,26 @@ def mixed_calibration_text(calibration: Mapping[str, str]) -> str:
         if current.strip():
             records.append(current)
         per_domain.append([r for r in records if r.strip()])
-    interleaved = [records[i] for i in range(max(map(len, per_domain))) for records in per_domain if i < len(records)]
+    interleaved = [
+        records[i] for i in range(max(map(len, per_domain))) for records in per_domain if i < len(records)
+    ]
     return "\n\n".join(interleaved) + "\n"
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
 
+
 def _train_tokenizer(train_texts: Mapping[str, str]) -> PreTrainedTokenizerFast:
     # An equal share of every domain, fed by line: a balanced vocabulary, and quick to train. WikiText's
     # literal "<unk>" stays text (split_special_tokens), not the unknown token.
     lines = [line for text in train_texts.values() for line in text[:TOKENIZER_CHARS_PER_DOMAIN].split("\n")]
-    return train_byte_level_bpe(lines, vocab_size=VOCAB_SIZE, model_max_length=SEQ_LEN * 4, split_special_tokens=True)
+    return train_byte_level_bpe(
+        lines, vocab_size=VOCAB_SIZE, model_max_length=SEQ_LEN * 4, split_special_tokens=True
+    )
 
 
 # -------------------------------------------------------------------------------------- model, loss
+
 
 def _build_model(seed: int) -> MixtralForCausalLM:
     config = MixtralConfig(
@@ -273,11 +293,14 @@ def _router_losses(router_logits: tuple[torch.Tensor, ...], top_k: int) -> tuple
     return torch.stack(balance).mean(), torch.stack(z_loss).mean()
 
 
-def _train(model: MixtralForCausalLM, streams: Mapping[str, torch.Tensor], steps: int, seed: int,
-           progress: bool) -> dict[str, Any]:
+def _train(
+    model: MixtralForCausalLM, streams: Mapping[str, torch.Tensor], steps: int, seed: int, progress: bool
+) -> dict[str, Any]:
     """Train on balanced batches of random windows; return the mean losses of the last steps."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer, scheduler = adamw_warmup_cosine(model, steps=steps, peak_lr=PEAK_LR, warmup_fraction=WARMUP_FRACTION)
+    optimizer, scheduler = adamw_warmup_cosine(
+        model, steps=steps, peak_lr=PEAK_LR, warmup_fraction=WARMUP_FRACTION
+    )
     offsets = torch.arange(SEQ_LEN)
     names = list(streams)
     window = max(20, steps // 20)
@@ -292,8 +315,9 @@ def _train(model: MixtralForCausalLM, streams: Mapping[str, torch.Tensor], steps
             rows.append(tokens[starts[:, None] + offsets])
         batch = torch.cat(rows)
         outputs = model(input_ids=batch, output_router_logits=True, use_cache=False)
-        token_ce = F.cross_entropy(outputs.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                   reduction="none").view(len(batch), -1)
+        token_ce = F.cross_entropy(
+            outputs.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
+        ).view(len(batch), -1)
         ce = token_ce.mean()
         balance, z_loss = _router_losses(outputs.router_logits, model.config.num_experts_per_tok)
         loss = ce + AUX_LOSS_COEF * balance + Z_LOSS_COEF * z_loss
@@ -303,8 +327,12 @@ def _train(model: MixtralForCausalLM, streams: Mapping[str, torch.Tensor], steps
         optimizer.step()
         scheduler.step()
         per_domain = token_ce.detach().view(len(names), WINDOWS_PER_DOMAIN, -1).mean(dim=(1, 2))
-        values = {**dict(zip(names, per_domain.tolist(), strict=True)),
-                  "ce": ce.item(), "balance": balance.item(), "z": z_loss.item()}
+        values = {
+            **dict(zip(names, per_domain.tolist(), strict=True)),
+            "ce": ce.item(),
+            "balance": balance.item(),
+            "z": z_loss.item(),
+        }
         for key, value in values.items():
             recent[key] = (recent[key] + [value])[-window:]
         bar.set_postfix(ce=f"{ce.item():.3f}", bal=f"{balance.item():.3f}")
@@ -313,14 +341,26 @@ def _train(model: MixtralForCausalLM, streams: Mapping[str, torch.Tensor], steps
     def mean(key: str) -> float:
         return round(sum(recent[key]) / max(1, len(recent[key])), 4)
 
-    return {"train_ce": mean("ce"), "train_ce_by_domain": {name: mean(name) for name in names},
-            "load_balancing_loss": mean("balance"), "router_z_loss": mean("z"), "averaged_over_last_steps": window}
+    return {
+        "train_ce": mean("ce"),
+        "train_ce_by_domain": {name: mean(name) for name in names},
+        "load_balancing_loss": mean("balance"),
+        "router_z_loss": mean("z"),
+        "averaged_over_last_steps": window,
+    }
 
 
 # ------------------------------------------------------------------------------------------- build
 
-def build_moe_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, seed: int = 0,
-                      progress: bool = True, _steps: int | None = None) -> pathlib.Path:
+
+def build_moe_testbed(
+    out_dir: str | os.PathLike,
+    *,
+    assets: str | os.PathLike,
+    seed: int = 0,
+    progress: bool = True,
+    _steps: int | None = None,
+) -> pathlib.Path:
     """Sample the data, train the tokenizer and the MoE, measure it, and save it all to ``out_dir`` atomically.
 
     Everything is written to a unique temporary sibling folder renamed into place at the end, so an
@@ -345,17 +385,26 @@ def build_moe_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, 
     streams = {d: token_stream(tokenizer, parts["train"]) for d, parts in splits.items()}
     for domain in DOMAINS:
         data_record[domain]["tokens"] = {
-            name: len(streams[domain]) if name == "train" else len(token_stream(tokenizer, splits[domain][name]))
-            for name in ("train", "calibration", "eval")}
+            name: len(streams[domain])
+            if name == "train"
+            else len(token_stream(tokenizer, splits[domain][name]))
+            for name in ("train", "calibration", "eval")
+        }
     mark = lap("tokenizer", mark)
     model = _build_model(seed)
     losses = _train(model, streams, steps, seed, progress)
     mark = lap("training", mark)
     eval_texts = {d: parts["eval"] for d, parts in splits.items()}
     calibration_texts = {d: parts["calibration"] for d, parts in splits.items()}
-    eval_ppl = {d: round(perplexity_of_tokens(model, token_stream(tokenizer, text), seq_len=SEQ_LEN,
-                                              batch_size=16)["perplexity"], 4)
-                for d, text in eval_texts.items()}
+    eval_ppl = {
+        d: round(
+            perplexity_of_tokens(model, token_stream(tokenizer, text), seq_len=SEQ_LEN, batch_size=16)[
+                "perplexity"
+            ],
+            4,
+        )
+        for d, text in eval_texts.items()
+    }
     routing = routing_report(model, tokenizer, eval_texts)
     ablation = ablation_check(model, tokenizer, eval_texts, usage_texts=calibration_texts)
     checks = usability_checks(routing, ablation)
@@ -379,13 +428,21 @@ def build_moe_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, 
             "seconds_by_stage": stage_seconds,
             "torch_threads": torch.get_num_threads(),
             "recipe": {
-                "model": "MixtralForCausalLM", "num_experts": NUM_EXPERTS, "top_k": TOP_K, "hidden_size": HIDDEN_SIZE,
-                "intermediate_size": INTERMEDIATE_SIZE, "num_layers": NUM_LAYERS, "expert_init": "independent random",
+                "model": "MixtralForCausalLM",
+                "num_experts": NUM_EXPERTS,
+                "top_k": TOP_K,
+                "hidden_size": HIDDEN_SIZE,
+                "intermediate_size": INTERMEDIATE_SIZE,
+                "num_layers": NUM_LAYERS,
+                "expert_init": "independent random",
                 "tokenizer": f"byte-level BPE, {VOCAB_SIZE} tokens, trained on the first "
-                             f"{TOKENIZER_CHARS_PER_DOMAIN} characters of each domain's train split",
-                "seq_len": SEQ_LEN, "batch": f"{WINDOWS_PER_DOMAIN} windows per domain", "peak_lr": PEAK_LR,
+                f"{TOKENIZER_CHARS_PER_DOMAIN} characters of each domain's train split",
+                "seq_len": SEQ_LEN,
+                "batch": f"{WINDOWS_PER_DOMAIN} windows per domain",
+                "peak_lr": PEAK_LR,
                 "schedule": f"AdamW, {WARMUP_FRACTION:.0%} linear warm-up, cosine to 10%",
-                "load_balancing": f"per-layer Switch loss x {AUX_LOSS_COEF}", "router_z_loss": Z_LOSS_COEF,
+                "load_balancing": f"per-layer Switch loss x {AUX_LOSS_COEF}",
+                "router_z_loss": Z_LOSS_COEF,
             },
             "data": data_record,
             "final_losses": losses,
@@ -400,38 +457,56 @@ def build_moe_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, 
 
 def summary(record: Mapping[str, Any]) -> str:
     """The headline figures of a ``testbed.json`` record, as text."""
-    lines = [f"MoE testbed {record['version']}: {record['steps']} steps, built in {record['seconds']:.0f} s "
-             f"({', '.join(f'{k} {v:.0f} s' for k, v in record['seconds_by_stage'].items())})"]
+    lines = [
+        f"MoE testbed {record['version']}: {record['steps']} steps, built in {record['seconds']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in record['seconds_by_stage'].items())})"
+    ]
     losses = record["final_losses"]
-    lines.append(f"final train CE {losses['train_ce']:.3f} "
-                 f"({', '.join(f'{d} {v:.3f}' for d, v in losses['train_ce_by_domain'].items())}); "
-                 f"load-balancing loss {losses['load_balancing_loss']:.3f}, z-loss {losses['router_z_loss']:.3f}")
-    lines.append("eval perplexity: " + ", ".join(f"{d} {v:.2f}" for d, v in record["eval_perplexity"].items()))
-    lines.append("routing (eval text): layer  max load  min load  load entropy (norm.)  router entropy  "
-                 "domain distance")
+    lines.append(
+        f"final train CE {losses['train_ce']:.3f} "
+        f"({', '.join(f'{d} {v:.3f}' for d, v in losses['train_ce_by_domain'].items())}); "
+        f"load-balancing loss {losses['load_balancing_loss']:.3f}, z-loss {losses['router_z_loss']:.3f}"
+    )
+    lines.append(
+        "eval perplexity: " + ", ".join(f"{d} {v:.2f}" for d, v in record["eval_perplexity"].items())
+    )
+    lines.append(
+        "routing (eval text): layer  max load  min load  load entropy (norm.)  router entropy  "
+        "domain distance"
+    )
     for layer in record["routing"]["layers"]:
         distance = " ".join(f"{d[:5]} {v:.2f}" for d, v in layer["domain_load_distance"].items())
-        lines.append(f"  {layer['layer']:>3}  {layer['max_load']:8.3f}  {layer['min_load']:8.3f}  "
-                     f"{layer['load_entropy']:6.3f} ({layer['normalised_load_entropy']:.3f})  "
-                     f"{layer['router_entropy']:14.3f}  {distance}")
+        lines.append(
+            f"  {layer['layer']:>3}  {layer['max_load']:8.3f}  {layer['min_load']:8.3f}  "
+            f"{layer['load_entropy']:6.3f} ({layer['normalised_load_entropy']:.3f})  "
+            f"{layer['router_entropy']:14.3f}  {distance}"
+        )
     ablation = record["ablation"]
-    lines.append(f"ablation (remove {ablation['num_removed']} experts per layer, usage on "
-                 f"{'+'.join(ablation['usage_measured_on'])} calibration text):")
+    lines.append(
+        f"ablation (remove {ablation['num_removed']} experts per layer, usage on "
+        f"{'+'.join(ablation['usage_measured_on'])} calibration text):"
+    )
     for domain, base in ablation["perplexity"]["baseline"].items():
         most, least = (ablation["perplexity"][k][domain] for k in ("most_used_removed", "least_used_removed"))
-        line = (f"  {domain:<12} baseline {base:8.2f}  most-used removed {most:8.2f}  least-used removed "
-                f"{least:8.2f}  most/least {ablation['most_vs_least'][domain]:.2f}")
+        line = (
+            f"  {domain:<12} baseline {base:8.2f}  most-used removed {most:8.2f}  least-used removed "
+            f"{least:8.2f}  most/least {ablation['most_vs_least'][domain]:.2f}"
+        )
         if domain in ablation["per_domain"]:
             own = ablation["per_domain"][domain]
-            line += f"  (domain's own usage: {own['most_used_removed']:.2f} vs {own['least_used_removed']:.2f})"
+            line += (
+                f"  (domain's own usage: {own['most_used_removed']:.2f} vs {own['least_used_removed']:.2f})"
+            )
         lines.append(line)
     checks = record["checks"]
-    lines.append(f"checks: max load {checks['max_expert_load']:.3f} (<= {checks['max_expert_load_limit']}), "
-                 f"min normalised load entropy {checks['min_normalised_load_entropy']:.3f} "
-                 f"(>= {checks['min_normalised_load_entropy_limit']}), min most/least ratio "
-                 f"{checks['min_most_vs_least_ratio']:.2f} (domain's own usage "
-                 f"{checks['min_own_domain_most_vs_least_ratio']:.2f}; >= {checks['min_most_vs_least_ratio_limit']}): "
-                 f"{'PASSED' if checks['passed'] else 'FAILED'}")
+    lines.append(
+        f"checks: max load {checks['max_expert_load']:.3f} (<= {checks['max_expert_load_limit']}), "
+        f"min normalised load entropy {checks['min_normalised_load_entropy']:.3f} "
+        f"(>= {checks['min_normalised_load_entropy_limit']}), min most/least ratio "
+        f"{checks['min_most_vs_least_ratio']:.2f} (domain's own usage "
+        f"{checks['min_own_domain_most_vs_least_ratio']:.2f}; >= {checks['min_most_vs_least_ratio_limit']}): "
+        f"{'PASSED' if checks['passed'] else 'FAILED'}"
+    )
     return "\n".join(lines)
 
 

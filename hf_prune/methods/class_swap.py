@@ -7,8 +7,13 @@ from typing import Any
 from torch import nn
 
 
-def swap_config_and_class(model: nn.Module, config_class: type, model_class: type, updates: dict[str, Any],
-                          drop: tuple[str, ...] = ()) -> None:
+def swap_config_and_class(
+    model: nn.Module,
+    config_class: type,
+    model_class: type,
+    updates: dict[str, Any],
+    drop: tuple[str, ...] = (),
+) -> None:
     """Replace ``model.config`` by a ``config_class`` built from its dict (plus ``updates``, minus ``drop``)
     everywhere a module holds it, and ``model.__class__`` by ``model_class`` (same modules, same weights).
 

@@ -28,9 +28,11 @@ class DepthCutConfig(MethodConfig):
     num_layers: int | None = config_field(None, help="layers to remove in total, chosen by angular distance")
     num_cuts: int = config_field(1, help="split num_layers into this many equal non-overlapping blocks")
     layers: list[int] | None = config_field(
-        None, help="explicit [first, last] decoder layers to remove (0-based, inclusive; first >= 1)")
+        None, help="explicit [first, last] decoder layers to remove (0-based, inclusive; first >= 1)"
+    )
     distance_tokens: Literal["last", "all"] = config_field(
-        "last", help="angular distance on the last non-pad token (paper) or on all non-pad tokens")
+        "last", help="angular distance on the last non-pad token (paper) or on all non-pad tokens"
+    )
 
     def __post_init__(self) -> None:
         if (self.num_layers is None) == (self.layers is None):
@@ -41,13 +43,17 @@ class DepthCutConfig(MethodConfig):
             if self.num_layers < 1:
                 raise ConfigFieldError("num_layers", f"must be a positive integer, got {self.num_layers}")
             if self.num_layers % self.num_cuts:
-                raise ConfigFieldError("num_cuts", f"must divide num_layers ({self.num_layers}), got {self.num_cuts}")
+                raise ConfigFieldError(
+                    "num_cuts", f"must divide num_layers ({self.num_layers}), got {self.num_cuts}"
+                )
         if self.layers is not None:
             if self.num_cuts != 1:
                 raise ConfigFieldError("num_cuts", "must be 1 with explicit layers")
             if len(self.layers) != 2 or not 1 <= self.layers[0] <= self.layers[1]:
                 raise ConfigFieldError(
-                    "layers", f"must be [first, last] with 1 <= first <= last (layer first-1 is kept), got {self.layers}")
+                    "layers",
+                    f"must be [first, last] with 1 <= first <= last (layer first-1 is kept), got {self.layers}",
+                )
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -66,10 +72,12 @@ class DepthCutConfig(MethodConfig):
         total = adapter.num_layers(model_config)
         if self.num_layers is not None and self.num_layers >= total:
             raise ConfigFieldError(
-                "num_layers", f"must be less than the model's {total} decoder layers, got {self.num_layers}")
+                "num_layers", f"must be less than the model's {total} decoder layers, got {self.num_layers}"
+            )
         if self.layers is not None and self.layers[1] >= total:
             raise ConfigFieldError(
-                "layers", f"last layer must be below {total} (the model's decoder layers), got {self.layers}")
+                "layers", f"last layer must be below {total} (the model's decoder layers), got {self.layers}"
+            )
 
     def predict_config(self, model_config: Any, adapter: ModelAdapter) -> Any:
         """The config with the removed layers gone: fewer ``num_hidden_layers``, and the per-layer lists
@@ -94,8 +102,11 @@ class Cut:
     distances: list[float]  # angular distance of each block merged into this cut (empty if explicit)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kept_layer": self.kept, "removed_layers": self.removed,
-                "angular_distance": [round(d, 6) for d in self.distances]}
+        return {
+            "kept_layer": self.kept,
+            "removed_layers": self.removed,
+            "angular_distance": [round(d, 6) for d in self.distances],
+        }
 
 
 def angular_distances(model: Any, context: PruneContext, block: int, tokens: str) -> torch.Tensor:
@@ -140,8 +151,10 @@ def choose_cuts(distances: torch.Tensor, block: int, num_cuts: int) -> list[Cut]
             break
     if len(chosen) < num_cuts:
         raise ConfigFieldError(
-            "num_cuts", f"only {len(chosen)} non-overlapping blocks of {block} layers fit after greedy selection; "
-                        "lower num_cuts or give explicit layers")
+            "num_cuts",
+            f"only {len(chosen)} non-overlapping blocks of {block} layers fit after greedy selection; "
+            "lower num_cuts or give explicit layers",
+        )
     chosen.sort(key=lambda c: c.kept)
     merged: list[Cut] = []
     for cut in chosen:
@@ -153,7 +166,9 @@ def choose_cuts(distances: torch.Tensor, block: int, num_cuts: int) -> list[Cut]
     return merged
 
 
-def select_cuts(model: Any, config: DepthCutConfig, context: PruneContext) -> tuple[list[Cut], list[float] | None]:
+def select_cuts(
+    model: Any, config: DepthCutConfig, context: PruneContext
+) -> tuple[list[Cut], list[float] | None]:
     """The cuts to make (ascending), and the distance of every candidate start (None if explicit)."""
     if config.layers is not None:
         first, last = config.layers

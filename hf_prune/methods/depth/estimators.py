@@ -62,9 +62,18 @@ class NormalEquations:
         return float((t * (self.gram @ t)).sum() - 2.0 * (t * self.cross).sum() + self.target_sq)
 
 
-def fit_cosine_map(inputs: torch.Tensor, residual: torch.Tensor, base: torch.Tensor | None = None, *,
-                   lr: float, epochs: int, batch_tokens: int, seed: int = 0,
-                   device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+def fit_cosine_map(
+    inputs: torch.Tensor,
+    residual: torch.Tensor,
+    base: torch.Tensor | None = None,
+    *,
+    lr: float,
+    epochs: int,
+    batch_tokens: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> torch.Tensor:
     """T minimising 1 − cos(M·T, R) (``base`` None), or 1 − cos(M·T + Y, R + Y) with ``base`` = Y."""
     dim = inputs.shape[1]
     transform = torch.nn.Parameter(torch.eye(dim, device=device, dtype=torch.float32))

@@ -21,13 +21,16 @@ def apply_layer_drop(model: Any, config: LayerDropConfig, context: PruneContext)
     layers_before = context.adapter.num_layers(model.config)
     cuts, distances = select_cuts(model, config, context)
     cut_reports = remove_cuts(model, cuts, context)
-    return StageReport("layer_drop", {
-        "layers_before": layers_before,
-        "layers_after": context.adapter.num_layers(model.config),
-        "removed_layers": sorted(i for c in cuts for i in c.removed),
-        "cuts": cut_reports,
-        "candidate_distances": distances,
-    })
+    return StageReport(
+        "layer_drop",
+        {
+            "layers_before": layers_before,
+            "layers_after": context.adapter.num_layers(model.config),
+            "removed_layers": sorted(i for c in cuts for i in c.removed),
+            "cuts": cut_reports,
+            "candidate_distances": distances,
+        },
+    )
 
 
 register_method("layer_drop", LayerDropConfig, apply_layer_drop)

@@ -30,7 +30,8 @@ class ReplaceMeConfig(DepthCutConfig):
     estimator: Literal["lstsq", "cosine"] = config_field("lstsq", help="how T is fitted")
     ridge: float = config_field(0.0, help="lstsq ridge α (raised automatically if MᵀM is singular)")
     cosine_loss: Literal["residual", "full"] = config_field(
-        "residual", help="cosine: 1-cos(M·T, target-Y) (residual) or 1-cos(M·T+Y, target) (full)")
+        "residual", help="cosine: 1-cos(M·T, target-Y) (residual) or 1-cos(M·T+Y, target) (full)"
+    )
     lr: float = config_field(1e-4, help="cosine: Adam learning rate (official default)")
     epochs: int = config_field(10, help="cosine: passes over the calibration tokens")
     batch_tokens: int = config_field(1024, help="cosine: tokens per optimisation step")
@@ -70,12 +71,16 @@ class ReplaceMeConfig(DepthCutConfig):
         # the removed layers). The cosine estimator starts from the identity and only nudges it: no floor.
         if self.estimator != "lstsq":
             return 0
-        text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        text_config = (
+            model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        )
         return int(text_config.hidden_size)
 
 
 @torch.no_grad()
-def fold_linear_map_into_mlp_output(adapter: ModelAdapter, layer: torch.nn.Module, transform: torch.Tensor) -> list[str]:
+def fold_linear_map_into_mlp_output(
+    adapter: ModelAdapter, layer: torch.nn.Module, transform: torch.Tensor
+) -> list[str]:
     """W ← Tᵀ·W (and b ← Tᵀ·b) for every projection that sums into the layer's MLP output."""
     t_transposed = transform.to(torch.float64).T
     folded = []
@@ -91,8 +96,9 @@ def fold_linear_map_into_mlp_output(adapter: ModelAdapter, layer: torch.nn.Modul
     return folded
 
 
-def estimate_map(model: Any, kept: int, last_removed: int, config: ReplaceMeConfig,
-                 context: PruneContext) -> tuple[torch.Tensor, dict[str, Any]]:
+def estimate_map(
+    model: Any, kept: int, last_removed: int, config: ReplaceMeConfig, context: PruneContext
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Fit T for the cut (kept, last_removed) on calibration data; forward passes stop at last_removed."""
     adapter = context.adapter
     layers = adapter.layers(model)
@@ -102,8 +108,12 @@ def estimate_map(model: Any, kept: int, last_removed: int, config: ReplaceMeConf
     stats_device = next(layers[kept].parameters()).device
     equations = NormalEquations(dim, stats_device)
     kept_tokens: dict[str, list[torch.Tensor]] = {"m": [], "r": [], "y": []}
-    for batch in tqdm(context.calibration_batches(), desc=f"calibrate layers {kept + 1}-{last_removed}",
-                      disable=not context.progress, leave=False):
+    for batch in tqdm(
+        context.calibration_batches(),
+        desc=f"calibrate layers {kept + 1}-{last_removed}",
+        disable=not context.progress,
+        leave=False,
+    ):
         with capture_outputs(watched, stop_after=layers[last_removed]) as out:
             run_decoder(decoder, batch)
         mask = batch.attention_mask.to(out["h"].device).bool()
@@ -122,10 +132,16 @@ def estimate_map(model: Any, kept: int, last_removed: int, config: ReplaceMeConf
         transform, alpha = equations.solve(config.ridge)
     else:
         transform = fit_cosine_map(
-            torch.cat(kept_tokens["m"]), torch.cat(kept_tokens["r"]),
+            torch.cat(kept_tokens["m"]),
+            torch.cat(kept_tokens["r"]),
             torch.cat(kept_tokens["y"]) if kept_tokens["y"] else None,
-            lr=config.lr, epochs=config.epochs, batch_tokens=config.batch_tokens, seed=config.seed,
-            device=stats_device, progress=context.progress)
+            lr=config.lr,
+            epochs=config.epochs,
+            batch_tokens=config.batch_tokens,
+            seed=config.seed,
+            device=stats_device,
+            progress=context.progress,
+        )
     identity_error = equations.squared_error(torch.eye(dim, dtype=torch.float64))
     fitted_error = equations.squared_error(transform)
     stats = {
@@ -139,8 +155,9 @@ def estimate_map(model: Any, kept: int, last_removed: int, config: ReplaceMeConf
     return transform, stats
 
 
-def remove_cuts(model: Any, cuts: list[Cut], context: PruneContext,
-                before_removal=None) -> list[dict[str, Any]]:
+def remove_cuts(
+    model: Any, cuts: list[Cut], context: PruneContext, before_removal=None
+) -> list[dict[str, Any]]:
     """Delete each cut's layers (ascending, indices shifted); ``before_removal(kept, last)`` runs first."""
     removed_before = 0
     reports = []
@@ -166,14 +183,17 @@ def apply_replaceme(model: Any, config: ReplaceMeConfig, context: PruneContext) 
         return {**stats, "folded_into": fold_linear_map_into_mlp_output(context.adapter, layer, transform)}
 
     cut_reports = remove_cuts(model, cuts, context, fit_and_fold)
-    return StageReport("replaceme", {
-        "estimator": config.estimator,
-        "layers_before": layers_before,
-        "layers_after": context.adapter.num_layers(model.config),
-        "removed_layers": sorted(i for c in cuts for i in c.removed),
-        "cuts": cut_reports,
-        "candidate_distances": distances,
-    })
+    return StageReport(
+        "replaceme",
+        {
+            "estimator": config.estimator,
+            "layers_before": layers_before,
+            "layers_after": context.adapter.num_layers(model.config),
+            "removed_layers": sorted(i for c in cuts for i in c.removed),
+            "cuts": cut_reports,
+            "candidate_distances": distances,
+        },
+    )
 
 
 register_method("replaceme", ReplaceMeConfig, apply_replaceme)

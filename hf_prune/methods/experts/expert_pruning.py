@@ -40,33 +40,54 @@ class ExpertPruningConfig(MethodConfig):
     """Expert pruning (DiEP, frequency or router weight): remove the lowest-scoring routed experts of an MoE model."""
 
     algorithm: Literal["diep", "frequency", "router_weight"] = config_field(
-        "diep", help="how experts are scored: diep (learned α·β), frequency (top-k count), router_weight (summed probability)")
+        "diep",
+        help="how experts are scored: diep (learned α·β), frequency (top-k count), router_weight (summed probability)",
+    )
     keep_ratio: float | None = config_field(
-        None, help="fraction of routed experts to keep, in (0, 1] (give this or keep_experts)")
+        None, help="fraction of routed experts to keep, in (0, 1] (give this or keep_experts)"
+    )
     keep_experts: int | None = config_field(
-        None, help="experts to keep per layer (non-uniform: on average, i.e. keep_experts × MoE layers in total)")
+        None,
+        help="experts to keep per layer (non-uniform: on average, i.e. keep_experts × MoE layers in total)",
+    )
     uniform: bool | None = config_field(
-        None, help="same count in every layer (default: false for diep, true for frequency / router_weight)")
+        None, help="same count in every layer (default: false for diep, true for frequency / router_weight)"
+    )
     min_experts_per_layer: int | None = config_field(
-        None, help="non-uniform: every layer keeps at least this many (and never fewer than top-k)")
+        None, help="non-uniform: every layer keeps at least this many (and never fewer than top-k)"
+    )
     # ---- DiEP (official defaults where the paper / code gives them) ----
     lambda_recon: float = config_field(0.12, help="diep: weight λ of the layer-wise reconstruction loss")
-    lr_alpha: float = config_field(0.1, help="diep: SGD learning rate of the expert scores α (the official value is unknown here: a project choice)")
-    lr_beta: float = config_field(0.1, help="diep: SGD learning rate of the layer scales β (a project choice, like lr_alpha)")
+    lr_alpha: float = config_field(
+        0.1,
+        help="diep: SGD learning rate of the expert scores α (the official value is unknown here: a project choice)",
+    )
+    lr_beta: float = config_field(
+        0.1, help="diep: SGD learning rate of the layer scales β (a project choice, like lr_alpha)"
+    )
     epochs: int = config_field(11, help="diep: passes over the calibration batches")
     alpha_epochs: int = config_field(2, help="diep: epochs updating α in each α/β cycle")
     beta_epochs: int = config_field(1, help="diep: epochs updating β in each α/β cycle")
     beta_init: Literal["official"] | float = config_field(
-        "official", help="diep: β start: official (2.0 for the first half of the MoE layers, 0.2 after) or a constant")
-    clamp_min: float = config_field(1e-5, help="diep: α and β are clamped to [clamp_min, clamp_max] after each step")
+        "official",
+        help="diep: β start: official (2.0 for the first half of the MoE layers, 0.2 after) or a constant",
+    )
+    clamp_min: float = config_field(
+        1e-5, help="diep: α and β are clamped to [clamp_min, clamp_max] after each step"
+    )
     clamp_max: float = config_field(5.0, help="diep: upper clamp of α and β")
     max_cached_tokens: int = config_field(
-        4096, help="diep: calibration tokens whose MoE inputs/outputs are cached per layer (CPU, float32)")
+        4096, help="diep: calibration tokens whose MoE inputs/outputs are cached per layer (CPU, float32)"
+    )
     lm_loss_weight: float = config_field(
-        1.0, help="diep: weight of the language-model loss (0 skips the full forward/backward: reconstruction only)")
+        1.0,
+        help="diep: weight of the language-model loss (0 skips the full forward/backward: reconstruction only)",
+    )
     alpha_weighting: Literal["replace", "router"] = config_field(
-        "replace", help="diep: α replaces the router's top-k weights (replace: METHODS.md and the official code) "
-                        "or multiplies them (router)")
+        "replace",
+        help="diep: α replaces the router's top-k weights (replace: METHODS.md and the official code) "
+        "or multiplies them (router)",
+    )
 
     needs_calibration = True
 
@@ -78,19 +99,25 @@ class ExpertPruningConfig(MethodConfig):
         if self.keep_experts is not None and self.keep_experts < 1:
             raise ConfigFieldError("keep_experts", f"must be a positive integer, got {self.keep_experts}")
         if self.min_experts_per_layer is not None and self.min_experts_per_layer < 1:
-            raise ConfigFieldError("min_experts_per_layer", f"must be a positive integer, got {self.min_experts_per_layer}")
+            raise ConfigFieldError(
+                "min_experts_per_layer", f"must be a positive integer, got {self.min_experts_per_layer}"
+            )
         if self.uniform is None:
             self.uniform = self.algorithm != "diep"
         for name in ("lambda_recon", "lm_loss_weight"):
             if getattr(self, name) < 0:
                 raise ConfigFieldError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.algorithm == "diep" and self.lambda_recon == 0 and self.lm_loss_weight == 0:
-            raise ConfigFieldError("lm_loss_weight", "lambda_recon and lm_loss_weight are both 0: DiEP has nothing to fit")
+            raise ConfigFieldError(
+                "lm_loss_weight", "lambda_recon and lm_loss_weight are both 0: DiEP has nothing to fit"
+            )
         for name in ("lr_alpha", "lr_beta", "clamp_min"):
             if getattr(self, name) <= 0:
                 raise ConfigFieldError(name, f"must be > 0, got {getattr(self, name)}")
         if self.clamp_max <= self.clamp_min:
-            raise ConfigFieldError("clamp_max", f"must be > clamp_min ({self.clamp_min}), got {self.clamp_max}")
+            raise ConfigFieldError(
+                "clamp_max", f"must be > clamp_min ({self.clamp_min}), got {self.clamp_max}"
+            )
         for name in ("epochs", "max_cached_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigFieldError(name, f"must be a positive integer, got {getattr(self, name)}")
@@ -105,7 +132,9 @@ class ExpertPruningConfig(MethodConfig):
     @staticmethod
     def unsupported_reason(adapter: ModelAdapter) -> str | None:
         if not adapter.spec.is_moe:
-            return f"expert pruning needs a Mixture-of-Experts model; {adapter.text_model_type} has no experts"
+            return (
+                f"expert pruning needs a Mixture-of-Experts model; {adapter.text_model_type} has no experts"
+            )
         return None
 
     def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
@@ -114,38 +143,61 @@ class ExpertPruningConfig(MethodConfig):
             raise UnsupportedModelError(reason)
         counts = [n for n in adapter.experts_per_layer_from_config(model_config) if n > 0]
         if not counts:
-            raise UnsupportedModelError(f"expert pruning: this {adapter.text_model_type} model has no MoE layers")
+            raise UnsupportedModelError(
+                f"expert pruning: this {adapter.text_model_type} model has no MoE layers"
+            )
         if adapter.is_vision_language and not self.uniform:
-            raise ConfigFieldError("uniform", f"must be true for {adapter.model_type}: different expert counts per "
-                                              "layer are only supported for decoder-only models")
+            raise ConfigFieldError(
+                "uniform",
+                f"must be true for {adapter.model_type}: different expert counts per "
+                "layer are only supported for decoder-only models",
+            )
         top_k = adapter.top_k(model_config)
         floor = max(top_k, self.min_experts_per_layer or 0)
-        why = (f"its {top_k} experts per token" if floor == top_k
-               else f"min_experts_per_layer {self.min_experts_per_layer}")
+        why = (
+            f"its {top_k} experts per token"
+            if floor == top_k
+            else f"min_experts_per_layer {self.min_experts_per_layer}"
+        )
         if floor > min(counts):
-            raise ConfigFieldError("min_experts_per_layer", f"must be at most {min(counts)} (the fewest experts in a "
-                                                            f"layer of this model), got {self.min_experts_per_layer}")
+            raise ConfigFieldError(
+                "min_experts_per_layer",
+                f"must be at most {min(counts)} (the fewest experts in a "
+                f"layer of this model), got {self.min_experts_per_layer}",
+            )
         layers = len(counts)
         if self.keep_experts is not None:
             high = min(counts) if self.uniform else sum(counts) // layers
             if not floor <= self.keep_experts <= high:
                 raise ConfigFieldError(
-                    "keep_experts", f"must be in [{floor}, {high}] for this model (at least {why}, at most its "
-                                    f"{high} experts per layer), got {self.keep_experts}")
+                    "keep_experts",
+                    f"must be in [{floor}, {high}] for this model (at least {why}, at most its "
+                    f"{high} experts per layer), got {self.keep_experts}",
+                )
             return
         if self.uniform:
             low = max(floor / n for n in counts)
             short = [n for n in counts if round_half_up(self.keep_ratio * n) < floor]
-            kept = f"keeps {round_half_up(self.keep_ratio * short[0])} of {short[0]} experts in a layer" if short else ""
+            kept = (
+                f"keeps {round_half_up(self.keep_ratio * short[0])} of {short[0]} experts in a layer"
+                if short
+                else ""
+            )
         else:
             low = floor * layers / sum(counts)
             short = round_half_up(self.keep_ratio * sum(counts)) < floor * layers
-            kept = f"keeps {round_half_up(self.keep_ratio * sum(counts))} of {sum(counts)} experts in total" if short else ""
+            kept = (
+                f"keeps {round_half_up(self.keep_ratio * sum(counts))} of {sum(counts)} experts in total"
+                if short
+                else ""
+            )
         if short:
             raise ConfigFieldError(
-                "keep_ratio", f"must be in [{low:.4g}, 1] for this model ({kept}, fewer than {why}"
-                              f"{'' if self.uniform else ' in each of its ' + str(layers) + ' MoE layers'}), "
-                              f"got {self.keep_ratio}")
+                "keep_ratio",
+                f"must be in [{low:.4g}, 1] for this model ({kept}, fewer than {why}"
+                f"{'' if self.uniform else ' in each of its ' + str(layers) + ' MoE layers'}), "
+                f"got {self.keep_ratio}",
+            )
 
     def predict_config(self, model_config: Any, adapter: ModelAdapter) -> Any:
         """Uniform pruning: every MoE layer keeps ``keep_experts`` (or round(keep_ratio·E)) experts. A
@@ -153,8 +205,14 @@ class ExpertPruningConfig(MethodConfig):
         if not self.uniform:
             return model_config
         counts = adapter.experts_per_layer_from_config(model_config)
-        kept = [0 if n == 0 else self.keep_experts if self.keep_experts is not None
-                else round_half_up(self.keep_ratio * n) for n in counts]
+        kept = [
+            0
+            if n == 0
+            else self.keep_experts
+            if self.keep_experts is not None
+            else round_half_up(self.keep_ratio * n)
+            for n in counts
+        ]
         predicted = copy.deepcopy(model_config)
         text = adapter.text_config(predicted)
         if getattr(text, "experts_per_layer", None) is not None:
@@ -185,7 +243,8 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
         raise CalibrationError(
             f"expert pruning: the calibration data gave {tokens} tokens, fewer than the {max(before.values())} "
             "experts per layer it must rank (shorter than one batch); add calibration data or raise "
-            "calibration.num_samples / seq_len")
+            "calibration.num_samples / seq_len"
+        )
 
     started = time.perf_counter()
     diep: dict[str, Any] | None = None
@@ -197,14 +256,23 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
     scoring_seconds = time.perf_counter() - started
 
     top_k = adapter.top_k(model.config)
-    keep = select_experts(scores, top_k=top_k, keep_ratio=config.keep_ratio, keep_experts=config.keep_experts,
-                          uniform=bool(config.uniform), min_experts_per_layer=config.min_experts_per_layer)
+    keep = select_experts(
+        scores,
+        top_k=top_k,
+        keep_ratio=config.keep_ratio,
+        keep_experts=config.keep_experts,
+        uniform=bool(config.uniform),
+        min_experts_per_layer=config.min_experts_per_layer,
+    )
     removal = remove_experts(model, adapter, keep)
 
     per_layer = []
     for i in moe:
         entry: dict[str, Any] = {
-            "layer": i, "experts_before": before[i], "experts_after": len(keep[i]), "kept": keep[i],
+            "layer": i,
+            "experts_before": before[i],
+            "experts_after": len(keep[i]),
+            "kept": keep[i],
             "scores": [_significant(float(s)) for s in scores[i]],
         }
         if diep is not None:
@@ -229,10 +297,15 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
         details["diep"] = {
             "alpha_weighting": diep["alpha_weighting"],
             "cached_tokens": diep["cached_tokens"],
-            "history": [{k: (_significant(v) if isinstance(v, float) else v) for k, v in h.items()}
-                        for h in diep["history"]],
-            "seconds": {"cache": round(seconds["cache"], 4), "lm_loss": round(seconds["lm_loss"], 4),
-                        "total": round(seconds["total"], 4)},
+            "history": [
+                {k: (_significant(v) if isinstance(v, float) else v) for k, v in h.items()}
+                for h in diep["history"]
+            ],
+            "seconds": {
+                "cache": round(seconds["cache"], 4),
+                "lm_loss": round(seconds["lm_loss"], 4),
+                "total": round(seconds["total"], 4),
+            },
         }
     return StageReport("expert_pruning", details)
 

@@ -27,16 +27,22 @@ from ..class_swap import swap_config_and_class
 FIELD = "keep_experts"
 
 
-def validate_keep(model: nn.Module, adapter: ModelAdapter, keep: dict[int, list[int]]) -> dict[int, list[int]]:
+def validate_keep(
+    model: nn.Module, adapter: ModelAdapter, keep: dict[int, list[int]]
+) -> dict[int, list[int]]:
     """Check ``keep`` against the model and return it normalised (int layer -> sorted unique indices).
 
     Every MoE decoder layer must be present, no dense or out-of-range layer may be, indices must be unique,
     name existing experts and leave at least top-k experts per layer. Raises ConfigFieldError("keep_experts").
     """
     if not adapter.spec.is_moe:
-        raise UnsupportedModelError(f"{adapter.model_type}: not a mixture-of-experts model, no experts to remove")
+        raise UnsupportedModelError(
+            f"{adapter.model_type}: not a mixture-of-experts model, no experts to remove"
+        )
     if not isinstance(keep, dict):
-        raise ConfigFieldError(FIELD, f"expected a mapping of MoE layer index to expert indices, got {type(keep).__name__}")
+        raise ConfigFieldError(
+            FIELD, f"expected a mapping of MoE layer index to expert indices, got {type(keep).__name__}"
+        )
     counts = adapter.experts_per_layer(model)
     moe = adapter.moe_layer_indices(model)
     top_k = adapter.top_k(model.config)
@@ -44,31 +50,46 @@ def validate_keep(model: nn.Module, adapter: ModelAdapter, keep: dict[int, list[
     for raw_layer, raw_indices in keep.items():
         layer = _as_int(raw_layer, "layer index")
         if not 0 <= layer < len(counts):
-            raise ConfigFieldError(FIELD, f"layer {raw_layer!r} does not exist (decoder layers 0..{len(counts) - 1}; "
-                                          f"MoE layers {moe})")
+            raise ConfigFieldError(
+                FIELD,
+                f"layer {raw_layer!r} does not exist (decoder layers 0..{len(counts) - 1}; MoE layers {moe})",
+            )
         if counts[layer] == 0:
-            raise ConfigFieldError(FIELD, f"layer {layer} is a dense layer, it has no experts (MoE layers: {moe})")
+            raise ConfigFieldError(
+                FIELD, f"layer {layer} is a dense layer, it has no experts (MoE layers: {moe})"
+            )
         if layer in plan:
             raise ConfigFieldError(FIELD, f"layer {layer} is given more than once")
         if isinstance(raw_indices, (str, bytes)) or not hasattr(raw_indices, "__iter__"):
-            raise ConfigFieldError(FIELD, f"layer {layer}: expected a list of expert indices, got {raw_indices!r}")
+            raise ConfigFieldError(
+                FIELD, f"layer {layer}: expected a list of expert indices, got {raw_indices!r}"
+            )
         indices = [_as_int(i, f"layer {layer} expert index") for i in raw_indices]
         n = counts[layer]
         for index in indices:
             if not 0 <= index < n:
-                raise ConfigFieldError(FIELD, f"layer {layer}: expert index {index} does not exist "
-                                              f"(valid range 0..{n - 1}, the layer has {n} experts)")
+                raise ConfigFieldError(
+                    FIELD,
+                    f"layer {layer}: expert index {index} does not exist "
+                    f"(valid range 0..{n - 1}, the layer has {n} experts)",
+                )
         duplicates = sorted({i for i in indices if indices.count(i) > 1})
         if duplicates:
-            raise ConfigFieldError(FIELD, f"layer {layer}: expert indices {duplicates} are listed more than once")
+            raise ConfigFieldError(
+                FIELD, f"layer {layer}: expert indices {duplicates} are listed more than once"
+            )
         if len(indices) < top_k:
-            raise ConfigFieldError(FIELD, f"layer {layer}: keeps {len(indices)} experts, fewer than the "
-                                          f"{top_k} each token is routed to (num_experts_per_tok)")
+            raise ConfigFieldError(
+                FIELD,
+                f"layer {layer}: keeps {len(indices)} experts, fewer than the "
+                f"{top_k} each token is routed to (num_experts_per_tok)",
+            )
         plan[layer] = sorted(indices)
     missing = [i for i in moe if i not in plan]
     if missing:
-        raise ConfigFieldError(FIELD, f"MoE layers {missing} are missing: give the experts to keep for every "
-                                      f"MoE layer {moe}")
+        raise ConfigFieldError(
+            FIELD, f"MoE layers {missing} are missing: give the experts to keep for every MoE layer {moe}"
+        )
     return dict(sorted(plan.items()))
 
 
@@ -101,15 +122,25 @@ def remove_experts(model: nn.Module, adapter: ModelAdapter, keep: dict[int, list
         "experts_after": sum(after),
         "params_before": params_before,
         "params_after": count_parameters(model),
-        "layers": [{"layer": i, "kept": kept, "removed": [e for e in range(before[i]) if e not in kept],
-                    "experts_before": before[i], "experts_after": after[i]} for i, kept in plan.items()],
+        "layers": [
+            {
+                "layer": i,
+                "kept": kept,
+                "removed": [e for e in range(before[i]) if e not in kept],
+                "experts_before": before[i],
+                "experts_after": after[i],
+            }
+            for i, kept in plan.items()
+        ],
     }
 
 
 def kept_expert_indices_report(report: dict[str, Any]) -> list[str]:
     """One line per MoE layer of a ``remove_experts`` report, for logs and model cards."""
-    return [f"layer {entry['layer']}: kept experts {entry['kept']} of {entry['experts_before']}"
-            for entry in report["layers"]]
+    return [
+        f"layer {entry['layer']}: kept experts {entry['kept']} of {entry['experts_before']}"
+        for entry in report["layers"]
+    ]
 
 
 # ---- config / class consistency -------------------------------------------------------------------
@@ -119,7 +150,13 @@ def _make_stock(model: nn.Module, adapter: ModelAdapter, count: int) -> None:
     """Uniform counts: rewrite the family's count key; an ``hf_prune_`` model goes back to the stock class."""
     if model.config.model_type.startswith(nonuniform_moe.PREFIX):
         config_class, model_class = (type(model.config).__mro__[1], type(model).__mro__[1])
-        swap_config_and_class(model, config_class, model_class, {adapter.spec.num_experts_key: count}, drop=("experts_per_layer",))
+        swap_config_and_class(
+            model,
+            config_class,
+            model_class,
+            {adapter.spec.num_experts_key: count},
+            drop=("experts_per_layer",),
+        )
     else:
         setattr(adapter.text_config(model.config), adapter.spec.num_experts_key, count)
     if hasattr(model, "num_experts"):
@@ -128,10 +165,17 @@ def _make_stock(model: nn.Module, adapter: ModelAdapter, count: int) -> None:
 
 def _make_nonuniform(model: nn.Module, adapter: ModelAdapter, counts: list[int]) -> None:
     if adapter.is_vision_language:
-        raise UnsupportedModelError(f"{adapter.model_type}: a different expert count per layer is only "
-                                    "supported for decoder-only models; keep the same count in every MoE layer")
+        raise UnsupportedModelError(
+            f"{adapter.model_type}: a different expert count per layer is only "
+            "supported for decoder-only models; keep the same count in every MoE layer"
+        )
     config_class, model_class = nonuniform_moe.nonuniform_classes(model.config.model_type)
-    swap_config_and_class(model, config_class, model_class, {adapter.spec.num_experts_key: max(counts), "experts_per_layer": counts})
+    swap_config_and_class(
+        model,
+        config_class,
+        model_class,
+        {adapter.spec.num_experts_key: max(counts), "experts_per_layer": counts},
+    )
     model.num_experts = max(counts)
 
 

@@ -47,7 +47,8 @@ def moe_layers(model: nn.Module, adapter: ModelAdapter) -> list[int]:
     indices = adapter.moe_layer_indices(model)
     if not indices:
         raise UnsupportedModelError(
-            f"expert pruning needs a Mixture-of-Experts model; {adapter.text_model_type} has no MoE layers")
+            f"expert pruning needs a Mixture-of-Experts model; {adapter.text_model_type} has no MoE layers"
+        )
     return indices
 
 
@@ -88,8 +89,10 @@ def router_statistics(model: nn.Module, context: PruneContext) -> dict[int, dict
             logits = logits.reshape(-1, logits.shape[-1])
             keep = current["mask"].to(logits.device)
             if logits.shape[0] != keep.numel():
-                raise RuntimeError(f"layer {index}: the router saw {logits.shape[0]} tokens, the calibration "
-                                   f"batch has {keep.numel()} positions")
+                raise RuntimeError(
+                    f"layer {index}: the router saw {logits.shape[0]} tokens, the calibration "
+                    f"batch has {keep.numel()} positions"
+                )
             probs = torch.softmax(logits[keep].float(), dim=-1)
             chosen = indices.reshape(logits.shape[0], -1)[keep]
             entry["frequency"] += torch.bincount(chosen.reshape(-1), minlength=num_experts).cpu()
@@ -102,13 +105,17 @@ def router_statistics(model: nn.Module, context: PruneContext) -> dict[int, dict
     try:
         for index in moe:
             num_experts = _num_experts(adapter, layers[index])
-            stats[index] = {"frequency": torch.zeros(num_experts, dtype=torch.int64),
-                            "router_weight": torch.zeros(num_experts, dtype=torch.float64), "tokens": 0}
+            stats[index] = {
+                "frequency": torch.zeros(num_experts, dtype=torch.int64),
+                "router_weight": torch.zeros(num_experts, dtype=torch.float64),
+                "tokens": 0,
+            }
             # Registered before capture_outputs' stop hook, so the last router is counted before the stop.
             handles.append(adapter.router(layers[index]).register_forward_hook(make_hook(index, num_experts)))
         last_router = adapter.router(layers[moe[-1]])
-        for batch in tqdm(context.calibration_batches(), desc="router statistics", disable=not context.progress,
-                          leave=False):
+        for batch in tqdm(
+            context.calibration_batches(), desc="router statistics", disable=not context.progress, leave=False
+        ):
             current["mask"] = _flat_mask(batch)
             with capture_outputs({}, stop_after=last_router):
                 run_decoder(adapter.decoder(model), batch)
@@ -126,13 +133,18 @@ def router_statistics(model: nn.Module, context: PruneContext) -> dict[int, dict
 def beta_initial_values(num_moe_layers: int, beta_init: str | float) -> list[float]:
     """β_l at the start: the official schedule (2.0 for the first half of the MoE layers, 0.2 after) or a constant."""
     if beta_init == "official":
-        return [BETA_EARLY if position < num_moe_layers / 2 else BETA_LATE for position in range(num_moe_layers)]
+        return [
+            BETA_EARLY if position < num_moe_layers / 2 else BETA_LATE for position in range(num_moe_layers)
+        ]
     return [float(beta_init)] * num_moe_layers
 
 
 @torch.no_grad()
-def cache_moe_io(model: nn.Module, context: PruneContext, max_tokens: int,
-                 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
+def cache_moe_io(
+    model: nn.Module,
+    context: PruneContext,
+    max_tokens: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
     """Inputs X_l and outputs Z_l ([N, H], float32, CPU) of every MoE block on calibration tokens.
 
     At most ``max_tokens`` non-pad tokens are kept, spread evenly over all calibration tokens (every
@@ -163,8 +175,12 @@ def cache_moe_io(model: nn.Module, context: PruneContext, max_tokens: int,
     seen = 0
     try:
         for index in moe:
-            handles.append(adapter.mlp(layers[index]).register_forward_hook(make_hook(index), with_kwargs=True))
-        for batch in tqdm(batches, desc="DiEP: cache MoE inputs/outputs", disable=not context.progress, leave=False):
+            handles.append(
+                adapter.mlp(layers[index]).register_forward_hook(make_hook(index), with_kwargs=True)
+            )
+        for batch in tqdm(
+            batches, desc="DiEP: cache MoE inputs/outputs", disable=not context.progress, leave=False
+        ):
             positions = torch.nonzero(_flat_mask(batch)).squeeze(1)
             chosen = (torch.arange(positions.numel()) + seen) % stride == 0
             seen += positions.numel()
@@ -178,12 +194,21 @@ def cache_moe_io(model: nn.Module, context: PruneContext, max_tokens: int,
             handle.remove()
     if not inputs[moe[0]]:
         raise CalibrationError("DiEP: the calibration data gave no token to cache")
-    return ({i: torch.cat(v) for i, v in inputs.items()}, {i: torch.cat(v) for i, v in outputs.items()}, total)
+    return (
+        {i: torch.cat(v) for i, v in inputs.items()},
+        {i: torch.cat(v) for i, v in outputs.items()},
+        total,
+    )
 
 
 @contextmanager
-def alpha_weighted_routing(model: nn.Module, adapter: ModelAdapter, alphas: dict[int, torch.Tensor],
-                           betas: dict[int, torch.Tensor], weighting: str = "replace") -> Iterator[None]:
+def alpha_weighted_routing(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    alphas: dict[int, torch.Tensor],
+    betas: dict[int, torch.Tensor],
+    weighting: str = "replace",
+) -> Iterator[None]:
     """Temporarily make every MoE layer l compute β_l·Σ_{e∈topk(x)} α_{l,e}·E_e(x) (``replace``)
     or β_l·Σ_{e∈topk(x)} α_{l,e}·w_e(x)·E_e(x) (``router``), via a forward hook on its router.
 
@@ -235,11 +260,14 @@ def _causal_lm_loss(model: nn.Module, batch: CalibrationBatch) -> torch.Tensor:
     mask = batch.attention_mask.to(device)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     labels = ids.masked_fill(mask == 0, -100)[:, 1:]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
 
 
-def diep_scores(model: nn.Module, context: PruneContext, config: Any) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+def diep_scores(
+    model: nn.Module, context: PruneContext, config: Any
+) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """DiEP expert scores s_{l,e} = |α_{l,e}|·β_l for every MoE layer l (float32, CPU).
 
     ``config`` needs the DiEP fields of ``ExpertPruningConfig``: ``lambda_recon``, ``lr_alpha``, ``lr_beta``,
@@ -277,8 +305,10 @@ def diep_scores(model: nn.Module, context: PruneContext, config: Any) -> tuple[d
         device = adapter.router(layers[index]).weight.device
         alphas[index] = torch.ones(_num_experts(adapter, layers[index]), device=device, requires_grad=True)
         betas[index] = torch.tensor(betas_init[position], device=device, requires_grad=True)
-    optimisers = {"alpha": torch.optim.SGD(list(alphas.values()), lr=config.lr_alpha),
-                  "beta": torch.optim.SGD(list(betas.values()), lr=config.lr_beta)}
+    optimisers = {
+        "alpha": torch.optim.SGD(list(alphas.values()), lr=config.lr_alpha),
+        "beta": torch.optim.SGD(list(betas.values()), lr=config.lr_beta),
+    }
     steps = len(batches)
     num_cached = inputs[moe[0]].shape[0]
     chunks = torch.tensor_split(torch.arange(num_cached), steps)
@@ -287,8 +317,11 @@ def diep_scores(model: nn.Module, context: PruneContext, config: Any) -> tuple[d
     lm_seconds = 0.0
     history = []
 
-    with _frozen(model), torch.enable_grad(), alpha_weighted_routing(model, adapter, alphas, betas,
-                                                                      config.alpha_weighting):
+    with (
+        _frozen(model),
+        torch.enable_grad(),
+        alpha_weighted_routing(model, adapter, alphas, betas, config.alpha_weighting),
+    ):
         progress = tqdm(total=config.epochs * steps, desc="DiEP", disable=not context.progress, leave=False)
         for epoch in range(config.epochs):
             phase = "alpha" if epoch % cycle < config.alpha_epochs else "beta"
@@ -323,8 +356,14 @@ def diep_scores(model: nn.Module, context: PruneContext, config: Any) -> tuple[d
                     for tensor in (*alphas.values(), *betas.values()):
                         tensor.clamp_(config.clamp_min, config.clamp_max)
                 progress.update()
-            history.append({"epoch": epoch, "phase": phase, "reconstruction": recon_total / steps,
-                            "lm_loss": lm_total / steps if config.lm_loss_weight > 0 else None})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "phase": phase,
+                    "reconstruction": recon_total / steps,
+                    "lm_loss": lm_total / steps if config.lm_loss_weight > 0 else None,
+                }
+            )
         progress.close()
 
     alpha_out = {i: a.detach().float().cpu() for i, a in alphas.items()}
@@ -338,8 +377,12 @@ def diep_scores(model: nn.Module, context: PruneContext, config: Any) -> tuple[d
         "cached_tokens": num_cached,
         "calibration_tokens": calibration_tokens,
         "history": history,
-        "seconds": {"cache": cache_seconds, "per_layer": layer_seconds, "lm_loss": lm_seconds,
-                    "total": time.perf_counter() - started},
+        "seconds": {
+            "cache": cache_seconds,
+            "per_layer": layer_seconds,
+            "lm_loss": lm_seconds,
+            "total": time.perf_counter() - started,
+        },
     }
     return scores, details
 
@@ -347,9 +390,15 @@ def diep_scores(model: nn.Module, context: PruneContext, config: Any) -> tuple[d
 # ---- selection ------------------------------------------------------------------------------------
 
 
-def select_experts(scores: dict[int, torch.Tensor], *, top_k: int, keep_ratio: float | None = None,
-                   keep_experts: int | None = None, uniform: bool,
-                   min_experts_per_layer: int | None = None) -> dict[int, list[int]]:
+def select_experts(
+    scores: dict[int, torch.Tensor],
+    *,
+    top_k: int,
+    keep_ratio: float | None = None,
+    keep_experts: int | None = None,
+    uniform: bool,
+    min_experts_per_layer: int | None = None,
+) -> dict[int, list[int]]:
     """Original expert indices to keep in each layer (ascending), highest scores first.
 
     Give exactly one budget. Uniform: every layer keeps ``keep_experts``, or round(keep_ratio·E_l), of its
@@ -366,7 +415,9 @@ def select_experts(scores: dict[int, torch.Tensor], *, top_k: int, keep_ratio: f
     sizes = {layer: int(s.numel()) for layer, s in scores.items()}
     for layer, size in sizes.items():
         if size < floor:
-            raise ValueError(f"layer {layer} has {size} experts, fewer than the {floor} every layer must keep")
+            raise ValueError(
+                f"layer {layer} has {size} experts, fewer than the {floor} every layer must keep"
+            )
     values = {layer: [float(v) for v in s.detach().double().cpu().reshape(-1)] for layer, s in scores.items()}
 
     def ranked(layer: int) -> list[int]:
@@ -377,8 +428,9 @@ def select_experts(scores: dict[int, torch.Tensor], *, top_k: int, keep_ratio: f
         for layer, size in sizes.items():
             count = keep_experts if keep_experts is not None else round_half_up(keep_ratio * size)
             if not floor <= count <= size:
-                raise ValueError(f"layer {layer}: keeping {count} of {size} experts; must keep between {floor} "
-                                 f"and {size}")
+                raise ValueError(
+                    f"layer {layer}: keeping {count} of {size} experts; must keep between {floor} and {size}"
+                )
             keep[layer] = sorted(ranked(layer)[:count])
         return keep
 
@@ -386,10 +438,12 @@ def select_experts(scores: dict[int, torch.Tensor], *, top_k: int, keep_ratio: f
     budget = keep_experts * len(sizes) if keep_experts is not None else round_half_up(keep_ratio * total)
     reserved_count = floor * len(sizes)
     if not reserved_count <= budget <= total:
-        raise ValueError(f"keeping {budget} of {total} experts; must keep between {reserved_count} "
-                         f"({floor} per layer) and {total}")
+        raise ValueError(
+            f"keeping {budget} of {total} experts; must keep between {reserved_count} "
+            f"({floor} per layer) and {total}"
+        )
     keep = {layer: ranked(layer)[:floor] for layer in sizes}
     pool = [(-values[layer][e], layer, e) for layer in sizes for e in ranked(layer)[floor:]]
-    for _, layer, e in sorted(pool)[:budget - reserved_count]:
+    for _, layer, e in sorted(pool)[: budget - reserved_count]:
         keep[layer].append(e)
     return {layer: sorted(kept) for layer, kept in keep.items()}

@@ -46,35 +46,64 @@ class TextTokenPruningConfig(MethodConfig):
     BERT-family classifiers (BERT, RoBERTa, DistilBERT) and Llama-family prompts."""
 
     algorithm: Literal["adtp", "fixed", "attention", "random"] = config_field(
-        "adtp", help="adtp (learned saliency, ratio chosen per sequence), fixed (learned saliency, one ratio), "
-                     "attention (attention received at layer-1), random")
-    layer: int = config_field(0, help="layer at which tokens are dropped: layers before it see them all (0: at the "
-                                      "embeddings, as the paper; causal LMs: the prefill's decoder layer)")
-    keep_ratio: float | None = config_field(None, help="fixed / attention / random: share of real tokens kept, in (0, 1]")
+        "adtp",
+        help="adtp (learned saliency, ratio chosen per sequence), fixed (learned saliency, one ratio), "
+        "attention (attention received at layer-1), random",
+    )
+    layer: int = config_field(
+        0,
+        help="layer at which tokens are dropped: layers before it see them all (0: at the "
+        "embeddings, as the paper; causal LMs: the prefill's decoder layer)",
+    )
+    keep_ratio: float | None = config_field(
+        None, help="fixed / attention / random: share of real tokens kept, in (0, 1]"
+    )
     candidate_ratios: list[float] = config_field(
         default_factory=lambda: list(patch.DEFAULTS["candidate_ratios"]),
-        help="adtp: the retention ratios the ratio head chooses from")
+        help="adtp: the retention ratios the ratio head chooses from",
+    )
     retainer_size: int = config_field(64, help="hidden width of the saliency and ratio heads")
     temperature: float = config_field(0.05, help="adtp training: sharpness of the soft keep mask")
-    seed: int = config_field(0, help="random: seed; training: seed of the retainer's initialisation and batches")
+    seed: int = config_field(
+        0, help="random: seed; training: seed of the retainer's initialisation and batches"
+    )
     # ---- training the retainer (adtp, fixed) ----
-    train_data: str | None = config_field(None, help="labelled data (jsonl/json/parquet/csv or hub id) to train the retainer; "
-                                                     "causal LMs: a plain text file")
+    train_data: str | None = config_field(
+        None,
+        help="labelled data (jsonl/json/parquet/csv or hub id) to train the retainer; "
+        "causal LMs: a plain text file",
+    )
     text_field: str = config_field("text", help="training data: column with the text")
-    label_field: str = config_field("label", help="training data: column with the label (int or a name in id2label)")
+    label_field: str = config_field(
+        "label", help="training data: column with the label (int or a name in id2label)"
+    )
     train_steps: int = config_field(300, help="optimizer steps")
     batch_size: int = config_field(16, help="training batch size")
-    learning_rate: float = config_field(1e-3, help="AdamW learning rate of the saliency head (causal LMs: of the "
-                                                   "whole retainer)")
-    ratio_learning_rate: float = config_field(1e-2, help="adtp, classifiers: AdamW learning rate of the ratio head")
-    max_length: int = config_field(64, help="tokens per training example (longer ones are truncated; causal LMs: "
-                                            "window = BOS + prompt + continuation)")
-    continuation_length: int = config_field(16, help="causal LMs: tokens after the prompt whose NLL trains the retainer")
-    target_ratio: float = config_field(0.3, help="adtp: mean retention ratio (classifiers: the budget the ratio "
-                                                 "head's price is set to; causal LMs: what the FLOPs term steers to)")
-    ratio_weight: float = config_field(1.0, help="adtp, classifiers: weight of the ratio head's squared error on the "
-                                                 "cost of each candidate ratio (1 - the pruned model's probability of "
-                                                 "the teacher's class)")
+    learning_rate: float = config_field(
+        1e-3, help="AdamW learning rate of the saliency head (causal LMs: of the whole retainer)"
+    )
+    ratio_learning_rate: float = config_field(
+        1e-2, help="adtp, classifiers: AdamW learning rate of the ratio head"
+    )
+    max_length: int = config_field(
+        64,
+        help="tokens per training example (longer ones are truncated; causal LMs: "
+        "window = BOS + prompt + continuation)",
+    )
+    continuation_length: int = config_field(
+        16, help="causal LMs: tokens after the prompt whose NLL trains the retainer"
+    )
+    target_ratio: float = config_field(
+        0.3,
+        help="adtp: mean retention ratio (classifiers: the budget the ratio "
+        "head's price is set to; causal LMs: what the FLOPs term steers to)",
+    )
+    ratio_weight: float = config_field(
+        1.0,
+        help="adtp, classifiers: weight of the ratio head's squared error on the "
+        "cost of each candidate ratio (1 - the pruned model's probability of "
+        "the teacher's class)",
+    )
     flops_weight: float = config_field(4.0, help="adtp, causal LMs: weight of (mean ratio - target_ratio)^2")
     distill_weight: float = config_field(1.0, help="weight of the IG distillation terms (teacher + self)")
     ig_steps: int = config_field(1, help="Integrated-Gradients steps m (zero baseline)")
@@ -86,16 +115,26 @@ class TextTokenPruningConfig(MethodConfig):
         except ValueError as error:
             key, _, message = str(error).partition(": ")
             key = key.removeprefix("token_pruning.")
-            raise ConfigFieldError(key if key in patch.DEFAULTS else "algorithm", message or str(error)) from None
+            raise ConfigFieldError(
+                key if key in patch.DEFAULTS else "algorithm", message or str(error)
+            ) from None
         for name in ("train_steps", "batch_size", "max_length", "ig_steps", "continuation_length"):
             if getattr(self, name) < 1:
                 raise ConfigFieldError(name, f"must be a positive integer, got {getattr(self, name)}")
         if not 0 < self.target_ratio <= 1:
             raise ConfigFieldError("target_ratio", f"must be in (0, 1], got {self.target_ratio}")
-        for name in ("learning_rate", "ratio_learning_rate", "ratio_weight", "flops_weight", "distill_weight"):
+        for name in (
+            "learning_rate",
+            "ratio_learning_rate",
+            "ratio_weight",
+            "flops_weight",
+            "distill_weight",
+        ):
             positive = name.endswith("learning_rate")
             if getattr(self, name) < 0 or (positive and getattr(self, name) == 0):
-                raise ConfigFieldError(name, f"must be {'> 0' if positive else '>= 0'}, got {getattr(self, name)}")
+                raise ConfigFieldError(
+                    name, f"must be {'> 0' if positive else '>= 0'}, got {getattr(self, name)}"
+                )
 
     def settings(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in SETTINGS}
@@ -107,8 +146,10 @@ class TextTokenPruningConfig(MethodConfig):
     @staticmethod
     def unsupported_reason(adapter: ModelAdapter) -> str | None:
         if not adapter.is_encoder and _causal_family(adapter.model_type) is None:
-            return (f"text token pruning supports BERT-family classifiers ({', '.join(patch.FAMILIES)}) and the prompts "
-                    f"of causal LMs ({', '.join(prompt_token_pruning.FAMILIES)}); {adapter.model_type} is neither")
+            return (
+                f"text token pruning supports BERT-family classifiers ({', '.join(patch.FAMILIES)}) and the prompts "
+                f"of causal LMs ({', '.join(prompt_token_pruning.FAMILIES)}); {adapter.model_type} is neither"
+            )
         return None
 
     def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
@@ -118,7 +159,9 @@ class TextTokenPruningConfig(MethodConfig):
         if not adapter.is_encoder:
             layers = adapter.num_layers(model_config)
             if self.layer >= layers:
-                raise ConfigFieldError("layer", f"must be below the model's {layers} layers, got {self.layer}")
+                raise ConfigFieldError(
+                    "layer", f"must be below the model's {layers} layers, got {self.layer}"
+                )
             if self.needs_training:
                 _check_prompt_training(self)
             return
@@ -126,23 +169,33 @@ class TextTokenPruningConfig(MethodConfig):
         if self.layer >= layers:
             raise ConfigFieldError("layer", f"must be below the model's {layers} layers, got {self.layer}")
         if self.algorithm == "attention" and self.layer < 1:
-            raise ConfigFieldError("layer", "attention scores come from the layer before the pruning layer; use layer >= 1")
+            raise ConfigFieldError(
+                "layer", "attention scores come from the layer before the pruning layer; use layer >= 1"
+            )
         if self.needs_training and not self.train_data:
-            raise ConfigFieldError("train_data", f"{self.algorithm} learns its saliency (and ratio) heads: give "
-                                                 "labelled training data")
+            raise ConfigFieldError(
+                "train_data",
+                f"{self.algorithm} learns its saliency (and ratio) heads: give labelled training data",
+            )
 
 
 def _check_prompt_training(config: TextTokenPruningConfig) -> None:
     """A causal LM's retainer learns from a plain text file: it must be given and exist."""
     if not config.train_data:
-        raise ConfigFieldError("train_data", f"{config.algorithm} learns its saliency (and ratio) heads: give a plain "
-                                             "text file to train them on")
+        raise ConfigFieldError(
+            "train_data",
+            f"{config.algorithm} learns its saliency (and ratio) heads: give a plain "
+            "text file to train them on",
+        )
     if not Path(config.train_data).expanduser().is_file():
         raise ConfigFieldError("train_data", f"file not found: {config.train_data}")
     if config.continuation_length + 3 > config.max_length:
-        raise ConfigFieldError("max_length", f"a window holds BOS, a prompt of >= 2 tokens and continuation_length "
-                                             f"({config.continuation_length}) tokens: at least "
-                                             f"{config.continuation_length + 3}, got {config.max_length}")
+        raise ConfigFieldError(
+            "max_length",
+            f"a window holds BOS, a prompt of >= 2 tokens and continuation_length "
+            f"({config.continuation_length}) tokens: at least "
+            f"{config.continuation_length + 3}, got {config.max_length}",
+        )
 
 
 def _causal_family(model_type: str) -> str | None:
@@ -152,7 +205,8 @@ def _causal_family(model_type: str) -> str | None:
 
 def apply_prompt_token_pruning(model: Any, config: TextTokenPruningConfig) -> StageReport:
     settings = prompt_token_pruning.check_settings(
-        {key: getattr(config, key) for key in prompt_token_pruning.DEFAULTS}, model.config.num_hidden_layers)
+        {key: getattr(config, key) for key in prompt_token_pruning.DEFAULTS}, model.config.num_hidden_layers
+    )
     config_class, model_class = prompt_token_pruning.CLASSES[_causal_family(model.config.model_type)]
     if isinstance(model, model_class):
         model.config.token_pruning = settings
@@ -162,7 +216,9 @@ def apply_prompt_token_pruning(model: Any, config: TextTokenPruningConfig) -> St
     if config.needs_training:
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)  # the retainer starts the same for the same seed
-        model.retainer = prompt_token_pruning.new_retainer(model.config, settings).to(model.device, model.dtype)
+        model.retainer = prompt_token_pruning.new_retainer(model.config, settings).to(
+            model.device, model.dtype
+        )
         torch.random.set_rng_state(generator_state)
         details["retainer_parameters"] = sum(p.numel() for p in model.retainer.parameters())
         details["training"] = "pending: the pipeline trains the retainer next (train_data)"
@@ -171,27 +227,40 @@ def apply_prompt_token_pruning(model: Any, config: TextTokenPruningConfig) -> St
     return StageReport("text_token_pruning", details)
 
 
-def apply_text_token_pruning(model: Any, config: TextTokenPruningConfig, context: PruneContext) -> StageReport:
+def apply_text_token_pruning(
+    model: Any, config: TextTokenPruningConfig, context: PruneContext
+) -> StageReport:
     config.check_model(model.config, context.adapter)
     if not context.adapter.is_encoder:
         return apply_prompt_token_pruning(model, config)
     tokenizer = context.tokenizer
     # Sequence markers are always kept ([UNK] and [MASK] are ordinary tokens here).
-    specials = sorted({int(getattr(tokenizer, f"{name}_token_id")) for name in ("cls", "sep", "bos", "eos")
-                       if getattr(tokenizer, f"{name}_token_id", None) is not None})
-    settings = patch.check_settings({**config.settings(), "special_token_ids": specials}, model.config.num_hidden_layers)
+    specials = sorted(
+        {
+            int(getattr(tokenizer, f"{name}_token_id"))
+            for name in ("cls", "sep", "bos", "eos")
+            if getattr(tokenizer, f"{name}_token_id", None) is not None
+        }
+    )
+    settings = patch.check_settings(
+        {**config.settings(), "special_token_ids": specials}, model.config.num_hidden_layers
+    )
     family = model.config.model_type.removeprefix(patch_classes.PREFIX)
     config_class, model_class = patch.CLASSES[family]
     if not isinstance(model, model_class):
         swap_config_and_class(model, config_class, model_class, {"token_pruning": settings})
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)  # the retainer starts the same for the same seed
-        model.retainer = patch.TokenRetainer(model.config.hidden_size, len(settings["candidate_ratios"]),
-                                             settings["retainer_size"]).to(model.device, model.dtype)
+        model.retainer = patch.TokenRetainer(
+            model.config.hidden_size, len(settings["candidate_ratios"]), settings["retainer_size"]
+        ).to(model.device, model.dtype)
         torch.random.set_rng_state(generator_state)
     else:
         model.config.token_pruning = settings
-    details = {"token_pruning": settings, "retainer_parameters": sum(p.numel() for p in model.retainer.parameters())}
+    details = {
+        "token_pruning": settings,
+        "retainer_parameters": sum(p.numel() for p in model.retainer.parameters()),
+    }
     if config.needs_training:
         details["training"] = "pending: the pipeline trains the retainer next (train_data)"
     return StageReport("text_token_pruning", details)
