@@ -2,5 +2,5 @@
 
 They may use the testbeds (``hf_prune.evals.testbeds``) and the pipeline. Nothing in the product (``hf_prune``,
 ``hf_prune.integrations``, ``hf_prune.model_patches``, ``hf_prune.evals`` outside this folder and ``testbeds/``)
-imports them; ``tests/test_layers.py`` checks it.
+imports them; ``tests/unit/test_layers.py`` checks it.
 """

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from hf_prune.model_patches import token_selection
-from test_visual_token_pruning import batch, pruned_model
+from test_visual_tokens import batch, pruned_model
 from tiny_models import CLIP_CONTEXT, build_tiny_model, build_tokenizer, save_tiny_clip
 
 from hf_prune.errors import ConfigFieldError, RecipeError

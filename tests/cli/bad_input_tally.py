@@ -1,6 +1,6 @@
 """Tally what the CLI does with every bad input of ``test_cli_bad_input.py``, by outcome, without asserting.
 
-    python tests/bad_input_tally.py [--json out.json]
+    python tests/cli/bad_input_tally.py [--json out.json]
 
 Runs each case in this process against whatever ``hf_prune`` is installed (so an older checkout can be
 measured with the same cases) and sorts the outcomes into the categories of the data-safety review:
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from test_cli_bad_input import CASES, Workspace, _build_models, _snapshot, _write_data  # noqa: E402
 
 CATEGORIES = (

@@ -1,7 +1,7 @@
 """Checkpoints saved before the restructure of ``model_patches/`` (project issue 12) load with the current code
 and compute what they computed when they were saved.
 
-``tests/fixtures/legacy_checkpoints/<name>/`` holds one tiny checkpoint per remote-code family, saved by
+``tests/checkpoints/fixtures/legacy_checkpoints/<name>/`` holds one tiny checkpoint per remote-code family, saved by
 ``hf_prune.prune`` at an older commit (see the README there; never regenerate them), with fixed inputs and
 the outputs of one forward pass (``expected.safetensors``) and what the save named (``expected.json``).
 Every test works on a copy in tmp_path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 #: Source folder → the package it installs as (setup.py's SOURCE_ROOTS).
 SOURCE_ROOTS = {
     "hf_prune": "hf_prune",
