@@ -27,7 +27,7 @@ recipe.yaml:
     - {task: perplexity, data: data/eval.txt}""",
     "eval": """examples:
   hf-prune eval out/stories-4layers --task perplexity --data eval.txt --seq-len 512 --output results.json
-  hf-prune eval out/stories-4layers --task multiple_choice --data cloze.jsonl --compare ../shared/assets/models/stories260K
+  hf-prune eval out/stories-4layers --task multiple_choice --data cloze.jsonl --compare models/stories260K
   hf-prune eval out/minilm-pruned --task classification --data sentences.jsonl --label-field label
   hf-prune eval out/llava-pruned --task vqa --data vqa.jsonl --device auto --dtype bfloat16
 

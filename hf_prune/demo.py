@@ -28,7 +28,8 @@ tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 with torch.no_grad():
     logits = model(torch.tensor([ids])).logits[0]
 generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
-print(json.dumps({"logits": logits.tolist(), "text": tokenizer.decode(generated[0][len(ids):], skip_special_tokens=True),
+text = tokenizer.decode(generated[0][len(ids):], skip_special_tokens=True)
+print(json.dumps({"logits": logits.tolist(), "text": text,
                   "hf_prune_imported": "hf_prune" in sys.modules,
                   "layers": model.config.num_hidden_layers}))
 """

@@ -17,7 +17,8 @@ with torch.no_grad():
     out = model.generate(**inputs, max_new_tokens=int(sys.argv[4]), do_sample=False)
 retainer = getattr(model, "retainer", None)
 print(json.dumps({"tokens": out.tolist(), "class": type(model).__name__, "hf_prune": "hf_prune" in sys.modules,
-                  "retainer": None if retainer is None else sum(float(p.double().sum()) for p in retainer.parameters())}))
+                  "retainer": None if retainer is None
+                  else sum(float(p.double().sum()) for p in retainer.parameters())}))
 """
 
 

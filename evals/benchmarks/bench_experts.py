@@ -156,7 +156,8 @@ def print_quality_table(folder: Path, original, context: PruneContext, keeps: li
 
     print(
         f"testbed {folder}: {count_parameters(original):,} parameters, experts per layer "
-        f"{adapter.experts_per_layer(original)}, calibration {sum(b.num_tokens for b in context.calibration_batches()):,} tokens"
+        f"{adapter.experts_per_layer(original)}, calibration "
+        f"{sum(b.num_tokens for b in context.calibration_batches()):,} tokens"
     )
     header = f"{'algorithm':<14} {'uniform':<8} {'keep':>5} " + " ".join(f"{d:>12}" for d in DOMAINS)
     print(header + f" {'params':>8} {'seconds':>8}  experts per layer")
@@ -230,7 +231,8 @@ def print_checkpoint_costs(folder: Path, calibration_fields: dict, title: str) -
             f"\n{title}: ratios are parameters / disk / peak against the original (peak: after reading every weight)"
         )
         print(
-            f"{'checkpoint':<27} {'load path':<9} {'class':<34} {'params':>12} {'disk MiB':>9} {'load MiB':>9} {'peak MiB':>9}"
+            f"{'checkpoint':<27} {'load path':<9} {'class':<34} {'params':>12} {'disk MiB':>9} "
+            f"{'load MiB':>9} {'peak MiB':>9}"
         )
         base = None
         for name, path, how in rows:
@@ -239,7 +241,8 @@ def print_checkpoint_costs(folder: Path, calibration_fields: dict, title: str) -
             base = base or (probe["parameters"], disk, probe["peak_mib"])
             print(
                 f"{name:<27} {how:<9} {probe['class']:<34} {probe['parameters']:>12,} {disk / 2**20:>9.2f} "
-                f"{probe['load_mib']:>9.1f} {probe['peak_mib']:>9.1f}   {probe['parameters'] / base[0]:.3f} / {disk / base[1]:.3f} / "
+                f"{probe['load_mib']:>9.1f} {probe['peak_mib']:>9.1f}   "
+                f"{probe['parameters'] / base[0]:.3f} / {disk / base[1]:.3f} / "
                 f"{probe['peak_mib'] / base[2]:.3f}"
             )
 

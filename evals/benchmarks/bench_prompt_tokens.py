@@ -1,6 +1,7 @@
 """Prompt token pruning in a real causal LM: how well it continues a pruned prompt, against prefill FLOPs.
 
-    python -m hf_prune.evals.benchmarks.bench_prompt_tokens [--assets DIR] [--prompt-lengths 128 256] [--continuation 32]
+    python -m hf_prune.evals.benchmarks.bench_prompt_tokens [--assets DIR] \
+        [--prompt-lengths 128 256] [--continuation 32]
 
 Model: the real stories260K (llama2.c, 5 layers, hidden 64) from the shared assets; text: the real
 TinyStories sample there (five stories, 1,879 tokens). Windows: BOS + ``prompt_length`` tokens of
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             f"(stride {args.stride}); random over {args.seeds} seeds"
         )
         print(
-            f"{'setting':<38} {'layer':>5} {'keep':>5} {'kept':>6} {'kept%':>6} {'NLL':>7} {'ppl':>7} {'ΔNLL':>7} {'prefill FLOPs':>13}"
+            f"{'setting':<38} {'layer':>5} {'keep':>5} {'kept':>6} {'kept%':>6} {'NLL':>7} {'ppl':>7} "
+            f"{'ΔNLL':>7} {'prefill FLOPs':>13}"
         )
         for row in rows:
             print(

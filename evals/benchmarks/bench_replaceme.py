@@ -1,6 +1,7 @@
 """Benchmark ReplaceMe (lstsq, cosine) against layer_drop: time, peak memory, parameters, quality.
 
-    python -m hf_prune.evals.benchmarks.bench_replaceme [--assets ../shared/assets] [--large-layers 16 --large-hidden 512]
+    python -m hf_prune.evals.benchmarks.bench_replaceme [--assets ../shared/assets] \
+        [--large-layers 16 --large-hidden 512]
 
 Cases: the real stories260K (quality on TinyStories text; calibrated on text it generates itself) and a
 larger random Llama (timing and memory only: its perplexity means nothing). Times are ratios to the

@@ -135,7 +135,8 @@ def ratio_distribution(found: dict[str, Any], base: dict[str, Any]) -> list[str]
         "adtp chosen ratio per sentence: "
         + ", ".join(f"{k:g}: {v} ({v / len(chosen):.0%})" for k, v in sorted(counts.items())),
         f"  mean chosen ratio {float(chosen.mean()):.3f} (std {float(chosen.std()):.3f}); rank correlation with "
-        f"length {spearman(chosen, found['lengths']):+.2f}, with the teacher's loss {spearman(chosen, base['losses']):+.2f}",
+        f"length {spearman(chosen, found['lengths']):+.2f}, "
+        f"with the teacher's loss {spearman(chosen, base['losses']):+.2f}",
     ]
     for value in sorted(counts):
         picked = chosen == value
@@ -277,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     print("\n".join(ratio_distribution(results["adtp"][0], base)))
     print(
-        f"  on the training set (where the price {choice['price']:.4f} was set): mean ratio {choice['mean_ratio']:.3f}, "
+        f"  on the training set (where the price {choice['price']:.4f} was set): "
+        f"mean ratio {choice['mean_ratio']:.3f}, "
         + ", ".join(f"{k}: {v:.0%}" for k, v in choice["share"].items())
     )
     adtp_right, fixed_right = results["adtp"][0]["right"], results["fixed"][0]["right"]

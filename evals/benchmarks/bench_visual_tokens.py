@@ -11,7 +11,8 @@
    CLIP-336/14 tower (576 tokens) and a 1,024-wide 8-layer Llama, and on the trained testbed.
 3. Accuracy against the budget on the held-out testbed questions (``hf_prune.evals.testbeds.vlm_testbed``), for
    every algorithm, both relevance signs for cdpruner, per question kind; ``cdpruner+clip`` is cdpruner with
-   relevance from a CLIP text tower trained for the testbed's vision tower (``hf_prune.evals.testbeds.vlm_testbed_clip``).
+   relevance from a CLIP text tower trained for the testbed's vision tower
+   (``hf_prune.evals.testbeds.vlm_testbed_clip``).
 
 Prints figures; passes or fails nothing. GPU figures when CUDA is present (``--device cuda``).
 """

@@ -344,7 +344,8 @@ def test_vqa_chat_template_prompt(llava, vqa_case, direct_answers):
     # A template that writes the BOS itself: the tokenizer must not add a second one.
     processor.chat_template = (
         "<s>{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
-        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
     )
     try:
         assert build_prompt(processor, "why?") == "<s>USER: <image>\nwhy? ASSISTANT:"

@@ -268,7 +268,7 @@ def test_testbed_dir_builds_only_when_missing(tmp_path, monkeypatch):
     )
 
 
-# ---- the CLIP text tower trained for the testbed (evals/testbeds/vlm_testbed_clip.py) ----------------------------------
+# ---- the CLIP text tower trained for the testbed (evals/testbeds/vlm_testbed_clip.py) ----
 
 
 def test_clip_targets_mark_the_tokens_each_question_is_about():

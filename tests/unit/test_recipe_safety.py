@@ -439,7 +439,8 @@ def test_huge_num_layers_fails_the_models_layer_count(tmp_path, no_model_loading
                 {"method": "layer_drop", "num_layers": 2},
                 {"method": "text_token_pruning", "algorithm": "random", "keep_ratio": 0.5, "layer": 3},
             ],
-            r"stages[1].layer: must be below the model's 3 layers, got 3 (the model as stages[0] (layer_drop) will leave it)",
+            r"stages[1].layer: must be below the model's 3 layers, got 3 "
+            r"(the model as stages[0] (layer_drop) will leave it)",
         ),
     ],
 )
