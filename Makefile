@@ -30,4 +30,5 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check hf_prune integrations model_patches evals tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
