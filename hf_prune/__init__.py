@@ -12,15 +12,24 @@ __version__ = "0.1.0"
 
 from .errors import HfPruneError, RecipeError, UnsupportedModelError  # noqa: E402
 from .recipe import Recipe, load_recipe  # noqa: E402
-from .registry import MethodConfig, StageReport, register_method, registered_methods  # noqa: E402
+from .registry import (  # noqa: E402
+    MethodConfig,
+    OneShotMethod,
+    StageReport,
+    TrainingMethod,
+    register_method,
+    registered_methods,
+)
 
 __all__ = [
     "HfPruneError",
     "MethodConfig",
+    "OneShotMethod",
     "PruneResult",
     "Recipe",
     "RecipeError",
     "StageReport",
+    "TrainingMethod",
     "UnsupportedModelError",
     "load_recipe",
     "prune",

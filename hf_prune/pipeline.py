@@ -32,7 +32,7 @@ from .evals.harness import TaskModelMismatch, check_task_fits, get_task, retaine
 from .evals.report import write_report
 from .output_safety import check_output_folder, weight_files_size
 from .recipe import Recipe, load_recipe
-from .registry import get_method, run_stage
+from .registry import OneShotMethod, get_method, run_stage
 
 
 @dataclass
@@ -114,17 +114,6 @@ def prune(
     for stage in recipe.stages:
         params = count_parameters(model)
         report = run_stage(get_method(stage.method), model, stage.config, context).to_dict()
-        if getattr(stage.config, "needs_training", False):  # AD-TP's retainer learns right after the stage
-            if adapter.is_encoder:
-                from .integrations.encoder_retainer_training import train_token_retainer
-            else:  # a causal LM's prompt retainer, on plain text
-                from .integrations.prompt_retainer_training import (
-                    train_prompt_retainer as train_token_retainer,
-                )
-
-            report["training"] = train_token_retainer(
-                model, context.tokenizer, stage.config, progress=progress
-            )
         report.update(params_before=params, params_after=count_parameters(model))
         stage_reports.append(report)
     evaluation = []
@@ -281,9 +270,15 @@ def _exists(path: str | Path) -> bool:
 
 def _check_stages(recipe: Recipe, config: Any, adapter: Any) -> None:
     """Check each stage against the config as the stages before it will leave it (``predict_config``), so
-    stages that together remove too much fail here, not after the first ones ran."""
+    stages that together remove too much fail here, not after the first ones ran. The only call of each
+    stage's ``check_model``: ``apply`` trusts it."""
     changed_by: list[str] = []  # the earlier stages that change what a check reads
     for i, stage in enumerate(recipe.stages):
+        if not isinstance(stage.config, OneShotMethod):
+            raise RecipeError(
+                f"stages[{i}].method: {stage.method} is a training-time method; a prune recipe runs "
+                "one-shot methods only"
+            )
         after = f" (the model as {', '.join(changed_by)} will leave it)" if changed_by else ""
         try:
             stage.config.check_model(config, adapter)

@@ -1,80 +1,54 @@
-"""The method registry: a method is a config dataclass plus an ``apply`` function, registered in one line.
+"""The method registry: a method is a config class (``methods/base.py``'s contract) registered in one line.
 
-The recipe loader, ``hf-prune methods`` and the docs all read this registry, so a method exists in
-exactly one place.
+``register_method("replaceme", ReplaceMeConfig)`` in the method's own module is the only place its name is
+written: the recipe loader, ``hf-prune methods``, ``hf-prune inspect``, the docs and every stage report
+take it from here. ``hf_prune/methods/__init__.py`` imports every module below ``hf_prune.methods``, so
+adding a method is adding one file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import RecipeError, quoted
+from .methods.base import (
+    MethodConfig,
+    OneShotMethod,
+    StageReport,
+    TrainingMethod,
+    config_field,
+)
 
 if TYPE_CHECKING:
     from .adapters import ModelAdapter
 
-
-def config_field(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> Any:  # noqa: A002
-    """A dataclass field with a one-line help string (shown by ``hf-prune methods``)."""
-    return field(default=default, metadata={"help": help}, **kwargs)
-
-
-@dataclass
-class MethodConfig:
-    """Base class of every method config. Subclasses hold parameters only (validated in ``__post_init__``)."""
-
-    #: Whether the method reads calibration data (the pipeline then requires a ``calibration:`` section).
-    needs_calibration = False
-
-    def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
-        """Raise ``ConfigFieldError`` if this config cannot apply to a model with ``model_config``.
-
-        Called by the pipeline on the model's config before any weights are loaded: for a later stage, on
-        the config as the stages before it will leave it (``predict_config``)."""
-
-    def predict_config(self, model_config: Any, adapter: ModelAdapter) -> Any:
-        """The model's config as this stage will leave it, so the next stage's ``check_model`` sees what it
-        will get (two stages that remove 3 and 2 of 5 layers fail before any weights load).
-
-        Called after ``check_model`` passed. Return ``model_config`` itself when the stage changes nothing a
-        later check reads (the default), else a changed ``copy.deepcopy`` of it: never modify
-        ``model_config``, which may be the caller's in-memory model's config."""
-        return model_config
-
-    def min_calibration_tokens(self, model_config: Any) -> int:
-        """Fewest real (non-pad) calibration tokens for this method to be well-posed on ``model_config``;
-        0: no floor. The pipeline refuses calibration data below the largest floor of a recipe's stages."""
-        return 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class StageReport:
-    """What one stage did: removed structure, measurements and timings (goes into hf_prune.json)."""
-
-    method: str
-    details: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **self.details, "seconds": round(self.seconds, 3)}
-
-
-ApplyFn = Callable[[Any, MethodConfig, Any], StageReport]
+__all__ = [
+    "MethodConfig",
+    "MethodSpec",
+    "OneShotMethod",
+    "StageReport",
+    "TrainingMethod",
+    "config_field",
+    "get_method",
+    "register_method",
+    "registered_methods",
+    "run_stage",
+]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     config_cls: type[MethodConfig]
-    apply: ApplyFn
     summary: str
+
+    @property
+    def one_shot(self) -> bool:
+        """True for a ``OneShotMethod`` (``hf-prune prune``), False for a ``TrainingMethod``."""
+        return issubclass(self.config_cls, OneShotMethod)
 
     def fields(self) -> list[tuple[str, str, Any, str]]:
         """(name, type, default, help) for each config field, in declaration order."""
@@ -92,19 +66,23 @@ class MethodSpec:
 
     def applicability(self, adapter: ModelAdapter) -> str | None:
         """None if the method applies to models with this adapter, else the reason it does not."""
-        check = getattr(self.config_cls, "unsupported_reason", None)
-        return check(adapter) if check else None
+        return self.config_cls.unsupported_reason(adapter)
 
 
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type[MethodConfig], apply: ApplyFn) -> None:
-    """Register ``apply(model, config, context) -> StageReport`` under ``name`` for recipes and the CLI."""
+def register_method(name: str, config_cls: type[MethodConfig]) -> None:
+    """Register the method ``config_cls`` (a ``OneShotMethod`` or ``TrainingMethod`` dataclass) under
+    ``name`` for recipes, the CLI and stage reports."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, (OneShotMethod, TrainingMethod))):
+        raise TypeError(f"method {name!r}: {config_cls!r} must subclass OneShotMethod or TrainingMethod")
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"method {name!r}: {config_cls.__name__} must be a dataclass")
     if name in _METHODS:
         raise ValueError(f"method {name!r} is already registered")
     summary = (config_cls.__doc__ or "").strip().splitlines()[0] if config_cls.__doc__ else ""
-    _METHODS[name] = MethodSpec(name, config_cls, apply, summary)
+    _METHODS[name] = MethodSpec(name, config_cls, summary)
 
 
 def registered_methods() -> dict[str, MethodSpec]:
@@ -119,14 +97,32 @@ def get_method(name: str, *, key_path: str = "method") -> MethodSpec:
     return methods[name]
 
 
-def run_stage(spec: MethodSpec, model: Any, config: MethodConfig, context: Any) -> StageReport:
-    """Apply one method and time it."""
+def run_stage(spec: MethodSpec, model: Any, config: OneShotMethod, context: Any) -> StageReport:
+    """Run one one-shot stage: ``config.apply`` (timed: the report's ``seconds``), then ``config.finalize``,
+    whose keys are merged into the report. The caller ran ``check_model`` before (the pipeline's
+    preflight)."""
+    if not isinstance(config, OneShotMethod):
+        raise TypeError(
+            f"{spec.name} is a training-time method: it runs inside transformers.Trainer "
+            "(integrations.training_callback), not as a one-shot stage"
+        )
     start = time.perf_counter()
-    report = spec.apply(model, config, context)
-    report.seconds = time.perf_counter() - start
-    return report
+    details = config.apply(model, context)
+    seconds = time.perf_counter() - start
+    follow_up = config.finalize(model, context)
+    if follow_up:
+        details.update(follow_up)
+    return StageReport(spec.name, details, seconds)
+
+
+_LOADED = False
 
 
 def _load_builtin_methods() -> None:
-    # Importing the methods package runs each module's register_method line.
-    from . import methods  # noqa: F401
+    # Importing every module of hf_prune.methods runs each method's register_method line.
+    global _LOADED
+    if not _LOADED:
+        from .methods import import_method_modules
+
+        import_method_modules()
+        _LOADED = True

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ...checkpoint import load_model, load_preprocessor
-from ...integrations.encoder_retainer_training import budget_price, candidate_costs
+from ...methods.tokens.encoder_retainer_training import budget_price, candidate_costs
 from ...pipeline import prune
 from ..testbeds.text_testbed import text_testbed_dir
 

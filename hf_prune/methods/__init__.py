@@ -1,5 +1,17 @@
-"""Built-in pruning methods; importing a module registers its method."""
+"""Built-in pruning methods, one module per method under a family package (``depth/``, ``experts/``,
+``tokens/``), next to the helpers they share. ``base.py`` declares the contract every method follows.
 
-from .depth import layer_drop, replaceme  # noqa: F401
-from .experts import expert_pruning  # noqa: F401
-from .tokens import text_tokens, visual_tokens  # noqa: F401
+Nothing is listed by hand: ``import_method_modules`` (called by the registry on first use) imports every
+module below this package, and each method module registers itself with one ``register_method`` line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+
+def import_method_modules() -> None:
+    """Import every module below ``hf_prune.methods`` (packages first, then their modules)."""
+    for module in pkgutil.walk_packages(__path__, prefix=f"{__name__}."):
+        importlib.import_module(module.name)

@@ -83,7 +83,7 @@ def batch(tokenizer, texts):
 )
 def test_ratio_one_is_the_unpruned_model(tokenizer, fields, family, monkeypatch):
     monkeypatch.setattr(
-        "hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+        "hf_prune.methods.tokens.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
     )
     stock = tiny_bert(tokenizer, family=family)
     model = pruned(stock, tokenizer, **fields)
@@ -125,7 +125,7 @@ def test_specials_always_kept_and_padding_never_counts(tokenizer, family):
 
 def test_adtp_ratio_adapts_per_sequence(tokenizer, monkeypatch):
     monkeypatch.setattr(
-        "hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+        "hf_prune.methods.tokens.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
     )
     model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="adtp", train_data="unused.jsonl")
     with torch.no_grad():
@@ -217,10 +217,10 @@ print(json.dumps({"logits": out.logits.tolist(), "kept": out.kept_fraction.tolis
 
 
 def test_candidate_costs_at_ratio_one_are_the_teachers(tokenizer, monkeypatch):
-    from hf_prune.integrations.encoder_retainer_training import candidate_costs
+    from hf_prune.methods.tokens.encoder_retainer_training import candidate_costs
 
     monkeypatch.setattr(
-        "hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+        "hf_prune.methods.tokens.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
     )
     stock = tiny_bert(tokenizer)
     model = pruned(stock, tokenizer, algorithm="adtp", train_data="unused.jsonl")
@@ -269,7 +269,7 @@ def test_a_checkpoint_without_a_price_is_refused(tokenizer, tmp_path, monkeypatc
     from safetensors.torch import load_file, save_file
 
     monkeypatch.setattr(
-        "hf_prune.integrations.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+        "hf_prune.methods.tokens.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
     )
     model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="adtp", train_data="unused.jsonl")
     model.save_pretrained(tmp_path)

@@ -160,7 +160,7 @@ def test_rules_catch_a_planted_import():
         Import("hf_prune.cli", "hf_prune/cli.py", 1, ("hf_prune.evals.benchmarks.bench_experts",)),
         Import("hf_prune.evals.report", "evals/report.py", 1, ("relative:hf_prune.pipeline",)),
         Import("hf_prune.evals.testbeds.vlm_testbed", "x.py", 1, ("hf_prune.cli",)),
-        Import("hf_prune.integrations.encoder_retainer_training", "x.py", 1, ("hf_prune.cli",)),
+        Import("hf_prune.integrations.training_callback", "x.py", 1, ("hf_prune.cli",)),
         Import("hf_prune.model_patches.nonuniform_moe", "x.py", 1, ("numpy",)),
         Import(
             "hf_prune.model_patches.nonuniform_moe", "x.py", 1, ("hf_prune.model_patches.token_selection",)

@@ -1,4 +1,5 @@
-"""Choosing which contiguous blocks of decoder layers to remove (shared by ReplaceMe and layer_drop).
+"""Choosing which contiguous blocks of decoder layers to remove, and removing them (shared by ReplaceMe
+and layer_drop).
 
 A cut keeps layer ``kept`` and removes layers ``kept+1 … kept+n``. Its angular distance is
 d = mean arccos(cos(h_kept, h_{kept+n})) / π over calibration sequences (last non-pad token, as in the
@@ -17,12 +18,12 @@ from tqdm.auto import tqdm
 from ...activations import capture_outputs, run_decoder
 from ...adapters import ModelAdapter
 from ...context import PruneContext
-from ...errors import ConfigFieldError, UnsupportedModelError
-from ...registry import MethodConfig, config_field
+from ...errors import ConfigFieldError
+from ..base import OneShotMethod, config_field
 
 
 @dataclass
-class DepthCutConfig(MethodConfig):
+class DepthCutConfig(OneShotMethod):
     """Which layers to remove: ``num_layers`` chosen by angular distance, or explicit ``layers``."""
 
     num_layers: int | None = config_field(None, help="layers to remove in total, chosen by angular distance")
@@ -56,19 +57,17 @@ class DepthCutConfig(MethodConfig):
                 )
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
+    def needs_calibration(self) -> bool:
         return self.layers is None
 
-    @staticmethod
-    def unsupported_reason(adapter: ModelAdapter) -> str | None:
+    @classmethod
+    def unsupported_reason(cls, adapter: ModelAdapter) -> str | None:
         if adapter.spec.token_pruning_only:
             return f"depth pruning does not support {adapter.model_type}: {adapter.spec.token_pruning_only}"
         return None
 
     def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
-        reason = self.unsupported_reason(adapter)
-        if reason:
-            raise UnsupportedModelError(reason)
+        super().check_model(model_config, adapter)
         total = adapter.num_layers(model_config)
         if self.num_layers is not None and self.num_layers >= total:
             raise ConfigFieldError(
@@ -181,3 +180,20 @@ def select_cuts(
 def shifted(cut: Cut, removed_before: int) -> tuple[int, int]:
     """(kept, deepest removed) indices of ``cut`` after ``removed_before`` earlier layers were deleted."""
     return cut.kept - removed_before, cut.removed[-1] - removed_before
+
+
+def remove_cuts(
+    model: Any, cuts: list[Cut], context: PruneContext, before_removal=None
+) -> list[dict[str, Any]]:
+    """Delete each cut's layers (ascending, indices shifted); ``before_removal(kept, last)`` runs first."""
+    removed_before = 0
+    reports = []
+    for cut in cuts:
+        kept, last = shifted(cut, removed_before)
+        entry = cut.to_dict()
+        if before_removal is not None:
+            entry.update(before_removal(kept, last))
+        context.adapter.remove_layers(model, list(range(kept + 1, last + 1)))
+        removed_before += len(cut.removed)
+        reports.append(entry)
+    return reports

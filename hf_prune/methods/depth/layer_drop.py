@@ -6,31 +6,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...context import PruneContext
-from ...registry import StageReport, register_method
-from .cuts import DepthCutConfig, select_cuts
-from .replaceme import remove_cuts
+from ...registry import register_method
+from .cuts import DepthCutConfig, remove_cuts, select_cuts
 
 
 @dataclass
 class LayerDropConfig(DepthCutConfig):
     """Layer drop: remove a block of layers chosen by angular distance, with no replacement (baseline)."""
 
+    def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
+        return apply_layer_drop(model, self, context)
 
-def apply_layer_drop(model: Any, config: LayerDropConfig, context: PruneContext) -> StageReport:
-    config.check_model(model.config, context.adapter)
+
+def apply_layer_drop(model: Any, config: LayerDropConfig, context: PruneContext) -> dict[str, Any]:
     layers_before = context.adapter.num_layers(model.config)
     cuts, distances = select_cuts(model, config, context)
     cut_reports = remove_cuts(model, cuts, context)
-    return StageReport(
-        "layer_drop",
-        {
-            "layers_before": layers_before,
-            "layers_after": context.adapter.num_layers(model.config),
-            "removed_layers": sorted(i for c in cuts for i in c.removed),
-            "cuts": cut_reports,
-            "candidate_distances": distances,
-        },
-    )
+    return {
+        "layers_before": layers_before,
+        "layers_after": context.adapter.num_layers(model.config),
+        "removed_layers": sorted(i for c in cuts for i in c.removed),
+        "cuts": cut_reports,
+        "candidate_distances": distances,
+    }
 
 
-register_method("layer_drop", LayerDropConfig, apply_layer_drop)
+register_method("layer_drop", LayerDropConfig)

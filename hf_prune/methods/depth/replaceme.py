@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from ...activations import capture_outputs, run_decoder
 from ...adapters import ModelAdapter
 from ...context import PruneContext
-from ...errors import ConfigFieldError, UnsupportedModelError
-from ...registry import StageReport, config_field, register_method
-from .cuts import Cut, DepthCutConfig, select_cuts, shifted
+from ...errors import ConfigFieldError
+from ...registry import register_method
+from ..base import config_field
+from .cuts import DepthCutConfig, remove_cuts, select_cuts
 from .estimators import NormalEquations, fit_cosine_map
 
 
@@ -48,22 +49,20 @@ class ReplaceMeConfig(DepthCutConfig):
                 raise ConfigFieldError(name, f"must be a positive integer, got {getattr(self, name)}")
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
+    def needs_calibration(self) -> bool:
         return True
 
-    @staticmethod
-    def unsupported_reason(adapter: ModelAdapter) -> str | None:
-        if adapter.spec.token_pruning_only:
-            return DepthCutConfig.unsupported_reason(adapter)
+    @classmethod
+    def unsupported_reason(cls, adapter: ModelAdapter) -> str | None:
+        reason = super().unsupported_reason(adapter)
+        if reason:
+            return reason
         if adapter.spec.mlp_not_on_residual:
             return f"ReplaceMe cannot fold its map into {adapter.text_model_type}: {adapter.spec.mlp_not_on_residual}"
         return None
 
-    def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
-        reason = self.unsupported_reason(adapter)
-        if reason:
-            raise UnsupportedModelError(reason)
-        super().check_model(model_config, adapter)
+    def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
+        return apply_replaceme(model, self, context)
 
     def min_calibration_tokens(self, model_config: Any) -> int:
         # lstsq solves for a d×d map: with fewer than d tokens MᵀM is rank-deficient, the ridge fallback
@@ -155,25 +154,7 @@ def estimate_map(
     return transform, stats
 
 
-def remove_cuts(
-    model: Any, cuts: list[Cut], context: PruneContext, before_removal=None
-) -> list[dict[str, Any]]:
-    """Delete each cut's layers (ascending, indices shifted); ``before_removal(kept, last)`` runs first."""
-    removed_before = 0
-    reports = []
-    for cut in cuts:
-        kept, last = shifted(cut, removed_before)
-        entry = cut.to_dict()
-        if before_removal is not None:
-            entry.update(before_removal(kept, last))
-        context.adapter.remove_layers(model, list(range(kept + 1, last + 1)))
-        removed_before += len(cut.removed)
-        reports.append(entry)
-    return reports
-
-
-def apply_replaceme(model: Any, config: ReplaceMeConfig, context: PruneContext) -> StageReport:
-    config.check_model(model.config, context.adapter)
+def apply_replaceme(model: Any, config: ReplaceMeConfig, context: PruneContext) -> dict[str, Any]:
     layers_before = context.adapter.num_layers(model.config)
     cuts, distances = select_cuts(model, config, context)
 
@@ -183,17 +164,14 @@ def apply_replaceme(model: Any, config: ReplaceMeConfig, context: PruneContext) 
         return {**stats, "folded_into": fold_linear_map_into_mlp_output(context.adapter, layer, transform)}
 
     cut_reports = remove_cuts(model, cuts, context, fit_and_fold)
-    return StageReport(
-        "replaceme",
-        {
-            "estimator": config.estimator,
-            "layers_before": layers_before,
-            "layers_after": context.adapter.num_layers(model.config),
-            "removed_layers": sorted(i for c in cuts for i in c.removed),
-            "cuts": cut_reports,
-            "candidate_distances": distances,
-        },
-    )
+    return {
+        "estimator": config.estimator,
+        "layers_before": layers_before,
+        "layers_after": context.adapter.num_layers(model.config),
+        "removed_layers": sorted(i for c in cuts for i in c.removed),
+        "cuts": cut_reports,
+        "candidate_distances": distances,
+    }
 
 
-register_method("replaceme", ReplaceMeConfig, apply_replaceme)
+register_method("replaceme", ReplaceMeConfig)

@@ -30,13 +30,14 @@ from typing import Any, Literal
 from ...adapters import ModelAdapter, get_adapter
 from ...context import PruneContext
 from ...errors import CalibrationError, ConfigFieldError, UnsupportedModelError
-from ...registry import MethodConfig, StageReport, config_field, register_method
+from ...registry import register_method
+from ..base import OneShotMethod, config_field
 from .removal import remove_experts
 from .scoring import diep_scores, moe_layers, round_half_up, router_statistics, select_experts
 
 
 @dataclass
-class ExpertPruningConfig(MethodConfig):
+class ExpertPruningConfig(OneShotMethod):
     """Expert pruning (DiEP, frequency or router weight): remove the lowest-scoring routed experts of an MoE model."""
 
     algorithm: Literal["diep", "frequency", "router_weight"] = config_field(
@@ -89,7 +90,9 @@ class ExpertPruningConfig(MethodConfig):
         "or multiplies them (router)",
     )
 
-    needs_calibration = True
+    @property
+    def needs_calibration(self) -> bool:
+        return True
 
     def __post_init__(self) -> None:
         if (self.keep_ratio is None) == (self.keep_experts is None):
@@ -129,8 +132,8 @@ class ExpertPruningConfig(MethodConfig):
         if self.beta_init != "official" and not self.beta_init > 0:
             raise ConfigFieldError("beta_init", f"must be 'official' or a number > 0, got {self.beta_init}")
 
-    @staticmethod
-    def unsupported_reason(adapter: ModelAdapter) -> str | None:
+    @classmethod
+    def unsupported_reason(cls, adapter: ModelAdapter) -> str | None:
         if not adapter.spec.is_moe:
             return (
                 f"expert pruning needs a Mixture-of-Experts model; {adapter.text_model_type} has no experts"
@@ -138,9 +141,7 @@ class ExpertPruningConfig(MethodConfig):
         return None
 
     def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
-        reason = self.unsupported_reason(adapter)
-        if reason:
-            raise UnsupportedModelError(reason)
+        super().check_model(model_config, adapter)
         counts = [n for n in adapter.experts_per_layer_from_config(model_config) if n > 0]
         if not counts:
             raise UnsupportedModelError(
@@ -221,6 +222,9 @@ class ExpertPruningConfig(MethodConfig):
             setattr(text, adapter.spec.num_experts_key, max(kept))
         return predicted
 
+    def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
+        return apply_expert_pruning(model, self, context)
+
     def min_calibration_tokens(self, model_config: Any) -> int:
         # Ranking needs at least one token per expert of the largest layer (apply checks it again for
         # callers that bypass the pipeline).
@@ -231,9 +235,8 @@ def _significant(value: float, digits: int = 6) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: PruneContext) -> StageReport:
+def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: PruneContext) -> dict[str, Any]:
     adapter = context.adapter
-    config.check_model(model.config, adapter)
     layers = adapter.layers(model)
     moe = moe_layers(model, adapter)
     before = {i: int(adapter.experts(layers[i]).num_experts) for i in moe}
@@ -307,7 +310,7 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
                 "total": round(seconds["total"], 4),
             },
         }
-    return StageReport("expert_pruning", details)
+    return details
 
 
-register_method("expert_pruning", ExpertPruningConfig, apply_expert_pruning)
+register_method("expert_pruning", ExpertPruningConfig)

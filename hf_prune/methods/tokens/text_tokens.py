@@ -7,13 +7,13 @@ tokens inside the prefill at decoder layer ``layer`` (``model_patches/prompt_tok
 algorithms; layers before it see every prompt token, the KV cache then holds the kept ones in every
 layer). For causal LMs ``adtp`` / ``fixed`` train their retainer on a plain text file (``train_data``) cut
 into windows of a prompt and ``continuation_length`` tokens after it, the loss being the continuation's
-NLL after the softly pruned prompt (``hf_prune.integrations.prompt_retainer_training``).
+NLL after the softly pruned prompt (``prompt_retainer_training.py`` in this package).
 
 The stage turns the classifier into an ``hf_prune_bert`` (``_roberta``, ``_distilbert``) model
 (``model_patches/text_token_pruning.py``) with a retainer (saliency and ratio heads) and the
 ``token_pruning`` settings in its config, so the saved checkpoint drops tokens by itself. ``adtp`` and
-``fixed`` need a trained retainer: give ``train_data`` and the pipeline trains it with
-``transformers.Trainer`` (``hf_prune.integrations.encoder_retainer_training``) right after this stage: task loss +
+``fixed`` need a trained retainer: give ``train_data`` and the stage's ``finalize`` trains it with
+``transformers.Trainer`` (``encoder_retainer_training.py`` in this package) right after ``apply``: task loss +
 distillation of the teacher's Integrated Gradients into the saliency head + the student's own IG, the
 teacher's weight annealed from 1 to 0; for ``adtp`` the ratio head regresses the measured cost of each
 candidate ratio per sentence, and its price per unit of ratio is set so the mean chosen ratio is
@@ -30,10 +30,11 @@ import torch
 
 from ...adapters import ModelAdapter
 from ...context import PruneContext
-from ...errors import ConfigFieldError, UnsupportedModelError
+from ...errors import ConfigFieldError
 from ...model_patches import patch_classes, prompt_token_pruning
 from ...model_patches import text_token_pruning as patch
-from ...registry import MethodConfig, StageReport, config_field, register_method
+from ...registry import register_method
+from ..base import OneShotMethod, config_field
 from ..class_swap import swap_config_and_class
 
 #: Settings that go into the checkpoint's config (the rest of the stage describes training).
@@ -41,7 +42,7 @@ SETTINGS = tuple(k for k in patch.DEFAULTS if k != "special_token_ids")
 
 
 @dataclass
-class TextTokenPruningConfig(MethodConfig):
+class TextTokenPruningConfig(OneShotMethod):
     """Text token pruning (AD-TP: attribution-driven, adaptive per sequence; fixed, attention, random) for
     BERT-family classifiers (BERT, RoBERTa, DistilBERT) and Llama-family prompts."""
 
@@ -141,10 +142,11 @@ class TextTokenPruningConfig(MethodConfig):
 
     @property
     def needs_training(self) -> bool:
+        """adtp and fixed learn their retainer: ``finalize`` trains it on ``train_data``."""
         return self.algorithm in ("adtp", "fixed")
 
-    @staticmethod
-    def unsupported_reason(adapter: ModelAdapter) -> str | None:
+    @classmethod
+    def unsupported_reason(cls, adapter: ModelAdapter) -> str | None:
         if not adapter.is_encoder and _causal_family(adapter.model_type) is None:
             return (
                 f"text token pruning supports BERT-family classifiers ({', '.join(patch.FAMILIES)}) and the prompts "
@@ -153,9 +155,7 @@ class TextTokenPruningConfig(MethodConfig):
         return None
 
     def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
-        reason = self.unsupported_reason(adapter)
-        if reason:
-            raise UnsupportedModelError(reason)
+        super().check_model(model_config, adapter)
         if not adapter.is_encoder:
             layers = adapter.num_layers(model_config)
             if self.layer >= layers:
@@ -177,6 +177,21 @@ class TextTokenPruningConfig(MethodConfig):
                 "train_data",
                 f"{self.algorithm} learns its saliency (and ratio) heads: give labelled training data",
             )
+
+    def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
+        return apply_text_token_pruning(model, self, context)
+
+    def finalize(self, model: Any, context: PruneContext) -> dict[str, Any] | None:
+        """adtp / fixed: train the retainer ``apply`` attached with ``transformers.Trainer``, on
+        ``train_data`` (classifiers: ``encoder_retainer_training``; causal LMs' prompts:
+        ``prompt_retainer_training``); its report replaces the pending ``training`` entry."""
+        if not self.needs_training:
+            return None
+        if context.adapter.is_encoder:
+            from .encoder_retainer_training import train_token_retainer as train
+        else:  # a causal LM's prompt retainer, on plain text
+            from .prompt_retainer_training import train_prompt_retainer as train
+        return {"training": train(model, context.tokenizer, self, progress=context.progress)}
 
 
 def _check_prompt_training(config: TextTokenPruningConfig) -> None:
@@ -203,7 +218,7 @@ def _causal_family(model_type: str) -> str | None:
     return family if family in prompt_token_pruning.FAMILIES else None
 
 
-def apply_prompt_token_pruning(model: Any, config: TextTokenPruningConfig) -> StageReport:
+def apply_prompt_token_pruning(model: Any, config: TextTokenPruningConfig) -> dict[str, Any]:
     settings = prompt_token_pruning.check_settings(
         {key: getattr(config, key) for key in prompt_token_pruning.DEFAULTS}, model.config.num_hidden_layers
     )
@@ -221,16 +236,15 @@ def apply_prompt_token_pruning(model: Any, config: TextTokenPruningConfig) -> St
         )
         torch.random.set_rng_state(generator_state)
         details["retainer_parameters"] = sum(p.numel() for p in model.retainer.parameters())
-        details["training"] = "pending: the pipeline trains the retainer next (train_data)"
+        details["training"] = "pending: finalize trains the retainer next (train_data)"
     elif hasattr(model, "retainer"):
         del model.retainer
-    return StageReport("text_token_pruning", details)
+    return details
 
 
 def apply_text_token_pruning(
     model: Any, config: TextTokenPruningConfig, context: PruneContext
-) -> StageReport:
-    config.check_model(model.config, context.adapter)
+) -> dict[str, Any]:
     if not context.adapter.is_encoder:
         return apply_prompt_token_pruning(model, config)
     tokenizer = context.tokenizer
@@ -262,8 +276,8 @@ def apply_text_token_pruning(
         "retainer_parameters": sum(p.numel() for p in model.retainer.parameters()),
     }
     if config.needs_training:
-        details["training"] = "pending: the pipeline trains the retainer next (train_data)"
-    return StageReport("text_token_pruning", details)
+        details["training"] = "pending: finalize trains the retainer next (train_data)"
+    return details
 
 
-register_method("text_token_pruning", TextTokenPruningConfig, apply_text_token_pruning)
+register_method("text_token_pruning", TextTokenPruningConfig)

@@ -22,12 +22,13 @@ from ...model_patches import (
     token_selection,
     visual_token_pruning,
 )
-from ...registry import MethodConfig, StageReport, config_field, register_method
+from ...registry import register_method
+from ..base import OneShotMethod, config_field
 from ..class_swap import swap_config_and_class
 
 
 @dataclass
-class VisualTokenPruningConfig(MethodConfig):
+class VisualTokenPruningConfig(OneShotMethod):
     """Visual token pruning (CDPruner, FastV, random, pooling, diversity) saved into a LLaVA-style checkpoint."""
 
     algorithm: Literal["cdpruner", "diversity", "random", "pooling", "fastv"] = config_field(
@@ -72,8 +73,8 @@ class VisualTokenPruningConfig(MethodConfig):
     def settings(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in token_selection.DEFAULTS}
 
-    @staticmethod
-    def unsupported_reason(adapter: ModelAdapter) -> str | None:
+    @classmethod
+    def unsupported_reason(cls, adapter: ModelAdapter) -> str | None:
         if not adapter.is_vision_language:
             return (
                 f"visual token pruning needs a vision-language model; {adapter.model_type} has no vision tower "
@@ -85,9 +86,7 @@ class VisualTokenPruningConfig(MethodConfig):
         return None
 
     def check_model(self, model_config: Any, adapter: ModelAdapter) -> None:
-        reason = self.unsupported_reason(adapter)
-        if reason:
-            raise UnsupportedModelError(reason)
+        super().check_model(model_config, adapter)
         family = model_config.model_type.removeprefix(patch_classes.PREFIX)
         if self.text_tower is not None and family not in visual_token_pruning.CLASSES:
             raise ConfigFieldError(
@@ -100,6 +99,9 @@ class VisualTokenPruningConfig(MethodConfig):
             raise ConfigFieldError(
                 "fastv_layer", f"must be below the language model's {layers} layers, got {self.fastv_layer}"
             )
+
+    def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
+        return apply_visual_token_pruning(model, self, context)
 
 
 #: family -> (config class, model class) of its hf_prune_<family> token-pruning model.
@@ -129,9 +131,7 @@ def visual_tokens_per_crop(model_config: Any) -> int | None:
 
 def apply_visual_token_pruning(
     model: Any, config: VisualTokenPruningConfig, context: PruneContext
-) -> StageReport:
-    adapter = context.adapter
-    config.check_model(model.config, adapter)
+) -> dict[str, Any]:
     settings = token_selection.check_settings(config.settings())
     config_class, model_class = token_pruning_classes(model.config.model_type)
     swap_config_and_class(model, config_class, model_class, {"token_pruning": settings})
@@ -144,7 +144,7 @@ def apply_visual_token_pruning(
         )
     per_crop = visual_tokens_per_crop(model.config)
     if per_crop is None:
-        return StageReport("visual_token_pruning", details)
+        return details
     kept = token_selection.kept_count(settings, per_crop)
     details.update(
         {
@@ -158,7 +158,7 @@ def apply_visual_token_pruning(
             f"the budget keeps all {per_crop} visual tokens of a crop: nothing is pruned "
             "(the checkpoint still records the setting)"
         )
-    return StageReport("visual_token_pruning", details)
+    return details
 
 
 def attach_clip_text_tower(model: Any, source: str, language_tokenizer: Any) -> dict[str, Any]:
@@ -224,4 +224,4 @@ def attach_clip_text_tower(model: Any, source: str, language_tokenizer: Any) -> 
     return details
 
 
-register_method("visual_token_pruning", VisualTokenPruningConfig, apply_visual_token_pruning)
+register_method("visual_token_pruning", VisualTokenPruningConfig)

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from ..errors import DataError
-from ..model_patches.prompt_prefill import layer_kinds
-from ..model_patches.prompt_retainer import (
+from ...errors import DataError
+from ...model_patches.prompt_prefill import layer_kinds
+from ...model_patches.prompt_retainer import (
     always_kept,
     chosen_ratios,
     expected_ratios,

@@ -43,8 +43,8 @@ from torch import nn
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from ..data import read_records
-from ..errors import DataError
+from ...data import read_records
+from ...errors import DataError
 
 
 def integrated_gradients(
