@@ -214,11 +214,8 @@ class ExpertPruningConfig(MethodConfig):
             for n in counts
         ]
         predicted = copy.deepcopy(model_config)
-        text = adapter.text_config(predicted)
-        if getattr(text, "experts_per_layer", None) is not None:
-            text.experts_per_layer = kept
-        else:  # the stock config's one count: every MoE layer had the same, so keeps the same
-            setattr(text, adapter.spec.num_experts_key, max(kept))
+        # a stock config's one count: every MoE layer had the same, so keeps the same
+        adapter.set_experts_in_config(predicted, kept)
         return predicted
 
     def min_calibration_tokens(self, model_config: Any) -> int:
@@ -236,7 +233,7 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
     config.check_model(model.config, adapter)
     layers = adapter.layers(model)
     moe = moe_layers(model, adapter)
-    before = {i: int(adapter.experts(layers[i]).num_experts) for i in moe}
+    before = {i: adapter.expert_count(layers[i]) for i in moe}
     batches = context.calibration_batches()
     tokens = sum(batch.num_tokens for batch in batches)
     if tokens < max(before.values()):
