@@ -127,8 +127,8 @@ def _make_inputs(
 ) -> dict[str, torch.Tensor]:
     """Random token ids (fixed seed; never the image token), after one image's expanded placeholders."""
     config, generator = model.config, torch.Generator().manual_seed(seq_len)
-    vocab = get_adapter(config).text_config(config).vocab_size
-    image_id = getattr(config, "image_token_id", None)
+    adapter = get_adapter(config)
+    vocab, image_id = adapter.text_config(config).vocab_size, adapter.image_token_id(config)
     inputs: dict[str, torch.Tensor] = {}
     if image:
         import numpy as np
@@ -176,7 +176,8 @@ class _Case:
 
     def __init__(self, name: str, model: Any, preprocessor: Any, folder: Any, settings: BenchSettings):
         self.name, self.model, self.settings, config = name, model, settings, model.config
-        self.device, adapter = torch.device(model.device), get_adapter(config)
+        self.device = torch.device(model.device)
+        self.adapter = adapter = get_adapter(config)
         image = (
             adapter.is_vision_language
             if settings.image is None
@@ -233,7 +234,7 @@ class _Case:
     @torch.inference_mode()
     def _image_tokens(self, key: Any) -> int | None:
         """Image placeholders in the first row of one input (None without an image)."""
-        image_id = getattr(self.model.config, "image_token_id", None)
+        image_id = self.adapter.image_token_id(self.model.config)
         if not self.image or image_id is None:
             return None
         return int((self.inputs[key]["input_ids"][0] == image_id).sum())

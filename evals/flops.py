@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..adapters import get_adapter
+from ..adapters import get_adapter, vision_config
 from ..model_patches.token_selection import kept_count
 
 
@@ -19,9 +19,9 @@ def analytic_flops_per_token(config: Any, seq_len: int, image_tokens: int | None
     Per decoder layer, with H hidden, nh / nkv heads, d head_dim, the matmul parameters are
     attention ``H·nh·d + 2·H·nkv·d + nh·d·H`` plus MLP ``3·H·I`` (gated) or, in a MoE layer, router
     ``H·E`` + top-k experts ``k·3·H·I_moe`` + shared expert ``3·H·I_shared + H`` (Qwen2-MoE); which layers
-    are sparse follows ``mlp_only_layers`` / ``decoder_sparse_step``. With M the sum over layers and
-    V the vocabulary, and attention scores + values costing ``4·nh·d`` per attended key and layer
-    (keys capped at the sliding window on sliding layers):
+    are sparse is the adapter's ``moe_layer_flags`` (the rule the stock class builds by). With M the sum
+    over layers and V the vocabulary, and attention scores + values costing ``4·nh·d`` per attended key
+    and layer (keys capped at the sliding window on sliding layers):
 
     - ``decode_flops_per_token`` = 2·M + 2·V·H + Σ_layers 4·nh·d·min(seq_len, window)
       (one new token attending ``seq_len`` keys, itself included);
@@ -47,7 +47,7 @@ def analytic_flops_per_token(config: Any, seq_len: int, image_tokens: int | None
     """
     out = _language_model_flops(config, seq_len)
     settings = getattr(config, "token_pruning", None)
-    if settings and getattr(config, "vision_config", None) is None and "layer" in settings:
+    if settings and vision_config(config) is None and "layer" in settings:
         # adtp chooses its ratio per prompt: counted at its largest candidate, an upper bound
         ratio = (
             settings["keep_ratio"]
@@ -67,7 +67,7 @@ def analytic_flops_per_token(config: Any, seq_len: int, image_tokens: int | None
             decode_flops_per_token=_language_model_flops(config, kept_len)["decode_flops_per_token"],
         )
         return out
-    if settings and hasattr(config.vision_config, "image_size"):
+    if settings and hasattr(vision_config(config), "image_size"):
         per_crop = _vision_flops(config)["image_tokens_per_crop"]
         count = per_crop if image_tokens is None else image_tokens
         dropped = count - round(count * kept_count(settings, per_crop) / per_crop)
@@ -78,7 +78,7 @@ def analytic_flops_per_token(config: Any, seq_len: int, image_tokens: int | None
             decode_flops_per_token=pruned["decode_flops_per_token"],
             language_model_tokens=kept_len,
         )
-    if get_adapter(config).is_vision_language and hasattr(config.vision_config, "image_size"):
+    if get_adapter(config).is_vision_language and hasattr(vision_config(config), "image_size"):
         out.update(_vision_flops(config))
     return out
 
@@ -131,17 +131,14 @@ def _layer_costs(config: Any, seq_len: int) -> tuple[list[dict], int]:
         sparse_mlp = hidden * adapter.num_experts(config) + t.num_experts_per_tok * 3 * hidden * moe_inter
         if getattr(t, "shared_expert_intermediate_size", 0):
             sparse_mlp += 3 * hidden * t.shared_expert_intermediate_size + hidden
-    step, dense_only = (
-        getattr(t, "decoder_sparse_step", None) or 1,
-        set(getattr(t, "mlp_only_layers", None) or []),
-    )
+    moe_flags = adapter.moe_layer_flags(config)
     layer_types = getattr(t, "layer_types", None)
     window = (
         getattr(t, "sliding_window", None) if getattr(t, "use_sliding_window", True) is not False else None
     )
     costs, extra = [], extra * layers
     for i in range(layers):
-        sparse = adapter.spec.is_moe and i not in dense_only and (i + 1) % step == 0
+        sparse = moe_flags[i]
         matmul = attn + (sparse_mlp if sparse else dense_mlp)
         extra += 0 if sparse else dense_bias
         w = (
@@ -164,7 +161,7 @@ def _layer_costs(config: Any, seq_len: int) -> tuple[list[dict], int]:
 
 def _vision_flops(config: Any) -> dict:
     """One vision-tower pass (CLIP / SigLIP style) and its image tokens, for a LLaVA-style config."""
-    v, text_hidden = config.vision_config, config.get_text_config().hidden_size
+    v, text_hidden = vision_config(config), config.get_text_config().hidden_size
     hv, patches = v.hidden_size, (v.image_size // v.patch_size) ** 2
     cls = 0 if "siglip" in v.model_type else 1
     tokens = patches + cls

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..adapters import vision_config
 from ..checkpoint import text_tokenizer
 from ..errors import HfPruneError
 from ..recipe import EvaluationTask
@@ -119,7 +120,7 @@ def check_task_fits(name: str, config: Any, model_class: str | None = None) -> N
     model_type = getattr(config, "model_type", "?")
     classes = [model_class] if model_class else list(getattr(config, "architectures", None) or [])
     is_classifier = any(c.endswith("ForSequenceClassification") for c in classes)
-    if spec.model_kind == "vision_language" and getattr(config, "vision_config", None) is None:
+    if spec.model_kind == "vision_language" and vision_config(config) is None:
         raise TaskModelMismatch(
             f"task {name!r} needs a vision-language model; {model_type} has no vision tower"
         )
@@ -138,7 +139,7 @@ def auto_class_for_task(name: str, config: Any) -> Any:
     kind = get_task(name).model_kind
     if kind == "sequence_classification":
         return transformers.AutoModelForSequenceClassification
-    if kind == "vision_language" or getattr(config, "vision_config", None) is not None:
+    if kind == "vision_language" or vision_config(config) is not None:
         return transformers.AutoModelForImageTextToText
     return transformers.AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import count_parameters, get_adapter
+from ..adapters import count_parameters, get_adapter, vision_config
 from ..checkpoint import load_config, load_model, load_preprocessor, resolve_device
 from ..errors import UnsupportedModelError
 from ..recipe import EvaluationTask
@@ -55,7 +55,7 @@ def load_for_task(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
-    vision_language = getattr(config, "vision_config", None) is not None
+    vision_language = vision_config(config) is not None
     return model, load_preprocessor(
         name, vision_language=vision_language, trust_remote_code=trust_remote_code
     )

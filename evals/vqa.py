@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import vision_config
 from ..data import read_records
 from ..errors import DataError
 from .metrics import load_metric
@@ -243,7 +244,7 @@ def _answers(row: dict, where: str) -> list[str]:
 
 def _check_vision_model(model) -> None:
     config = getattr(model, "config", None)
-    if getattr(config, "vision_config", None) is None:
+    if vision_config(config) is None:
         model_type = getattr(config, "model_type", None) or type(model).__name__
         raise ValueError(f"vqa needs a vision-language model; {model_type} has no vision tower")
 

@@ -215,11 +215,8 @@ class ExpertPruningConfig(OneShotMethod):
             for n in counts
         ]
         predicted = copy.deepcopy(model_config)
-        text = adapter.text_config(predicted)
-        if getattr(text, "experts_per_layer", None) is not None:
-            text.experts_per_layer = kept
-        else:  # the stock config's one count: every MoE layer had the same, so keeps the same
-            setattr(text, adapter.spec.num_experts_key, max(kept))
+        # a stock config's one count: every MoE layer had the same, so keeps the same
+        adapter.set_experts_in_config(predicted, kept)
         return predicted
 
     def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
@@ -239,7 +236,7 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
     adapter = context.adapter
     layers = adapter.layers(model)
     moe = moe_layers(model, adapter)
-    before = {i: int(adapter.experts(layers[i]).num_experts) for i in moe}
+    before = {i: adapter.expert_count(layers[i]) for i in moe}
     batches = context.calibration_batches()
     tokens = sum(batch.num_tokens for batch in batches)
     if tokens < max(before.values()):

@@ -159,8 +159,7 @@ def _make_stock(model: nn.Module, adapter: ModelAdapter, count: int) -> None:
         )
     else:
         setattr(adapter.text_config(model.config), adapter.spec.num_experts_key, count)
-    if hasattr(model, "num_experts"):
-        model.num_experts = count  # the causal-LM head's copy (load-balancing loss)
+    adapter.set_head_expert_count(model, count)  # the causal-LM head's copy (load-balancing loss)
 
 
 def _make_nonuniform(model: nn.Module, adapter: ModelAdapter, counts: list[int]) -> None:
@@ -176,7 +175,7 @@ def _make_nonuniform(model: nn.Module, adapter: ModelAdapter, counts: list[int])
         model_class,
         {adapter.spec.num_experts_key: max(counts), "experts_per_layer": counts},
     )
-    model.num_experts = max(counts)
+    adapter.set_head_expert_count(model, max(counts))
 
 
 def _as_int(value: Any, what: str) -> int:

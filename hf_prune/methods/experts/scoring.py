@@ -53,7 +53,7 @@ def moe_layers(model: nn.Module, adapter: ModelAdapter) -> list[int]:
 
 
 def _num_experts(adapter: ModelAdapter, layer: nn.Module) -> int:
-    return int(adapter.experts(layer).num_experts)
+    return adapter.expert_count(layer)
 
 
 def _flat_mask(batch: CalibrationBatch) -> torch.Tensor:

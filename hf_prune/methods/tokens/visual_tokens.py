@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ...adapters import ModelAdapter
+from ...adapters import ModelAdapter, get_adapter, vision_config
 from ...context import PruneContext
 from ...errors import ConfigFieldError, UnsupportedModelError
 from ...model_patches import (
@@ -122,7 +122,7 @@ def token_pruning_classes(model_type: str) -> tuple[type, type]:
 def visual_tokens_per_crop(model_config: Any) -> int | None:
     """Visual tokens of one crop (one image for LLaVA), from the vision tower's grid; None when the count
     depends on the image (Qwen2-VL's native resolution)."""
-    vision = model_config.vision_config
+    vision = vision_config(model_config)
     if not hasattr(vision, "image_size"):
         return None
     tokens = (vision.image_size // vision.patch_size) ** 2
@@ -175,11 +175,11 @@ def attach_clip_text_tower(model: Any, source: str, language_tokenizer: Any) -> 
             "text_tower",
             f"cannot load a CLIP model and its tokenizer from {source!r}: {str(error).splitlines()[0]}",
         ) from None
-    vision = model.config.vision_config
-    if clip.config.vision_config.hidden_size != vision.hidden_size:
+    vision, clip_vision = vision_config(model.config), vision_config(clip.config)
+    if clip_vision.hidden_size != vision.hidden_size:
         raise ConfigFieldError(
             "text_tower",
-            f"its vision width {clip.config.vision_config.hidden_size} does not "
+            f"its vision width {clip_vision.hidden_size} does not "
             f"match the model's vision tower ({vision.hidden_size})",
         )
     if not isinstance(model.config.vision_feature_layer, int):
@@ -190,7 +190,7 @@ def attach_clip_text_tower(model: Any, source: str, language_tokenizer: Any) -> 
         )
     if language_tokenizer is None:
         raise ConfigFieldError("text_tower", "needs the model's tokenizer, to turn the instruction into text")
-    tower = model.model.vision_tower
+    tower = get_adapter(model.config).vision_tower(model)
     try:
         clip_relevance.post_layernorm(tower)
     except ValueError as error:

@@ -1,8 +1,9 @@
-"""Architecture knowledge, in one table keyed by ``model_type``.
+"""The adapter of one model: the architecture table's answers for its ``model_type``.
 
-Methods never hard-code where things live: they ask the adapter for the decoder layers, the MLP output
-projections (dense, every expert, the shared expert), the router, the expert-count key and whether the
-MLP output goes straight into the residual stream.
+Methods and evaluations never hard-code where things live: they ask the adapter for the decoder layers,
+the MLP output projections (dense, every expert, the shared expert), the router, the expert-count key,
+which layers are MoE layers, whether the MLP output goes straight into the residual stream, and for a
+vision-language model the vision tower, the projector, the language model and the image token id.
 """
 
 from __future__ import annotations
@@ -10,122 +11,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """Where things live in one decoder family (paths relative to the decoder layer / its MLP)."""
-
-    mlp_attr: str = "mlp"
-    down_proj_attr: str = "down_proj"
-    experts_attr: str | None = None  # fused experts module inside the MLP (MoE layers only)
-    router_attr: str | None = None
-    shared_expert_attr: str | None = None
-    shared_expert_gate_attr: str | None = None
-    num_experts_key: str | None = None
-    #: Why the MLP output does not enter the residual stream directly (None when it does).
-    mlp_not_on_residual: str | None = None
-    #: Why only visual token pruning applies to this language model (None when every method may).
-    token_pruning_only: str | None = None
-
-    @property
-    def is_moe(self) -> bool:
-        return self.experts_attr is not None
-
-
-_DENSE = ArchitectureSpec()
-_POST_FFN_NORM = (
-    "a post-feed-forward norm sits between the MLP output and the residual add, "
-    "so a linear map cannot be folded into the MLP output projection exactly"
+from ..errors import UnsupportedModelError
+from ..model_patches import nonuniform_moe
+from .table import (
+    TEXT_ARCHITECTURES,
+    VISION_LANGUAGE_ARCHITECTURES,
+    ArchitectureSpec,
+    VisionLanguageSpec,
+    supported_model_types,
 )
-_MOE = dict(experts_attr="experts", router_attr="gate")
-
-#: Decoder-only language models, keyed by ``config.model_type``.
-TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "llama": _DENSE,
-    "mistral": _DENSE,
-    "qwen2": _DENSE,
-    "qwen3": _DENSE,
-    "mixtral": ArchitectureSpec(**_MOE, num_experts_key="num_local_experts"),
-    "qwen2_moe": ArchitectureSpec(
-        **_MOE,
-        num_experts_key="num_experts",
-        shared_expert_attr="shared_expert",
-        shared_expert_gate_attr="shared_expert_gate",
-    ),
-    "qwen3_moe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
-    "olmoe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
-    "gemma2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
-    "gemma3_text": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
-    "olmo2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
-}
-
-# Expert-pruned checkpoints with different expert counts per layer (model_patches/nonuniform_moe.py) and
-# prompt-token-pruned causal LMs (model_patches/prompt_token_pruning.py) keep their family's layout under an
-# hf_prune_ model type.
-TEXT_ARCHITECTURES.update(
-    {
-        f"hf_prune_{family}": TEXT_ARCHITECTURES[family]
-        for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "mistral")
-    }
-)
-
-# Qwen2-VL's language model: visual token pruning only, since calibration forwards through a bare decoder
-# would need its 3-D rotary positions.
-_MROPE = ArchitectureSpec(
-    token_pruning_only=(
-        "its language model takes 3-D rotary positions from the image grid, which calibration forwards do not "
-        "build; only visual token pruning supports it"
-    )
-)
-TEXT_ARCHITECTURES.update({"qwen2_vl_text": _MROPE, "qwen2_5_vl_text": _MROPE})
-
-#: Encoder classifiers (BERT family): text token pruning only (the other methods assume a decoder).
-ENCODER_ARCHITECTURES = (
-    "bert",
-    "roberta",
-    "distilbert",
-    "hf_prune_bert",
-    "hf_prune_roberta",
-    "hf_prune_distilbert",
-)
-_ENCODER = ArchitectureSpec(token_pruning_only="an encoder classifier: only text token pruning supports it")
-TEXT_ARCHITECTURES.update(dict.fromkeys(ENCODER_ARCHITECTURES, _ENCODER))
-
-#: Vision-language wrappers: the language model inside is looked up in TEXT_ARCHITECTURES by its own type.
-VISION_LANGUAGE_ARCHITECTURES = (
-    "llava",
-    "llava_next",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    # visual-token-pruned checkpoints (model_patches/*token_pruning.py)
-    "hf_prune_llava",
-    "hf_prune_llava_next",
-    "hf_prune_qwen2_vl",
-    "hf_prune_qwen2_5_vl",
-)
-
-
-def supported_model_types() -> list[str]:
-    return sorted([*TEXT_ARCHITECTURES, *VISION_LANGUAGE_ARCHITECTURES])
 
 
 @dataclass(frozen=True)
 class ModelAdapter:
-    """The adapter for one model: an ArchitectureSpec plus where its language model sits."""
+    """The adapter for one model: an ArchitectureSpec plus, for a vision-language wrapper, its parts."""
 
     model_type: str
     text_model_type: str
     spec: ArchitectureSpec
     is_vision_language: bool
+    vision: VisionLanguageSpec | None = None
 
     @property
     def is_encoder(self) -> bool:
-        return self.model_type in ENCODER_ARCHITECTURES
+        return self.spec.is_encoder
 
     # ---- config -------------------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
@@ -157,20 +68,48 @@ class ModelAdapter:
             facts["moe_intermediate_size"] = getattr(text, "moe_intermediate_size", None)
             facts["shared_expert"] = self.spec.shared_expert_attr is not None
         if self.is_vision_language:
-            vision = config.vision_config
+            vision = vision_config(config)
             facts["vision_tower"] = (
                 f"{vision.model_type} ({vision.num_hidden_layers} layers, hidden {vision.hidden_size})"
             )
-            facts["image_token_id"] = getattr(config, "image_token_id", None)
+            facts["image_token_id"] = self.image_token_id(config)
         return facts
 
+    def image_token_id(self, config: Any) -> int | None:
+        """The id of the image placeholder token of a vision-language config (None for a language model)."""
+        return getattr(config, self.vision.image_token_key, None) if self.is_vision_language else None
+
     # ---- modules ------------------------------------------------------------------------
+    @staticmethod
+    def _inner(model: nn.Module) -> nn.Module:
+        """The base model under the head (``model.model``), or the model itself when it has no head."""
+        return getattr(model, "model", model)
+
+    def _part(self, model: nn.Module, field: str) -> nn.Module:
+        """The module at the VisionLanguageSpec path ``field`` (a dotted path below ``model.model``)."""
+        if not self.is_vision_language:
+            raise UnsupportedModelError(f"{self.model_type} is not a vision-language model")
+        part = self._inner(model)
+        for name in getattr(self.vision, field).split("."):
+            part = getattr(part, name)
+        return part
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The vision encoder of a vision-language model (LLaVA: a CLIP / SigLIP vision model)."""
+        return self._part(model, "vision_tower")
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        """The module that maps vision features into the language model's embedding space."""
+        return self._part(model, "projector")
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The language model (without its head) inside a vision-language model."""
+        return self._part(model, "language_model")
+
     def decoder(self, model: nn.Module) -> nn.Module:
-        """The module that owns ``layers`` and runs them (LlamaModel and friends)."""
-        inner = getattr(model, "model", model)
-        if self.is_vision_language:
-            inner = inner.language_model
-        if not hasattr(inner, "layers"):
+        """The module that owns the decoder layers and runs them (LlamaModel and friends)."""
+        inner = self.language_model(model) if self.is_vision_language else self._inner(model)
+        if not hasattr(inner, self.spec.layers_attr):
             raise UnsupportedModelError(
                 f"{type(model).__name__}: no decoder layers found where the "
                 f"{self.model_type} adapter expects them"
@@ -178,7 +117,7 @@ class ModelAdapter:
         return inner
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        return self.decoder(model).layers
+        return getattr(self.decoder(model), self.spec.layers_attr)
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.spec.mlp_attr)
@@ -195,18 +134,26 @@ class ModelAdapter:
         return getattr(self.mlp(layer), self.spec.experts_attr)
 
     def router(self, layer: nn.Module) -> nn.Module:
-        """The router of an MoE layer: ``weight`` [E, H]; forward returns (logits, top-k weights, top-k indices)."""
+        """The router of an MoE layer: ``weight`` [E, H]; forward returns (logits, top-k weights, top-k
+        indices)."""
         return getattr(self.mlp(layer), self.spec.router_attr)
+
+    def expert_count(self, layer: nn.Module) -> int:
+        """Routed experts of one MoE layer, as its fused experts module says."""
+        return int(self.experts(layer).num_experts)
+
+    @staticmethod
+    def set_head_expert_count(model: nn.Module, count: int) -> None:
+        """Update the causal-LM head's copy of the expert count (its load-balancing loss reads it)."""
+        if hasattr(model, "num_experts"):
+            model.num_experts = count
 
     def moe_layer_indices(self, model: nn.Module) -> list[int]:
         return [i for i, layer in enumerate(self.layers(model)) if self.is_moe_layer(layer)]
 
     def experts_per_layer(self, model: nn.Module) -> list[int]:
         """Routed experts in each decoder layer (0 for a dense layer)."""
-        return [
-            int(self.experts(layer).num_experts) if self.is_moe_layer(layer) else 0
-            for layer in self.layers(model)
-        ]
+        return [self.expert_count(layer) if self.is_moe_layer(layer) else 0 for layer in self.layers(model)]
 
     def mlp_output_projections(self, layer: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter | None]]:
         """(name, weight, bias) of every projection whose output sums into the layer's MLP output.
@@ -252,7 +199,7 @@ class ModelAdapter:
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = new_idx
-        self.decoder(model).layers = new_layers
+        setattr(self.decoder(model), self.spec.layers_attr, new_layers)
         self.keep_layers_in_config(config, kept_old, moe_flags)
 
     @staticmethod
@@ -264,11 +211,16 @@ class ModelAdapter:
             text_config.layer_types = [text_config.layer_types[i] for i in kept_old]
         if getattr(text_config, "experts_per_layer", None) is not None:  # non-uniform expert counts
             text_config.experts_per_layer = [text_config.experts_per_layer[i] for i in kept_old]
-        if hasattr(text_config, "mlp_only_layers") and hasattr(text_config, "decoder_sparse_step"):
-            # Qwen-MoE decides sparse vs dense from the layer index; rewrite so a reload rebuilds the
-            # same mix of layers after the indices shifted.
-            text_config.mlp_only_layers = [i for i, is_moe in enumerate(moe_flags) if not is_moe]
-            text_config.decoder_sparse_step = 1
+        set_moe_layer_flags(text_config, moe_flags)
+
+    def moe_layer_flags(self, config: Any) -> list[bool]:
+        """Which decoder layers are MoE layers, from the config alone: the rule the stock classes build
+        by (``model_patches/nonuniform_moe.moe_layer_flags``: Qwen-MoE's ``mlp_only_layers`` and
+        ``decoder_sparse_step``, every layer for Mixtral and OLMoE); all False for a dense model."""
+        text = self.text_config(config)
+        if not self.spec.is_moe:
+            return [False] * int(text.num_hidden_layers)
+        return [bool(flag) for flag in nonuniform_moe.moe_layer_flags(text)]
 
     def experts_per_layer_from_config(self, config: Any) -> list[int]:
         """Routed experts in each decoder layer (0 for a dense layer), from the config alone (no weights)."""
@@ -277,15 +229,30 @@ class ModelAdapter:
         if per_layer is not None:
             return [int(n) for n in per_layer]
         experts = self.num_experts(config) or 0
-        num_layers = self.num_layers(config)
-        if hasattr(text, "decoder_sparse_step") and hasattr(text, "mlp_only_layers"):  # Qwen2/3-MoE
-            step = int(text.decoder_sparse_step or 1)
-            dense = set(text.mlp_only_layers or [])
-            return [
-                experts if i not in dense and experts > 0 and (i + 1) % step == 0 else 0
-                for i in range(num_layers)
-            ]
-        return [experts] * num_layers
+        return [experts if is_moe else 0 for is_moe in self.moe_layer_flags(config)]
+
+    def set_experts_in_config(self, config: Any, counts: list[int]) -> None:
+        """Write routed-expert counts per decoder layer (0 for a dense layer) into a config in place: the
+        per-layer ``experts_per_layer`` when the config has one (``hf_prune_<family>``), else the family's
+        one count key (the counts must then be the same in every MoE layer)."""
+        text = self.text_config(config)
+        if getattr(text, "experts_per_layer", None) is not None:
+            text.experts_per_layer = counts
+        else:
+            setattr(text, self.spec.num_experts_key, max(counts))
+
+
+def set_moe_layer_flags(text_config: Any, moe_flags: list[bool]) -> None:
+    """Make a Qwen-MoE config build MoE layers exactly where ``moe_flags`` says (after layers were removed,
+    the index rule would rebuild a different mix); other configs have no such rule and stay as they are."""
+    if hasattr(text_config, "mlp_only_layers") and hasattr(text_config, "decoder_sparse_step"):
+        text_config.mlp_only_layers = [i for i, is_moe in enumerate(moe_flags) if not is_moe]
+        text_config.decoder_sparse_step = 1
+
+
+def vision_config(config: Any) -> Any:
+    """The vision sub-config of any transformers config (supported or not); None for a language model."""
+    return getattr(config, "vision_config", None)
 
 
 def get_adapter(config: Any) -> ModelAdapter:
@@ -298,7 +265,8 @@ def get_adapter(config: Any) -> ModelAdapter:
                 f"{model_type}: its language model type {text_type!r} is not supported "
                 f"(supported language models: {', '.join(sorted(TEXT_ARCHITECTURES))})"
             )
-        return ModelAdapter(model_type, text_type, TEXT_ARCHITECTURES[text_type], True)
+        vision = VISION_LANGUAGE_ARCHITECTURES[model_type]
+        return ModelAdapter(model_type, text_type, TEXT_ARCHITECTURES[text_type], True, vision)
     if model_type not in TEXT_ARCHITECTURES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})"
@@ -315,29 +283,3 @@ def auto_model_class(adapter: ModelAdapter) -> Any:
     if adapter.is_encoder:
         return transformers.AutoModelForSequenceClassification
     return transformers.AutoModelForCausalLM
-
-
-def max_positions(model: Any) -> int | None:
-    """``max_position_embeddings`` of a model's (text) config, or None when the config does not say."""
-    config = getattr(model, "config", None)
-    candidates = [config.get_text_config()] if hasattr(config, "get_text_config") else []
-    for candidate in [*candidates, config]:
-        value = getattr(candidate, "max_position_embeddings", None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -1,0 +1,154 @@
+"""The architecture table: where things live in each ``model_type``, and nothing else.
+
+Adding an architecture is one entry here (the language model's layout in ``TEXT_ARCHITECTURES``, a
+vision-language wrapper's parts in ``VISION_LANGUAGE_ARCHITECTURES``). The ``hf_prune_<family>`` types of
+the checkpoints that ``model_patches/`` writes are not listed by hand: each model_patches module's
+``FAMILIES`` table names the stock families it patches, and the patched type gets its stock family's entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..model_patches import (
+    nonuniform_moe,
+    prompt_token_pruning,
+    qwen2_vl_token_pruning,
+    text_token_pruning,
+    visual_token_pruning,
+)
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Where things live in one decoder family (paths relative to the decoder layer / its MLP)."""
+
+    layers_attr: str = "layers"  # the decoder's ModuleList of layers
+    mlp_attr: str = "mlp"
+    down_proj_attr: str = "down_proj"
+    experts_attr: str | None = None  # fused experts module inside the MLP (MoE layers only)
+    router_attr: str | None = None
+    shared_expert_attr: str | None = None
+    shared_expert_gate_attr: str | None = None
+    num_experts_key: str | None = None
+    #: Why the MLP output does not enter the residual stream directly (None when it does).
+    mlp_not_on_residual: str | None = None
+    #: Why only visual token pruning applies to this language model (None when every method may).
+    token_pruning_only: str | None = None
+    #: An encoder classifier (BERT family) rather than a decoder-only language model.
+    is_encoder: bool = False
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts_attr is not None
+
+
+@dataclass(frozen=True)
+class VisionLanguageSpec:
+    """Where the parts of a vision-language wrapper live: dotted paths below its inner model
+    (``model.model``), and the config key of the image placeholder token."""
+
+    vision_tower: str = "vision_tower"
+    projector: str = "multi_modal_projector"
+    language_model: str = "language_model"
+    image_token_key: str = "image_token_id"
+
+
+_DENSE = ArchitectureSpec()
+_POST_FFN_NORM = (
+    "a post-feed-forward norm sits between the MLP output and the residual add, "
+    "so a linear map cannot be folded into the MLP output projection exactly"
+)
+_MOE = dict(experts_attr="experts", router_attr="gate")
+# Qwen2-VL's language model: visual token pruning only, since calibration forwards through a bare decoder
+# would need its 3-D rotary positions.
+_MROPE = ArchitectureSpec(
+    token_pruning_only=(
+        "its language model takes 3-D rotary positions from the image grid, which calibration forwards "
+        "do not build; only visual token pruning supports it"
+    )
+)
+#: Encoder classifiers (BERT family): text token pruning only (the other methods assume a decoder).
+_ENCODER = ArchitectureSpec(
+    token_pruning_only="an encoder classifier: only text token pruning supports it", is_encoder=True
+)
+
+#: Language models (decoder-only, and the encoder classifiers), keyed by ``config.model_type``.
+TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": _DENSE,
+    "mistral": _DENSE,
+    "qwen2": _DENSE,
+    "qwen3": _DENSE,
+    "mixtral": ArchitectureSpec(**_MOE, num_experts_key="num_local_experts"),
+    "qwen2_moe": ArchitectureSpec(
+        **_MOE,
+        num_experts_key="num_experts",
+        shared_expert_attr="shared_expert",
+        shared_expert_gate_attr="shared_expert_gate",
+    ),
+    "qwen3_moe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
+    "olmoe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
+    "gemma2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
+    "gemma3_text": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
+    "olmo2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
+    "qwen2_vl_text": _MROPE,
+    "qwen2_5_vl_text": _MROPE,
+    "bert": _ENCODER,
+    "roberta": _ENCODER,
+    "distilbert": _ENCODER,
+}
+
+_LLAVA = VisionLanguageSpec()
+_QWEN_VL = VisionLanguageSpec(vision_tower="visual", projector="visual.merger")
+
+#: Vision-language wrappers: the language model inside is looked up in TEXT_ARCHITECTURES by its own type.
+VISION_LANGUAGE_ARCHITECTURES: dict[str, VisionLanguageSpec] = {
+    "llava": _LLAVA,
+    "llava_next": _LLAVA,
+    "qwen2_vl": _QWEN_VL,
+    "qwen2_5_vl": _QWEN_VL,
+}
+
+# ---- the hf_prune_<family> types, derived from model_patches ------------------------------------------
+
+#: Prefix of the model types that model_patches/ registers (DESIGN.md §5).
+PATCHED_PREFIX = "hf_prune_"
+
+#: The model_patches modules whose checkpoints get their own ``hf_prune_<family>`` model type; each has a
+#: ``FAMILIES`` table keyed by stock family (model_type).
+PATCH_MODULES = (
+    nonuniform_moe,  # different expert counts per layer
+    prompt_token_pruning,  # prompt-pruned causal LMs
+    text_token_pruning,  # token-pruned encoder classifiers
+    visual_token_pruning,  # LLaVA / LLaVA-NeXT visual token pruning
+    qwen2_vl_token_pruning,  # Qwen2-VL / Qwen2.5-VL visual token pruning
+)
+
+
+def patched_families() -> dict[str, str]:
+    """``hf_prune_<family>`` → its stock family, for every family of every model_patches table."""
+    return {PATCHED_PREFIX + family: family for module in PATCH_MODULES for family in module.FAMILIES}
+
+
+def _add_patched_types() -> None:
+    """A patched type keeps its stock family's layout, so it gets the stock family's entry."""
+    for patched, family in patched_families().items():
+        for table in (TEXT_ARCHITECTURES, VISION_LANGUAGE_ARCHITECTURES):
+            if family in table:
+                table[patched] = table[family]
+                break
+        else:
+            raise RuntimeError(
+                f"model_patches patches {family!r}, which has no entry in the architecture table "
+                "(hf_prune/adapters/table.py): add one"
+            )
+
+
+_add_patched_types()
+
+#: Every encoder classifier type, stock and patched.
+ENCODER_ARCHITECTURES = tuple(name for name, spec in TEXT_ARCHITECTURES.items() if spec.is_encoder)
+
+
+def supported_model_types() -> list[str]:
+    return sorted([*TEXT_ARCHITECTURES, *VISION_LANGUAGE_ARCHITECTURES])
