@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_bad_input import tiny_llama_folder
+from tiny_models import tiny_llama_folder
 from transformers import AutoModelForCausalLM
 
 import hf_prune

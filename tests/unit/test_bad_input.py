@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import shared_asset
+from tiny_models import tiny_llama_folder
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import hf_prune
@@ -81,20 +82,6 @@ def test_calibration_field_missing(tmp_path):
     recipe["calibration"].update(data=str(data))
     with pytest.raises(DataError, match="no text field 'text'.*fields: body"):
         hf_prune.prune(recipe, progress=False)
-
-
-def tiny_llama_folder(path):
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def test_output_inside_or_equal_to_source_is_refused(tmp_path, no_model_loading):
