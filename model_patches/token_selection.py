@@ -119,3 +119,24 @@ def pool_grid(features: torch.Tensor, grid: tuple[int, int], count: int) -> torc
 def square_grid(num_tokens: int) -> tuple[int, int]:
     side = math.isqrt(num_tokens)
     return (side, side) if side * side == num_tokens else (1, num_tokens)
+
+
+def image_runs(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """(row, positions) of each image's placeholder block, images in row-major order."""
+    flat = torch.nonzero(image_mask.reshape(-1)).squeeze(1)
+    if flat.numel() != sum(counts):
+        raise ValueError(
+            f"the input has {flat.numel()} image tokens but the images give {sum(counts)} features "
+            f"({len(counts)} images): each image needs exactly one image placeholder in the text, "
+            "expanded by the processor"
+        )
+    width = image_mask.shape[1]
+    runs, start = [], 0
+    for count in counts:
+        positions = flat[start : start + count]
+        start += count
+        row = int(positions[0]) // width
+        if int(positions[-1]) // width != row:
+            raise ValueError("an image's placeholder tokens span two rows of the batch")
+        runs.append((row, positions - row * width))
+    return runs
