@@ -15,8 +15,10 @@ these classes, so the fused tensors load as they are and a checkpoint whose shap
 The classes, written out at the end of this file (``auto_map`` names them here): ``HfPruneMixtralConfig``
 / ``HfPruneMixtralForCausalLM`` (``hf_prune_mixtral``), ``HfPruneQwen2Moe*``, ``HfPruneQwen3Moe*`` and
 ``HfPruneOlmoe*``: the stock classes with ``NonuniformExpertsConfigMixin`` / ``NonuniformExpertsMixin`` in
-front. Each config class names its expert-count key (``expert_count_key``), each model class the stock
-load-balancing loss of its family (``load_balancing_loss``).
+front. Each config class names its expert-count key (``expert_count_key``) and its stock config class
+(``stock_config_class``), each model class the stock load-balancing loss of its family
+(``load_balancing_loss``) and its stock class (``stock_class``); ``stock_classes(model_type)`` gives both
+stock classes.
 
 This file imports only torch, transformers and the standard library (no sibling file): ``save_pretrained``
 copies it alone next to the weights as remote code, so
@@ -100,6 +102,8 @@ class NonuniformExpertsConfigMixin:
 
     #: The stock config's expert-count key (``num_local_experts`` or ``num_experts``); set by each class.
     expert_count_key: str
+    #: The stock config class it extends; set by each class.
+    stock_config_class: type
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -133,6 +137,8 @@ class NonuniformExpertsMixin:
     for it)."""
 
     load_balancing_loss: staticmethod
+    #: The stock causal-LM class it extends (the class a model goes back to when its counts are uniform).
+    stock_class: type
 
     def __init__(self, config):
         super().__init__(config)
@@ -184,44 +190,52 @@ class HfPruneMixtralConfig(NonuniformExpertsConfigMixin, MixtralConfig):
     model_type = "hf_prune_mixtral"
     expert_count_key = "num_local_experts"
     experts_per_layer: list[int] | None = None
+    stock_config_class = MixtralConfig
 
 
 class HfPruneMixtralForCausalLM(NonuniformExpertsMixin, MixtralForCausalLM):
     config_class = HfPruneMixtralConfig
     load_balancing_loss = staticmethod(mixtral_balancing_loss)
+    stock_class = MixtralForCausalLM
 
 
 class HfPruneQwen2MoeConfig(NonuniformExpertsConfigMixin, Qwen2MoeConfig):
     model_type = "hf_prune_qwen2_moe"
     expert_count_key = "num_experts"
     experts_per_layer: list[int] | None = None
+    stock_config_class = Qwen2MoeConfig
 
 
 class HfPruneQwen2MoeForCausalLM(NonuniformExpertsMixin, Qwen2MoeForCausalLM):
     config_class = HfPruneQwen2MoeConfig
     load_balancing_loss = staticmethod(qwen2_moe_balancing_loss)
+    stock_class = Qwen2MoeForCausalLM
 
 
 class HfPruneQwen3MoeConfig(NonuniformExpertsConfigMixin, Qwen3MoeConfig):
     model_type = "hf_prune_qwen3_moe"
     expert_count_key = "num_experts"
     experts_per_layer: list[int] | None = None
+    stock_config_class = Qwen3MoeConfig
 
 
 class HfPruneQwen3MoeForCausalLM(NonuniformExpertsMixin, Qwen3MoeForCausalLM):
     config_class = HfPruneQwen3MoeConfig
     load_balancing_loss = staticmethod(qwen3_moe_balancing_loss)
+    stock_class = Qwen3MoeForCausalLM
 
 
 class HfPruneOlmoeConfig(NonuniformExpertsConfigMixin, OlmoeConfig):
     model_type = "hf_prune_olmoe"
     expert_count_key = "num_experts"
     experts_per_layer: list[int] | None = None
+    stock_config_class = OlmoeConfig
 
 
 class HfPruneOlmoeForCausalLM(NonuniformExpertsMixin, OlmoeForCausalLM):
     config_class = HfPruneOlmoeConfig
     load_balancing_loss = staticmethod(olmoe_balancing_loss)
+    stock_class = OlmoeForCausalLM
 
 
 def _register(config_class, model_class) -> None:
@@ -267,6 +281,18 @@ def stock_family(model_type: str):
     """The stock family (``mixtral``…) of a stock or ``hf_prune_`` model type, or None."""
     family = model_type[len(PREFIX) :] if model_type.startswith(PREFIX) else model_type
     return family if family in FAMILIES else None
+
+
+def stock_classes(model_type: str):
+    """(stock config class, stock causal-LM class) for a stock or ``hf_prune_`` model type of a supported
+    family: the classes a model goes back to when every MoE layer keeps the same count again."""
+    family = stock_family(model_type)
+    if family is None:
+        raise ValueError(
+            f"no stock MoE classes for model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})"
+        )
+    config_class, model_class = CLASSES[family]
+    return config_class.stock_config_class, model_class.stock_class
 
 
 def nonuniform_classes(model_type: str):
