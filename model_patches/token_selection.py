@@ -1,11 +1,15 @@
 """Choosing which visual tokens to keep: the settings and the selection algorithms, as pure tensor functions.
 
-Shared by the token-pruning modeling files (``visual_token_pruning.py`` for LLaVA / LLaVA-NeXT,
-``qwen2_vl_token_pruning.py`` for Qwen2-VL) and copied next to their checkpoints with them; imports only torch.
+Shared by the visual token-pruning files (``visual_pruning_mixin.py`` and ``visual_token_scoring.py``, the
+model side of ``visual_token_pruning.py`` for LLaVA / LLaVA-NeXT and ``qwen2_vl_token_pruning.py`` for
+Qwen2-VL) and copied next to their checkpoints with them; imports only torch (and ``patch_classes.py``).
 
+- ``check_settings`` (``DEFAULTS``, ``ALGORITHMS``): the ``token_pruning`` dict; ``kept_count``: the kept
+  tokens of one group;
 - ``cosine_similarity_matrix`` + ``instruction_relevance`` + ``dpp_greedy_map``: CDPruner's kernel
   L = diag(r)·S·diag(r) and the fast greedy MAP inference of Chen, Zhang & Zhou (2018);
-- ``pool_grid``: spatial average pooling of a token grid down to a budget.
+- ``pool_grid`` / ``square_grid``: spatial average pooling of a token grid down to a budget;
+- ``image_runs``: where each image's placeholder tokens sit in a batch.
 """
 
 import math
