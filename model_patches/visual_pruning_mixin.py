@@ -127,9 +127,10 @@ class VisualTokenPruningMixin(VisualTokenScoring, ClipTextTowerRelevance, Native
         """Cut the visual tokens of a batch; None when nothing is to be cut.
 
         ``relevance_features``: each image's tokens in CLIP space (from ``_image_features``), needed with a
-        CLIP text tower. ``kwargs``: the family's vision and sequence keyword arguments (``image_sizes``, ``image_grid_thw``,
-        ``mm_token_type_ids``...). Returns ``input_ids``, ``attention_mask``, ``labels``, ``position_ids`` (the
-        given or the family's own, cut; None for LLaVA without given ones), the cut ``SEQUENCE_KWARGS``,
+        CLIP text tower. ``kwargs``: the family's vision and sequence keyword arguments (``image_sizes``,
+        ``image_grid_thw``, ``mm_token_type_ids``...). Returns ``input_ids``, ``attention_mask``, ``labels``,
+        ``position_ids`` (the given or the family's own, cut; None for LLaVA without given ones), the cut
+        ``SEQUENCE_KWARGS``,
         ``features`` (the kept features per image), ``keep`` ([B, L] bool over the input) and ``kept_tokens``.
         """
         settings = self._settings()

@@ -28,7 +28,8 @@ class _StopScoring(Exception):
 
 
 class VisualTokenScoring:
-    """The scoring half of ``VisualTokenPruningMixin``: settings, instructions, FastV attention, the choice."""
+    """The scoring half of ``VisualTokenPruningMixin``: settings, instructions, FastV attention, the
+    choice."""
 
     def _settings(self) -> dict:
         return check_settings(self.config.token_pruning or {})
@@ -37,7 +38,8 @@ class VisualTokenScoring:
         return self.has_clip_text_tower() and self._settings()["algorithm"] == "cdpruner"
 
     def _instruction_ids(self, input_ids, attention_mask, image_mask, runs, instruction_ids) -> list:
-        """Instruction token ids per image: the override's row, or the row's text after the image up to the next one."""
+        """Instruction token ids per image: the override's row, or the row's text after the image up to the
+        next one."""
         pad = self.config.get_text_config().pad_token_id
         if instruction_ids is not None:
             rows = (
@@ -98,7 +100,8 @@ class VisualTokenScoring:
         return [clip_text_embeddings(self.relevance_text_tower, tokenizers["clip"], text) for text in texts]
 
     def _fastv_received(self, input_ids, attention_mask, features, layer, position_ids=None) -> torch.Tensor:
-        """[B, L] attention each position receives at decoder layer ``layer`` (mean over heads and real queries)."""
+        """[B, L] attention each position receives at decoder layer ``layer`` (mean over heads and real
+        queries)."""
         language_model = self.model.language_model
         if layer >= len(language_model.layers):
             raise ValueError(

@@ -50,8 +50,8 @@ CASES = [(module, family) for module in MODELING_MODULES for family in module.FA
 
 
 def relative_imports(path: Path) -> set[str]:
-    """File names of the sibling modules ``path`` imports relatively (``from .x import y``, ``from . import x``),
-    anywhere in the file."""
+    """File names of the sibling modules ``path`` imports relatively (``from .x import y``,
+    ``from . import x``), anywhere in the file."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
