@@ -1,5 +1,17 @@
-"""What every token-pruning modeling file needs: settings checks, config classes, Auto registration,
-native-layout saving and cutting kept tokens out of a batch.
+"""What every token-pruning modeling file shares: the settings check, Auto registration, native-layout
+saving and cutting kept tokens out of a batch.
+
+Public helpers, all imported by name by the modeling files (``prompt_token_pruning.py``,
+``text_token_pruning.py``, ``visual_pruning_mixin.py`` and the visual / Qwen2-VL files through it, and
+``token_selection.py``):
+
+- ``PREFIX``: the ``model_type`` prefix of every hf_prune class (``hf_prune_<family>``);
+- ``settings_with_defaults``: a ``token_pruning`` dict over the file's defaults, unknown keys refused;
+- ``register_auto_classes``: one (config class, model class) pair registered with ``AutoConfig``, an Auto
+  model class and ``auto_map`` export (each modeling file calls it for every class pair it defines);
+- ``NativeLayoutSaving``: a mixin that saves the native weight layout;
+- ``cut_rows`` and ``with_callers_prompt``: cutting kept tokens out of a batch, and giving ``generate``'s
+  output back the caller's prompt.
 
 Imports only torch and transformers; ``save_pretrained`` copies it next to the weights with the modeling
 file that imports it.
@@ -18,57 +30,6 @@ def settings_with_defaults(settings, defaults: dict) -> dict:
     if unknown:
         raise ValueError(f"token_pruning.{unknown[0]}: unknown key (allowed: {', '.join(defaults)})")
     return {**defaults, **settings}
-
-
-def build_classes(
-    family: str, config_name: str, model_name: str, mixin, check, suffix: str, module: str
-) -> tuple:
-    """(config class, model class) of ``hf_prune_<family>``: the stock ``config_name`` plus a ``token_pruning``
-    dict checked by ``check(settings, config)``, and ``mixin(stock model_name class)``, named
-    ``HfPrune<Stock>Config`` / ``HfPrune<Stock><suffix>`` in ``module`` (where remote code looks them up)."""
-    import transformers
-
-    config_class = make_config_class(getattr(transformers, config_name), family, check)
-    model_class = mixin(getattr(transformers, model_name))
-    model_class.config_class = config_class
-    prefix = "HfPrune" + config_name[: -len("Config")]
-    name_classes({config_class: prefix + "Config", model_class: prefix + suffix}, module)
-    return config_class, model_class
-
-
-def build_and_register(families, build, namespace: dict, auto_model: str) -> dict:
-    """{family: build(family)} for every family, each class published in the module ``namespace`` and
-    registered with AutoConfig and ``auto_model``."""
-    classes = {}
-    for family in families:
-        built = classes[family] = build(family)
-        for cls in built:
-            namespace[cls.__name__] = cls
-        register_auto_classes(*built, auto_model)
-    return classes
-
-
-def make_config_class(stock_config: type, family: str, check) -> type:
-    """``stock_config`` plus a ``token_pruning`` dict, validated by ``check(settings, config)``, under the
-    ``hf_prune_<family>`` model type."""
-
-    class Config(stock_config):
-        model_type = PREFIX + family
-        token_pruning: dict | None = None
-
-        def __post_init__(self, **kwargs):
-            super().__post_init__(**kwargs)
-            if self.token_pruning is not None:
-                self.token_pruning = check(self.token_pruning, self)
-
-    return Config
-
-
-def name_classes(classes: dict, module: str) -> None:
-    """Give each class its public name, in ``module`` (where remote code looks it up)."""
-    for cls, name in classes.items():
-        cls.__name__ = cls.__qualname__ = name
-        cls.__module__ = module
 
 
 def register_auto_classes(config_class: type, model_class: type, auto_model: str) -> None:

@@ -28,18 +28,31 @@ by the new tokens. Sliding windows count the entries a layer holds (kept tokens 
 A prefill ``forward`` returns the logits of the kept tokens (``labels`` cut alike, so the loss predicts
 the next kept token) and their mask over the input as ``kept_tokens``.
 
-Imports only torch and transformers: ``save_pretrained`` copies this file (and its sibling files) next to
-the weights as remote code.
+The classes, written out at the end of this file (``auto_map`` names them here): ``HfPruneLlamaConfig`` /
+``HfPruneLlamaForCausalLM`` (``hf_prune_llama``), ``HfPruneQwen2*`` and ``HfPruneMistral*``: the stock
+classes with ``PromptTokenPruningConfigMixin`` / ``PromptTokenPruningMixin`` in front. The mixin's
+``forward`` has the stock causal-LM parameters, so ``generate`` sees the stock signature.
+
+Imports only torch and transformers: ``save_pretrained`` copies this file and the sibling files it imports
+(``prompt_prefill.py``, ``prompt_retainer.py``, ``patch_classes.py``) next to the weights as remote code.
 """
 
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from .patch_classes import NativeLayoutSaving, build_and_register, build_classes, settings_with_defaults
+from .patch_classes import NativeLayoutSaving, register_auto_classes, settings_with_defaults
 from .prompt_prefill import (
     PrunedPrompt,
     attention_received,
@@ -123,170 +136,178 @@ class PrunedCausalLMOutput(CausalLMOutputWithPast):
     kept_tokens: torch.Tensor | None = None
 
 
-def _mixin(stock_model):
-    class PromptTokenPruning(NativeLayoutSaving, stock_model):
-        def __init__(self, config):
-            super().__init__(config)
-            settings = check_settings(config.token_pruning or {}, config.num_hidden_layers)
-            if settings["algorithm"] in LEARNED:
-                self.retainer = new_retainer(config, settings)
-                self.post_init()
+class PromptTokenPruningConfigMixin:
+    """Mixed in before a stock causal-LM config class: its ``token_pruning`` dict (a field the config class
+    declares) is checked against the layer count, defaults filled in, when the config is built."""
 
-        @property
-        def settings(self) -> dict:
-            return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.token_pruning is not None:
+            self.token_pruning = check_settings(self.token_pruning, self.num_hidden_layers)
 
-        def forward(
-            self,
-            input_ids=None,
-            attention_mask=None,
-            position_ids=None,
-            cache=None,
-            inputs_embeds=None,
-            labels=None,
-            use_cache=None,
-            logits_to_keep=0,
-            **kwargs,
-        ):
-            cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-            cached = cache.get_seq_length() if cache is not None else 0
-            if input_ids is not None and inputs_embeds is None and cached == 0:
-                return self._pruned_prefill(
-                    input_ids,
-                    attention_mask,
-                    position_ids,
-                    cache,
-                    labels,
-                    use_cache,
-                    logits_to_keep,
-                    **kwargs,
-                )
-            state = getattr(cache, "pruned_prompt", None)
-            if state is not None and cached > 0:
-                new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-                attention_mask, position_ids = state.decode_inputs(cached, new, attention_mask, position_ids)
-            return super().forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
+
+class PromptTokenPruningMixin(NativeLayoutSaving):
+    """Mixed in before a stock causal LM: a prefill that drops prompt tokens at ``layer``, decoding that
+    lines up with the pruned cache, and (``adtp`` / ``fixed``) a ``retainer``."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        settings = check_settings(config.token_pruning or {}, config.num_hidden_layers)
+        if settings["algorithm"] in LEARNED:
+            self.retainer = new_retainer(config, settings)
+            self.post_init()
+
+    @property
+    def settings(self) -> dict:
+        return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        cached = cache.get_seq_length() if cache is not None else 0
+        if input_ids is not None and inputs_embeds is None and cached == 0:
+            return self._pruned_prefill(
+                input_ids,
+                attention_mask,
+                position_ids,
+                cache,
+                labels,
+                use_cache,
+                logits_to_keep,
                 **kwargs,
             )
-
-        def generate(self, *args, **kwargs):
-            # The pruned prompt lives in the cache: without one, every step would prune its whole input anew.
-            kwargs["use_cache"] = True
-            return super().generate(*args, **kwargs)
-
-        def _layers_before_the_cut(self, hidden, mask, positions, cache, use_cache) -> tuple:
-            """Layers 0..layer-1 on every prompt token, caching them in ``cache``; (hidden states, the attention
-            each token receives at layer - 1 if the algorithm is ``attention``, else None)."""
-            split, decoder, scores, captured = self.settings["layer"], self.model, None, {}
-            scoring = split - 1 if self.settings["algorithm"] == "attention" else None
-            masks = layer_masks(self.config, hidden, mask, positions, range(split), eager_layer=scoring)
-            inputs = {
-                "position_embeddings": decoder.rotary_emb(hidden, positions),
-                "position_ids": positions,
-                "cache": cache,
-                "use_cache": use_cache,
-            }
-            for index in range(split):
-                layer = decoder.layers[index]
-                if index != scoring:
-                    hidden = layer(hidden, attention_mask=masks[index], **inputs)
-                    continue
-                # That layer alone runs eager attention, the one that returns its weights.
-                hook = layer.self_attn.register_forward_hook(
-                    lambda module, args, output: captured.update(w=output[1])
-                )
-                previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
-                try:
-                    hidden = layer(hidden, attention_mask=masks[index], **inputs)
-                finally:
-                    self.config._attn_implementation = previous
-                    hook.remove()
-                scores = attention_received(captured["w"], mask)
-            return hidden, scores
-
-        def _pruned_prefill(
-            self,
-            input_ids,
-            attention_mask,
-            position_ids,
-            cache,
-            labels,
-            use_cache,
-            logits_to_keep,
-            return_dict=True,
+        state = getattr(cache, "pruned_prompt", None)
+        if state is not None and cached > 0:
+            new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            attention_mask, position_ids = state.decode_inputs(cached, new, attention_mask, position_ids)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
             **kwargs,
-        ):
-            if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-                raise ValueError(
-                    "a prompt-pruning prefill returns no attentions or hidden states (the layers "
-                    "see different tokens)"
-                )
-            kwargs = {
-                k: v for k, v in kwargs.items() if k not in ("output_attentions", "output_hidden_states")
-            }
-            settings, config, decoder = self.settings, self.config, self.model
-            split, layers = settings["layer"], decoder.layers[: config.num_hidden_layers]
-            batch, length = input_ids.shape
-            mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
-            if position_ids is None:  # the stock numbering of a prompt on an empty cache
-                position_ids = torch.arange(length, device=input_ids.device)
-            positions = position_ids.expand(batch, length)
-            use_cache = config.use_cache if use_cache is None else use_cache
-            if use_cache and cache is None:
-                cache = DynamicCache(config=config)
-            # The layers before the cut cache every prompt token here first; the kept ones move on to `cache`.
-            full_cache = DynamicCache() if cache is not None and split > 0 else None
-            hidden, scores = self._layers_before_the_cut(
-                decoder.embed_tokens(input_ids), mask, positions, full_cache, use_cache
-            )
-            ratio = settings["keep_ratio"]
-            if settings["algorithm"] in LEARNED:
-                scores, ratio_logits = self.retainer(hidden, mask)
-                ratio = chosen_ratios(settings, ratio_logits)
-            elif scores is None:
-                scores = seeded_scores(mask, settings["seed"])
-            keep = kept_tokens(scores.detach(), mask, ratio)
-            order = left_packed_order(keep)
-            kept_mask, kept_positions = keep.gather(1, order), positions.gather(1, order)
-            hidden = gather_tokens(hidden, order)
-            if full_cache is not None:
-                for index in range(split):
-                    entries = full_cache.layers[index]
-                    cache.update(
-                        gather_tokens(entries.keys, order, 2), gather_tokens(entries.values, order, 2), index
-                    )
-            masks = layer_masks(config, hidden, kept_mask, kept_positions, range(split, len(layers)))
-            inputs = {
-                "position_embeddings": decoder.rotary_emb(hidden, kept_positions),
-                "position_ids": kept_positions,
-                "cache": cache,
-                "use_cache": use_cache,
-            }
-            for index in range(split, len(layers)):
-                hidden = layers[index](hidden, attention_mask=masks[index], **inputs)
-            hidden = decoder.norm(hidden)
-            logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
-            loss = None
-            if labels is not None:
-                kept_labels = labels.gather(1, order).masked_fill(~kept_mask, -100)
-                loss = self.loss_function(
-                    logits=logits, labels=kept_labels, vocab_size=config.vocab_size, **kwargs
-                )
-            if cache is not None:
-                next_position = positions.masked_fill(~mask, -1).amax(1) + 1
-                cache.pruned_prompt = PrunedPrompt(kept_mask.long(), length, next_position)
-            out = PrunedCausalLMOutput(loss=loss, logits=logits, cache=cache, kept_tokens=keep)
-            return out if return_dict is not False else out.to_tuple()
+        )
 
-    return PromptTokenPruning
+    def generate(self, *args, **kwargs):
+        # The pruned prompt lives in the cache: without one, every step would prune its whole input anew.
+        kwargs["use_cache"] = True
+        return super().generate(*args, **kwargs)
+
+    def _layers_before_the_cut(self, hidden, mask, positions, cache, use_cache) -> tuple:
+        """Layers 0..layer-1 on every prompt token, caching them in ``cache``; (hidden states, the attention
+        each token receives at layer - 1 if the algorithm is ``attention``, else None)."""
+        split, decoder, scores, captured = self.settings["layer"], self.model, None, {}
+        scoring = split - 1 if self.settings["algorithm"] == "attention" else None
+        masks = layer_masks(self.config, hidden, mask, positions, range(split), eager_layer=scoring)
+        inputs = {
+            "position_embeddings": decoder.rotary_emb(hidden, positions),
+            "position_ids": positions,
+            "cache": cache,
+            "use_cache": use_cache,
+        }
+        for index in range(split):
+            layer = decoder.layers[index]
+            if index != scoring:
+                hidden = layer(hidden, attention_mask=masks[index], **inputs)
+                continue
+            # That layer alone runs eager attention, the one that returns its weights.
+            hook = layer.self_attn.register_forward_hook(
+                lambda module, args, output: captured.update(w=output[1])
+            )
+            previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
+            try:
+                hidden = layer(hidden, attention_mask=masks[index], **inputs)
+            finally:
+                self.config._attn_implementation = previous
+                hook.remove()
+            scores = attention_received(captured["w"], mask)
+        return hidden, scores
+
+    def _pruned_prefill(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        cache,
+        labels,
+        use_cache,
+        logits_to_keep,
+        return_dict=True,
+        **kwargs,
+    ):
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise ValueError(
+                "a prompt-pruning prefill returns no attentions or hidden states (the layers "
+                "see different tokens)"
+            )
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "output_hidden_states")}
+        settings, config, decoder = self.settings, self.config, self.model
+        split, layers = settings["layer"], decoder.layers[: config.num_hidden_layers]
+        batch, length = input_ids.shape
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
+        if position_ids is None:  # the stock numbering of a prompt on an empty cache
+            position_ids = torch.arange(length, device=input_ids.device)
+        positions = position_ids.expand(batch, length)
+        use_cache = config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        # The layers before the cut cache every prompt token here first; the kept ones move on to `cache`.
+        full_cache = DynamicCache() if cache is not None and split > 0 else None
+        hidden, scores = self._layers_before_the_cut(
+            decoder.embed_tokens(input_ids), mask, positions, full_cache, use_cache
+        )
+        ratio = settings["keep_ratio"]
+        if settings["algorithm"] in LEARNED:
+            scores, ratio_logits = self.retainer(hidden, mask)
+            ratio = chosen_ratios(settings, ratio_logits)
+        elif scores is None:
+            scores = seeded_scores(mask, settings["seed"])
+        keep = kept_tokens(scores.detach(), mask, ratio)
+        order = left_packed_order(keep)
+        kept_mask, kept_positions = keep.gather(1, order), positions.gather(1, order)
+        hidden = gather_tokens(hidden, order)
+        if full_cache is not None:
+            for index in range(split):
+                entries = full_cache.layers[index]
+                cache.update(
+                    gather_tokens(entries.keys, order, 2), gather_tokens(entries.values, order, 2), index
+                )
+        masks = layer_masks(config, hidden, kept_mask, kept_positions, range(split, len(layers)))
+        inputs = {
+            "position_embeddings": decoder.rotary_emb(hidden, kept_positions),
+            "position_ids": kept_positions,
+            "cache": cache,
+            "use_cache": use_cache,
+        }
+        for index in range(split, len(layers)):
+            hidden = layers[index](hidden, attention_mask=masks[index], **inputs)
+        hidden = decoder.norm(hidden)
+        logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+        loss = None
+        if labels is not None:
+            kept_labels = labels.gather(1, order).masked_fill(~kept_mask, -100)
+            loss = self.loss_function(
+                logits=logits, labels=kept_labels, vocab_size=config.vocab_size, **kwargs
+            )
+        if cache is not None:
+            next_position = positions.masked_fill(~mask, -1).amax(1) + 1
+            cache.pruned_prompt = PrunedPrompt(kept_mask.long(), length, next_position)
+        out = PrunedCausalLMOutput(loss=loss, logits=logits, cache=cache, kept_tokens=keep)
+        return out if return_dict is not False else out.to_tuple()
 
 
 def new_retainer(config, settings: dict) -> PromptRetainer:
@@ -294,18 +315,38 @@ def new_retainer(config, settings: dict) -> PromptRetainer:
     return PromptRetainer(config.hidden_size, len(settings["candidate_ratios"]), settings["retainer_size"])
 
 
-def _build(family: str) -> tuple:
-    config_name, model_name = FAMILIES[family]
-    return build_classes(
-        family,
-        config_name,
-        model_name,
-        _mixin,
-        lambda settings, config: check_settings(settings, config.num_hidden_layers),
-        "ForCausalLM",
-        __name__,
-    )
+class HfPruneLlamaConfig(PromptTokenPruningConfigMixin, LlamaConfig):
+    model_type = "hf_prune_llama"
+    token_pruning: dict | None = None
+
+
+class HfPruneLlamaForCausalLM(PromptTokenPruningMixin, LlamaForCausalLM):
+    config_class = HfPruneLlamaConfig
+
+
+class HfPruneQwen2Config(PromptTokenPruningConfigMixin, Qwen2Config):
+    model_type = "hf_prune_qwen2"
+    token_pruning: dict | None = None
+
+
+class HfPruneQwen2ForCausalLM(PromptTokenPruningMixin, Qwen2ForCausalLM):
+    config_class = HfPruneQwen2Config
+
+
+class HfPruneMistralConfig(PromptTokenPruningConfigMixin, MistralConfig):
+    model_type = "hf_prune_mistral"
+    token_pruning: dict | None = None
+
+
+class HfPruneMistralForCausalLM(PromptTokenPruningMixin, MistralForCausalLM):
+    config_class = HfPruneMistralConfig
 
 
 #: family -> (config class, model class)
-CLASSES = build_and_register(FAMILIES, _build, globals(), "AutoModelForCausalLM")
+CLASSES = {
+    "llama": (HfPruneLlamaConfig, HfPruneLlamaForCausalLM),
+    "qwen2": (HfPruneQwen2Config, HfPruneQwen2ForCausalLM),
+    "mistral": (HfPruneMistralConfig, HfPruneMistralForCausalLM),
+}
+for _config_class, _model_class in CLASSES.values():
+    register_auto_classes(_config_class, _model_class, "AutoModelForCausalLM")

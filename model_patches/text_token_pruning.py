@@ -23,7 +23,15 @@ choice into a soft mask instead (see ``soft_keep``), so the task loss reaches th
 way). Outputs carry ``kept_fraction`` (kept real tokens / real tokens, per sequence), ``chosen_ratio``,
 ``saliency``, ``predicted_costs`` and ``ratio_logits`` for training and measurement.
 
-Imports only torch and transformers: ``save_pretrained`` copies this file next to the weights, so
+The classes, written out at the end of this file (``auto_map`` names them here): ``HfPruneBertConfig`` /
+``HfPruneBertForSequenceClassification`` (``hf_prune_bert``), and the same for RoBERTa
+(``HfPruneRoberta*``) and DistilBERT (``HfPruneDistilBert*``): the stock classes with
+``TextTokenPruningConfigMixin`` / ``TextTokenPruningMixin`` in front. Each model class names the
+attribute holding its encoder (``encoder_attr``) and its stock class (``stock_class``: the same model
+without token pruning, the AD-TP teacher).
+
+Imports only torch and transformers (and ``patch_classes.py``): ``save_pretrained`` copies this file and
+``patch_classes.py`` next to the weights, so
 ``AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`` works without hf_prune.
 """
 
@@ -32,14 +40,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .patch_classes import (
-    NativeLayoutSaving,
-    build_and_register,
-    build_classes,
-    settings_with_defaults,
-)
+from .patch_classes import NativeLayoutSaving, register_auto_classes, settings_with_defaults
 
 ALGORITHMS = ("adtp", "fixed", "attention", "random")
 DEFAULTS = {
@@ -211,166 +222,203 @@ def classify(model: nn.Module, encoder: nn.Module, hidden: torch.Tensor) -> torc
     return model.classifier(hidden)  # RoBERTa: its classification head reads the first token itself
 
 
-def _mixin(stock_model, encoder_attr: str):
-    class TextTokenPruning(NativeLayoutSaving, stock_model):
-        def __init__(self, config):
-            super().__init__(config)
-            settings = check_settings(config.token_pruning or {}, config.num_hidden_layers)
-            self.retainer = TokenRetainer(
-                config.hidden_size, len(settings["candidate_ratios"]), settings["retainer_size"]
-            )
-            self.post_init()
+class TextTokenPruningConfigMixin:
+    """Mixed in before a stock encoder config class: its ``token_pruning`` dict (a field the config class
+    declares) is checked against the layer count, defaults filled in, when the config is built."""
 
-        def _init_weights(self, module):
-            super()._init_weights(module)
-            if isinstance(module, TokenRetainer):  # "not set": a checkpoint saved without a price has none
-                with torch.no_grad():
-                    module.price.fill_(float("nan"))
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.token_pruning is not None:
+            self.token_pruning = check_settings(self.token_pruning, self.num_hidden_layers)
 
-        @property
-        def settings(self) -> dict:
-            return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
 
-        def _special(self, input_ids: torch.Tensor) -> torch.Tensor:
-            """[B, L] bool: the tokens always kept, the first one (the [CLS] the classifier reads) and every
-            ``special_token_ids`` ([SEP]...)."""
-            ids = torch.tensor(
-                self.settings["special_token_ids"], dtype=input_ids.dtype, device=input_ids.device
-            )
-            special = torch.isin(input_ids, ids)
-            special[:, 0] = True
-            return special
+class TextTokenPruningMixin(NativeLayoutSaving):
+    """Mixed in before a stock sequence classifier: a ``retainer`` and a forward that drops tokens at
+    ``layer``. A model class sets ``encoder_attr`` (the attribute holding the encoder: ``bert``...) and
+    ``stock_class`` (the stock classifier it extends)."""
 
-        def _run_layer(self, layer: nn.Module, hidden, bias, capture_attention: bool = False):
-            if not capture_attention:
-                return layer(hidden, bias), None
-            captured = {}
+    encoder_attr: str
+    stock_class: type
 
-            def hook(module, args, output):
-                captured["w"] = output[1]
+    def __init__(self, config):
+        super().__init__(config)
+        settings = check_settings(config.token_pruning or {}, config.num_hidden_layers)
+        self.retainer = TokenRetainer(
+            config.hidden_size, len(settings["candidate_ratios"]), settings["retainer_size"]
+        )
+        self.post_init()
 
-            handle = self_attention(layer).register_forward_hook(hook)
-            previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
-            try:
-                return layer(hidden, bias), captured["w"]
-            finally:
-                self.config._attn_implementation = previous
-                handle.remove()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, TokenRetainer):  # "not set": a checkpoint saved without a price has none
+            with torch.no_grad():
+                module.price.fill_(float("nan"))
 
-        def forward(
-            self,
-            input_ids=None,
-            attention_mask=None,
-            token_type_ids=None,
-            position_ids=None,
-            inputs_embeds=None,
-            labels=None,
-            keep_ratios=None,
-            **kwargs,
-        ):
-            """The stock forward with tokens dropped at ``layer``; ``keep_ratios`` ([B], optional) prunes
-            each sequence hard at that ratio with the retainer's saliency, in any mode (training scores
-            each candidate ratio this way)."""
-            settings = self.settings
-            algorithm = settings["algorithm"]
-            encoder = getattr(self, encoder_attr)
-            if keep_ratios is not None and algorithm in ("attention", "random"):
-                raise ValueError(f"keep_ratios: {algorithm} has no retainer saliency to rank tokens by")
-            if input_ids is None:
-                raise ValueError("token pruning needs input_ids (to find the special tokens it always keeps)")
-            mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
-            hidden = embed(encoder, input_ids, token_type_ids, position_ids, inputs_embeds)
-            bias = additive_mask(mask, hidden.dtype)
-            special = self._special(input_ids) & mask
-            eligible = mask & ~special
-            kept_fraction = torch.ones(input_ids.shape[0], device=hidden.device)
-            saliency = predicted_costs = ratio_logits = attention = None
-            rho = torch.ones(input_ids.shape[0], device=hidden.device)
-            ratios = torch.tensor(settings["candidate_ratios"], device=hidden.device)
-            for index, layer in enumerate(encoder_layers(encoder)):
-                if index == settings["layer"]:
-                    saliency, predicted_costs = self.retainer(hidden, mask)
-                    if algorithm == "adtp" and keep_ratios is None and torch.isnan(self.retainer.price):
-                        raise ValueError(
-                            "adtp: the retainer has no price (retainer.price): its ratio head was saved "
-                            "before ratio heads predicted costs, or never trained; train it again"
+    @property
+    def settings(self) -> dict:
+        return check_settings(self.config.token_pruning or {}, self.config.num_hidden_layers)
+
+    def _special(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: the tokens always kept, the first one (the [CLS] the classifier reads) and every
+        ``special_token_ids`` ([SEP]...)."""
+        ids = torch.tensor(self.settings["special_token_ids"], dtype=input_ids.dtype, device=input_ids.device)
+        special = torch.isin(input_ids, ids)
+        special[:, 0] = True
+        return special
+
+    def _run_layer(self, layer: nn.Module, hidden, bias, capture_attention: bool = False):
+        if not capture_attention:
+            return layer(hidden, bias), None
+        captured = {}
+
+        def hook(module, args, output):
+            captured["w"] = output[1]
+
+        handle = self_attention(layer).register_forward_hook(hook)
+        previous, self.config._attn_implementation = self.config._attn_implementation, "eager"
+        try:
+            return layer(hidden, bias), captured["w"]
+        finally:
+            self.config._attn_implementation = previous
+            handle.remove()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        keep_ratios=None,
+        **kwargs,
+    ):
+        """The stock forward with tokens dropped at ``layer``; ``keep_ratios`` ([B], optional) prunes
+        each sequence hard at that ratio with the retainer's saliency, in any mode (training scores
+        each candidate ratio this way)."""
+        settings = self.settings
+        algorithm = settings["algorithm"]
+        encoder = getattr(self, self.encoder_attr)
+        if keep_ratios is not None and algorithm in ("attention", "random"):
+            raise ValueError(f"keep_ratios: {algorithm} has no retainer saliency to rank tokens by")
+        if input_ids is None:
+            raise ValueError("token pruning needs input_ids (to find the special tokens it always keeps)")
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
+        hidden = embed(encoder, input_ids, token_type_ids, position_ids, inputs_embeds)
+        bias = additive_mask(mask, hidden.dtype)
+        special = self._special(input_ids) & mask
+        eligible = mask & ~special
+        kept_fraction = torch.ones(input_ids.shape[0], device=hidden.device)
+        saliency = predicted_costs = ratio_logits = attention = None
+        rho = torch.ones(input_ids.shape[0], device=hidden.device)
+        ratios = torch.tensor(settings["candidate_ratios"], device=hidden.device)
+        for index, layer in enumerate(encoder_layers(encoder)):
+            if index == settings["layer"]:
+                saliency, predicted_costs = self.retainer(hidden, mask)
+                if algorithm == "adtp" and keep_ratios is None and torch.isnan(self.retainer.price):
+                    raise ValueError(
+                        "adtp: the retainer has no price (retainer.price): its ratio head was saved "
+                        "before ratio heads predicted costs, or never trained; train it again"
+                    )
+                ratio_logits = -(
+                    predicted_costs + self.retainer.price * ratios
+                )  # argmax: the cheapest choice
+                if algorithm == "adtp" and self.training and keep_ratios is None:
+                    # At the ratio inference would pick; the ratio head learns from per-candidate costs
+                    # (see hf_prune.integrations), not through this mask.
+                    rho = ratios[ratio_logits.argmax(-1)]
+                    keep_p = soft_keep(saliency, eligible, rho, settings["temperature"])
+                    keep_p = torch.where(eligible, keep_p, mask.to(saliency.dtype))
+                    bias = additive_mask(keep_p, hidden.dtype) + additive_mask(mask, hidden.dtype)
+                    kept_fraction = (keep_p * mask).sum(1) / mask.sum(1)
+                else:
+                    if keep_ratios is not None:
+                        rho = torch.as_tensor(keep_ratios, dtype=rho.dtype, device=hidden.device).expand_as(
+                            rho
                         )
-                    ratio_logits = -(
-                        predicted_costs + self.retainer.price * ratios
-                    )  # argmax: the cheapest choice
-                    if algorithm == "adtp" and self.training and keep_ratios is None:
-                        # At the ratio inference would pick; the ratio head learns from per-candidate costs
-                        # (see hf_prune.integrations), not through this mask.
+                    elif algorithm == "adtp":
                         rho = ratios[ratio_logits.argmax(-1)]
-                        keep_p = soft_keep(saliency, eligible, rho, settings["temperature"])
-                        keep_p = torch.where(eligible, keep_p, mask.to(saliency.dtype))
-                        bias = additive_mask(keep_p, hidden.dtype) + additive_mask(mask, hidden.dtype)
-                        kept_fraction = (keep_p * mask).sum(1) / mask.sum(1)
                     else:
-                        if keep_ratios is not None:
-                            rho = torch.as_tensor(
-                                keep_ratios, dtype=rho.dtype, device=hidden.device
-                            ).expand_as(rho)
-                        elif algorithm == "adtp":
-                            rho = ratios[ratio_logits.argmax(-1)]
-                        else:
-                            rho = torch.full_like(rho, settings["keep_ratio"])
-                        scores = {
-                            "adtp": saliency,
-                            "fixed": saliency,
-                            "attention": attention,
-                            "random": torch.rand(
-                                mask.shape, generator=torch.Generator().manual_seed(settings["seed"])
-                            ).to(hidden.device),
-                        }[algorithm]
-                        keep = special | top_fraction(scores.detach(), eligible, rho)
-                        kept_fraction = keep.sum(1) / mask.sum(1)
-                        width = int(keep.sum(1).max())
-                        order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
-                        hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
-                        mask = keep.gather(1, order)
-                        bias = additive_mask(mask, hidden.dtype)
-                capture = algorithm == "attention" and index == settings["layer"] - 1
-                hidden, weights = self._run_layer(layer, hidden, bias, capture)
-                if weights is not None:  # [B, heads, query, key] -> attention each key receives
-                    queries = mask.to(weights.dtype)[:, None, :, None]
-                    attention = (weights * queries).sum(dim=(1, 2)) / (
-                        queries.sum(dim=(1, 2)) * weights.shape[1]
-                    ).clamp_min(1)
-            logits = classify(self, encoder, hidden)
-            loss = None
-            if labels is not None:
-                loss = (
-                    F.mse_loss(logits.squeeze(-1), labels.float())
-                    if self.num_labels == 1
-                    else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-                )
-            return PrunedClassifierOutput(
-                loss=loss,
-                logits=logits,
-                kept_fraction=kept_fraction,
-                chosen_ratio=rho,
-                saliency=saliency,
-                predicted_costs=predicted_costs,
-                ratio_logits=ratio_logits,
+                        rho = torch.full_like(rho, settings["keep_ratio"])
+                    scores = {
+                        "adtp": saliency,
+                        "fixed": saliency,
+                        "attention": attention,
+                        "random": torch.rand(
+                            mask.shape, generator=torch.Generator().manual_seed(settings["seed"])
+                        ).to(hidden.device),
+                    }[algorithm]
+                    keep = special | top_fraction(scores.detach(), eligible, rho)
+                    kept_fraction = keep.sum(1) / mask.sum(1)
+                    width = int(keep.sum(1).max())
+                    order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
+                    hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+                    mask = keep.gather(1, order)
+                    bias = additive_mask(mask, hidden.dtype)
+            capture = algorithm == "attention" and index == settings["layer"] - 1
+            hidden, weights = self._run_layer(layer, hidden, bias, capture)
+            if weights is not None:  # [B, heads, query, key] -> attention each key receives
+                queries = mask.to(weights.dtype)[:, None, :, None]
+                attention = (weights * queries).sum(dim=(1, 2)) / (
+                    queries.sum(dim=(1, 2)) * weights.shape[1]
+                ).clamp_min(1)
+        logits = classify(self, encoder, hidden)
+        loss = None
+        if labels is not None:
+            loss = (
+                F.mse_loss(logits.squeeze(-1), labels.float())
+                if self.num_labels == 1
+                else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
             )
+        return PrunedClassifierOutput(
+            loss=loss,
+            logits=logits,
+            kept_fraction=kept_fraction,
+            chosen_ratio=rho,
+            saliency=saliency,
+            predicted_costs=predicted_costs,
+            ratio_logits=ratio_logits,
+        )
 
-    TextTokenPruning.stock_class = stock_model  # the same model without token pruning (the AD-TP teacher)
-    return TextTokenPruning
+
+class HfPruneBertConfig(TextTokenPruningConfigMixin, BertConfig):
+    model_type = "hf_prune_bert"
+    token_pruning: dict | None = None
 
 
-def _build(family: str) -> tuple:
-    config_name, model_name, encoder_attr = FAMILIES[family]
-    return build_classes(
-        family,
-        config_name,
-        model_name,
-        lambda stock: _mixin(stock, encoder_attr),
-        lambda settings, config: check_settings(settings, config.num_hidden_layers),
-        "ForSequenceClassification",
-        __name__,
-    )
+class HfPruneBertForSequenceClassification(TextTokenPruningMixin, BertForSequenceClassification):
+    config_class = HfPruneBertConfig
+    encoder_attr = "bert"
+    stock_class = BertForSequenceClassification
+
+
+class HfPruneRobertaConfig(TextTokenPruningConfigMixin, RobertaConfig):
+    model_type = "hf_prune_roberta"
+    token_pruning: dict | None = None
+
+
+class HfPruneRobertaForSequenceClassification(TextTokenPruningMixin, RobertaForSequenceClassification):
+    config_class = HfPruneRobertaConfig
+    encoder_attr = "roberta"
+    stock_class = RobertaForSequenceClassification
+
+
+class HfPruneDistilBertConfig(TextTokenPruningConfigMixin, DistilBertConfig):
+    model_type = "hf_prune_distilbert"
+    token_pruning: dict | None = None
+
+
+class HfPruneDistilBertForSequenceClassification(TextTokenPruningMixin, DistilBertForSequenceClassification):
+    config_class = HfPruneDistilBertConfig
+    encoder_attr = "distilbert"
+    stock_class = DistilBertForSequenceClassification
 
 
 #: family -> (config class, model class)
-CLASSES = build_and_register(FAMILIES, _build, globals(), "AutoModelForSequenceClassification")
+CLASSES = {
+    "bert": (HfPruneBertConfig, HfPruneBertForSequenceClassification),
+    "roberta": (HfPruneRobertaConfig, HfPruneRobertaForSequenceClassification),
+    "distilbert": (HfPruneDistilBertConfig, HfPruneDistilBertForSequenceClassification),
+}
+for _config_class, _model_class in CLASSES.values():
+    register_auto_classes(_config_class, _model_class, "AutoModelForSequenceClassification")

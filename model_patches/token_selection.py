@@ -1,11 +1,15 @@
 """Choosing which visual tokens to keep: the settings and the selection algorithms, as pure tensor functions.
 
-Shared by the token-pruning modeling files (``visual_token_pruning.py`` for LLaVA / LLaVA-NeXT,
-``qwen2_vl_token_pruning.py`` for Qwen2-VL) and copied next to their checkpoints with them; imports only torch.
+Shared by the visual token-pruning files (``visual_pruning_mixin.py`` and ``visual_token_scoring.py``, the
+model side of ``visual_token_pruning.py`` for LLaVA / LLaVA-NeXT and ``qwen2_vl_token_pruning.py`` for
+Qwen2-VL) and copied next to their checkpoints with them; imports only torch (and ``patch_classes.py``).
 
+- ``check_settings`` (``DEFAULTS``, ``ALGORITHMS``): the ``token_pruning`` dict; ``kept_count``: the kept
+  tokens of one group;
 - ``cosine_similarity_matrix`` + ``instruction_relevance`` + ``dpp_greedy_map``: CDPruner's kernel
   L = diag(r)·S·diag(r) and the fast greedy MAP inference of Chen, Zhang & Zhou (2018);
-- ``pool_grid``: spatial average pooling of a token grid down to a budget.
+- ``pool_grid`` / ``square_grid``: spatial average pooling of a token grid down to a budget;
+- ``image_runs``: where each image's placeholder tokens sit in a batch.
 """
 
 import math
@@ -119,3 +123,24 @@ def pool_grid(features: torch.Tensor, grid: tuple[int, int], count: int) -> torc
 def square_grid(num_tokens: int) -> tuple[int, int]:
     side = math.isqrt(num_tokens)
     return (side, side) if side * side == num_tokens else (1, num_tokens)
+
+
+def image_runs(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """(row, positions) of each image's placeholder block, images in row-major order."""
+    flat = torch.nonzero(image_mask.reshape(-1)).squeeze(1)
+    if flat.numel() != sum(counts):
+        raise ValueError(
+            f"the input has {flat.numel()} image tokens but the images give {sum(counts)} features "
+            f"({len(counts)} images): each image needs exactly one image placeholder in the text, "
+            "expanded by the processor"
+        )
+    width = image_mask.shape[1]
+    runs, start = [], 0
+    for count in counts:
+        positions = flat[start : start + count]
+        start += count
+        row = int(positions[0]) // width
+        if int(positions[-1]) // width != row:
+            raise ValueError("an image's placeholder tokens span two rows of the batch")
+        runs.append((row, positions - row * width))
+    return runs

@@ -251,7 +251,8 @@ def test_checkpoint_reloads_in_fresh_processes(tokenizer, tmp_path, family):
         "patch_classes.py",
         "qwen2_vl_token_pruning.py",
         "token_selection.py",
-        "visual_token_pruning.py",
+        "visual_pruning_mixin.py",
+        "visual_token_scoring.py",
     ]
     inputs = qwen_inputs(tokenizer)
     with torch.no_grad():

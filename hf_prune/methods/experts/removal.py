@@ -149,7 +149,7 @@ def kept_expert_indices_report(report: dict[str, Any]) -> list[str]:
 def _make_stock(model: nn.Module, adapter: ModelAdapter, count: int) -> None:
     """Uniform counts: rewrite the family's count key; an ``hf_prune_`` model goes back to the stock class."""
     if model.config.model_type.startswith(nonuniform_moe.PREFIX):
-        config_class, model_class = (type(model.config).__mro__[1], type(model).__mro__[1])
+        config_class, model_class = nonuniform_moe.stock_classes(model.config.model_type)
         swap_config_and_class(
             model,
             config_class,
