@@ -115,11 +115,11 @@ def _layer_costs(config: Any, seq_len: int) -> tuple[list[dict], int]:
     hd = getattr(t, "head_dim", None) or hidden // nh
     attn = hidden * nh * hd + 2 * hidden * nkv * hd + nh * hd * hidden
     extra = 2 * hidden  # input and post-attention norms
-    if getattr(t, "attention_bias", False) or t.model_type in ("qwen2", "qwen2_moe"):
+    if getattr(t, "attention_bias", False) or adapter.spec.qkv_bias:
         extra += (nh + 2 * nkv) * hd + (hidden if getattr(t, "attention_bias", False) else 0)
-    if t.model_type in ("qwen3", "qwen3_moe"):
-        extra += 2 * hd  # per-head q/k norms
-    elif t.model_type == "olmoe":
+    if adapter.spec.qk_norm == "per_head":
+        extra += 2 * hd
+    elif adapter.spec.qk_norm == "full":
         extra += (nh + nkv) * hd
     dense_mlp, dense_bias = (
         3 * hidden * t.intermediate_size,

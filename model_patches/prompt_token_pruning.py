@@ -1,10 +1,10 @@
 """Llama-family causal LMs (Llama, Qwen2, Mistral) that drop prompt tokens inside the prefill, at a chosen layer.
 
 The config of an ``hf_prune_<family>`` checkpoint holds ``token_pruning`` = {algorithm, keep_ratio, layer,
-seed, candidate_ratios, retainer_size, temperature}. When a prompt arrives (a forward on an empty or no cache: ``generate``'s prefill, or a plain
-forward), decoder layers 0..layer-1 run on every prompt token; the model then keeps, per row, its first
-and its last real token and ⌈keep_ratio·n⌉ of the other n real tokens, and layers layer.. run on those
-only (``layer: 0`` drops them before the first layer). Which ones:
+seed, candidate_ratios, retainer_size, temperature}. When a prompt arrives (a forward on an empty or no
+cache: ``generate``'s prefill, or a plain forward), decoder layers 0..layer-1 run on every prompt token;
+the model then keeps, per row, its first and its last real token and ⌈keep_ratio·n⌉ of the other n real
+tokens, and layers layer.. run on those only (``layer: 0`` drops them before the first layer). Which ones:
 
 - ``attention``: the tokens that receive the most attention at layer ``layer - 1`` (mean over heads and
   real queries), in the same pass: that one layer runs with eager attention so its weights exist (as
@@ -13,7 +13,7 @@ only (``layer: 0`` drops them before the first layer). Which ones:
 - ``adtp``: the learned retainer (``prompt_retainer.py``, weights in the checkpoint) scores the tokens
   entering layer ``layer`` (the embeddings for layer 0) and its ratio head picks, per prompt, a ratio
   among ``candidate_ratios`` (the argmax) in place of ``keep_ratio``. Trained by
-  ``hf_prune.integrations.prompt_retainer_training`` (soft keep masks, see there);
+  ``hf_prune.methods.tokens.prompt_retainer_training`` (soft keep masks, see there);
 - ``fixed``: the retainer's saliency with ``keep_ratio`` for every prompt.
 
 Kept tokens keep their original rotary positions (the given ``position_ids``, else 0..L-1 as the stock

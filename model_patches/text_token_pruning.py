@@ -1,4 +1,5 @@
-"""BERT-family classifiers (BERT, RoBERTa, DistilBERT) that drop tokens by themselves at a chosen layer (AD-TP and baselines).
+"""BERT-family classifiers (BERT, RoBERTa, DistilBERT) that drop tokens by themselves at a chosen layer
+(AD-TP and baselines).
 
 The config of an ``hf_prune_bert`` (``_roberta``, ``_distilbert``) checkpoint holds a ``token_pruning``
 dict. Up to layer ``layer`` the encoder sees every token; there the model keeps, per sequence, the special

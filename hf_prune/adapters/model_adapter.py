@@ -220,6 +220,11 @@ class ModelAdapter:
         text = self.text_config(config)
         if not self.spec.is_moe:
             return [False] * int(text.num_hidden_layers)
+        step = getattr(text, "decoder_sparse_step", 1)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:  # the stock class divides by it
+            raise UnsupportedModelError(
+                f"config decoder_sparse_step must be a positive integer, got {step!r}"
+            )
         return [bool(flag) for flag in nonuniform_moe.moe_layer_flags(text)]
 
     def experts_per_layer_from_config(self, config: Any) -> list[int]:

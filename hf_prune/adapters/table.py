@@ -37,6 +37,11 @@ class ArchitectureSpec:
     token_pruning_only: str | None = None
     #: An encoder classifier (BERT family) rather than a decoder-only language model.
     is_encoder: bool = False
+    #: q/k/v projections carry a bias whatever ``attention_bias`` says (Qwen2 family).
+    qkv_bias: bool = False
+    #: RMS norms on queries and keys: "per_head" (weights of head_dim: Qwen3, Gemma3) or "full" (over all
+    #: heads: OLMoE, OLMo2); None when there are none.
+    qk_norm: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -63,10 +68,11 @@ _MOE = dict(experts_attr="experts", router_attr="gate")
 # Qwen2-VL's language model: visual token pruning only, since calibration forwards through a bare decoder
 # would need its 3-D rotary positions.
 _MROPE = ArchitectureSpec(
+    qkv_bias=True,
     token_pruning_only=(
         "its language model takes 3-D rotary positions from the image grid, which calibration forwards "
         "do not build; only visual token pruning supports it"
-    )
+    ),
 )
 #: Encoder classifiers (BERT family): text token pruning only (the other methods assume a decoder).
 _ENCODER = ArchitectureSpec(
@@ -77,20 +83,21 @@ _ENCODER = ArchitectureSpec(
 TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _DENSE,
     "mistral": _DENSE,
-    "qwen2": _DENSE,
-    "qwen3": _DENSE,
+    "qwen2": ArchitectureSpec(qkv_bias=True),
+    "qwen3": ArchitectureSpec(qk_norm="per_head"),
     "mixtral": ArchitectureSpec(**_MOE, num_experts_key="num_local_experts"),
     "qwen2_moe": ArchitectureSpec(
         **_MOE,
         num_experts_key="num_experts",
+        qkv_bias=True,
         shared_expert_attr="shared_expert",
         shared_expert_gate_attr="shared_expert_gate",
     ),
-    "qwen3_moe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
-    "olmoe": ArchitectureSpec(**_MOE, num_experts_key="num_experts"),
+    "qwen3_moe": ArchitectureSpec(**_MOE, num_experts_key="num_experts", qk_norm="per_head"),
+    "olmoe": ArchitectureSpec(**_MOE, num_experts_key="num_experts", qk_norm="full"),
     "gemma2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
-    "gemma3_text": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
-    "olmo2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM),
+    "gemma3_text": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM, qk_norm="per_head"),
+    "olmo2": ArchitectureSpec(mlp_not_on_residual=_POST_FFN_NORM, qk_norm="full"),
     "qwen2_vl_text": _MROPE,
     "qwen2_5_vl_text": _MROPE,
     "bert": _ENCODER,

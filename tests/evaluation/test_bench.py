@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+import transformers
 from hf_prune.evals.bench import (
     BenchSettings,
     analytic_flops_per_token,
@@ -224,3 +226,32 @@ def test_cuda_path():
         assert res["decode"]["tokens_per_s"] > 0
     assert results["models"]["pruned"]["ratios"]["flops"]["16"]["decode_flops_per_token"] < 1
     assert "pruned/original" in format_bench_table(results, "original")
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3_moe", "olmoe"])
+def test_prompt_pruned_and_nonuniform_types_count_like_their_stock_family(model_type):
+    """hf_prune_<family> checkpoints keep the family's attention (Qwen2's q/k/v bias, Qwen3-MoE's and OLMoE's q/k
+    norms): read under the hf_prune_ type, the analytic count is the stock one."""
+    model = build_tiny_model(model_type)
+    config = copy.deepcopy(model.config)
+    config.model_type = f"hf_prune_{model_type}"
+    stock = analytic_flops_per_token(model.config, 8)
+    assert analytic_flops_per_token(config, 8) == stock
+    if model_type == "qwen2":  # dense: every parameter is active
+        assert stock["params_active"] == count_parameters(model)
+
+
+def test_olmo2_full_qk_norms_are_counted():
+    config = transformers.Olmo2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert analytic_flops_per_token(model.config, 8)["params_active"] == count_parameters(model)

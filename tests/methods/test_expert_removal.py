@@ -271,7 +271,8 @@ RELOAD_SCRIPT = textwrap.dedent(r"""
     results = {}
     if spec["import_hf_prune"]:
         import hf_prune
-        results["_registered"] = "hf_prune_mixtral" in __import__("transformers").models.auto.configuration_auto.CONFIG_MAPPING
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        results["_registered"] = "hf_prune_mixtral" in CONFIG_MAPPING
     import torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)

@@ -1,5 +1,6 @@
-"""Text token pruning on BERT, RoBERTa and DistilBERT classifiers: the contract (ratio 1 is the unpruned model, ratios adapt, padding
-never counts, specials always kept), training through the pipeline, fresh-process reloads and bad input."""
+"""Text token pruning on BERT, RoBERTa and DistilBERT classifiers: the contract (ratio 1 is the unpruned
+model, ratios adapt, padding never counts, specials always kept), training through the pipeline,
+fresh-process reloads and bad input."""
 
 import json
 import os
@@ -191,7 +192,8 @@ import json, sys, torch
 if sys.argv[2] == "hf_prune":
     import hf_prune
 from transformers import AutoModelForSequenceClassification
-model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "remote").eval()
+remote = sys.argv[2] == "remote"
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=remote).eval()
 inputs = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
 with torch.no_grad():
     out = model(**inputs)

@@ -173,3 +173,11 @@ def test_vision_language_parts_come_from_the_adapter(family):
         assert text.image_token_id(config.get_text_config()) is None
         with pytest.raises(UnsupportedModelError, match="not a vision-language model"):
             text.vision_tower(model.model.language_model)
+
+
+@pytest.mark.parametrize("step", [0, -1])  # (transformers itself refuses non-integers)
+def test_a_sparse_step_the_stock_class_cannot_use_is_refused_by_name(step):
+    config = transformers.Qwen2MoeConfig(num_hidden_layers=3, mlp_only_layers=[])
+    config.decoder_sparse_step = step
+    with pytest.raises(UnsupportedModelError, match="decoder_sparse_step must be a positive integer"):
+        get_adapter(config).moe_layer_flags(config)

@@ -26,6 +26,8 @@ def _table_names() -> set[str]:
     for spec in [*TEXT_ARCHITECTURES.values(), *VISION_LANGUAGE_ARCHITECTURES.values()]:
         for field in fields(spec):
             value = getattr(spec, field.name)
+            if field.name == "qk_norm":  # a kind ("per_head" / "full"), not a place
+                continue
             if isinstance(value, str):  # a dotted path, a key, or a reason (a sentence: no identifiers)
                 names.update(part for part in value.split(".") if part.isidentifier())
     return names

@@ -405,7 +405,8 @@ def select_experts(
     best experts. Non-uniform: one ranking over all (layer, expert) pairs keeps round(keep_ratio·ΣE_l)
     experts in total (``keep_experts``: keep_experts × number of layers in total), while every layer keeps
     at least max(top_k, min_experts_per_layer) of its best ones. Ties: the lower expert index wins within
-    a layer, the lower layer index across layers. Rounding is half up. Raises ValueError for a budget that cannot be met.
+    a layer, the lower layer index across layers. Rounding is half up. Raises ValueError for a budget that
+    cannot be met.
     """
     if (keep_ratio is None) == (keep_experts is None):
         raise ValueError("give exactly one of keep_ratio or keep_experts")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ...adapters import get_adapter
 from ...errors import DataError
 from ...model_patches.prompt_prefill import layer_kinds
 from ...model_patches.prompt_retainer import (
@@ -84,7 +85,8 @@ def soft_pruned_forward(model: Any, embeds: torch.Tensor, prompt_length: int) ->
     """The model on whole windows ``embeds`` [B, L, H] (no padding) with the first ``prompt_length`` tokens
     softly pruned at ``layer``: {logits, saliency [B, P], ratio_logits, ratio [B], keep_probability [B, L],
     eligible [B, L]}."""
-    settings, config, decoder = model.settings, model.config, model.model
+    settings, config, adapter = model.settings, model.config, get_adapter(model.config)
+    decoder = adapter.decoder(model)
     batch, length = embeds.shape[:2]
     positions = torch.arange(length, device=embeds.device).expand(batch, length)
     mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
@@ -92,7 +94,7 @@ def soft_pruned_forward(model: Any, embeds: torch.Tensor, prompt_length: int) ->
     windows = [config.sliding_window if kind == "sliding_attention" else None for kind in layer_kinds(config)]
     keep = embeds.new_ones(batch, length)
     hidden, biases, out = embeds, {}, {}
-    for index, layer in enumerate(decoder.layers[: config.num_hidden_layers]):
+    for index, layer in enumerate(adapter.layers(model)[: config.num_hidden_layers]):
         if index == settings["layer"]:
             prompt = mask.clone()
             prompt[:, prompt_length:] = False
