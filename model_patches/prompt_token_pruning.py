@@ -128,6 +128,19 @@ def check_settings(settings, num_layers: int | None = None) -> dict:
     return merged
 
 
+def refused_full_forward(class_name: str, settings: dict) -> str:
+    """Why a forward on a whole sequence without a cache is refused: clients that score a text that way
+    (lm-eval's ``--model hf``, a loss over ``labels``) read logits at every input position, and the
+    pruned positions have none."""
+    return (
+        f"{class_name} prunes its prompt at prefill (token_pruning: {settings['algorithm']} at layer "
+        f"{settings['layer']}), so a whole-sequence forward without a cache has no logits at the pruned "
+        "positions and is refused. Score it as generate runs it, context pruned at prefill and continuation "
+        "through the cache: `hf-prune eval MODEL --task ...`, or `lm_eval --model hf-prune "
+        "--model_args pretrained=MODEL`. For a prefill, pass use_cache=True or a cache."
+    )
+
+
 @dataclass
 class PrunedCausalLMOutput(CausalLMOutputWithPast):
     """The stock output of a pruned prefill (logits, loss and cache over the kept tokens) plus
@@ -176,6 +189,8 @@ class PromptTokenPruningMixin(NativeLayoutSaving):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         cached = cache.get_seq_length() if cache is not None else 0
         if input_ids is not None and inputs_embeds is None and cached == 0:
+            if cache is None and use_cache is not True:
+                raise ValueError(refused_full_forward(type(self).__name__, self.settings))
             return self._pruned_prefill(
                 input_ids,
                 attention_mask,

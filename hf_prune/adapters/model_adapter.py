@@ -45,6 +45,13 @@ class ModelAdapter:
     def num_layers(self, config: Any) -> int:
         return int(self.text_config(config).num_hidden_layers)
 
+    def prunes_prompts(self, config: Any) -> bool:
+        """Whether this is a prompt-pruned causal LM (``model_patches/prompt_token_pruning.py``): its
+        prefill drops prompt tokens, so it is scored with the context pruned at prefill and the
+        continuation through the cache (``evals/pruned_prompt_scoring.py``)."""
+        pruned = getattr(config, "token_pruning", None) is not None
+        return pruned and not self.is_encoder and not self.is_vision_language
+
     def num_experts(self, config: Any) -> int | None:
         key = self.spec.num_experts_key
         return int(getattr(self.text_config(config), key)) if key else None
