@@ -28,6 +28,7 @@ from .checkpoint_checks import (
     safetensors_values,
 )
 from .errors import HfPruneError, ModelError, RecipeError
+from .model_card import build_model_card
 from .output_safety import (
     REPORT_FILE,
     check_finite_tensors,
@@ -253,94 +254,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_model_card(
-    report: dict[str, Any], *, model_type: str | None = None, auto_class: str = "AutoModelForCausalLM"
-) -> str:
-    """A ``huggingface_hub.ModelCard`` with base_model, tags and evaluation results as model-index."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    source = report["recipe"].get("model") or "in-memory model"
-    is_hub_id = not Path(source).expanduser().exists() and source.count("/") == 1
-    methods = [stage["method"] for stage in report["stages"]]
-    name = Path(report["recipe"].get("output") or "pruned-model").name
-    eval_results = [
-        EvalResult(
-            task_type=entry["task_type"],
-            dataset_type=Path(entry["data"]).stem,
-            dataset_name=Path(entry["data"]).name,
-            metric_type=entry["metric"],
-            metric_value=round(entry["pruned"][entry["metric"]], 4),
-        )
-        for entry in report.get("evaluation", [])
-    ]
-    data = ModelCardData(
-        base_model=source if is_hub_id else None,
-        library_name="transformers",
-        tags=["hf-prune", "pruned", *methods],
-        model_name=name,
-        eval_results=eval_results or None,
-    )
-    lines = [
-        f"# {name}",
-        "",
-        f"Pruned from `{source}` with [hf-prune](https://pypi.org/project/hf-prune/) ({', '.join(methods)}).",
-        "",
-        f"- parameters: {report['params_before']:,} → {report['params_after']:,} "
-        f"({report['params_after'] / report['params_before']:.1%})",
-    ]
-    for stage in report["stages"]:
-        removed = stage.get("removed_layers")
-        if removed is not None:
-            lines.append(
-                f"- `{stage['method']}`: removed decoder layers {removed} "
-                f"({stage['layers_before']} → {stage['layers_after']})"
-            )
-        elif "experts_after" in stage:
-            lines.append(
-                f"- `{stage['method']}` ({stage.get('algorithm')}): experts {stage['experts_before']} → "
-                f"{stage['experts_after']}"
-            )
-    if report.get("evaluation"):
-        lines += ["", "| task | metric | data | original | pruned | retained |", "|---|---|---|---|---|---|"]
-        for entry in report["evaluation"]:
-            metric = entry["metric"]
-            original = entry["original"][metric]
-            retained = entry.get("retained")
-            lines.append(
-                f"| {entry['task']} | {metric} | {Path(entry['data']).name} | {original:.4g} | "
-                f"{entry['pruned'][metric]:.4g} | {'' if retained is None else format(retained, '.1%')} |"
-            )
-    if model_type and model_type.startswith("hf_prune_"):
-        load = [
-            "Its architecture changed (`model_type: "
-            + model_type
-            + "`): load it after `import hf_prune`, or",
-            "without hf_prune through the modeling code saved beside the weights:",
-            "",
-            "```python",
-            f"from transformers import {auto_class}",
-            f'model = {auto_class}.from_pretrained("{name}", trust_remote_code=True)',
-            "```",
-        ]
-    else:
-        load = [
-            "Loads with plain `transformers`:",
-            "",
-            "```python",
-            f"from transformers import {auto_class}",
-            f'model = {auto_class}.from_pretrained("{name}")',
-            "```",
-        ]
-    lines += [
-        "",
-        *load,
-        "",
-        f"The full report (recipe, per-stage details, timings) is in `{REPORT_FILE}`.",
-        "",
-    ]
-    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)))
-
-
 def save_pruned_model(
     model: Any,
     tokenizer: Any,
@@ -361,15 +274,27 @@ def save_pruned_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / REPORT_FILE).write_text(strict_json_dumps(report, indent=2, default=_json_default) + "\n")
+        adapter = get_adapter(model.config)
         (folder / "README.md").write_text(
             build_model_card(
                 report,
                 model_type=model.config.model_type,
-                auto_class=auto_model_class(get_adapter(model.config)).__name__,
+                auto_class=auto_model_class(adapter).__name__,
+                preprocessor_class=preprocessor_class(tokenizer, vision_language=adapter.is_vision_language),
+                token_pruning=getattr(model.config, "token_pruning", None) is not None,
             )
         )
 
     return atomic_write_dir(output, write)
+
+
+def preprocessor_class(preprocessor: Any, *, vision_language: bool) -> str | None:
+    """The Auto class that loads the saved tokenizer / processor: ``AutoProcessor`` for vision-language
+    models (it returns the tokenizer when only that was saved), ``AutoTokenizer`` otherwise; None if
+    nothing was saved."""
+    if preprocessor is None:
+        return None
+    return "AutoProcessor" if vision_language else "AutoTokenizer"
 
 
 def _json_default(value: Any) -> Any:
