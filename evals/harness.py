@@ -3,19 +3,25 @@
 ``run_task`` runs one recipe ``evaluate:`` entry (or one ``hf-prune eval``) on a model; ``retained_fraction``
 turns an original / pruned pair into the retained share through the shipped ``retained_performance``
 metric module.
+
+Models compared on a task (an original and its pruned model) are scored under the same protocol:
+``resolve_task`` fills in what a task leaves to the models (perplexity's ``context_len`` when one of them
+prunes its prompt) from the configs of all of them, before either runs, and ``run_task`` takes those configs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..adapters import vision_config
+from ..adapters import get_adapter, vision_config
 from ..checkpoint import text_tokenizer
-from ..errors import HfPruneError
+from ..errors import HfPruneError, UnsupportedModelError
 from ..recipe import EvaluationTask
 from .metrics import load_metric
+from .pruned_prompt_scoring import config_prunes_prompts
 
 
 class TaskModelMismatch(HfPruneError, ValueError):
@@ -44,6 +50,7 @@ def _perplexity(model: Any, preprocessor: Any, task: EvaluationTask, progress: b
         limit=task.limit,
         text_field=task.text_field,
         progress=progress,
+        context_len=task.context_len,
     )
 
 
@@ -114,22 +121,73 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
+def model_kind(config: Any, model_class: str | None = None) -> str:
+    """What a model is, in words, for refusals: "LlamaForCausalLM, a prompt-pruned causal LM", ..."""
+    classes = [model_class] if model_class else list(getattr(config, "architectures", None) or [])
+    name = ", ".join(classes) or getattr(config, "model_type", "?")
+    try:
+        adapter = get_adapter(config)
+    except UnsupportedModelError:
+        adapter = None
+    encoder = adapter is not None and adapter.is_encoder
+    pruned = getattr(config, "token_pruning", None) is not None
+    if any(c.endswith("ForSequenceClassification") for c in classes):
+        kind = "an encoder classifier" if encoder else "a sequence classifier"
+        kind = f"a token-pruned {kind.removeprefix('an ').removeprefix('a ')}" if pruned else kind
+    elif vision_config(config) is not None:
+        kind = "a visual-token-pruned vision-language model" if pruned else "a vision-language model"
+    elif config_prunes_prompts(config):
+        kind = "a prompt-pruned causal LM"
+    elif encoder:
+        kind = "a token-pruned encoder" if pruned else "an encoder"
+    else:
+        kind = "a causal LM"
+    return f"{name}, {kind}"
+
+
 def check_task_fits(name: str, config: Any, model_class: str | None = None) -> None:
-    """Raise ``TaskModelMismatch`` if task ``name`` cannot run on a model with this config / class."""
+    """Raise ``TaskModelMismatch`` (one line naming the task and the kind of model) if task ``name`` cannot
+    run on a model with this config / class."""
     spec = get_task(name)
     model_type = getattr(config, "model_type", "?")
     classes = [model_class] if model_class else list(getattr(config, "architectures", None) or [])
     is_classifier = any(c.endswith("ForSequenceClassification") for c in classes)
+    try:
+        is_encoder = get_adapter(config).is_encoder
+    except UnsupportedModelError:
+        is_encoder = False
     if spec.model_kind == "vision_language" and vision_config(config) is None:
         raise TaskModelMismatch(
-            f"task {name!r} needs a vision-language model; {model_type} has no vision tower"
+            f"task {name!r} needs a vision-language model; {model_type} has no vision tower "
+            f"({model_kind(config, model_class)})"
         )
-    if spec.model_kind == "sequence_classification" and classes and not is_classifier:
+    if spec.model_kind == "sequence_classification" and (
+        (classes and not is_classifier) or (not classes and config_prunes_prompts(config))
+    ):
         raise TaskModelMismatch(
-            f"task {name!r} needs a sequence-classification model; got {', '.join(classes)}"
+            f"task {name!r} needs a sequence-classification model; got {model_kind(config, model_class)}"
         )
-    if spec.model_kind == "causal_lm" and is_classifier:
-        raise TaskModelMismatch(f"task {name!r} needs a language-model head; got {', '.join(classes)}")
+    if spec.model_kind == "causal_lm" and (is_classifier or is_encoder):
+        raise TaskModelMismatch(
+            f"task {name!r} needs a language-model head (it scores next-token predictions); got "
+            f"{model_kind(config, model_class)}"
+        )
+
+
+def resolve_task(task: EvaluationTask, configs: Sequence[Any]) -> EvaluationTask:
+    """``task`` with what it leaves to the models filled in, the same for every model it compares
+    (``configs``: the configs of all of them; in a pipeline, the source's and the one its stages will
+    leave). Today: perplexity's ``context_len``, ``seq_len // 2`` of the shortest window any of them
+    uses, when one of them prunes its prompt (it needs a context to prune; the others are scored on the
+    same split)."""
+    if task.task != "perplexity" or task.context_len is not None:
+        return task
+    if not any(config_prunes_prompts(config) for config in configs):
+        return task
+    from .perplexity import default_context_len, window_length
+
+    seq_len = min(window_length(config, task.seq_len) for config in configs)
+    return dataclasses.replace(task, context_len=default_context_len(seq_len))
 
 
 def auto_class_for_task(name: str, config: Any) -> Any:
@@ -144,13 +202,36 @@ def auto_class_for_task(name: str, config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def run_task(model: Any, preprocessor: Any, task: EvaluationTask, *, progress: bool = True) -> dict[str, Any]:
-    """Run one evaluation task; the result carries ``task`` and ``metric`` (the headline key)."""
+def run_task(
+    model: Any,
+    preprocessor: Any,
+    task: EvaluationTask,
+    *,
+    progress: bool = True,
+    configs: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Run one evaluation task; the result carries ``task`` and ``metric`` (the headline key).
+
+    ``configs``: the configs of every model compared on this task (default: this model's alone); the task
+    is resolved against them (``resolve_task``), so each model of a comparison gets the same protocol."""
     spec = get_task(task.task)
     check_task_fits(task.task, model.config, type(model).__name__)
     if preprocessor is None:
         raise HfPruneError(f"task {task.task!r} needs the model's tokenizer/processor, and none was found")
-    result = spec.run(model, preprocessor, task, progress)
+    configs = list(configs) if configs is not None else [model.config]
+    if config_prunes_prompts(model.config) and not any(config_prunes_prompts(c) for c in configs):
+        raise HfPruneError(
+            f"task {task.task!r}: the model prunes its prompt, but none of the configs the task was resolved "
+            "against does (give this model's config among them)"
+        )
+    resolved = resolve_task(task, configs)
+    result = spec.run(model, preprocessor, resolved, progress)
+    if resolved.context_len is not None and task.context_len is None:
+        result["context_len_source"] = (
+            f"default: seq_len // 2 = {resolved.context_len}, since a model compared on this task prunes its "
+            "prompt (a context to prune is needed; every model is scored on the same split); set "
+            "context_len (--context-len) to choose"
+        )
     return {"task": spec.name, "metric": spec.metric, **result}
 
 

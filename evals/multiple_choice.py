@@ -14,6 +14,12 @@ because tokenizers fold a space into the word that follows it. The context and c
 are tokenised separately and the continuation's tokens are the tail of the latter beyond the
 former's length; the special tokens the tokenizer puts in front of a text (a BOS) are kept in front
 of the context, those it appends (an EOS) are left out.
+
+A prompt-pruned causal LM (``model_patches/prompt_token_pruning.py``) cannot score a whole sequence in
+one forward: each choice is scored as ``generate`` would run it, the context (the same tokens as
+above: prefix + question, cut from the left to ``max_length`` with the choice) pruned at prefill and
+the choice's tokens teacher-forced through the KV cache (``pruned_prompt_scoring.continuation_logprobs``,
+one prefill per distinct context). Every other model keeps the batched single forward.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ..adapters import max_positions
 from ..data import read_records
 from ..errors import DataError
 from .metrics import load_metric
+from .pruned_prompt_scoring import continuation_logprobs, prunes_prompts
 
 #: Fields every row must have.
 REQUIRED_FIELDS = ("question", "choices", "answer")
@@ -103,7 +110,10 @@ def evaluate_multiple_choice(
                 (example_index, choice_index, tokens[:-1][-max_length:], tokens[-num_continuation:])
             )
 
-    scores = _score_requests(model, tokenizer, requests, batch_size=batch_size, progress=progress)
+    if prunes_prompts(model):
+        scores = _score_pruned_requests(model, requests, progress=progress)
+    else:
+        scores = _score_requests(model, tokenizer, requests, batch_size=batch_size, progress=progress)
 
     details = []
     for example_index, example in enumerate(examples):
@@ -271,6 +281,30 @@ def _score_requests(
                     target = torch.tensor(targets, dtype=torch.long, device=log_probs.device)
                     picked = log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
                     scores[(example_index, choice_index)] = float(picked.double().sum().item())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def _score_pruned_requests(model, requests, *, progress: bool) -> dict[tuple[int, int], float]:
+    """``_score_requests`` for a prompt-pruned model: the context prefilled (pruned) once per distinct
+    context, each continuation teacher-forced through a copy of its cache."""
+    groups: dict[tuple[int, ...], list] = {}
+    for request in requests:
+        _, _, inputs, targets = request
+        # The input's last len(targets) positions predict the continuation; the context ends at the first.
+        context = tuple(inputs[: len(inputs) - len(targets) + 1])
+        groups.setdefault(context, []).append(request)
+    scores: dict[tuple[int, int], float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for context, group in tqdm(
+            groups.items(), desc="multiple choice", unit="context", disable=not progress
+        ):
+            results = continuation_logprobs(model, context, [targets for *_, targets in group])
+            for (example_index, choice_index, _, _), (logprobs, _) in zip(group, results, strict=True):
+                scores[(example_index, choice_index)] = float(logprobs.sum())
     finally:
         model.train(was_training)
     return scores

@@ -3,6 +3,15 @@
 The corpus is tokenised once and cut into non-overlapping windows; the model's own loss (HF shifts
 the labels internally) gives each batch's negative log-likelihood, and the shipped ``perplexity``
 metric aggregates those into a token-weighted figure.
+
+``context_len`` splits each window: its first ``context_len`` tokens are context, only the tokens after
+them are scored. An ordinary model runs one forward over the window with the context's labels ignored
+(the same numbers as scoring the rest through a KV cache after a prefill of the context, which the tests
+check). A prompt-pruned causal LM (``model_patches/prompt_token_pruning.py``) is scored as ``generate``
+runs it: the context is pruned at prefill and the scored tokens are teacher-forced through the cache
+(``pruned_prompt_scoring.window_logprobs``); without a ``context_len`` such a model gets
+``seq_len // 2``, and the result says so. Without ``context_len`` an ordinary model is scored as
+before: every token of a window but its first.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,6 +29,7 @@ from ..adapters import max_positions
 from ..data import load_text_records
 from ..errors import DataError
 from .metrics import load_metric
+from .pruned_prompt_scoring import prunes_prompts, window_logprobs
 
 # Literal marker that raw corpus dumps (TinyStories, GPT-2-style text files) put between documents.
 DEFAULT_DOCUMENT_SEPARATOR = "<|endoftext|>"
@@ -38,6 +49,7 @@ def evaluate_perplexity(
     text_field: str = "text",
     progress: bool = True,
     document_separator: str | None = None,
+    context_len: int | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` over the text in ``data``.
 
@@ -61,11 +73,18 @@ def evaluate_perplexity(
             that does not treat it as a special token spells it out character by character and
             the model would be scored on predicting markup it never saw. ``None`` keeps the text
             exactly as read.
+        context_len: each window's first ``context_len`` tokens are context and only the tokens after
+            them are scored (below ``seq_len``; a final window no longer than it is left out). A
+            prompt-pruned model prunes that context at prefill (see the module docstring); it gets
+            ``seq_len // 2`` when none is given. None on an ordinary model: every token of a window
+            but its first is scored.
 
     Returns:
-        ``{"perplexity", "mean_nll", "num_tokens", "num_windows", "seq_len", "data", "seconds"}``
-        (plus ``seq_len_clamped_from`` when ``seq_len`` was clamped) where ``num_tokens`` counts
-        predicted tokens (each window predicts its length minus one).
+        ``{"perplexity", "mean_nll", "num_tokens", "num_windows", "seq_len", "context_len",
+        "scored_tokens", "protocol", "data", "seconds"}`` (plus ``seq_len_clamped_from`` when ``seq_len``
+        was clamped, and ``context_len_source`` when a context_len was used) where ``num_tokens`` and
+        ``scored_tokens`` count the scored tokens (each window: its length minus one, or minus
+        ``context_len``) and ``protocol`` says in a sentence how they were scored.
     """
     started = time.perf_counter()
     if batch_size < 1:
@@ -88,6 +107,14 @@ def evaluate_perplexity(
         seq_len_clamped_from, seq_len = seq_len, positions
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (a window predicts seq_len - 1 tokens), got {seq_len}")
+    context_len_source = "given" if context_len is not None else None
+    if context_len is None and prunes_prompts(model):
+        context_len = default_context_len(seq_len)
+        context_len_source = (
+            f"default: seq_len // 2 = {context_len}, since the model prunes its prompt (a context to prune "
+            "is needed); set context_len to choose"
+        )
+    check_context_len(context_len, seq_len)
 
     data_name = os.fspath(data)
     text = load_text(data_name, text_field=text_field)
@@ -106,10 +133,18 @@ def evaluate_perplexity(
         )
     tokens = torch.tensor(token_ids, dtype=torch.long)
     result = perplexity_of_tokens(
-        model, tokens, seq_len=seq_len, batch_size=batch_size, limit=limit, progress=progress
+        model,
+        tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        limit=limit,
+        progress=progress,
+        context_len=context_len,
     )
     if seq_len_clamped_from is not None:
         result["seq_len_clamped_from"] = seq_len_clamped_from
+    if context_len_source is not None:
+        result["context_len_source"] = context_len_source
     return {**result, "data": data_name, "seconds": time.perf_counter() - started}
 
 
@@ -121,10 +156,29 @@ def perplexity_of_tokens(
     batch_size: int = 8,
     limit: int | None = None,
     progress: bool = False,
+    context_len: int | None = None,
 ) -> dict[str, Any]:
-    """Perplexity over non-overlapping ``seq_len`` windows of a 1-D token tensor (see evaluate_perplexity)."""
-    batches = _window_batches(len(tokens), seq_len=seq_len, batch_size=batch_size, limit=limit)
+    """Perplexity over non-overlapping ``seq_len`` windows of a 1-D token tensor (see evaluate_perplexity).
+
+    A prompt-pruned model needs a ``context_len`` here (``evaluate_perplexity`` gives it a default)."""
+    check_context_len(context_len, seq_len)
+    pruned = prunes_prompts(model)
+    if pruned and context_len is None:
+        raise ValueError(
+            f"{type(model).__name__} prunes its prompt: give a context_len (the context pruned at prefill; "
+            "the tokens after it are scored through the cache)"
+        )
+    # A window scores its tokens after the first (after the first context_len with a context).
+    min_length = 2 if context_len is None else context_len + 1
+    batches = _window_batches(
+        len(tokens), seq_len=seq_len, batch_size=batch_size, limit=limit, min_length=min_length
+    )
     num_windows = sum(len(batch) for batch in batches)
+    if num_windows == 0:
+        raise DataError(
+            f"no window to score: the text has {len(tokens)} tokens"
+            + (f", none after a context of {context_len}" if context_len is not None else "")
+        )
 
     metric = load_metric("perplexity")
     device = next(model.parameters()).device
@@ -134,15 +188,26 @@ def perplexity_of_tokens(
         with torch.no_grad():
             for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
                 input_ids = torch.stack([tokens[start:end] for start, end in batch]).to(device)
-                outputs = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+                if pruned:
+                    # Context pruned at prefill, the rest teacher-forced through the cache.
+                    logprobs = window_logprobs(model, input_ids[:, :context_len], input_ids[:, context_len:])
+                    metric.add_batch(nll_sum=[-float(logprobs.sum())], num_tokens=[logprobs.numel()])
+                    continue
+                labels = input_ids
+                if context_len is not None:
+                    labels = input_ids.masked_fill(
+                        torch.arange(input_ids.shape[1], device=device) < context_len, -100
+                    )
+                outputs = model(input_ids=input_ids, labels=labels, use_cache=False)
                 if getattr(outputs, "loss", None) is None:
                     raise TypeError(
                         f"{type(model).__name__} returned no loss when given labels; "
                         "perplexity needs a causal LM head"
                     )
                 # The loss is the mean over the batch's predicted tokens: labels are shifted by
-                # one inside the model, so each window of length L predicts L - 1 tokens.
-                predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
+                # one inside the model, so each window of length L predicts L - 1 tokens (L - context_len
+                # with a context, whose labels are ignored).
+                predicted = input_ids.shape[0] * (input_ids.shape[1] - (context_len or 1))
                 metric.add_batch(
                     nll_sum=[outputs.loss.double().item() * predicted],
                     num_tokens=[predicted],
@@ -157,7 +222,52 @@ def perplexity_of_tokens(
         "num_tokens": int(result["num_tokens"]),
         "num_windows": num_windows,
         "seq_len": seq_len,
+        "context_len": context_len,
+        "scored_tokens": int(result["num_tokens"]),
+        "protocol": scoring_protocol(seq_len, context_len, pruned),
     }
+
+
+def scoring_protocol(seq_len: int, context_len: int | None, pruned: bool) -> str:
+    """One sentence: how the windows were scored."""
+    if context_len is None:
+        return f"windows of {seq_len} tokens, one forward each; every token after a window's first is scored"
+    if pruned:
+        return (
+            f"windows of {seq_len} tokens; the first {context_len} are context, pruned at prefill by the model, "
+            "and the tokens after them are teacher-forced through the KV cache and scored (as generate runs it)"
+        )
+    return (
+        f"windows of {seq_len} tokens; the first {context_len} are context and only the tokens after them are "
+        "scored (one forward, the context's labels ignored: the same as a prefill and the rest through the cache)"
+    )
+
+
+def check_context_len(context_len: int | None, seq_len: int) -> None:
+    """ValueError unless ``context_len`` is None or leaves tokens to score in a ``seq_len`` window."""
+    if context_len is None:
+        return
+    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
+        raise ValueError(f"context_len must be a positive integer, got {context_len!r}")
+    if context_len >= seq_len:
+        raise ValueError(
+            f"context_len {context_len} leaves nothing to score in windows of seq_len {seq_len}: "
+            "it must be below seq_len"
+        )
+
+
+def default_context_len(seq_len: int) -> int:
+    """The context of a prompt-pruned model when none is given: half the window."""
+    return seq_len // 2
+
+
+def window_length(config: Any, seq_len: int | None) -> int:
+    """The window ``evaluate_perplexity`` uses on a model with this config for a requested ``seq_len``
+    (None: the default), after clamping to the model's positions."""
+    positions = max_positions(SimpleNamespace(config=config))
+    if seq_len is None:
+        return min(positions or _MAX_DEFAULT_SEQ_LEN, _MAX_DEFAULT_SEQ_LEN)
+    return min(seq_len, positions) if positions is not None else seq_len
 
 
 def default_seq_len(model) -> int:
@@ -171,12 +281,13 @@ def load_text(data: str, *, text_field: str = "text") -> str:
 
 
 def _window_batches(
-    num_tokens: int, *, seq_len: int, batch_size: int, limit: int | None
+    num_tokens: int, *, seq_len: int, batch_size: int, limit: int | None, min_length: int = 2
 ) -> list[list[tuple[int, int]]]:
     """Group non-overlapping ``(start, end)`` windows into batches of equal-length windows."""
     windows = [(start, min(start + seq_len, num_tokens)) for start in range(0, num_tokens, seq_len)]
-    # A 1-token tail predicts nothing after the label shift.
-    if windows and windows[-1][1] - windows[-1][0] < 2:
+    # A tail shorter than min_length scores nothing (1 token: nothing after the label shift; with a
+    # context, nothing after it).
+    if windows and windows[-1][1] - windows[-1][0] < min_length:
         windows.pop()
     if limit is not None:
         windows = windows[:limit]
@@ -188,4 +299,11 @@ def _window_batches(
     return batches
 
 
-__all__ = ["DEFAULT_DOCUMENT_SEPARATOR", "default_seq_len", "evaluate_perplexity", "load_text"]
+__all__ = [
+    "DEFAULT_DOCUMENT_SEPARATOR",
+    "default_context_len",
+    "default_seq_len",
+    "evaluate_perplexity",
+    "load_text",
+    "window_length",
+]

@@ -19,11 +19,23 @@ import torch
 from transformers import DynamicCache
 
 from ..adapters import get_adapter, model_device
+from ..errors import UnsupportedModelError
 
 
 def prunes_prompts(model) -> bool:
     """Whether ``model`` is a prompt-pruned causal LM (scored through this module)."""
-    return get_adapter(model.config).prunes_prompts(model.config)
+    return config_prunes_prompts(getattr(model, "config", None))
+
+
+def config_prunes_prompts(config) -> bool:
+    """Whether a model with this config is a prompt-pruned causal LM (False for an architecture the
+    adapter table does not know: it cannot be one)."""
+    if getattr(config, "token_pruning", None) is None:
+        return False
+    try:
+        return get_adapter(config).prunes_prompts(config)
+    except UnsupportedModelError:
+        return False
 
 
 @torch.no_grad()
@@ -62,3 +74,30 @@ def continuation_logprobs(
         greedy = bool((logprobs.argmax(-1) == target).all())
         results.append((picked.double().cpu(), greedy))
     return results
+
+
+@torch.no_grad()
+def window_logprobs(model, context: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """Batched :func:`continuation_logprobs` for rows without padding: ``context`` [B, c] (c >= 1) and
+    ``continuation`` [B, n] token ids; the log-probability of each continuation token [B, n], float64 on
+    the CPU. Each row's context is pruned at prefill by the model (rows may keep different counts: the
+    cache remembers each row's kept tokens and positions), then the continuation runs through the cache."""
+    if context.dim() != 2 or continuation.dim() != 2 or context.shape[0] != continuation.shape[0]:
+        raise ValueError(
+            f"context [B, c] and continuation [B, n] must share B, got {tuple(context.shape)} and "
+            f"{tuple(continuation.shape)}"
+        )
+    if context.shape[1] == 0 or continuation.shape[1] == 0:
+        raise ValueError("a context and a continuation each need at least one token")
+    device = model_device(model)
+    context, continuation = context.to(device), continuation.to(device)
+    prefill = model(
+        input_ids=context, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1
+    )
+    logits = [prefill.logits[:, -1:].float()]
+    if continuation.shape[1] > 1:
+        logits.append(
+            model(input_ids=continuation[:, :-1], cache=prefill.cache, use_cache=True).logits.float()
+        )
+    logprobs = torch.cat(logits, dim=1).log_softmax(-1)
+    return logprobs.gather(2, continuation[..., None])[..., 0].double().cpu()

@@ -180,6 +180,7 @@ def write_report(
                     format_retained(entry["retained"]),
                 ]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += scoring_notes(runs)
     plots = [
         plot_quality_vs_compression(runs, folder / "quality_vs_compression.png"),
         plot_latency_vs_seq_len(latency_ms or {}, folder / "latency_vs_seq_len.png"),
@@ -195,6 +196,35 @@ def write_report(
     path = folder / REPORT_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def scoring_notes(runs: list[dict[str, Any]]) -> list[str]:
+    """Lines saying how each evaluated model was scored, for results that say (``protocol``: perplexity's
+    context split, scored tokens, where the context_len came from); none otherwise."""
+    lines = []
+    for run in runs:
+        for entry in run.get("evaluation") or []:
+            described = {
+                label: entry[label]
+                for label in ("original", "pruned")
+                if isinstance(entry.get(label), dict) and entry[label].get("protocol")
+            }
+            if not described:
+                continue
+            lines += ["", f"How {run['label']} / {entry['task']} was scored:", ""]
+            for label, result in described.items():
+                figures = [
+                    f"{key} {result[key]}"
+                    for key in ("seq_len", "context_len", "scored_tokens")
+                    if key in result
+                ]
+                source = (
+                    f" context_len {result['context_len_source']}."
+                    if result.get("context_len_source")
+                    else ""
+                )
+                lines.append(f"- {label}: {', '.join(figures)}: {result['protocol']}.{source}")
+    return lines
 
 
 def format_retained(retained: float | None) -> str:

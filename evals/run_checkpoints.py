@@ -136,8 +136,10 @@ def compare_checkpoints(
         label: load_for_task(path, task.task, **placement)
         for label, path in (("pruned", name), ("original", original))
     }
+    # Both models are scored under one protocol (e.g. perplexity's context_len when one prunes its prompt).
+    configs = [model.config for model, _ in loaded.values()]
     scores = {
-        label: {**_describe(model), **run_task(model, pre, task, progress=progress)}
+        label: {**_describe(model), **run_task(model, pre, task, progress=progress, configs=configs)}
         for label, (model, pre) in loaded.items()
     }
     spec = get_task(task.task)

@@ -142,6 +142,13 @@ def _parser() -> argparse.ArgumentParser:
         "--seq-len", type=positive_int, default=None, help="perplexity window (default: model max, <= 1024)"
     )
     evaluate.add_argument(
+        "--context-len",
+        type=positive_int,
+        default=None,
+        help="perplexity: score only the tokens after each window's first N (the context; a prompt-pruned "
+        "model prunes it at prefill, and gets seq_len // 2 by default)",
+    )
+    evaluate.add_argument(
         "--batch-size", type=positive_int, default=8, help="examples per forward pass (default 8)"
     )
     evaluate.add_argument(
@@ -283,6 +290,7 @@ def _eval(args: argparse.Namespace) -> int:
             "text_pair_field": args.text_pair_field,
             "label_field": args.label_field,
             "max_new_tokens": args.max_new_tokens,
+            "context_len": args.context_len,
         },
         "eval",
     )

@@ -28,7 +28,15 @@ from .checkpoint import (
 from .context import PruneContext
 from .data import looks_like_local_path
 from .errors import ConfigFieldError, HfPruneError, RecipeError, UnsupportedModelError
-from .evals.harness import TaskModelMismatch, check_task_fits, get_task, retained_fraction, run_task
+from .evals.harness import (
+    TaskModelMismatch,
+    check_task_fits,
+    get_task,
+    resolve_task,
+    retained_fraction,
+    run_task,
+)
+from .evals.perplexity import window_length
 from .evals.report import write_report
 from .output_safety import check_output_folder, weight_files_size
 from .recipe import Recipe, load_recipe
@@ -69,7 +77,10 @@ def prune(
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     config = source_model.config if source_model is not None else _load_config(recipe)
     adapter = get_adapter(config)
-    _preflight(recipe, config, adapter, source_model)
+    predicted = _preflight(recipe, config, adapter, source_model)
+    # The original and the pruned model are scored under one protocol, resolved from both configs (the
+    # pruned one as the stages predict it) before either runs.
+    compared = [config, predicted]
 
     if source_model is None:
         model = load_model(
@@ -97,7 +108,9 @@ def prune(
 
     params_before = count_parameters(model)
     experts_before = adapter.experts_per_layer(model) if adapter.spec.is_moe else None
-    original_scores = [run_task(model, preprocessor, task, progress=progress) for task in recipe.evaluate]
+    original_scores = [
+        run_task(model, preprocessor, task, progress=progress, configs=compared) for task in recipe.evaluate
+    ]
     # The prefill sweep runs causal LMs (with generate); an encoder classifier has neither.
     sweep = bool(recipe.evaluate) and not adapter.is_encoder
     latency = {"original": _prefill_sweep(model, preprocessor)} if sweep else {}
@@ -118,7 +131,7 @@ def prune(
         stage_reports.append(report)
     evaluation = []
     for task, original in zip(recipe.evaluate, original_scores, strict=True):
-        pruned = run_task(model, preprocessor, task, progress=progress)
+        pruned = run_task(model, preprocessor, task, progress=progress, configs=compared)
         evaluation.append(
             {
                 "task": task.task,
@@ -204,19 +217,27 @@ def _load_config(recipe: Recipe) -> Any:
         raise RecipeError(str(exc)) from exc.__cause__
 
 
-def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> None:
-    """Checks that need the model's config but not its weights."""
+def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> Any:
+    """Checks that need the model's config but not its weights; the config the stages will leave."""
     if source_model is None:  # a model in memory stays where it is
         try:
             check_device(recipe.device)
         except HfPruneError as exc:
             raise RecipeError(str(exc)) from None
-    _check_stages(recipe, config, adapter)
+    predicted = _check_stages(recipe, config, adapter)
     for i, task in enumerate(recipe.evaluate):
         try:
             check_task_fits(task.task, config)
+            check_task_fits(task.task, predicted)
         except TaskModelMismatch as exc:
             raise RecipeError(f"evaluate[{i}].task: {exc}") from None
+        resolved = resolve_task(task, [config, predicted])
+        window = min(window_length(c, resolved.seq_len) for c in (config, predicted))
+        if resolved.context_len is not None and resolved.context_len >= window:
+            raise RecipeError(
+                f"evaluate[{i}].context_len: {resolved.context_len} leaves nothing to score in windows of "
+                f"{window} tokens (seq_len, at most the model's positions): it must be below that"
+            )
     floor, needed_by = calibration_floor(recipe, config)
     if recipe.calibration and floor > recipe.calibration.num_samples * recipe.calibration.seq_len:
         calibration = recipe.calibration
@@ -243,6 +264,7 @@ def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> 
             protected_files=_recipe_local_files(recipe),
             required_bytes=required,
         )
+    return predicted
 
 
 def _recipe_local_files(recipe: Recipe) -> list[tuple[str, Path]]:
@@ -268,10 +290,10 @@ def _exists(path: str | Path) -> bool:
         return False
 
 
-def _check_stages(recipe: Recipe, config: Any, adapter: Any) -> None:
+def _check_stages(recipe: Recipe, config: Any, adapter: Any) -> Any:
     """Check each stage against the config as the stages before it will leave it (``predict_config``), so
     stages that together remove too much fail here, not after the first ones ran. The only call of each
-    stage's ``check_model``: ``apply`` trusts it."""
+    stage's ``check_model``: ``apply`` trusts it. Returns the config the last stage will leave."""
     changed_by: list[str] = []  # the earlier stages that change what a check reads
     for i, stage in enumerate(recipe.stages):
         if not isinstance(stage.config, OneShotMethod):
@@ -290,3 +312,4 @@ def _check_stages(recipe: Recipe, config: Any, adapter: Any) -> None:
         if predicted is not config:
             changed_by.append(f"stages[{i}] ({stage.method})")
             config = predicted
+    return config

@@ -81,12 +81,24 @@ class EvaluationTask:
     )
     label_field: str = config_field("label", help="classification: label column")
     max_new_tokens: int = config_field(8, help="vqa: answer length limit")
+    context_len: int | None = config_field(
+        None,
+        help="perplexity: each window's first context_len tokens are context, only the tokens after them "
+        "are scored (a prompt-pruned model prunes the context at prefill; default for one: seq_len // 2)",
+    )
 
     def __post_init__(self) -> None:
         if self.task not in EVAL_TASKS:
             raise ConfigFieldError("task", f"unknown task {self.task!r} (allowed: {', '.join(EVAL_TASKS)})")
-        for name in ("seq_len", "batch_size", "limit", "max_new_tokens"):
+        for name in ("seq_len", "batch_size", "limit", "max_new_tokens", "context_len"):
             _check_positive(name, getattr(self, name))
+        if self.context_len is not None and self.task != "perplexity":
+            raise ConfigFieldError("context_len", f"is a perplexity setting; task {self.task!r} has none")
+        if self.context_len is not None and self.seq_len is not None and self.context_len >= self.seq_len:
+            raise ConfigFieldError(
+                "context_len",
+                f"must be below seq_len ({self.seq_len}) to leave tokens to score, got {self.context_len}",
+            )
 
 
 @dataclass

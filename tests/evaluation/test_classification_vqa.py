@@ -1,5 +1,6 @@
 """Classification accuracy (tiny BERT) and VQA (tiny LLaVA on real Fashion-MNIST images) tasks."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from conftest import shared_asset
 from hf_prune.evals.classification import evaluate_classification
+from hf_prune.evals.harness import TaskModelMismatch, check_task_fits, run_task
 from hf_prune.evals.testbeds.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist, write_vqa_set
 from hf_prune.evals.vqa import FALLBACK_PROMPT, build_prompt, evaluate_vqa
 from PIL import Image
@@ -22,7 +24,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import hf_prune
 from hf_prune.errors import DataError
+from hf_prune.recipe import EvaluationTask
 
 WORDS = [f"w{i}" for i in range(30)]
 MAX_POSITIONS = 24
@@ -384,3 +388,39 @@ def test_vqa_errors(llava, vqa_case, tmp_path):
         evaluate_vqa(model, processor, tmp_path / "empty.jsonl", progress=False)
     with pytest.raises(FileNotFoundError, match="data file not found"):
         evaluate_vqa(model, processor, tmp_path / "absent.jsonl", progress=False)
+
+
+# --- token-pruned models (issue 13): the tasks score them as they run -------------------------------
+
+
+def test_classification_of_a_text_token_pruned_bert(bert, cls_case):
+    model, tokenizer = bert
+    stage = {"method": "text_token_pruning", "algorithm": "attention", "layer": 1, "keep_ratio": 0.5}
+    pruned = hf_prune.prune(model, {"stages": [stage]}, tokenizer=tokenizer, progress=False).model.eval()
+    assert pruned.config.token_pruning["keep_ratio"] == 0.5
+    # By hand: each text alone (no padding) through the pruned model, against the rows' labels.
+    expected = _direct_predictions(pruned, tokenizer, cls_case["texts"])
+    accuracy = sum(p == y for p, y in zip(expected, cls_case["labels"], strict=True)) / NUM_ROWS
+    task = EvaluationTask(task="classification", data=str(cls_case["ints"]), batch_size=4)
+    for batch_size in (1, 4):
+        result = run_task(pruned, tokenizer, dataclasses.replace(task, batch_size=batch_size), progress=False)
+        assert result["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    for name in ("perplexity", "multiple_choice"):
+        with pytest.raises(
+            TaskModelMismatch, match=rf"task '{name}' needs a language-model head.*encoder classifier"
+        ):
+            run_task(pruned, tokenizer, dataclasses.replace(task, task=name), progress=False)
+
+
+def test_vqa_of_a_visual_token_pruned_llava(llava, vqa_case):
+    model, processor = llava
+    data, rows = vqa_case
+    stages = {"stages": [{"method": "visual_token_pruning", "budget": 4}]}
+    pruned = hf_prune.prune(model, stages, tokenizer=processor, progress=False).model.eval()
+    assert pruned.config.token_pruning is not None
+    direct = [_direct_answer(pruned, processor, data.parent / row["image"], row["question"]) for row in rows]
+    task = EvaluationTask(task="vqa", data=str(data), batch_size=3, max_new_tokens=MAX_NEW_TOKENS)
+    result = run_task(pruned, processor, task, progress=False)
+    assert [e["prediction"] for e in result["examples"]] == direct
+    with pytest.raises(TaskModelMismatch, match="a visual-token-pruned vision-language model"):
+        check_task_fits("classification", pruned.config, type(pruned).__name__)

@@ -78,7 +78,7 @@ def test_fixed_keep_ratio_one_is_the_stock_model(stock, tokenizer, text_file):
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
         torch.testing.assert_close(
-            model(**inputs).logits[real], stock(**inputs).logits[real], rtol=1e-5, atol=1e-5
+            model(**inputs, use_cache=True).logits[real], stock(**inputs).logits[real], rtol=1e-5, atol=1e-5
         )
         assert torch.equal(
             model.generate(**inputs, max_new_tokens=6, do_sample=False),
@@ -142,7 +142,7 @@ def test_a_sharp_ratio_head_gives_prompts_their_own_ratios(stock, tokenizer, tex
         second.bias[candidates.index(0.7)] = 0.1
         expected = [0.2 if float(m[dim]) * 1000 > 0.1 else 0.7 for m in means]
         assert len(set(expected)) == 2
-        out = model(**inputs)
+        out = model(**inputs, use_cache=True)  # a prefill
         for row, prompt in enumerate(PROMPTS):
             n = int(inputs["attention_mask"][row].sum())
             assert int(out.kept_tokens[row].sum()) == kept_count(n, expected[row])

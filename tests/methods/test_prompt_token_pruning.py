@@ -105,7 +105,8 @@ def test_keep_ratio_one_is_the_stock_model(stock_models, tokenizer, family):
         for settings in ({"algorithm": "attention", "layer": 2}, {"algorithm": "random", "layer": 0}):
             model = pruned(stock, keep_ratio=1.0, **settings)
             # Padding rows differ (eager and SDPA fill fully masked rows differently); real tokens do not.
-            torch.testing.assert_close(model(**inputs).logits[real], expected, rtol=1e-5, atol=1e-5)
+            prefill = model(**inputs, use_cache=True).logits[real]
+            torch.testing.assert_close(prefill, expected, rtol=1e-5, atol=1e-5)
             assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected_tokens)
 
 
@@ -117,7 +118,7 @@ def test_layer_zero_is_the_stock_model_on_the_cut_prompt(stock_models, tokenizer
     # No label on padding, nor on the first real token (padding would predict it, and padding differs).
     labels = ids.masked_fill((mask == 0) | ((mask.cumsum(-1) == 1) & (mask == 1)), -100)
     with torch.no_grad():
-        out = model(**inputs, labels=labels)
+        out = model(**inputs, labels=labels, use_cache=True)  # a prefill
         keep = out.kept_tokens
         # Which tokens: the first and last real ones and the best ⌈0.4·n⌉ others by seeded random scores,
         # the i-th draw going to a row's i-th real token.

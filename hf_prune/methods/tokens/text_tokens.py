@@ -22,6 +22,7 @@ candidate ratio per sentence, and its price per unit of ratio is set so the mean
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -177,6 +178,18 @@ class TextTokenPruningConfig(OneShotMethod):
                 "train_data",
                 f"{self.algorithm} learns its saliency (and ratio) heads: give labelled training data",
             )
+
+    def predict_config(self, model_config: Any, adapter: ModelAdapter) -> Any:
+        """A causal LM leaves with ``token_pruning`` in its config (a prompt-pruned model, which evaluation
+        scores differently: ``adapter.prunes_prompts``); a classifier's config changes nothing a check reads."""
+        if adapter.is_encoder:
+            return model_config
+        predicted = copy.deepcopy(model_config)
+        predicted.token_pruning = prompt_token_pruning.check_settings(
+            {key: getattr(self, key) for key in prompt_token_pruning.DEFAULTS},
+            adapter.num_layers(model_config),
+        )
+        return predicted
 
     def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
         return apply_text_token_pruning(model, self, context)
