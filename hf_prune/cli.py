@@ -30,8 +30,12 @@ recipe.yaml:
   hf-prune eval out/stories-4layers --task multiple_choice --data cloze.jsonl --compare models/stories260K
   hf-prune eval out/minilm-pruned --task classification --data sentences.jsonl --label-field label
   hf-prune eval out/llava-pruned --task vqa --data vqa.jsonl --device auto --dtype bfloat16
+  hf-prune eval out/llama-tokens --harness lm-eval --tasks hellaswag,arc_easy --compare meta-llama/Llama-3.2-1B
+  hf-prune eval out/llama-tokens --harness lm-eval --tasks my_task --include-path my_tasks/ --output results.json
 
---compare also evaluates ORIGINAL, benchmarks both, and writes report.md with plots to --report-dir.""",
+--compare also evaluates ORIGINAL, benchmarks both, and writes report.md with plots to --report-dir.
+--harness lm-eval runs lm-evaluation-harness with its hf-prune model (as `lm_eval --model hf-prune`):
+a prompt-pruned model is scored with its context pruned at prefill, any other as `--model hf` scores it.""",
     "bench": """examples:
   hf-prune bench out/stories-4layers --vs ../shared/assets/models/stories260K
   hf-prune bench out/stories-4layers --seq-lens 128 256 512 --decode-tokens 32 --output bench.json""",
@@ -123,11 +127,29 @@ def _parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--output", default=None, help="also write the results to this JSON file")
 
-    evaluate = command("eval", "Evaluate a model on a task through evaluate metric modules.")
+    evaluate = command(
+        "eval",
+        "Evaluate a model on a task through evaluate metric modules, or on lm-evaluation-harness tasks.",
+    )
     evaluate.add_argument("model", help="model folder or hub id")
-    evaluate.add_argument("--task", required=True, choices=list(EVAL_TASKS), help="evaluation task")
     evaluate.add_argument(
-        "--data", required=True, help="local .txt/.jsonl/.json/.parquet file (or a datasets hub id)"
+        "--task", choices=list(EVAL_TASKS), help="evaluation task (hf-prune's own harness; needs --data)"
+    )
+    evaluate.add_argument("--data", help="local .txt/.jsonl/.json/.parquet file (or a datasets hub id)")
+    evaluate.add_argument(
+        "--harness",
+        choices=["hf-prune", "lm-eval"],
+        default="hf-prune",
+        help="hf-prune: --task on --data (default); lm-eval: lm-evaluation-harness --tasks through its "
+        "hf-prune model (pip install 'hf-prune[lm-eval]')",
+    )
+    evaluate.add_argument(
+        "--tasks", default=None, help="comma-separated lm-eval task names (with --harness lm-eval)"
+    )
+    evaluate.add_argument(
+        "--include-path",
+        default=None,
+        help="a folder of your own lm-eval task YAML files (--harness lm-eval)",
     )
     evaluate.add_argument(
         "--compare",
@@ -278,6 +300,16 @@ def _eval(args: argparse.Namespace) -> int:
     from .recipe import EvaluationTask, build_dataclass
 
     check_device(args.device, key="--device")
+    if args.harness == "lm-eval":
+        return _eval_lm_eval(args)
+    for flag, value in (("--tasks", args.tasks), ("--include-path", args.include_path)):
+        if value is not None:
+            raise HfPruneError(
+                f"{flag} is for --harness lm-eval; hf-prune's own harness takes --task and --data"
+            )
+    for flag, value in (("--task", args.task), ("--data", args.data)):
+        if value is None:
+            raise HfPruneError(f"{flag} is required (or --harness lm-eval --tasks T1,T2)")
     task = build_dataclass(
         EvaluationTask,
         {
@@ -317,6 +349,42 @@ def _eval(args: argparse.Namespace) -> int:
         print(
             f"retained {format_retained(results['retained'])}; report: {results['report']}", file=sys.stderr
         )
+    return 0
+
+
+def _eval_lm_eval(args: argparse.Namespace) -> int:
+    from .evals.lm_eval_harness import compare_with_lm_eval, evaluate_with_lm_eval
+    from .evals.report import format_retained
+
+    if args.task is not None or args.data is not None:
+        raise HfPruneError("--harness lm-eval takes --tasks (lm-eval task names), not --task / --data")
+    if args.allow_pickle or args.device_map:
+        flag = "--allow-pickle" if args.allow_pickle else "--device-map"
+        raise HfPruneError(f"{flag} is not available with --harness lm-eval (lm-eval loads the model itself)")
+    tasks = [task.strip() for task in (args.tasks or "").split(",") if task.strip()]
+    placement = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "trust_remote_code": args.trust_remote_code,
+    }
+    options = {"include_path": args.include_path, "limit": args.limit, "placement": placement}
+    if args.compare:
+        results = compare_with_lm_eval(
+            args.model,
+            args.compare,
+            tasks,
+            report_dir=Path(args.report_dir),
+            progress=not args.quiet,
+            **options,
+        )
+    else:
+        results = evaluate_with_lm_eval(args.model, tasks, **options)
+    _print_and_write(results, args.output)
+    for entry in results.get("evaluation", []):
+        print(f"{entry['task']}: retained {format_retained(entry['retained'])}", file=sys.stderr)
+    if args.compare:
+        print(f"report: {results['report']}", file=sys.stderr)
     return 0
 
 
