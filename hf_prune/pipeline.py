@@ -275,10 +275,12 @@ def _recipe_local_files(recipe: Recipe) -> list[tuple[str, Path]]:
         named.append(("calibration.data", recipe.calibration.data))
     named += [(f"evaluate[{i}].data", task.data) for i, task in enumerate(recipe.evaluate)]
     for i, stage in enumerate(recipe.stages):  # e.g. train_data, text_tower: any string naming a local path
+        # A choice among fixed words (algorithm: adtp) is no path, even if a folder of that name exists.
+        choices = {f.name for f in dataclasses.fields(stage.config) if "Literal[" in str(f.type)}
         named += [
             (f"stages[{i}].{key}", value)
             for key, value in stage.config.to_dict().items()
-            if isinstance(value, str)
+            if isinstance(value, str) and key not in choices
         ]
     return [(key, Path(value).expanduser()) for key, value in named if value is not None and _exists(value)]
 

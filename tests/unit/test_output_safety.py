@@ -562,3 +562,17 @@ def test_a_model_built_in_memory_saves_below_the_working_folder(tmp_path, monkey
     )
     assert result.output == tmp_path / "pruned"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").config.num_hidden_layers == 2
+
+
+def test_a_stage_choice_named_like_the_output_folder_is_no_path(
+    tmp_path, source, monkeypatch, no_model_loading
+):
+    """`algorithm: adtp` with an earlier output folder `adtp` in the working folder: the word is a choice,
+    not the folder, so replacing the earlier output is allowed (it used to be refused as "is
+    stages[0].algorithm")."""
+    monkeypatch.chdir(tmp_path)
+    earlier_output(tmp_path / "random")
+    stage = {"method": "text_token_pruning", "algorithm": "random", "keep_ratio": 0.5, "layer": 1}
+    recipe = {**layer_drop_recipe(source, "random"), "stages": [stage]}
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past every output check
+        hf_prune.prune(recipe)
