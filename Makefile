@@ -8,7 +8,7 @@ STAMP := $(VENV)/.hf-prune-installed
 export HF_HUB_OFFLINE ?= 1
 export HF_EVALUATE_OFFLINE ?= 1
 
-.PHONY: demo test test-fast lint setup
+.PHONY: demo test test-fast lint mutation setup
 
 setup: $(STAMP)
 
@@ -32,3 +32,9 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Mutation testing of the core math (not part of CI: tens of minutes). GROUPS="depth visual" picks groups;
+# tests/mutation/run_mutation.py --help tells the rest.
+mutation: $(STAMP)
+	$(BIN)/pip install --quiet mutmut==3.8.1
+	$(BIN)/python tests/mutation/run_mutation.py $(GROUPS)

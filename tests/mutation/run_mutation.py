@@ -1,0 +1,247 @@
+"""Mutation testing of the core math with mutmut: ``make mutation`` (all groups) or
+``python tests/mutation/run_mutation.py GROUP [GROUP ...]``.
+
+A group is a few product modules and the fast tests that should catch a planted bug in them. For each
+group this copies the project to ``<workdir>/<group>/`` (outside the repository, so mutmut's
+``mutants/`` tree never lands in it), writes a ``[tool.mutmut]`` section naming only that group's
+modules and tests, runs ``mutmut run`` there and prints, per module, how many mutants the tests killed.
+
+Survivors that are *equivalent* mutants (no input can tell them from the original) are listed with a
+reason in ``equivalent_mutants.py`` beside this file; the table shows the kill rate with them and
+without them. Anything else that survives is a gap in the tests. ``--show-survivors`` prints each
+survivor's diff. Not part of CI: a full run takes tens of minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+# The copy has the installed layout (setup.py's package_dir): model_patches/, integrations/ and evals/ live
+# inside hf_prune/. Otherwise `hf_prune.model_patches` would resolve through the editable install to the
+# repository's unmutated files, and the mutants there would never run.
+INSTALLED_AS = {
+    "hf_prune": "hf_prune",
+    "model_patches": "hf_prune/model_patches",
+    "integrations": "hf_prune/integrations",
+    "evals": "hf_prune/evals",
+}
+COPIED = ["tests", "setup.cfg", "setup.py", "pyproject.toml"]
+
+# group -> (modules mutated, tests run against each mutant). Tests are the fast ones that check the math;
+# mutmut runs, for each mutant, only those of them that reach the mutated function.
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "depth": (
+        [
+            "hf_prune/methods/depth/estimators.py",
+            "hf_prune/methods/depth/replaceme.py",
+            "hf_prune/methods/depth/cuts.py",
+        ],
+        ["tests/unit/test_estimators.py"],
+    ),
+    "visual": (
+        ["model_patches/visual_token_scoring.py", "model_patches/clip_relevance.py"],
+        ["tests/methods/test_visual_tokens.py", "tests/methods/test_clip_relevance.py"],
+    ),
+    "experts": (
+        [
+            "hf_prune/methods/experts/scoring.py",
+            "hf_prune/methods/experts/removal.py",
+            "model_patches/nonuniform_moe.py",
+        ],
+        ["tests/methods/test_expert_scoring.py", "tests/methods/test_expert_removal.py"],
+    ),
+    "tokens": (
+        [
+            "model_patches/token_selection.py",
+            "model_patches/prompt_token_pruning.py",
+            "model_patches/text_token_pruning.py",
+            "model_patches/prompt_retainer.py",
+        ],
+        [
+            "tests/methods/test_prompt_token_pruning.py",
+            "tests/methods/test_text_tokens.py",
+            "tests/methods/test_prompt_retainer.py",
+        ],
+    ),
+}
+
+KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+
+
+def installed_path(module: str) -> str:
+    """``model_patches/x.py`` -> ``hf_prune/model_patches/x.py``: where the module lives in the copy."""
+    top, _, rest = module.partition("/")
+    return f"{INSTALLED_AS[top]}/{rest}"
+
+
+def mutmut_section(modules: list[str], tests: list[str]) -> str:
+    quoted = lambda items: "[" + ", ".join(json.dumps(i) for i in items) + "]"  # noqa: E731
+    return (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["hf_prune/"]\n'
+        f"only_mutate = {quoted([installed_path(m) for m in modules])}\n"
+        f"pytest_add_cli_args_test_selection = {quoted(tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
+        # torch is not fork-safe once it has run threads: fork each mutant from a clean server process.
+        'process_isolation = "forkserver"\n'
+    )
+
+
+def copy_project(dest: Path) -> None:
+    """Refresh the copy of the project in ``dest`` (mutmut's ``mutants/`` cache there is kept)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    if (dest / "hf_prune").exists():
+        shutil.rmtree(dest / "hf_prune")
+    for name, installed in INSTALLED_AS.items():
+        shutil.copytree(REPO / name, dest / installed, ignore=ignore)
+    for name in COPIED:
+        target = dest / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=ignore)
+        else:
+            shutil.copy2(source, target)
+
+
+def statuses(work: Path, modules: list[str]) -> dict[str, dict[str, str]]:
+    """module -> {mutant name: status}, read from the ``.meta`` files mutmut writes beside each mutant file."""
+    from mutmut.stats import status_by_exit_code
+
+    result = {}
+    for module in modules:
+        meta = work / "mutants" / (installed_path(module) + ".meta")
+        codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+        result[module] = {name: status_by_exit_code[code] for name, code in codes.items()}
+    return result
+
+
+def load_equivalents() -> dict[str, str]:
+    """Mutant name -> why no test can tell it from the original (``equivalent_mutants.py``)."""
+    sys.path.insert(0, str(HERE))
+    from equivalent_mutants import EQUIVALENT_MUTANTS
+
+    return EQUIVALENT_MUTANTS
+
+
+def report(group: str, by_module: dict[str, dict[str, str]], equivalents: dict[str, str]) -> list[str]:
+    print(f"\n== {group}")
+    print(f"{'module':48} {'mutants':>7} {'killed':>6} {'equiv.':>6} {'left':>5} {'kill rate':>9}  (raw)")
+    survivors = []
+    for module, status_by_name in by_module.items():
+        counts = Counter(status_by_name.values())
+        total = len(status_by_name)
+        killed = sum(counts[s] for s in KILLED)
+        alive = [n for n, s in status_by_name.items() if s not in KILLED]
+        equivalent = [n for n in alive if n in equivalents]
+        left = [n for n in alive if n not in equivalents]
+        survivors += left
+        counted = total - len(equivalent)
+        rate = killed / counted if counted else float("nan")
+        raw = killed / total if total else float("nan")
+        print(
+            f"{module:48} {total:7d} {killed:6d} {len(equivalent):6d} {len(left):5d} {rate:9.1%}  ({raw:.1%})"
+        )
+        other = {s: c for s, c in counts.items() if s not in KILLED and s != "survived"}
+        if other:
+            print(f"{'':48} not killed for other reasons: {other}")
+    alive_anywhere = {
+        n for status_by_name in by_module.values() for n, s in status_by_name.items() if s not in KILLED
+    }
+    prefixes = tuple(installed_path(m)[: -len(".py")].replace("/", ".") + "." for m in by_module)
+    stale = [n for n in equivalents if n.startswith(prefixes) and n not in alive_anywhere]
+    for name in stale:
+        print(
+            f"note: {name} is listed as equivalent but is killed or no longer exists; remove it from the list"
+        )
+    return survivors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  make mutation\n  python tests/mutation/run_mutation.py depth --show-survivors\n"
+        "  python tests/mutation/run_mutation.py visual --rerun-survivors",
+    )
+    parser.add_argument(
+        "groups", nargs="*", metavar="GROUP", help=f"any of {', '.join(GROUPS)} (default: all)"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("HF_PRUNE_MUTATION_DIR", Path.home() / ".cache/hf-prune/mutation")),
+        help="where the project copies and mutmut's results live (default ~/.cache/hf-prune/mutation)",
+    )
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument(
+        "--rerun-survivors",
+        action="store_true",
+        help="keep earlier results and test again only the mutants that survived last time (after adding tests)",
+    )
+    parser.add_argument(
+        "--show-survivors", action="store_true", help="print the diff of every surviving mutant"
+    )
+    args = parser.parse_args(argv)
+    unknown = [g for g in args.groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown group {', '.join(unknown)}; the groups are {', '.join(GROUPS)}")
+    groups = args.groups or list(GROUPS)
+    mutmut = Path(sys.executable).with_name("mutmut")
+    if not mutmut.exists():
+        parser.error(
+            f"{mutmut} not found: install it with `pip install mutmut==3.8.1` (or run `make mutation`)"
+        )
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+    equivalents = load_equivalents()
+    summary = {}
+    for group in groups:
+        modules, tests = GROUPS[group]
+        work = args.workdir / group
+        earlier = statuses(work, modules) if args.rerun_survivors else {}
+        rerun = [n for by_name in earlier.values() for n, s in by_name.items() if s not in KILLED]
+        if not args.rerun_survivors and (work / "mutants").exists():
+            shutil.rmtree(work / "mutants")
+        copy_project(work)
+        with open(work / "pyproject.toml", "a") as f:
+            f.write(mutmut_section(modules, tests))
+        print(f"[{group}] mutating {', '.join(modules)} in {work}", flush=True)
+        if args.rerun_survivors and not rerun:
+            print(f"[{group}] no earlier survivors to rerun")
+        else:
+            command = [str(mutmut), "run", "--max-children", str(args.max_children), *rerun]
+            with open(work / "mutmut.log", "w") as log:
+                done = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # mutmut redraws a spinner with \r: keep the last state of each line
+            lines = [line.split("\r")[-1] for line in (work / "mutmut.log").read_text().splitlines()]
+            if done.returncode != 0 or any(line.startswith("Stopping early") for line in lines):
+                print("\n".join(lines[-15:]), file=sys.stderr)
+                print(
+                    f"[{group}] mutmut failed; its whole output is in {work / 'mutmut.log'}", file=sys.stderr
+                )
+                return done.returncode or 1
+        by_module = statuses(work, modules)
+        survivors = report(group, by_module, equivalents)
+        summary[group] = {m: dict(Counter(s.values())) for m, s in by_module.items()}
+        if args.show_survivors:
+            for name in survivors:
+                subprocess.run([str(mutmut), "show", name], cwd=work, env=env)
+    (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
