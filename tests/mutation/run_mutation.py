@@ -15,6 +15,7 @@ survivor's diff. Not part of CI: a full run takes tens of minutes on two cores.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -200,11 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown group {', '.join(unknown)}; the groups are {', '.join(GROUPS)}")
     groups = args.groups or list(GROUPS)
-    mutmut = Path(sys.executable).with_name("mutmut")
-    if not mutmut.exists():
-        parser.error(
-            f"{mutmut} not found: install it with `pip install mutmut==3.8.1` (or run `make mutation`)"
-        )
+    if importlib.util.find_spec("mutmut") is None:
+        parser.error("mutmut is not installed: `pip install mutmut==3.8.1` (or run `make mutation`)")
+    mutmut = [sys.executable, "-m", "mutmut"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
     equivalents = load_equivalents()
     summary = {}
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rerun_survivors and not rerun:
             print(f"[{group}] no earlier survivors to rerun")
         else:
-            command = [str(mutmut), "run", "--max-children", str(args.max_children), *rerun]
+            command = [*mutmut, "run", "--max-children", str(args.max_children), *rerun]
             with open(work / "mutmut.log", "w") as log:
                 done = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
             # mutmut redraws a spinner with \r: keep the last state of each line
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[group] = {m: dict(Counter(s.values())) for m, s in by_module.items()}
         if args.show_survivors:
             for name in survivors:
-                subprocess.run([str(mutmut), "show", name], cwd=work, env=env)
+                subprocess.run([*mutmut, "show", name], cwd=work, env=env)
     (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
