@@ -49,7 +49,11 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/unit/test_estimators.py"],
     ),
     "visual": (
-        ["model_patches/visual_token_scoring.py", "model_patches/clip_relevance.py"],
+        [
+            "model_patches/token_selection.py",
+            "model_patches/visual_token_scoring.py",
+            "model_patches/clip_relevance.py",
+        ],
         ["tests/methods/test_visual_tokens.py", "tests/methods/test_clip_relevance.py"],
     ),
     "experts": (
@@ -62,10 +66,9 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "tokens": (
         [
-            "model_patches/token_selection.py",
-            "model_patches/prompt_token_pruning.py",
-            "model_patches/text_token_pruning.py",
+            "model_patches/prompt_prefill.py",
             "model_patches/prompt_retainer.py",
+            "model_patches/text_token_pruning.py",
         ],
         [
             "tests/methods/test_prompt_token_pruning.py",
