@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 
 import pytest
 import torch
@@ -84,8 +85,19 @@ def test_two_llamas_have_every_field_and_exact_ratios(llama_pair):
         )
         for figure in ("prefill_flops_per_token", "decode_flops_per_token", "params_active"):
             assert ratios["flops"][key][figure] == small[figure] / big[figure] < 1
-        assert ratios["prefill"][key]["median_ms"] > 0
-    assert ratios["decode"]["tokens_per_s"] > 0
+        # latency ratios are the ratio of the two medians, each the median of its own recorded runs
+        pruned_runs, original_runs = (
+            results["models"][m]["prefill"][key]["times_ms"] for m in ("pruned", "original")
+        )
+        assert ratios["prefill"][key]["median_ms"] == pytest.approx(
+            statistics.median(pruned_runs) / statistics.median(original_runs), rel=1e-12
+        )
+    pruned_tps, original_tps = (
+        results["models"][m]["decode"]["tokens_per_s_runs"] for m in ("pruned", "original")
+    )
+    assert ratios["decode"]["tokens_per_s"] == pytest.approx(
+        statistics.median(pruned_tps) / statistics.median(original_tps), rel=1e-12
+    )
     assert "disk_bytes" not in ratios  # no folder for the pruned model: no ratio
     assert set(results["models"]["original"]["ratios"]["flops"]["8"].values()) == {1.0}
 

@@ -150,32 +150,49 @@ def test_gpu_evaluation_defaults_to_bfloat16_and_matches_cpu(pruned_and_cloze):
     assert abs(gpu["accuracy"] - cpu["accuracy"]) <= 0.05
 
 
-def test_device_map_auto_gives_the_same_figure(pruned_and_cloze, tmp_path):
+def test_device_map_auto_gives_the_same_figure(pruned_and_cloze, tmp_path, monkeypatch):
+    """--device-map reaches the loader and changes no figure.
+
+    On a CPU-only machine accelerate leaves every module on the CPU (transformers sets no
+    ``hf_device_map`` then), so the split across devices is checked by the GPU test below.
+    """
+    import hf_prune.evals.run_checkpoints as run_checkpoints
+
+    device_maps, real_load_model = [], run_checkpoints.load_model
+
+    def load_and_record(*args, **kwargs):
+        device_maps.append(kwargs.get("device_map"))
+        return real_load_model(*args, **kwargs)
+
+    monkeypatch.setattr(run_checkpoints, "load_model", load_and_record)
     out, _ = pruned_and_cloze
-    sample = str(shared_asset("text/tinystories/sample.txt"))
-    figures = []
-    for extra in ([], ["--device-map", "auto"]):
-        results_file = tmp_path / f"r{len(extra)}.json"
-        assert (
-            main(
-                [
-                    "eval",
-                    str(out),
-                    "--task",
-                    "perplexity",
-                    "--data",
-                    sample,
-                    "--seq-len",
-                    "64",
-                    "--limit",
-                    "2",
-                    "--output",
-                    str(results_file),
-                    "--quiet",
-                    *extra,
-                ]
-            )
-            == 0
-        )
-        figures.append(json.loads(results_file.read_text())["perplexity"])
+    runs = ([], ["--device-map", "auto"])
+    figures = [_perplexity_figure(out, tmp_path / f"r{i}.json", extra) for i, extra in enumerate(runs)]
+    assert device_maps == [None, "auto"]
     assert figures[0] == pytest.approx(figures[1], rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run where a GPU is present)")
+def test_a_model_split_over_gpu_and_cpu_gives_the_same_figure(pruned_and_cloze, tmp_path):
+    from hf_prune.checkpoint import load_model
+
+    out, _ = pruned_and_cloze
+    # half the decoder layers on the GPU, the rest (and the head) on the CPU: accelerate moves activations
+    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": "cpu", "lm_head": "cpu"}
+    model = load_model(str(out), dtype="float32", device="cpu")
+    layers = model.config.num_hidden_layers
+    split.update({f"model.layers.{i}": 0 if i < layers // 2 else "cpu" for i in range(layers)})
+    split_model = load_model(str(out), dtype="float32", device_map=split)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model(ids).logits
+        parted = split_model(ids.to(0)).logits.cpu()
+    assert torch.allclose(whole, parted, atol=1e-4)
+
+
+def _perplexity_figure(out, results_file, extra):
+    sample = str(shared_asset("text/tinystories/sample.txt"))
+    command = ["eval", str(out), "--task", "perplexity", "--data", sample, "--seq-len", "64", "--limit", "2"]
+    assert main([*command, "--output", str(results_file), "--quiet", *extra]) == 0
+    return json.loads(results_file.read_text())["perplexity"]

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import shared_asset
-from tiny_models import tiny_llama_folder
+from tiny_models import save_tiny_model, tiny_llama_folder
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import hf_prune
@@ -13,14 +12,18 @@ from hf_prune import RecipeError, UnsupportedModelError
 from hf_prune.checkpoint import atomic_write_dir, load_model
 from hf_prune.errors import DataError, HfPruneError
 
-STORIES = "models/stories260K"
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """The 4-layer tiny Llama with its tokenizer: these checks need a model, not a trained one."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("bad-input") / "llama")
 
 
-def stories_recipe(tmp_path, **changes):
+def tiny_recipe(tmp_path, model, **changes):
     calib = tmp_path / "calib.txt"
     calib.write_text("Once upon a time there was a cat.\n\nThe cat liked to play in the sun.\n")
     recipe = {
-        "model": str(shared_asset(STORIES)),
+        "model": str(model),
         "output": str(tmp_path / "out"),
         "calibration": {"data": str(calib), "num_samples": 4, "seq_len": 32},
         "stages": [{"method": "replaceme", "num_layers": 1}],
@@ -39,33 +42,33 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr("hf_prune.pipeline.load_model", refuse)
 
 
-def test_num_layers_not_below_layer_count(tmp_path, no_model_loading):
-    recipe = stories_recipe(tmp_path, stages=[{"method": "replaceme", "num_layers": 5}])
+def test_num_layers_not_below_layer_count(tmp_path, tiny_llama, no_model_loading):
+    recipe = tiny_recipe(tmp_path, tiny_llama, stages=[{"method": "replaceme", "num_layers": 4}])
     with pytest.raises(
-        RecipeError, match=r"stages\[0\].num_layers: must be less than the model's 5 decoder layers"
+        RecipeError, match=r"stages\[0\].num_layers: must be less than the model's 4 decoder layers"
     ):
         hf_prune.prune(recipe)
-    recipe = stories_recipe(tmp_path, stages=[{"method": "layer_drop", "layers": [3, 5]}])
-    with pytest.raises(RecipeError, match=r"stages\[0\].layers: last layer must be below 5"):
+    recipe = tiny_recipe(tmp_path, tiny_llama, stages=[{"method": "layer_drop", "layers": [3, 4]}])
+    with pytest.raises(RecipeError, match=r"stages\[0\].layers: last layer must be below 4"):
         hf_prune.prune(recipe)
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_files_fail_before_loading(tmp_path, no_model_loading):
-    recipe = stories_recipe(tmp_path)
+def test_missing_files_fail_before_loading(tmp_path, tiny_llama, no_model_loading):
+    recipe = tiny_recipe(tmp_path, tiny_llama)
     recipe["calibration"]["data"] = str(tmp_path / "nope.txt")
     with pytest.raises(RecipeError, match="calibration.data: file not found"):
         hf_prune.prune(recipe)
-    recipe = stories_recipe(tmp_path, evaluate=[{"task": "perplexity", "data": "missing/eval.txt"}])
+    recipe = tiny_recipe(tmp_path, tiny_llama, evaluate=[{"task": "perplexity", "data": "missing/eval.txt"}])
     with pytest.raises(RecipeError, match=r"evaluate\[0\].data: file not found: missing/eval.txt"):
         hf_prune.prune(recipe)
     with pytest.raises(RecipeError, match="model: cannot load a config"):
-        hf_prune.prune(stories_recipe(tmp_path, model=str(tmp_path / "no-model")))
+        hf_prune.prune(tiny_recipe(tmp_path, tmp_path / "no-model"))
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_calibration_data_writes_nothing(tmp_path):
-    recipe = stories_recipe(tmp_path)
+def test_empty_calibration_data_writes_nothing(tmp_path, tiny_llama):
+    recipe = tiny_recipe(tmp_path, tiny_llama)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
     recipe["calibration"]["data"] = str(empty)
@@ -75,8 +78,8 @@ def test_empty_calibration_data_writes_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_calibration_field_missing(tmp_path):
-    recipe = stories_recipe(tmp_path)
+def test_calibration_field_missing(tmp_path, tiny_llama):
+    recipe = tiny_recipe(tmp_path, tiny_llama)
     data = tmp_path / "calib.jsonl"
     data.write_text(json.dumps({"body": "a story"}) + "\n")
     recipe["calibration"].update(data=str(data))
