@@ -322,3 +322,49 @@ def test_diep_scores_are_abs_alpha_times_beta(tokenizer, tmp_path):
     got = sorted(((float(scores[i][e]), i, e) for i in moe for e in range(4)), reverse=True)
     assert [(i, e) for _, i, e in got] == [(i, e) for _, i, e in ranking]
     assert float(scores[layer][expert]) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_diep_epoch_means_over_batches_and_cached_chunks(tokenizer, tmp_path):
+    """Two calibration batches: each SGD step fits the LM loss on its batch and the reconstruction on its half
+    of the cached tokens; the history holds the epoch's mean of both. With lr ≈ 0, α and β stay where
+    they start, so the reference is the objective at (1, β0) on each part. Planted: sums instead of means,
+    every step on all cached tokens, reconstruction reported when λ = 0. Reference: own computation."""
+    model = build_tiny_model("mixtral", tokenizer).eval()
+    (ids0, mask0), (ids1, mask1) = _batch(4), _batch(5)
+    moe = [i for i, _ in _moe_mlps(model)]
+    beta0 = {i: (2.0 if p < len(moe) / 2 else 0.2) for p, i in enumerate(moe)}
+    ones = {i: torch.ones(4) for i in moe}
+    x0, z0 = _capture_moe_io(model, ids0, mask0)
+    x1, z1 = _capture_moe_io(model, ids1, mask1)
+    xs = {i: torch.cat([x0[i], x1[i]]) for i in moe}
+    zs = {i: torch.cat([z0[i], z1[i]]) for i in moe}
+    n = xs[moe[0]].shape[0]
+    halves = [slice(0, (n + 1) // 2), slice((n + 1) // 2, n)]  # torch.tensor_split's first part is the larger
+    expected_recon, expected_ce = [], []
+    with torch.no_grad():
+        for (ids, mask), rows in zip([(ids0, mask0), (ids1, mask1)], halves, strict=True):
+            part_x = {i: xs[i][rows] for i in moe}
+            part_z = {i: zs[i][rows] for i in moe}
+            _, recon, ce = _diep_objective(
+                model, ids, mask, part_x, part_z, ones, beta0, weighting="replace", lam=0.12, lm_weight=1.0
+            )
+            expected_recon.append(float(recon))
+            expected_ce.append(float(ce))
+    context = _context(model, tokenizer, tmp_path, ids0, mask0)
+    context._batches = [CalibrationBatch(ids0, mask0), CalibrationBatch(ids1, mask1)]
+    config = ExpertPruningConfig(keep_ratio=0.5, epochs=1, lr_alpha=1e-12, max_cached_tokens=1000)
+    _, details = diep_scores(model, context, config)
+    (entry,) = details["history"]
+    assert entry["reconstruction"] == pytest.approx(sum(expected_recon) / 2, rel=1e-5)
+    assert entry["lm_loss"] == pytest.approx(sum(expected_ce) / 2, rel=1e-5)
+    assert details["cached_tokens"] == n == int(mask0.sum() + mask1.sum())
+    seconds = details["seconds"]
+    assert 0 < seconds["cache"] <= seconds["total"] < 600
+    assert 0 < seconds["lm_loss"] + sum(seconds["per_layer"].values()) <= seconds["total"]
+    assert all(v > 0 for v in seconds["per_layer"].values())
+    # λ = 0: no reconstruction is computed or reported.
+    config = ExpertPruningConfig(keep_ratio=0.5, epochs=1, lr_alpha=1e-12, lambda_recon=0.0)
+    _, details = diep_scores(model, context, config)
+    assert details["history"][0]["reconstruction"] == 0.0
+    assert details["history"][0]["lm_loss"] == pytest.approx(sum(expected_ce) / 2, rel=1e-5)
+    assert details["seconds"]["per_layer"] == dict.fromkeys(moe, 0.0)

@@ -456,3 +456,29 @@ def test_diep_leaves_model_as_it_was(tokenizer, tmp_path):
     }
     assert details["history"][0]["lm_loss"] is None and details["seconds"]["lm_loss"] == 0.0
     assert all(s.dtype == torch.float32 for s in scores.values())
+
+
+def test_register_adds_new_types_and_keeps_the_first():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    class FirstConfig(nonuniform_moe.HfPruneMixtralConfig):
+        model_type = "hf_prune_unit_test_moe"
+
+    class FirstModel(nonuniform_moe.HfPruneMixtralForCausalLM):
+        config_class = FirstConfig
+
+    class SecondConfig(FirstConfig):
+        pass
+
+    class SecondModel(FirstModel):
+        config_class = SecondConfig
+
+    assert "hf_prune_unit_test_moe" not in CONFIG_MAPPING
+    nonuniform_moe._register(FirstConfig, FirstModel)
+    assert CONFIG_MAPPING["hf_prune_unit_test_moe"] is FirstConfig
+    assert transformers.AutoModelForCausalLM._model_mapping[FirstConfig] is FirstModel
+    nonuniform_moe._register(SecondConfig, SecondModel)  # the same model_type again: no error, first wins
+    assert CONFIG_MAPPING["hf_prune_unit_test_moe"] is FirstConfig
+    assert FirstModel._auto_class == "AutoModelForCausalLM" and FirstConfig._auto_class == "AutoConfig"
+    nonuniform_moe.register()  # idempotent
+    assert CONFIG_MAPPING["hf_prune_mixtral"] is nonuniform_moe.HfPruneMixtralConfig
