@@ -331,6 +331,7 @@ def test_diep_epoch_means_over_batches_and_cached_chunks(tokenizer, tmp_path):
     every step on all cached tokens, reconstruction reported when λ = 0. Reference: own computation."""
     model = build_tiny_model("mixtral", tokenizer).eval()
     (ids0, mask0), (ids1, mask1) = _batch(4), _batch(5)
+    mask1[0, 10:], ids1[0, 10:] = 0, 3  # 18 + 17 real tokens: the two halves differ in size
     moe = [i for i, _ in _moe_mlps(model)]
     beta0 = {i: (2.0 if p < len(moe) / 2 else 0.2) for p, i in enumerate(moe)}
     ones = {i: torch.ones(4) for i in moe}
