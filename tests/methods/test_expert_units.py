@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from hf_prune.model_patches import nonuniform_moe
-from tiny_models import build_tiny_model, build_tokenizer, write_calibration_file
+from tiny_models import build_tiny_model, build_tokenizer, tiny_config, write_calibration_file
 
 from hf_prune.adapters import get_adapter
 from hf_prune.calibration import CalibrationBatch
@@ -482,3 +482,55 @@ def test_register_adds_new_types_and_keeps_the_first():
     assert FirstModel._auto_class == "AutoModelForCausalLM" and FirstConfig._auto_class == "AutoConfig"
     nonuniform_moe.register()  # idempotent
     assert CONFIG_MAPPING["hf_prune_mixtral"] is nonuniform_moe.HfPruneMixtralConfig
+
+
+def test_nonuniform_vision_language_refused_before_slicing(tokenizer):
+    """A LLaVA around a Mixtral: one count per layer works, different counts are refused with the model
+    left as it was (the refusal used to come after the experts were sliced)."""
+    config = tiny_config("llava", tokenizer)
+    config.text_config = tiny_config("mixtral", tokenizer)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config)
+    adapter = get_adapter(model.config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^llava: a different expert count per layer is only supported for decoder-only models; "
+        r"keep the same count in every MoE layer$",
+    ):
+        removal.remove_experts(model, adapter, {0: [0, 1], 1: [0, 1, 2], 2: [0, 1], 3: [0, 1]})
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    report = removal.remove_experts(model, adapter, {i: [1, 2, 3] for i in range(4)})
+    assert report["uniform"] is True and model.config.text_config.num_local_experts == 3
+
+
+def test_head_expert_count_follows_the_widest_layer(tokenizer):
+    model = build_tiny_model("mixtral", tokenizer)
+    removal.remove_experts(
+        model, get_adapter(model.config), {0: [0, 1], 1: [0, 1, 3], 2: [1, 2, 3], 3: [2, 3]}
+    )
+    assert model.config.experts_per_layer == [2, 3, 3, 2]
+    assert model.num_experts == model.config.num_local_experts == 3
+
+
+def test_register_registers_every_family(monkeypatch):
+    calls = []
+    monkeypatch.setattr(nonuniform_moe, "_registered", False)
+    monkeypatch.setattr(nonuniform_moe, "_register", lambda *classes: calls.append(classes))
+    nonuniform_moe.register()
+    assert calls == list(nonuniform_moe.CLASSES.values()) and nonuniform_moe._registered is True
+    nonuniform_moe.register()
+    assert len(calls) == 4
+
+
+def test_save_pretrained_passes_positional_arguments(tokenizer, tmp_path):
+    stock = build_tiny_model("mixtral", tokenizer)
+    config = nonuniform_moe.HfPruneMixtralConfig(**_fields(stock.config), experts_per_layer=[2, 3, 4, 2])
+    model = nonuniform_moe.HfPruneMixtralForCausalLM(config)
+    model.save_pretrained(tmp_path / "worker", False)  # is_main_process=False: this process writes nothing
+    assert not (tmp_path / "worker" / "config.json").exists()
+    model.save_pretrained(tmp_path / "main", True)
+    assert (tmp_path / "main" / "config.json").is_file() and (
+        tmp_path / "main" / "model.safetensors"
+    ).is_file()
