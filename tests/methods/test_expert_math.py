@@ -152,6 +152,14 @@ def test_aux_loss_with_different_counts_by_hand(family, counts, tokenizer):
         torch.testing.assert_close(
             out.loss, plain.loss + model.config.router_aux_loss_coef * want, rtol=1e-5, atol=0
         )
+    with torch.no_grad():
+        want, _ = _aux_by_hand(model, ids, None)
+        # Only input_ids given positionally: no mask.
+        torch.testing.assert_close(model(ids, output_router_logits=True).aux_loss, want, rtol=1e-5, atol=0)
+        # The config's flag turns the loss on as the keyword does; the keyword overrides it.
+        model.config.output_router_logits = True
+        torch.testing.assert_close(model(ids).aux_loss, want, rtol=1e-5, atol=0)
+        assert model(ids, output_router_logits=False).aux_loss is None
 
 
 # ---- DiEP ------------------------------------------------------------------------------------------------
