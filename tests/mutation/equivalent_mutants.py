@@ -5,18 +5,17 @@ Key: mutmut's mutant name (``mutmut show NAME`` in the group's work folder print
 it is equivalent, in a sentence. A mutant that a test *could* kill does not belong here: write the test.
 """
 
+_SAVE_FORMAT = (
+    "transformers 5.24 applies its per-expert key conversion by the stock model_type only, so an "
+    "hf_prune_<family> model writes fused expert keys whatever save_original_format is (default, True, "
+    "False and an unknown key all give the same files; checked by hand)"
+)
+_NM = "hf_prune.model_patches.nonuniform_moe."
+
 EQUIVALENT_MUTANTS: dict[str, str] = {
     # --- experts ---
-    "hf_prune.model_patches.nonuniform_moe.xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_1": (
-        "transformers 5.24 applies its per-expert key conversion by the stock model_type only, so an hf_prune_<family> model writes fused expert keys whatever save_original_format is (default, True, False and an unknown key all give the same files; checked by hand)"
-    ),
-    "hf_prune.model_patches.nonuniform_moe.xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_2": (
-        "transformers 5.24 applies its per-expert key conversion by the stock model_type only, so an hf_prune_<family> model writes fused expert keys whatever save_original_format is (default, True, False and an unknown key all give the same files; checked by hand)"
-    ),
-    "hf_prune.model_patches.nonuniform_moe.xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_3": (
-        "transformers 5.24 applies its per-expert key conversion by the stock model_type only, so an hf_prune_<family> model writes fused expert keys whatever save_original_format is (default, True, False and an unknown key all give the same files; checked by hand)"
-    ),
-    "hf_prune.model_patches.nonuniform_moe.xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_4": (
-        "transformers 5.24 applies its per-expert key conversion by the stock model_type only, so an hf_prune_<family> model writes fused expert keys whatever save_original_format is (default, True, False and an unknown key all give the same files; checked by hand)"
-    ),
+    _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_1": _SAVE_FORMAT,
+    _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_2": _SAVE_FORMAT,
+    _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_3": _SAVE_FORMAT,
+    _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_4": _SAVE_FORMAT,
 }
