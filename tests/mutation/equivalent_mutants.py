@@ -11,6 +11,7 @@ _SAVE_FORMAT = (
     "False and an unknown key all give the same files; checked by hand)"
 )
 _NM = "hf_prune.model_patches.nonuniform_moe."
+_LOGITS_2D = "every family's router returns 2-D logits [tokens, experts], so shape[1] is shape[-1]"
 
 EQUIVALENT_MUTANTS: dict[str, str] = {
     # --- experts ---
@@ -18,4 +19,7 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
     _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_2": _SAVE_FORMAT,
     _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_3": _SAVE_FORMAT,
     _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_4": _SAVE_FORMAT,
+    _NM + "xǁNonuniformExpertsMixinǁforward__mutmut_38": _LOGITS_2D,
+    _NM + "xǁNonuniformExpertsMixinǁforward__mutmut_50": _LOGITS_2D,
+    _NM + "xǁNonuniformExpertsMixinǁforward__mutmut_54": 'float("-INF") is float("-inf")',
 }
