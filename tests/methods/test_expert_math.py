@@ -31,12 +31,13 @@ def tokenizer():
     return build_tokenizer()
 
 
-def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two sequences of 11 tokens, the second right-padded after 7 (pad id 3)."""
+def _batch(seed: int = 0, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences of 11 tokens, the second with 7 real ones, padded (pad id 3) on the right or left."""
     ids = torch.randint(4, 300, (2, 11), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    ids[1, 7:] = 3
+    pads = slice(0, 4) if left else slice(7, None)
+    mask[1, pads] = 0
+    ids[1, pads] = 3
     return ids, mask
 
 
@@ -254,7 +255,7 @@ def test_diep_first_steps_are_sgd_on_the_objective(family, weighting, tokenizer,
     out of the candidate, the α/β phases swapped, pads in the LM loss. Reference: own autograd of METHODS.md's
     objective (SGD, one calibration batch: epoch 1 = one α step, epoch 2 = one β step)."""
     model = build_tiny_model(family, tokenizer).eval()
-    ids, mask = _batch(2)
+    ids, mask = _batch(2, left=True)  # left padding: the attention mask matters for the LM loss
     moe = [i for i, _ in _moe_mlps(model)]
     beta0 = {i: (2.0 if p < len(moe) / 2 else 0.2) for p, i in enumerate(moe)}  # the official schedule
     alpha0 = {i: torch.ones(4) for i in moe}
