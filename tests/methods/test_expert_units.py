@@ -5,6 +5,7 @@ classes (``model_patches/nonuniform_moe.py``), validation messages of ``removal`
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -533,3 +534,19 @@ def test_save_pretrained_passes_positional_arguments(tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "main", True, max_shard_size="20KB")  # keyword arguments reach it too
     assert len(list((tmp_path / "main").glob("model-*.safetensors"))) > 1
     assert (tmp_path / "main" / "config.json").is_file()
+
+
+def test_diep_progress_bar_only_when_asked(tokenizer, tmp_path, capsys):
+    from hf_prune.methods.experts.expert_pruning import ExpertPruningConfig
+
+    model = build_tiny_model("olmoe", tokenizer)
+    ids = torch.randint(4, 300, (2, 6))
+    context = _context(model, tokenizer, tmp_path, [CalibrationBatch(ids, torch.ones_like(ids))])
+    config = ExpertPruningConfig(keep_ratio=0.5, epochs=2, lm_loss_weight=0.0, beta_init=1.0)
+    capsys.readouterr()
+    scoring.diep_scores(model, context, config)
+    assert capsys.readouterr().err == ""
+    context.progress = True
+    scoring.diep_scores(model, context, config)
+    err = capsys.readouterr().err
+    assert re.search(r"\rDiEP: +0%\|.*\| 0/2 ", err), err  # epochs × batches steps
