@@ -129,8 +129,10 @@ class NonuniformExpertsConfigMixin:
 class NonuniformExpertsMixin:
     """Mixed in before a stock MoE causal LM: ``__init__`` shrinks each MoE layer to its own expert count
     (``config.experts_per_layer``); weights are saved with fused expert keys; with router logits requested,
-    the load-balancing loss averages each layer's loss over its own experts (``load_balancing_loss``: the
-    family's stock function, set by each class).
+    the load-balancing loss is the family's stock function (``load_balancing_loss``, set by each class)
+    on every layer's router logits padded with -inf to the widest layer's count: a layer with fewer
+    experts counts as the widest one with its missing experts never chosen (probability 0), so equal
+    counts give exactly the stock class's loss.
 
     ``forward`` keeps the generic ``(*args, **kwargs)`` signature it has always had (so ``generate`` treats
     it as a forward that names no parameter: no ``logits_to_keep``, no position ids or attention mask made
@@ -164,7 +166,7 @@ class NonuniformExpertsMixin:
         if not (self.config.output_router_logits if want is None else want):
             return super().forward(*args, **kwargs)
         # The stock load-balancing loss needs one expert count for all layers: collect the router
-        # logits with hooks instead and average the loss of each layer over its own experts.
+        # logits with hooks instead (padded below).
         logits = []
         hooks = [
             router.register_forward_hook(lambda _m, _a, out: logits.append(out[0]))
@@ -176,10 +178,15 @@ class NonuniformExpertsMixin:
             for hook in hooks:
                 hook.remove()
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        loss_fn = self.load_balancing_loss
-        aux = sum(loss_fn((x,), x.shape[-1], self.num_experts_per_tok, mask) for x in logits) / max(
-            len(logits), 1
+        # A layer with fewer experts is the widest layer with the missing experts' logits at -inf (never
+        # routed to, probability 0): pad to the widest count and apply the stock loss once, so the
+        # fractions and probabilities are averaged over all layers' tokens as the stock class does, and a
+        # model whose counts are all equal gets exactly the stock class's aux loss.
+        width = max(x.shape[-1] for x in logits)
+        padded = tuple(
+            torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=float("-inf")) for x in logits
         )
+        aux = self.load_balancing_loss(padded, width, self.num_experts_per_tok, mask)
         out.router_logits, out.aux_loss = tuple(logits), aux
         if out.loss is not None:
             out.loss = out.loss + self.router_aux_loss_coef * aux.to(out.loss.device)

@@ -62,7 +62,17 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "hf_prune/methods/experts/removal.py",
             "model_patches/nonuniform_moe.py",
         ],
-        ["tests/methods/test_expert_scoring.py", "tests/methods/test_expert_removal.py"],
+        [
+            "tests/methods/test_expert_math.py",
+            "tests/methods/test_expert_units.py",
+            "tests/methods/test_expert_scoring.py",
+            "tests/methods/test_expert_removal.py",
+            # The reload tests run the saved remote-code copy of nonuniform_moe.py in a fresh process, where
+            # mutmut's trampolines find no mutmut configuration: left out (test_saved_folders still checks
+            # the copy is the module's text).
+            "-k",
+            "not reload_matches_in_memory",
+        ],
     ),
     "tokens": (
         [

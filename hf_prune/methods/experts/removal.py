@@ -101,6 +101,12 @@ def remove_experts(model: nn.Module, adapter: ModelAdapter, keep: dict[int, list
     the same count, ``hf_prune_<family>`` class otherwise). Returns a JSON-ready report.
     """
     plan = validate_keep(model, adapter, keep)
+    if adapter.is_vision_language and len({len(kept) for kept in plan.values()}) > 1:
+        # Refused before anything is sliced (the hf_prune_<family> classes are decoder-only).
+        raise UnsupportedModelError(
+            f"{adapter.model_type}: a different expert count per layer is only "
+            "supported for decoder-only models; keep the same count in every MoE layer"
+        )
     layers = adapter.layers(model)
     before = adapter.experts_per_layer(model)
     params_before = count_parameters(model)
@@ -163,11 +169,6 @@ def _make_stock(model: nn.Module, adapter: ModelAdapter, count: int) -> None:
 
 
 def _make_nonuniform(model: nn.Module, adapter: ModelAdapter, counts: list[int]) -> None:
-    if adapter.is_vision_language:
-        raise UnsupportedModelError(
-            f"{adapter.model_type}: a different expert count per layer is only "
-            "supported for decoder-only models; keep the same count in every MoE layer"
-        )
     config_class, model_class = nonuniform_moe.nonuniform_classes(model.config.model_type)
     swap_config_and_class(
         model,
