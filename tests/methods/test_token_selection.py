@@ -123,10 +123,13 @@ BERT_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def bert_tokenizer(tmp_path_factory):
-    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return transformers.BertTokenizerFast(vocab_file=str(vocab))
+def bert_tokenizer():
+    # ``vocab=`` (a dict): with ``vocab_file=`` this transformers version keeps only the special tokens, and
+    # every word would be [UNK].
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    assert tokenizer.unk_token_id not in tokenizer(BERT_TEXTS)["input_ids"][0]
+    return tokenizer
 
 
 def tiny_bert(tokenizer):
@@ -144,7 +147,7 @@ def tiny_bert(tokenizer):
     return transformers.BertForSequenceClassification(config).eval()
 
 
-@pytest.mark.parametrize(("layer", "keep_ratio"), [(1, 0.3), (2, 0.5), (2, 0.15)])
+@pytest.mark.parametrize(("layer", "keep_ratio"), [(1, 0.3), (2, 0.4), (2, 0.15)])
 def test_bert_attention_keeps_the_most_attended_tokens_by_hand(bert_tokenizer, layer, keep_ratio):
     """The hidden states entering layer ``layer`` of the pruned model are the stock model's at the kept
     positions, in order. Planted bugs caught: [CLS]-only attention, padding queries counted, [SEP] not kept,

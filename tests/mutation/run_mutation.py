@@ -70,11 +70,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "model_patches/prompt_retainer.py",
             "model_patches/text_token_pruning.py",
         ],
-        [
-            "tests/methods/test_prompt_token_pruning.py",
-            "tests/methods/test_text_tokens.py",
-            "tests/methods/test_prompt_retainer.py",
-        ],
+        ["tests/methods/test_token_masks.py", "tests/methods/test_token_selection.py"],
     ),
 }
 
