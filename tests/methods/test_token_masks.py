@@ -233,3 +233,55 @@ def test_decode_inputs_by_hand():
         r"nor the pruned cache \(3\) plus 1 tokens since, for 2 rows",
     ):
         state.decode_inputs(3, 1, torch.ones(2, 9), None)
+
+
+@pytest.mark.parametrize("module", [prompt_retainer, text_token_pruning])
+def test_soft_keep_with_one_eligible_token(module):
+    """n = 1: the threshold is that token's own score, so p = σ(0) = 1/2, also in a one-token row."""
+    got = module.soft_keep(
+        torch.tensor([[5.0, 2.0]]), torch.tensor([[0, 1]]).bool(), torch.tensor([0.6]), 1.0
+    )
+    assert got[0, 1].item() == pytest.approx(0.5)
+    got = module.soft_keep(torch.tensor([[2.0]]), torch.tensor([[1]]).bool(), torch.tensor([0.5]), 1.0)
+    assert got.tolist() == [[pytest.approx(0.5)]]
+
+
+def test_soft_attention_bias_keeps_the_dtype_of_the_probabilities():
+    p = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    bias = prompt_retainer.soft_attention_bias(p, torch.tensor([[1, 1]]).bool())
+    assert bias.dtype == torch.float64
+    assert float(bias[0, 0, 0, 1]) <= torch.finfo(torch.float64).min / 2  # the future key, blocked
+    assert float(bias[0, 0, 1, 1]) == pytest.approx(math.log(0.5))
+
+
+def test_prompt_retainer_heads_by_hand():
+    """The saliency head is Linear → GELU → Linear(size, 1) per token, the ratio head the same over the
+    pooled [mean, last] with one logit per candidate; a one-token row pools to that token twice."""
+    torch.manual_seed(0)
+    retainer = prompt_retainer.PromptRetainer(3, 4, 5)
+    hidden = torch.randn(2, 3, 3)
+    mask = torch.tensor([[0, 0, 1], [1, 1, 1]]).bool()
+    saliency, logits = retainer(hidden, mask)
+    assert saliency.shape == (2, 3) and logits.shape == (2, 4)
+    s1, s2 = retainer.saliency[0], retainer.saliency[2]
+    r1, r2 = retainer.ratio[0], retainer.ratio[2]
+    assert (s1.in_features, s1.out_features, s2.out_features) == (3, 5, 1)
+    assert (r1.in_features, r1.out_features, r2.out_features) == (6, 5, 4)
+
+    def mlp(first, second, x):
+        inner = x @ first.weight.T + first.bias
+        inner = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))  # exact GELU
+        return inner @ second.weight.T + second.bias
+
+    with torch.no_grad():
+        torch.testing.assert_close(saliency, mlp(s1, s2, hidden)[..., 0])
+        pooled = torch.stack(
+            [torch.cat([hidden[0, 2], hidden[0, 2]]), torch.cat([hidden[1].mean(0), hidden[1, 2]])]
+        )
+        torch.testing.assert_close(logits, mlp(r1, r2, pooled))
+
+
+def test_decode_mask_has_the_cache_dtype_whatever_the_callers():
+    state = prompt_prefill.PrunedPrompt(torch.tensor([[0, 1, 1]]), 3, torch.tensor([3]))
+    mask, _ = state.decode_inputs(3, 1, torch.tensor([[0.0, 1.0, 1.0, 1.0]]), None)
+    assert mask.dtype == torch.long and mask.tolist() == [[0, 1, 1, 1]]
