@@ -285,3 +285,97 @@ def test_decode_mask_has_the_cache_dtype_whatever_the_callers():
     state = prompt_prefill.PrunedPrompt(torch.tensor([[0, 1, 1]]), 3, torch.tensor([3]))
     mask, _ = state.decode_inputs(3, 1, torch.tensor([[0.0, 1.0, 1.0, 1.0]]), None)
     assert mask.dtype == torch.long and mask.tolist() == [[0, 1, 1, 1]]
+
+
+# ---- text_token_pruning.check_settings: defaults and the messages naming the bad key ----
+
+
+def test_check_settings_fills_defaults_and_normalises():
+    merged = text_token_pruning.check_settings(
+        {"candidate_ratios": [0.5, 0.1, 0.5, 1], "special_token_ids": [3, 2, 3]}, 4
+    )
+    assert merged == {
+        "algorithm": "adtp",
+        "layer": 0,
+        "keep_ratio": None,
+        "candidate_ratios": [0.1, 0.5, 1.0],
+        "retainer_size": 64,
+        "temperature": 0.05,
+        "seed": 0,
+        "special_token_ids": [2, 3],
+    }
+    # the edges that are allowed
+    text_token_pruning.check_settings({"algorithm": "random", "keep_ratio": 1, "layer": 3, "seed": 0}, 4)
+    text_token_pruning.check_settings({"algorithm": "attention", "keep_ratio": 0.5, "layer": 1}, 2)
+    text_token_pruning.check_settings(
+        {"algorithm": "attention", "keep_ratio": 0.5, "layer": 0}, 2, attention_from_previous_layer=False
+    )
+    text_token_pruning.check_settings({"layer": 5, "retainer_size": 1, "temperature": 1e-9})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"algorithm": "best"},
+            "token_pruning.algorithm: 'best' is not one of adtp, fixed, attention, random",
+        ),
+        ({"algorithm": "fixed"}, "token_pruning.keep_ratio: fixed needs a retention ratio in (0, 1]"),
+        ({"keep_ratio": 0}, "token_pruning.keep_ratio: must be in (0, 1], got 0"),
+        ({"keep_ratio": 1.5}, "token_pruning.keep_ratio: must be in (0, 1], got 1.5"),
+        ({"keep_ratio": True}, "token_pruning.keep_ratio: must be in (0, 1], got True"),
+        ({"keep_ratio": "0.5"}, "token_pruning.keep_ratio: must be in (0, 1], got '0.5'"),
+        (
+            {"candidate_ratios": []},
+            "token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], got []",
+        ),
+        (
+            {"candidate_ratios": 0.5},
+            "token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], got 0.5",
+        ),
+        (
+            {"candidate_ratios": [0.5, 0]},
+            "token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], got [0.5, 0]",
+        ),
+        (
+            {"candidate_ratios": [1.1]},
+            "token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], got [1.1]",
+        ),
+        (
+            {"candidate_ratios": [True]},
+            "token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], got [True]",
+        ),
+        (
+            {"candidate_ratios": ["a"]},
+            "token_pruning.candidate_ratios: must be a non-empty list of ratios in (0, 1], got ['a']",
+        ),
+        ({"layer": 4}, "token_pruning.layer: must be an integer >= 0 and below the 4 layers, got 4"),
+        ({"layer": -1}, "token_pruning.layer: must be an integer >= 0 and below the 4 layers, got -1"),
+        ({"layer": 1.0}, "token_pruning.layer: must be an integer >= 0 and below the 4 layers, got 1.0"),
+        (
+            {"algorithm": "attention", "keep_ratio": 0.5, "layer": 0},
+            "token_pruning.layer: attention scores come from the layer before; use layer >= 1",
+        ),
+        ({"retainer_size": 0}, "token_pruning.retainer_size: must be a positive integer, got 0"),
+        ({"retainer_size": 2.0}, "token_pruning.retainer_size: must be a positive integer, got 2.0"),
+        ({"seed": -1}, "token_pruning.seed: must be a non-negative integer, got -1"),
+        ({"seed": True}, "token_pruning.seed: must be a non-negative integer, got True"),
+        ({"special_token_ids": 3}, "token_pruning.special_token_ids: must be a list of token ids, got 3"),
+        (
+            {"special_token_ids": [3.0]},
+            "token_pruning.special_token_ids: must be a list of token ids, got [3.0]",
+        ),
+        ({"temperature": 0}, "token_pruning.temperature: must be > 0, got 0"),
+        ({"temperature": "hot"}, "token_pruning.temperature: must be > 0, got 'hot'"),
+    ],
+)
+def test_check_settings_names_the_bad_key(settings, message):
+    with pytest.raises(ValueError) as error:
+        text_token_pruning.check_settings(settings, 4)
+    assert str(error.value) == message
+
+
+def test_check_settings_without_a_layer_count():
+    with pytest.raises(ValueError) as error:
+        text_token_pruning.check_settings({"layer": -1})
+    assert str(error.value) == "token_pruning.layer: must be an integer >= 0, got -1"
