@@ -203,3 +203,71 @@ def test_bert_attention_keeps_the_most_attended_tokens_by_hand(bert_tokenizer, l
         torch.testing.assert_close(
             captured["hidden"][row, : len(kept)], out.hidden_states[layer][row, kept], rtol=1e-4, atol=1e-5
         )
+
+
+def hidden_entering(model, layer: int, inputs) -> tuple:
+    """(the pruned model's output, the hidden states entering encoder layer ``layer``)."""
+    captured = {}
+    hook = model.bert.encoder.layer[layer].register_forward_pre_hook(
+        lambda module, args: captured.update(hidden=args[0])
+    )
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    finally:
+        hook.remove()
+    return out, captured["hidden"]
+
+
+def kept_by_hand(ids, mask, scores, keep_ratios, specials) -> list[list[int]]:
+    kept = []
+    for row in range(ids.shape[0]):
+        real = [i for i in range(ids.shape[1]) if mask[row, i]]
+        others = [i for i in real if i > 0 and int(ids[row, i]) not in specials]
+        count = math.ceil(float(keep_ratios[row]) * len(others) - 1e-9)
+        always = [i for i in real if i == 0 or int(ids[row, i]) in specials]
+        kept.append(sorted(set(always) | top_k_by_hand(scores[row].tolist(), others, count)))
+    return kept
+
+
+@pytest.mark.parametrize(("algorithm", "layer"), [("random", 0), ("random", 2), ("fixed", 1)])
+def test_bert_random_and_saliency_selection_by_hand(bert_tokenizer, monkeypatch, algorithm, layer):
+    """``random``: the scores are ``torch.rand`` of the batch's shape from a generator seeded with ``seed``;
+    ``fixed`` (and ``forward(keep_ratios=...)``): the retainer's saliency, here with per-row ratios. The top
+    ⌈ρ·n⌉ by hand, [CLS] and [SEP] kept; the pruned layers see the stock hidden states at those positions."""
+    monkeypatch.setattr(
+        "hf_prune.methods.tokens.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+    )
+    stage = {
+        "method": "text_token_pruning",
+        "algorithm": algorithm,
+        "layer": layer,
+        "keep_ratio": 0.3,
+        "seed": 5,
+    }
+    if algorithm == "fixed":
+        stage["train_data"] = "unused.jsonl"  # the retainer keeps its seeded initialisation
+    model = hf_prune.prune(
+        tiny_bert(bert_tokenizer), {"stages": [stage]}, tokenizer=bert_tokenizer, progress=False
+    ).model.eval()
+    stock = tiny_bert(bert_tokenizer)
+    inputs = bert_tokenizer(BERT_TEXTS, padding=True, return_tensors="pt")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        reference = stock(**inputs, output_hidden_states=True).hidden_states[layer]
+    specials = {bert_tokenizer.cls_token_id, bert_tokenizer.sep_token_id}
+    if algorithm == "random":
+        scores = torch.rand(ids.shape, generator=torch.Generator().manual_seed(5))
+        ratios = [0.3] * ids.shape[0]
+        out, hidden = hidden_entering(model, layer, inputs)
+    else:
+        ratios = [0.3, 1.0, 0.1, 0.5]
+        inputs = {**inputs, "keep_ratios": torch.tensor(ratios)}
+        out, hidden = hidden_entering(model, layer, inputs)
+        scores = out.saliency
+        assert out.chosen_ratio.tolist() == pytest.approx(ratios)
+    expected = kept_by_hand(ids, mask, scores, ratios, specials)
+    assert hidden.shape[1] == max(len(k) for k in expected)
+    for row, kept in enumerate(expected):
+        assert float(out.kept_fraction[row]) == pytest.approx(len(kept) / int(mask[row].sum()))
+        torch.testing.assert_close(hidden[row, : len(kept)], reference[row, kept], rtol=1e-4, atol=1e-5)
