@@ -379,3 +379,26 @@ def test_check_settings_without_a_layer_count():
     with pytest.raises(ValueError) as error:
         text_token_pruning.check_settings({"layer": -1})
     assert str(error.value) == "token_pruning.layer: must be an integer >= 0, got -1"
+
+
+def test_a_new_text_pruning_model_has_an_unset_price_and_sized_heads():
+    """Built from a config (as ``from_pretrained`` does): the retainer's heads sized by the config and the
+    settings, its price NaN ("never trained", so adtp refuses to choose ratios with it)."""
+    shared = dict(
+        vocab_size=12, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8
+    )
+    config = text_token_pruning.HfPruneBertConfig(
+        **shared, token_pruning={"candidate_ratios": [0.2, 0.6, 1.0], "retainer_size": 5}
+    )
+    model = text_token_pruning.HfPruneBertForSequenceClassification(config).eval()
+    saliency, ratio = model.retainer.saliency, model.retainer.ratio
+    assert (saliency[0].in_features, saliency[0].out_features, saliency[2].out_features) == (8, 5, 1)
+    assert (ratio[0].in_features, ratio[0].out_features, ratio[2].out_features) == (16, 5, 3)
+    assert torch.isnan(model.retainer.price)
+    with pytest.raises(ValueError, match=r"^adtp: the retainer has no price \(retainer.price\)"):
+        model(input_ids=torch.tensor([[2, 5, 6, 3]]))
+    # no token_pruning at all: the defaults (adtp, six candidates, size 64)
+    bare = text_token_pruning.HfPruneBertForSequenceClassification(
+        text_token_pruning.HfPruneBertConfig(**shared)
+    )
+    assert bare.retainer.ratio[2].out_features == 6 and bare.retainer.saliency[0].out_features == 64
