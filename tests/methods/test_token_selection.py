@@ -271,3 +271,57 @@ def test_bert_random_and_saliency_selection_by_hand(bert_tokenizer, monkeypatch,
     for row, kept in enumerate(expected):
         assert float(out.kept_fraction[row]) == pytest.approx(len(kept) / int(mask[row].sum()))
         torch.testing.assert_close(hidden[row, : len(kept)], reference[row, kept], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_other_encoder_families_attention_selection_by_hand(bert_tokenizer, family):
+    """DistilBERT (``transformer.layer``, attention without ``.self``) and RoBERTa: the same rule as BERT,
+    against the stock model's eager attentions and hidden states."""
+    shared = dict(vocab_size=len(bert_tokenizer), num_labels=3, pad_token_id=0, max_position_embeddings=64)
+    if family == "distilbert":
+        config = transformers.DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=64, **shared)
+        build = transformers.DistilBertForSequenceClassification
+    else:
+        config = transformers.RobertaConfig(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, **shared
+        )
+        build = transformers.RobertaForSequenceClassification
+
+    def fresh():
+        torch.manual_seed(0)
+        return build(config).eval()
+
+    stock = fresh()
+    stock.set_attn_implementation("eager")
+    inputs = bert_tokenizer(BERT_TEXTS, padding=True, return_tensors="pt")
+    inputs.pop("token_type_ids")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        out = stock(**inputs, output_attentions=True, output_hidden_states=True)
+    weights = out.attentions[0]
+    scores = torch.zeros(ids.shape)
+    for row in range(ids.shape[0]):
+        real = [q for q in range(ids.shape[1]) if mask[row, q]]
+        for key in range(ids.shape[1]):
+            scores[row, key] = sum(
+                float(weights[row, h, q, key]) for h in range(weights.shape[1]) for q in real
+            ) / (weights.shape[1] * len(real))
+    specials = {bert_tokenizer.cls_token_id, bert_tokenizer.sep_token_id}
+    expected = kept_by_hand(ids, mask, scores, [0.3] * ids.shape[0], specials)
+    stage = {"method": "text_token_pruning", "algorithm": "attention", "layer": 1, "keep_ratio": 0.3}
+    model = hf_prune.prune(
+        fresh(), {"stages": [stage]}, tokenizer=bert_tokenizer, progress=False
+    ).model.eval()
+    layers = model.distilbert.transformer.layer if family == "distilbert" else model.roberta.encoder.layer
+    captured = {}
+    hook = layers[1].register_forward_pre_hook(lambda module, args: captured.update(hidden=args[0]))
+    try:
+        with torch.no_grad():
+            pruned = model(**inputs)
+    finally:
+        hook.remove()
+    for row, kept in enumerate(expected):
+        assert float(pruned.kept_fraction[row]) == pytest.approx(len(kept) / int(mask[row].sum()))
+        torch.testing.assert_close(
+            captured["hidden"][row, : len(kept)], out.hidden_states[1][row, kept], rtol=1e-4, atol=1e-5
+        )
