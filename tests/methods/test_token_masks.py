@@ -31,6 +31,7 @@ def test_chosen_and_expected_ratios_by_hand():
     adtp = {"algorithm": "adtp", "candidate_ratios": [0.1, 0.5, 1.0], "keep_ratio": None}
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
     assert prompt_retainer.chosen_ratios(adtp, logits).tolist() == pytest.approx([0.5, 0.1, 1.0])
+    assert prompt_retainer.chosen_ratios(adtp, logits[:2]).tolist() == pytest.approx([0.5, 0.1])  # B ≠ R
     fixed = {"algorithm": "fixed", "candidate_ratios": [0.1, 0.5, 1.0], "keep_ratio": 0.3}
     assert prompt_retainer.chosen_ratios(fixed, logits).tolist() == pytest.approx([0.3] * 3)
     # softmax (0.2, 0.3, 0.5) -> 0.2·0.1 + 0.3·0.5 + 0.5·1 = 0.67; uniform -> (0.1 + 0.5 + 1) / 3
@@ -98,6 +99,9 @@ def test_prompt_retainer_pools_the_mean_and_the_last_real_token():
     assert saliency.tolist() == hidden[..., 0].tolist()
     # row 0: real tokens 1, 2 -> mean of (2, 3) and (4, 5) = (3, 4), last = (4, 5); row 1: mean (11, 12), last (14, 15)
     assert pooled.tolist() == [[3.0, 4.0, 4.0, 5.0], [11.0, 12.0, 14.0, 15.0]]
+    # one real token, at position 0 (right padding): mean and last are that token
+    _, pooled = retainer(hidden, torch.tensor([[1, 0, 0, 0], [0, 0, 0, 1]]).bool())
+    assert pooled.tolist() == [[0.0, 1.0, 0.0, 1.0], [14.0, 15.0, 14.0, 15.0]]
 
 
 def test_text_retainer_pools_cls_and_the_mean_of_real_tokens():
