@@ -13,6 +13,7 @@ TOKENS_CPU_ONLY = (
 
 EQUIVALENT_MUTANTS: dict[str, str] = {
     # --- tokens ---
+    "hf_prune.model_patches.prompt_retainer.x_expected_ratios__mutmut_11": TOKENS_CPU_ONLY,
     "hf_prune.model_patches.prompt_prefill.x_seeded_scores__mutmut_2": TOKENS_CPU_ONLY,
     "hf_prune.model_patches.prompt_prefill.xǁPrunedPromptǁdecode_inputs__mutmut_10": TOKENS_CPU_ONLY,
     "hf_prune.model_patches.prompt_prefill.xǁPrunedPromptǁdecode_inputs__mutmut_13": TOKENS_CPU_ONLY,
