@@ -13,6 +13,14 @@ TOKENS_CPU_ONLY = (
 
 EQUIVALENT_MUTANTS: dict[str, str] = {
     # --- tokens ---
+    "hf_prune.model_patches.text_token_pruning.xǁTextTokenPruningMixinǁ_special__mutmut_4": TOKENS_CPU_ONLY,
+    "hf_prune.model_patches.text_token_pruning.xǁTextTokenPruningMixinǁ_special__mutmut_7": TOKENS_CPU_ONLY,
+    "hf_prune.model_patches.text_token_pruning.xǁTextTokenPruningMixinǁforward__mutmut_51": TOKENS_CPU_ONLY,
+    "hf_prune.model_patches.text_token_pruning.xǁTextTokenPruningMixinǁforward__mutmut_53": TOKENS_CPU_ONLY,
+    "hf_prune.model_patches.text_token_pruning.xǁTextTokenPruningMixinǁforward__mutmut_58": TOKENS_CPU_ONLY,
+    "hf_prune.model_patches.text_token_pruning.xǁTextTokenPruningMixinǁforward__mutmut_60": TOKENS_CPU_ONLY,
+    "hf_prune.model_patches.text_token_pruning.xǁTextTokenPruningMixinǁforward__mutmut_64": TOKENS_CPU_ONLY,
+    "hf_prune.model_patches.text_token_pruning.xǁTextTokenPruningMixinǁforward__mutmut_66": TOKENS_CPU_ONLY,
     "hf_prune.model_patches.prompt_retainer.x_expected_ratios__mutmut_11": TOKENS_CPU_ONLY,
     "hf_prune.model_patches.prompt_prefill.x_seeded_scores__mutmut_2": TOKENS_CPU_ONLY,
     "hf_prune.model_patches.prompt_prefill.xǁPrunedPromptǁdecode_inputs__mutmut_10": TOKENS_CPU_ONLY,
