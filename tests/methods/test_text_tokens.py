@@ -124,17 +124,104 @@ def test_specials_always_kept_and_padding_never_counts(tokenizer, family):
             assert alone.kept_fraction[0] == together.kept_fraction[row]
 
 
-def test_adtp_ratio_adapts_per_sequence(tokenizer, monkeypatch):
-    monkeypatch.setattr(
-        "hf_prune.methods.tokens.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+def majority_teacher(tokenizer):
+    """A hand-built 1-layer BERT answering "more `up` than `down`?", whatever the sequence's length:
+    [CLS], [SEP] and padding embed to 0, `up` to +e0 and `down` to −e0 (no positions); attention with zero
+    queries and keys is uniform, so [CLS] gets the mean of the tokens; LayerNorm keeps only its sign."""
+    size = 8
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=4,
+        num_labels=2,
+        id2label={0: "down", 1: "up"},
+        label2id={"down": 0, "up": 1},
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
-    model = pruned(tiny_bert(tokenizer), tokenizer, algorithm="adtp", train_data="unused.jsonl")
+    model = transformers.BertForSequenceClassification(config).eval()
+    layer = model.bert.encoder.layer[0]
     with torch.no_grad():
-        model.retainer.ratio[2].weight.mul_(200)  # a sharper ratio head: its choice follows the input
-        out = model(**batch(tokenizer, sentences(16, seed=5)))
-    assert len({round(float(f), 4) for f in out.kept_fraction}) > 1  # sequences keep different fractions
-    chosen = {round(r, 6) for r in out.chosen_ratio.tolist()}
-    assert len(chosen) > 1 and chosen <= set(model.config.token_pruning["candidate_ratios"])
+        for parameter in model.parameters():
+            parameter.zero_()
+        for norm in (
+            model.bert.embeddings.LayerNorm,
+            layer.attention.output.LayerNorm,
+            layer.output.LayerNorm,
+        ):
+            norm.weight.fill_(1.0)
+        up, down = tokenizer.convert_tokens_to_ids(["up", "down"])
+        model.bert.embeddings.word_embeddings.weight[up, 0] = 1.0
+        model.bert.embeddings.word_embeddings.weight[down, 0] = -1.0
+        layer.attention.self.value.weight.copy_(torch.eye(size))
+        layer.attention.output.dense.weight.copy_(torch.eye(size))
+        model.bert.pooler.dense.weight.copy_(torch.eye(size))
+        model.classifier.weight[1, 0], model.classifier.weight[0, 0] = 10.0, -10.0
+    return model
+
+
+def majority_rows(count: int, generator: torch.Generator) -> list[tuple[str, str, str]]:
+    """(text, label, kind): even rows "flat" (one word repeated: any subset has the same majority), odd rows
+    "close" (a majority of one: dropping tokens flips it about half the time); 11 to 23 words each."""
+    rows = []
+    for index in range(count):
+        n = 2 * int(torch.randint(5, 12, (1,), generator=generator)) + 1
+        up = bool(torch.randint(0, 2, (1,), generator=generator))
+        if index % 2 == 0:
+            kind, words = "flat", ["up" if up else "down"] * n
+        else:
+            kind, words = "close", ["up"] * (n // 2 + up) + ["down"] * (n // 2 + (not up))
+            words = [words[int(i)] for i in torch.randperm(n, generator=generator)]
+        rows.append((" ".join(words), "up" if up else "down", kind))
+    return rows
+
+
+@pytest.mark.slow
+def test_trained_adtp_ratio_follows_what_each_sequence_needs(tmp_path):
+    """The real adtp training (``hf_prune.prune``, no mocks, 20 steps, ~10 s) on a task built so that
+    sequences need different ratios: the teacher answers by majority, so a sequence of one repeated word
+    keeps its answer at any ratio, while a majority of one needs every token. The trained ratio head gives
+    every held-out "flat" sequence the lowest candidate and every "close" one the highest; the budget
+    (target 0.5, half of each kind) holds on the training rows. Planted bug caught: the choice taking the
+    highest predicted cost (or regressing 1 − cost)."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "up", "down"]
+    tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    teacher = majority_teacher(tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    train = majority_rows(64, generator)
+    with torch.no_grad():  # the teacher is right on every row, confidently
+        probs = teacher(**batch(tokenizer, [t for t, _, _ in train])).logits.softmax(-1)
+    assert probs.argmax(-1).tolist() == [int(label == "up") for _, label, _ in train]
+    assert float(probs.max(-1).values.min()) > 0.99
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for text, label, _ in train:
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
+    stage = {
+        "method": "text_token_pruning",
+        "algorithm": "adtp",
+        "train_data": str(tmp_path / "train.jsonl"),
+        "train_steps": 20,
+        "batch_size": 16,
+        "target_ratio": 0.5,
+        "candidate_ratios": [0.1, 0.5, 1.0],
+        "seed": 0,
+    }
+    result = hf_prune.prune(teacher, {"stages": [stage]}, tokenizer=tokenizer, progress=False)
+    assert result.report["stages"][0]["training"]["ratio_choice"]["mean_ratio"] == pytest.approx(0.5, abs=0.1)
+    test = majority_rows(40, generator)
+    with torch.no_grad():
+        out = result.model.eval()(**batch(tokenizer, [t for t, _, _ in test]))
+    chosen = {
+        kind: sorted(
+            {round(float(r), 4) for r, (_, _, k) in zip(out.chosen_ratio, test, strict=True) if k == kind}
+        )
+        for kind in ("flat", "close")
+    }
+    assert chosen == {"flat": [0.1], "close": [1.0]}, out.chosen_ratio.tolist()
 
 
 def write_labelled(path, tokenizer, rows: int, with_labels: bool = True):

@@ -1,45 +1,151 @@
-"""Surviving mutants that are *equivalent*: no input can tell them from the original code, so no test can
-kill them. ``run_mutation.py`` leaves them out of the kill rate and names entries that no longer survive.
+"""Surviving mutants that no test on this machine can kill, each with its reason.
 
-Key: mutmut's mutant name (``mutmut show NAME`` in the group's work folder prints the diff); value: why
-it is equivalent, in a sentence. A mutant that a test *could* kill does not belong here: write the test.
+- ``EQUIVALENT_MUTANTS``: no input can tell them from the original code (``-INF`` for ``-inf``, a dim
+  +1 that is the last dim of every tensor it sees, a flag the next line overrides).
+- ``NEEDS_ACCELERATOR``: they only drop a ``device=`` argument or a ``.to(device)``; every tensor of the
+  tests is on the CPU, so only a run on a GPU could tell. Counted apart, not as equivalent.
+
+``run_mutation.py`` reports both columns, leaves them out of the kill rate (the raw rate is shown too) and
+names entries that no longer survive. Key: mutmut's mutant name (``mutmut show NAME`` in the group's work
+folder prints the diff); value: the reason, in a sentence. A mutant that a test on the CPU *could* kill
+does not belong here: write the test.
 """
+
+_MOE = "hf_prune.model_patches.nonuniform_moe."
+_SCORING = "hf_prune.methods.experts.scoring."
+_REMOVAL = "hf_prune.methods.experts.removal."
+_RETAINER = "hf_prune.model_patches.prompt_retainer."
+_PREFILL = "hf_prune.model_patches.prompt_prefill."
+_TEXT = "hf_prune.model_patches.text_token_pruning."
+_SELECTION = "hf_prune.model_patches.token_selection."
+_VISUAL = "hf_prune.model_patches.visual_token_scoring."
+_CLIP = "hf_prune.model_patches.clip_relevance."
+_ESTIMATORS = "hf_prune.methods.depth.estimators."
+_REPLACEME = "hf_prune.methods.depth.replaceme."
+_CUTS = "hf_prune.methods.depth.cuts."
 
 _SAVE_FORMAT = (
     "transformers 5.24 applies its per-expert key conversion by the stock model_type only, so an "
     "hf_prune_<family> model writes fused expert keys whatever save_original_format is (default, True, "
     "False and an unknown key all give the same files; checked by hand)"
 )
-_NM = "hf_prune.model_patches.nonuniform_moe."
-_SC = "hf_prune.methods.experts.scoring."
+_LOGITS_2D = "every family's router returns 2-D logits [tokens, experts], so shape[1] is shape[-1]"
+_ZIP_STRICT = "the length check just above raises first, and moe_layer_flags has num_hidden_layers entries"
+_NO_CACHE = "nothing reads the KV cache of this single forward, and the logits do not depend on it"
 _GRAD_FLAG = (
     "the training loop sets requires_grad on every α and β at the start of each epoch, before any use"
 )
-_NO_CACHE = "nothing reads the KV cache of this single forward, and the logits do not depend on it"
-_STRICT = "the length check just above raises first, and moe_layer_flags has num_hidden_layers entries"
-_LOGITS_2D = "every family's router returns 2-D logits [tokens, experts], so shape[1] is shape[-1]"
+_MINUS_INF = "float('-INF') is float('-inf')."
+_SORT_DIM = "Tensor.sort's default dim is -1, which is dim 1 of the [B, L] saliency."
+_RANK_CLAMP = (
+    "The rank ratio·n - 1 never exceeds n - 1 <= L - 1 for ratios in (0, 1], so clamping at L + 1 instead"
+    " of L - 1 never bites."
+)
+_DEVICE_ONLY = (
+    "device=None (or left out): the tensor is made on the CPU, where every input of the tests is; only a "
+    "run on an accelerator could tell"
+)
 
 EQUIVALENT_MUTANTS: dict[str, str] = {
     # --- experts ---
-    _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_1": _SAVE_FORMAT,
-    _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_2": _SAVE_FORMAT,
-    _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_3": _SAVE_FORMAT,
-    _NM + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_4": _SAVE_FORMAT,
-    _NM + "xǁNonuniformExpertsMixinǁforward__mutmut_38": _LOGITS_2D,
-    _NM + "xǁNonuniformExpertsMixinǁforward__mutmut_50": _LOGITS_2D,
-    _NM + "xǁNonuniformExpertsMixinǁforward__mutmut_54": 'float("-INF") is float("-inf")',
-    _NM + "xǁNonuniformExpertsConfigMixinǁcheck_experts_per_layer__mutmut_13": _STRICT,
-    _NM + "xǁNonuniformExpertsConfigMixinǁcheck_experts_per_layer__mutmut_16": _STRICT,
-    _NM + "xǁNonuniformExpertsConfigMixinǁcheck_experts_per_layer__mutmut_18": _STRICT,
-    _SC + "x__causal_lm_loss__mutmut_10": _NO_CACHE,
-    _SC + "x__causal_lm_loss__mutmut_13": _NO_CACHE,
-    _SC + "x__causal_lm_loss__mutmut_14": _NO_CACHE,
-    _SC + "x__causal_lm_loss__mutmut_30": "-100 is F.cross_entropy's default ignore_index",
-    _SC + "x_diep_scores__mutmut_33": _GRAD_FLAG,
-    _SC + "x_diep_scores__mutmut_36": _GRAD_FLAG,
-    _SC + "x_diep_scores__mutmut_41": _GRAD_FLAG,
-    _SC + "x_diep_scores__mutmut_48": _GRAD_FLAG,
-    _SC + "x_diep_scores__mutmut_49": _GRAD_FLAG,
-    _SC
+    _MOE + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_1": _SAVE_FORMAT,
+    _MOE + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_2": _SAVE_FORMAT,
+    _MOE + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_3": _SAVE_FORMAT,
+    _MOE + "xǁNonuniformExpertsMixinǁsave_pretrained__mutmut_4": _SAVE_FORMAT,
+    _MOE + "xǁNonuniformExpertsMixinǁforward__mutmut_38": _LOGITS_2D,
+    _MOE + "xǁNonuniformExpertsMixinǁforward__mutmut_50": _LOGITS_2D,
+    _MOE + "xǁNonuniformExpertsMixinǁforward__mutmut_54": 'float("-INF") is float("-inf")',
+    _MOE + "xǁNonuniformExpertsConfigMixinǁcheck_experts_per_layer__mutmut_13": _ZIP_STRICT,
+    _MOE + "xǁNonuniformExpertsConfigMixinǁcheck_experts_per_layer__mutmut_16": _ZIP_STRICT,
+    _MOE + "xǁNonuniformExpertsConfigMixinǁcheck_experts_per_layer__mutmut_18": _ZIP_STRICT,
+    _SCORING + "x__causal_lm_loss__mutmut_10": _NO_CACHE,
+    _SCORING + "x__causal_lm_loss__mutmut_13": _NO_CACHE,
+    _SCORING + "x__causal_lm_loss__mutmut_14": _NO_CACHE,
+    _SCORING + "x__causal_lm_loss__mutmut_30": "-100 is F.cross_entropy's default ignore_index",
+    _SCORING + "x_diep_scores__mutmut_33": _GRAD_FLAG,
+    _SCORING + "x_diep_scores__mutmut_36": _GRAD_FLAG,
+    _SCORING + "x_diep_scores__mutmut_41": _GRAD_FLAG,
+    _SCORING + "x_diep_scores__mutmut_48": _GRAD_FLAG,
+    _SCORING + "x_diep_scores__mutmut_49": _GRAD_FLAG,
+    _SCORING
     + "x_diep_scores__mutmut_67": "cache_moe_io keeps the same rows for every MoE layer, so all have the same count",
+    # --- tokens ---
+    _RETAINER + "x_always_kept__mutmut_31": (
+        "Filling padding with +1 instead of -1 changes the last position only when the last real token is"
+        " at 0, and then it is also the first, kept anyway."
+    ),
+    _RETAINER + "x_always_kept__mutmut_32": (
+        "Any negative fill gives the same maximum for a row with a real token, and a row without one "
+        "matches no position either way."
+    ),
+    _RETAINER + "x_soft_attention_bias__mutmut_15": (
+        "key < query drops only the diagonal, which the identity OR-ed in the next line makes visible again."
+    ),
+    _RETAINER + "xǁPromptRetainerǁforward__mutmut_2": (
+        "A bool mask (.to(None) keeps it bool) multiplies and sums to the same values as its float copy."
+    ),
+    _RETAINER
+    + "x_expected_ratios__mutmut_18": "softmax over dim +1 of the [B, R] ratio logits is the same dimension as -1.",
+    _RETAINER
+    + "x_expected_ratios__mutmut_20": "Summing the [B, R] weighted candidates over dim +1 is the same dimension as -1.",
+    _RETAINER + "x_soft_keep__mutmut_76": _MINUS_INF,
+    _TEXT + "x_soft_keep__mutmut_4": _SORT_DIM,
+    _TEXT + "x_soft_keep__mutmut_13": _MINUS_INF,
+    _TEXT + "x_soft_keep__mutmut_73": _MINUS_INF,
+    _TEXT + "x_soft_keep__mutmut_29": _RANK_CLAMP,
+    _TEXT + "xǁTextTokenPruningMixinǁ_init_weights__mutmut_5": "float('NAN') is NaN like float('nan').",
+    _TEXT + "x_self_attention__mutmut_1": (
+        "getattr(None, 'self', default) returns layer.attention, whose output[1] is the same attention "
+        "weights (BertAttention passes its self-attention's weights through; DistilBERT's attention is "
+        "that module)."
+    ),
+    _RETAINER + "xǁPromptRetainerǁforward__mutmut_31": (
+        "Filling padding with -2 instead of -1 only changes a row without real tokens, which clamp_min(0)"
+        " sends to 0 either way."
+    ),
+    _RETAINER + "xǁPromptRetainerǁforward__mutmut_49": (
+        "Concatenating the two [B, H] pooled states on dim +1 is the same dimension as -1."
+    ),
+    _RETAINER
+    + "x_chosen_ratios__mutmut_14": "argmax over dim +1 of the [B, R] ratio logits is the same dimension as -1.",
+    _RETAINER + "x_soft_keep__mutmut_4": _SORT_DIM,
+    _RETAINER + "x_soft_keep__mutmut_13": _MINUS_INF,
+    _RETAINER + "x_soft_keep__mutmut_29": _RANK_CLAMP,
+}
+
+NEEDS_ACCELERATOR: dict[str, str] = {
+    # --- tokens ---
+    _TEXT + "xǁTextTokenPruningMixinǁ_special__mutmut_4": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁ_special__mutmut_7": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_51": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_53": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_58": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_60": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_64": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_66": _DEVICE_ONLY,
+    _RETAINER + "x_expected_ratios__mutmut_11": _DEVICE_ONLY,
+    _PREFILL + "x_seeded_scores__mutmut_2": _DEVICE_ONLY,
+    _PREFILL + "xǁPrunedPromptǁdecode_inputs__mutmut_10": _DEVICE_ONLY,
+    _PREFILL + "xǁPrunedPromptǁdecode_inputs__mutmut_13": _DEVICE_ONLY,
+    _RETAINER + "xǁPromptRetainerǁforward__mutmut_18": _DEVICE_ONLY,
+    _RETAINER + "xǁPromptRetainerǁforward__mutmut_20": _DEVICE_ONLY,
+    _RETAINER + "xǁPromptRetainerǁforward__mutmut_36": _DEVICE_ONLY,
+    _RETAINER + "xǁPromptRetainerǁforward__mutmut_38": _DEVICE_ONLY,
+    _RETAINER + "x_always_kept__mutmut_4": _DEVICE_ONLY,
+    _RETAINER + "x_always_kept__mutmut_6": _DEVICE_ONLY,
+    _RETAINER + "x_chosen_ratios__mutmut_8": _DEVICE_ONLY,
+    _RETAINER + "x_chosen_ratios__mutmut_10": _DEVICE_ONLY,
+    _RETAINER + "x_chosen_ratios__mutmut_18": _DEVICE_ONLY,
+    _RETAINER + "x_chosen_ratios__mutmut_21": _DEVICE_ONLY,
+    _RETAINER + "x_expected_ratios__mutmut_8": _DEVICE_ONLY,
+    _RETAINER + "x_soft_attention_bias__mutmut_6": _DEVICE_ONLY,
+    _RETAINER + "x_soft_attention_bias__mutmut_8": _DEVICE_ONLY,
+    _RETAINER + "x_soft_attention_bias__mutmut_11": _DEVICE_ONLY,
+    _RETAINER + "x_soft_attention_bias__mutmut_13": _DEVICE_ONLY,
+    _RETAINER + "x_soft_attention_bias__mutmut_27": _DEVICE_ONLY,
+    _RETAINER + "x_soft_attention_bias__mutmut_30": _DEVICE_ONLY,
+    _RETAINER + "x_soft_attention_bias__mutmut_38": _DEVICE_ONLY,
+    _RETAINER + "x_soft_attention_bias__mutmut_41": _DEVICE_ONLY,
+    _TEXT + "x_top_fraction__mutmut_34": _DEVICE_ONLY,
+    _TEXT + "x_top_fraction__mutmut_36": _DEVICE_ONLY,
 }
