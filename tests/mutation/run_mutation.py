@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--show-survivors", action="store_true", help="print the diff of every surviving mutant"
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="run nothing: print the table of the last run in --workdir"
+    )
     args = parser.parse_args(argv)
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         earlier = statuses(work, modules) if args.rerun_survivors else {}
         # survivors and mutants an interrupted run never reached
         rerun = [n for by_name in earlier.values() for n, s in by_name.items() if s not in KILLED]
+        if args.report_only:
+            report(group, statuses(work, modules), excluded)
+            continue
         if not args.rerun_survivors and (work / "mutants").exists():
             shutil.rmtree(work / "mutants")
         copy_project(work)
