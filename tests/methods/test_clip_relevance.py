@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from hf_prune.model_patches import token_selection
-from test_visual_tokens import batch, pruned_model
+from test_visual_tokens import batch, greedy_by_log_det, pruned_model, unit
 from tiny_models import CLIP_CONTEXT, build_tiny_model, build_tokenizer, save_tiny_clip
 
 from hf_prune.errors import ConfigFieldError, RecipeError
@@ -34,8 +33,9 @@ def clip_dirs(tmp_path_factory, tokenizer):
 
 
 def reference_keep(model, clip_dir, inputs, texts: list[str], budget: int) -> list[list[int]]:
-    """The visual tokens CDPruner keeps per image, computed from the CLIP checkpoint itself: patch features
-    of layer -2 through CLIP's post-layernorm and visual projection, text chunks through its text tower."""
+    """The visual tokens CDPruner keeps per image, computed from the CLIP checkpoint itself with plain torch:
+    patch features of layer -2 through CLIP's post-layernorm and visual projection, text chunks through its
+    text tower; relevance, kernel and the greedy selection by hand (no token_selection function)."""
     from transformers import AutoTokenizer, CLIPModel
 
     clip, clip_tokenizer = CLIPModel.from_pretrained(clip_dir).eval(), AutoTokenizer.from_pretrained(clip_dir)
@@ -62,13 +62,13 @@ def reference_keep(model, clip_dir, inputs, texts: list[str], budget: int) -> li
                     for c in chunks
                 ]
             )
-            relevance = token_selection.instruction_relevance(patches[image], text_embeds)
-            kernel = (
-                relevance[:, None]
-                * token_selection.cosine_similarity_matrix(features[image])
-                * relevance[None]
-            )
-            kept.append(token_selection.dpp_greedy_map(kernel[None], budget)[0].tolist())
+            # By hand (METHODS.md, CDPruner step 3-4): mean cosine over the chunks, min-max normalised; the
+            # kernel diag(r)·S·diag(r) on the cosines of the projected features; greedy MAP by log det.
+            cosine = (unit(patches[image]) @ unit(text_embeds).T).mean(dim=-1)
+            relevance = (cosine - cosine.min()) / (cosine.max() - cosine.min())
+            similarity = unit(features[image]) @ unit(features[image]).T
+            kernel = relevance[:, None] * similarity * relevance[None]
+            kept.append(sorted(greedy_by_log_det(kernel, budget)))
     return kept
 
 

@@ -1,6 +1,7 @@
 """Visual token pruning: the selection algorithms, and the pruned forward / generate contract on tiny LLaVA models."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -50,10 +51,90 @@ def test_dpp_greedy_map_matches_the_determinant_definition(seed):
         assert chosen[b].tolist() == brute_force_greedy_map(kernel[b], 5)
 
 
-def test_dpp_keeps_going_past_the_kernel_rank():
-    features = torch.randn(1, 10, 2, generator=torch.Generator().manual_seed(0))  # rank 2
-    chosen = patch.dpp_greedy_map(patch.cosine_similarity_matrix(features), 6)[0]
-    assert chosen.tolist() == sorted(set(chosen.tolist())) and len(chosen) == 6
+def greedy_by_log_det(kernel: torch.Tensor, count: int) -> list[int]:
+    """Greedy MAP by definition, in pick order: each step adds the candidate with the largest
+    log det(L[S ∪ {i}]) (torch.linalg.slogdet in float64); a candidate whose determinant is zero (or
+    round-off) ranks below every positive one, and ties go to the lowest index."""
+    kernel = kernel.double()
+    scale = kernel.diagonal().max().clamp_min(1e-300)
+    chosen: list[int] = []
+    for _ in range(count):
+        best, best_value = None, None
+        for i in range(kernel.shape[0]):
+            if i in chosen:
+                continue
+            picked = [*chosen, i]
+            sign, logdet = torch.linalg.slogdet(kernel[picked][:, picked])
+            # zero or round-off determinants (the span of the picks is exhausted) all count as -inf
+            value = logdet.item() if sign > 0 and logdet > len(picked) * math.log(scale) - 20 else -math.inf
+            if best is None or value > best_value:
+                best, best_value = i, value
+        chosen.append(best)
+    return chosen
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def random_kernels(seed: int, batch: int, n: int, dim: int) -> torch.Tensor:
+    """diag(r)·S·diag(r) built by hand: S the cosines of random features, r uniform in [0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = unit(torch.randn(batch, n, dim, generator=generator))
+    relevance = torch.rand(batch, n, generator=generator)
+    return relevance[:, :, None] * (features @ features.transpose(1, 2)) * relevance[:, None, :]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dpp_each_pick_maximises_the_log_determinant(seed):
+    """Every prefix of the greedy picks (count 1..N, full-rank kernel) is the by-definition greedy's: the
+    projection of the earlier picks out of each candidate's gain decides every pick after the first."""
+    kernels = random_kernels(seed, batch=2, n=9, dim=12)
+    for b in range(2):
+        order = greedy_by_log_det(kernels[b], 9)
+        for count in range(1, 10):
+            assert patch.dpp_greedy_map(kernels[b : b + 1], count)[0].tolist() == sorted(order[:count])
+
+
+def test_dpp_greedy_matches_exhaustive_map_on_orthogonal_clusters():
+    """Three mutually orthogonal clusters of near-copies: the MAP set of T <= 3 items takes the most
+    relevant item of T clusters, which greedy finds too; checked against every subset's determinant."""
+    features = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+            [1.0, 0.0, 0.0, 0.1],  # near-copy of 0
+            [0.0, 0.0, 1.0, 0.0],
+            [0.0, 1.0, 0.0, -0.1],  # near-copy of 1
+            [0.0, 0.0, 1.0, 0.2],  # near-copy of 3
+        ]
+    )
+    relevance = torch.tensor([0.7, 0.5, 0.9, 0.3, 0.8, 0.4])
+    kernel = relevance[:, None] * (unit(features) @ unit(features).T) * relevance[None]
+    for count, expected in [(1, [2]), (2, [2, 4]), (3, [2, 4, 5])]:
+        best = max(
+            itertools.combinations(range(6), count),
+            key=lambda s: torch.linalg.det(kernel[list(s)][:, list(s)].double()).item(),
+        )
+        assert list(best) == expected  # the by-hand MAP set
+        assert patch.dpp_greedy_map(kernel[None], count)[0].tolist() == expected
+
+
+def test_dpp_picks_past_the_kernel_rank_go_by_index():
+    # Exactly representable: tokens alternate between two orthogonal directions (rank 2). Greedy takes
+    # token 0 (the first of the equal gains), then token 1; after that every gain is 0, so picks go 2, 3, ...
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(4, 1)[None]  # [1, 8, 2]
+    kernel = features @ features.transpose(1, 2)
+    for count in range(1, 9):
+        assert patch.dpp_greedy_map(kernel, count)[0].tolist() == list(range(count))
+    # Random rank-2 features: the gains past the rank are float32 round-off, not a ranking.
+    for seed in range(6):
+        kernels = random_kernels(seed, batch=1, n=10, dim=2)
+        first_two = greedy_by_log_det(kernels[0], 2)
+        rest = [i for i in range(10) if i not in first_two]
+        for count in range(3, 11):
+            expected = sorted(first_two + rest[: count - 2])
+            assert patch.dpp_greedy_map(kernels, count)[0].tolist() == expected, (seed, count)
 
 
 def test_dpp_prefers_diverse_tokens():
@@ -64,15 +145,44 @@ def test_dpp_prefers_diverse_tokens():
     assert 4 in chosen
 
 
-def test_instruction_relevance_range_and_sign():
-    features = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
-    instruction = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
-    positive = patch.instruction_relevance(features, instruction, "positive")
-    negative = patch.instruction_relevance(features, instruction, "negative")
-    assert positive.min() == 0 and positive.max() == 1
-    torch.testing.assert_close(positive + negative, torch.ones(16))
-    assert torch.equal(patch.instruction_relevance(features, None), torch.ones(16))
-    assert torch.equal(patch.instruction_relevance(features, instruction[:0]), torch.ones(16))
+def test_cosine_similarity_matrix_by_hand():
+    features = torch.tensor([[[3.0, 0.0], [0.0, -2.0], [1.0, 1.0]]], dtype=torch.float64)
+    half = 1 / math.sqrt(2)
+    expected = torch.tensor([[[1.0, 0.0, half], [0.0, 1.0, -half], [half, -half, 1.0]]])
+    result = patch.cosine_similarity_matrix(features)
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result, expected.float())
+
+
+E1, E2, E3 = torch.eye(3)
+
+
+@pytest.mark.parametrize("sign", ["positive", "negative"])
+def test_instruction_relevance_equal_opposite_orthogonal(sign):
+    """One instruction direction (given twice, at two lengths): cosines 1, -1, 0, 1/√2 and 0 for tokens equal,
+    opposite, orthogonal, at 45° and orthogonal again, at various lengths. Min-max over [-1, 1] gives
+    r = (cos + 1) / 2: 1, 0, ½, (1 + 1/√2) / 2, ½; the negated sign gives 1 - r."""
+    features = torch.stack([2 * E1, -3 * E1, 0.5 * E2, E1 + E2, 4 * E3])
+    instruction = torch.stack([E1, 5 * E1])
+    positive = torch.tensor([1.0, 0.0, 0.5, (1 + 1 / math.sqrt(2)) / 2, 0.5])
+    expected = positive if sign == "positive" else 1 - positive
+    torch.testing.assert_close(patch.instruction_relevance(features, instruction, sign), expected)
+
+
+def test_instruction_relevance_averages_over_the_instruction_tokens():
+    """Instruction tokens along E1 and (E1 + E2)/√2 (at lengths 2 and 3√2), a = 1/√2: the mean cosine is
+    (1 + a)/2 for E1, a/2 for E2, -(1 + a)/2 for -E1 and 0 for E3; min-max over ±(1 + a)/2."""
+    a = 1 / math.sqrt(2)
+    features = torch.stack([E1, 7 * E2, -E1, E3])
+    relevance = patch.instruction_relevance(features, torch.stack([2 * E1, 3 * (E1 + E2)]))
+    torch.testing.assert_close(relevance, torch.tensor([1.0, (1 + 2 * a) / (2 * (1 + a)), 0.0, 0.5]))
+
+
+def test_instruction_relevance_ties_and_no_instruction_give_ones():
+    features = torch.stack([E1, 2 * E1, 3 * E1])  # every token has the same cosine: no spread
+    assert torch.equal(patch.instruction_relevance(features, torch.stack([E1 + E2])), torch.ones(3))
+    assert torch.equal(patch.instruction_relevance(features, None), torch.ones(3))
+    assert torch.equal(patch.instruction_relevance(features, torch.zeros(0, 3)), torch.ones(3))
 
 
 @pytest.mark.parametrize(
