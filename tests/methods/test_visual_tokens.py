@@ -7,6 +7,7 @@ import pytest
 import torch
 from hf_prune.model_patches import token_selection as patch
 from tiny_models import build_processor, build_tiny_model, build_tokenizer, sample_image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import hf_prune
 from hf_prune.adapters import get_adapter
@@ -288,6 +289,77 @@ def test_pruned_forward_is_the_stock_model_on_the_kept_tokens(model_type, algori
     logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
     target = cut["labels"][:, 1:].reshape(-1)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, target, ignore_index=-100))
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_fastv_keeps_the_tokens_the_stock_model_attends_to_most(layer, tokenizer):
+    """FastV's scores against the stock model's own attention (eager, ``output_attentions``) at
+    ``fastv_layer``: the attention each visual token receives, mean over heads and over the row's real
+    (non-pad) queries; the top ``budget`` of each image kept. The queries are scaled up (in both models) so
+    that attention depends on content, not only on position (the tiny model's is nearly uniform, and then
+    the first visual tokens win at every layer); the batch is right-padded, so pad queries see the image."""
+    model, _ = pruned_model("llava", tokenizer, algorithm="fastv", fastv_layer=layer)
+    stock = build_tiny_model("llava", tokenizer)
+    stock.set_attn_implementation("eager")
+    with torch.no_grad():
+        for m in (model, stock):
+            for decoder_layer in m.model.language_model.layers:
+                decoder_layer.self_attn.q_proj.weight.mul_(4)
+    processor = build_processor("llava", tokenizer)
+    processor.tokenizer.padding_side = "right"
+    inputs = processor(
+        images=[sample_image(seed=s) for s in (1, 2)], text=PROMPTS, return_tensors="pt", padding=True
+    )
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert (mask[:, -1] == 0).any()  # a right-padded row: its pad queries must not count
+    with torch.no_grad():
+        attentions = stock(**inputs, output_attentions=True).attentions[layer]  # [B, heads, query, key]
+        features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        cut = model.prune_visual_tokens(ids, mask, features)
+    image = ids == model.config.image_token_id
+    for row in range(ids.shape[0]):
+        received = attentions[row].mean(dim=0)[mask[row].bool()].mean(dim=0)  # [key]
+        positions = torch.nonzero(image[row]).squeeze(1)
+        order = sorted(positions.tolist(), key=lambda p: -received[p].item())
+        assert received[order[3]] - received[order[4]] > 1e-6  # no tie at the budget's edge
+        assert order[:4] != positions[:4].tolist()  # not simply the first visual tokens
+        assert torch.nonzero(cut["keep"][row] & image[row]).squeeze(1).tolist() == sorted(order[:4])
+
+
+def test_llava_cuts_given_position_ids_like_the_tokens(tokenizer):
+    """Explicit position ids (offset by 3, pads at 0) are cut at the kept positions: the pruned logits are
+    the stock model's on the hand-cut sequence with the hand-cut position ids. Pooling (budget 4 of a 4×4
+    grid) keeps each image's first 4 placeholders, filled with the 2×2 block means."""
+    model, _ = pruned_model("llava", tokenizer, algorithm="pooling")
+    stock = build_tiny_model("llava", tokenizer)
+    inputs = batch("llava", tokenizer)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    position_ids = ((mask.cumsum(dim=-1) - 1) * mask + 3 * mask).long()
+    image = ids == model.config.image_token_id
+    keep = ~image | (image & (image.cumsum(dim=-1) <= 4))
+    rows = range(ids.shape[0])
+    cut = {name: torch.stack([t[r][keep[r]] for r in rows]) for name, t in [("ids", ids), ("mask", mask)]}
+    cut_positions = torch.stack([position_ids[r][keep[r]] for r in rows])
+    with torch.no_grad():
+        logits = model(**inputs, position_ids=position_ids).logits
+        full = torch.stack(
+            list(stock.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        )
+        dim = full.shape[-1]
+        pooled = full.reshape(2, 2, 2, 2, 2, dim).mean(dim=(2, 4)).reshape(2, 4, dim)
+        expected = stock(
+            input_ids=cut["ids"],
+            attention_mask=cut["mask"],
+            position_ids=cut_positions,
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(pooled))},
+        ).logits
+        renumbered = stock(
+            input_ids=cut["ids"],
+            attention_mask=cut["mask"],
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(pooled))},
+        ).logits
+    assert not torch.allclose(expected, renumbered, atol=1e-4)  # the given positions matter here
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_llava_next_keeps_every_newline_token(tokenizer):
