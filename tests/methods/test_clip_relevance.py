@@ -180,3 +180,61 @@ def test_clip_relevance_bad_input(tokenizer, clip_dirs, tmp_path):
     model.relevance_tokenizers = None
     with pytest.raises(ValueError, match="set_relevance_tokenizers"):
         model(**inputs)
+
+
+def test_clip_tower_and_tokenizers_save_and_reload_in_process(tokenizer, clip_dirs, tmp_path):
+    """``save_pretrained`` writes both relevance tokenizers beside the weights; ``from_pretrained`` rebuilds the
+    text tower from the config, reloads them (also with ``output_loading_info``), and prunes the same way."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    model, _ = pruned_model("llava", tokenizer, text_tower=str(clip_dirs["matching"]))
+    model.save_pretrained(tmp_path / "pruned")
+    for name in ("language", "clip"):
+        assert (tmp_path / "pruned" / "relevance_tokenizers" / name / "tokenizer_config.json").is_file()
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "pruned").eval()
+    again, info = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "pruned", output_loading_info=True, local_files_only=True
+    )
+    assert not info["missing_keys"]
+    clip_tokenizer = AutoTokenizer.from_pretrained(clip_dirs["matching"])
+    for loaded in (reloaded, again):
+        assert sorted(loaded.relevance_tokenizers) == ["clip", "language"]
+        assert (
+            loaded.relevance_tokenizers["clip"]("a red square")["input_ids"]
+            == clip_tokenizer("a red square")["input_ids"]
+        )
+        assert loaded.relevance_tokenizers["language"].get_vocab() == tokenizer.get_vocab()
+    for key, value in model.relevance_text_tower.state_dict().items():
+        assert torch.equal(reloaded.relevance_text_tower.state_dict()[key], value), key
+    assert torch.equal(reloaded.relevance_visual_projection.weight, model.relevance_visual_projection.weight)
+    inputs = batch("llava", tokenizer, prompts=LONG_PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    # Without the tokenizer folder the model loads, without tokenizers (prune then asks for them).
+    import shutil
+
+    shutil.rmtree(tmp_path / "pruned" / "relevance_tokenizers")
+    bare = AutoModelForImageTextToText.from_pretrained(tmp_path / "pruned")
+    assert bare.has_clip_text_tower() and bare.relevance_tokenizers is None
+
+
+def test_post_layernorm_finds_the_towers_final_norm():
+    from hf_prune.model_patches.clip_relevance import post_layernorm
+    from tiny_models import tiny_vision_config
+    from torch import nn
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel(tiny_vision_config())
+    norm = getattr(tower, "vision_model", tower).post_layernorm
+    assert post_layernorm(tower) is norm
+    wrapper = nn.Module()
+    wrapper.vision_model = nn.Module()
+    wrapper.vision_model.post_layernorm = nn.LayerNorm(4)
+    wrapper.post_layernorm = nn.LayerNorm(4)  # the inner vision_model's comes first
+    assert post_layernorm(wrapper) is wrapper.vision_model.post_layernorm
+    with pytest.raises(
+        ValueError,
+        match="^CLIP text-tower relevance needs a CLIP-style vision tower with a post_layernorm; "
+        "Linear has none$",
+    ):
+        post_layernorm(nn.Linear(2, 2))

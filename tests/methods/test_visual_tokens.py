@@ -201,6 +201,19 @@ def test_pool_grid_averages_blocks(grid, count, shape):
     torch.testing.assert_close(pooled[:, 0], expected)
 
 
+def test_pool_grid_picks_the_closest_aspect_and_keeps_the_dtype():
+    # (8, 2) is 4:1: of 1×4, 2×2 and 4×1 for 4 tokens, 4×1 is closest. (1, 5) to 12 tokens: 2×6 is closer to
+    # 1:5 than 1×12 (|log 1/3 - log 1/5| = 0.51 < |log 1/12 - log 1/5| = 0.88).
+    for grid, count, shape in [((8, 2), 4, (4, 1)), ((1, 5), 12, (2, 6))]:
+        features = torch.randn(
+            grid[0] * grid[1], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+        )
+        pooled = patch.pool_grid(features, grid, count)
+        assert pooled.dtype == torch.float64
+        expected = torch.nn.functional.adaptive_avg_pool2d(features.T.reshape(1, 3, *grid), shape)
+        torch.testing.assert_close(pooled, expected.reshape(3, count).T)
+
+
 def test_kept_count():
     settings = patch.check_settings({"budget": 8})
     assert patch.kept_count(settings, 64) == 8 and patch.kept_count(settings, 5) == 5
@@ -511,3 +524,80 @@ def test_unsupported_vision_language_family(tmp_path):
         get_adapter(config)
     with pytest.raises(UnsupportedModelError, match="does not support model_type 'idefics3'"):
         token_pruning_classes("idefics3")
+
+
+# ---- scoring helpers of the pruned model ------------------------------------------------------------------
+
+
+def test_instruction_ids_are_the_real_text_after_each_image(tokenizer):
+    """By hand on constructed rows: the text after each image up to the next image of the row (the first
+    image's placeholders are not contiguous here), padding and image tokens left out; overrides lose pads."""
+    model, _ = pruned_model("llava", tokenizer)
+    image, pad = model.config.image_token_id, model.config.text_config.pad_token_id
+    ids = torch.tensor(
+        [
+            [10, image, image, 11, image, 12, 13, image, image, 14, 15, pad],  # two images, right-padded
+            [pad, pad, 20, image, 21, 22, 23, 24, 25, 26, 27, 28],
+        ]
+    )
+    mask = (ids != pad).long()
+    runs = [(0, torch.tensor([1, 2, 4])), (0, torch.tensor([7, 8])), (1, torch.tensor([3]))]
+    image_mask = ids == image
+    expected = [[12, 13], [14, 15], list(range(21, 29))]  # after the last placeholder of each image
+    got = model._instruction_ids(ids, mask, image_mask, runs, None)
+    assert [g.tolist() for g in got] == expected
+    no_mask = model._instruction_ids(ids, None, image_mask, runs, None)
+    assert [g.tolist() for g in no_mask] == [[12, 13], [14, 15, pad], list(range(21, 29))]
+    # Overrides: a [B, M] tensor or a list of rows, pads dropped; a 1-D tensor is the one row of a batch of 1.
+    override = torch.tensor([[5, 6, pad], [pad, 7, 8]])
+    for given in (override, list(override)):
+        got = model._instruction_ids(ids, mask, image_mask, runs, given)
+        assert [g.tolist() for g in got] == [[5, 6], [5, 6], [7, 8]]
+    single = model._instruction_ids(
+        ids[1:], mask[1:], image_mask[1:], [(0, torch.tensor([3]))], torch.tensor([9, 8])
+    )
+    assert [g.tolist() for g in single] == [[9, 8]]
+    with pytest.raises(ValueError, match="^instruction_ids has 1 rows for a batch of 2$"):
+        model._instruction_ids(ids, mask, image_mask, runs, [torch.tensor([5])])
+    with pytest.raises(ValueError, match="^instruction_ids has 3 rows for a batch of 2$"):
+        model._instruction_ids(ids, mask, image_mask, runs, torch.tensor([[1], [2], [3]]))
+
+
+def test_fastv_received_is_the_stock_models_attention_received(tokenizer):
+    """``_fastv_received`` against the stock model (eager, ``output_attentions``) on a left-padded batch with
+    given position ids that jump: per position, the attention received at the layer, mean over heads and
+    over the row's real queries. A row with one real token receives all of its own attention (1 there)."""
+    model, _ = pruned_model("llava", tokenizer, algorithm="fastv", fastv_layer=1)
+    stock = build_tiny_model("llava", tokenizer)
+    stock.set_attn_implementation("eager")
+    with torch.no_grad():
+        for m in (model, stock):
+            for decoder_layer in m.model.language_model.layers:
+                decoder_layer.self_attn.q_proj.weight.mul_(4)
+    inputs = batch("llava", tokenizer)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = (mask.cumsum(dim=-1) - 1).clamp_min(0)
+    positions[:, 10:] += 5
+    config = model.model.language_model.config
+    assert config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        attentions = stock(**inputs, position_ids=positions, output_attentions=True).attentions[1]
+        features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        got = model._fastv_received(ids, mask, [f.double() for f in features], 1, positions)
+    assert config._attn_implementation == "sdpa"  # restored
+    real = mask.float()
+    expected = (attentions.mean(dim=1) * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # One real token in row 1 (its image dropped): it attends only to itself.
+    pad = model.config.text_config.pad_token_id
+    lone_ids, lone_mask = ids.clone(), mask.clone()
+    lone_ids[1, :-1], lone_mask[1, :-1] = pad, 0
+    with torch.no_grad():
+        lone = model._fastv_received(lone_ids, lone_mask, features[:1], 1)
+    torch.testing.assert_close(
+        lone[1], torch.nn.functional.one_hot(torch.tensor(ids.shape[1] - 1), ids.shape[1]).float()
+    )
+    with pytest.raises(
+        ValueError, match=r"^token_pruning.fastv_layer: 4 is past the last decoder layer \(3\)$"
+    ):
+        model._fastv_received(ids, mask, features, 4)
