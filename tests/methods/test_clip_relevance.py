@@ -238,3 +238,16 @@ def test_post_layernorm_finds_the_towers_final_norm():
         "Linear has none$",
     ):
         post_layernorm(nn.Linear(2, 2))
+
+
+def test_clip_text_embeddings_chunk_count_and_empty_text(tokenizer, clip_dirs):
+    from hf_prune.model_patches.clip_relevance import clip_text_embeddings
+
+    model, _ = pruned_model("llava", tokenizer, text_tower=str(clip_dirs["matching"]))
+    tower, clip_tokenizer = model.relevance_text_tower, model.relevance_tokenizers["clip"]
+    assert clip_text_embeddings(tower, clip_tokenizer, "").shape == (0, 16)
+    for length in (1, CLIP_CONTEXT - 2, CLIP_CONTEXT - 1, 2 * (CLIP_CONTEXT - 2) + 1):
+        text = "ab" * length
+        ids = clip_tokenizer(text, add_special_tokens=False)["input_ids"]
+        chunks = -(-len(ids) // (CLIP_CONTEXT - 2))
+        assert clip_text_embeddings(tower, clip_tokenizer, text).shape == (chunks, 16)

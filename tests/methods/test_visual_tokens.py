@@ -601,3 +601,107 @@ def test_fastv_received_is_the_stock_models_attention_received(tokenizer):
         ValueError, match=r"^token_pruning.fastv_layer: 4 is past the last decoder layer \(3\)$"
     ):
         model._fastv_received(ids, mask, features, 4)
+
+
+def test_check_settings_fills_defaults_and_names_the_bad_key():
+    assert patch.check_settings({"budget": 4}) == {
+        "algorithm": "cdpruner",
+        "budget": 4,
+        "keep_ratio": None,
+        "relevance_sign": "positive",
+        "seed": 0,
+        "fastv_layer": 2,
+    }
+    for fine in (
+        {"budget": 1},
+        {"keep_ratio": 1},
+        {"keep_ratio": 1e-9},
+        {"budget": 2, "seed": 0, "fastv_layer": 0},
+    ):
+        patch.check_settings(fine)
+    algorithms = "cdpruner, diversity, random, pooling, fastv"
+    for settings, message in [
+        ({"budget": 4, "algorithm": "tome"}, f"token_pruning.algorithm: 'tome' is not one of {algorithms}"),
+        ({}, "token_pruning: give exactly one of budget or keep_ratio"),
+        ({"budget": 4, "keep_ratio": 0.5}, "token_pruning: give exactly one of budget or keep_ratio"),
+        *[
+            (
+                {"budget": bad},
+                f"token_pruning.budget: must be a positive integer (tokens kept per image or crop), got {bad!r}",
+            )
+            for bad in (0, -1, 2.0, True)
+        ],
+        *[
+            ({"keep_ratio": bad}, f"token_pruning.keep_ratio: must be in (0, 1], got {bad!r}")
+            for bad in (0, 1.5, "0.5", -0.1)
+        ],
+        (
+            {"budget": 4, "relevance_sign": "minus"},
+            "token_pruning.relevance_sign: 'minus' is not one of positive, negative",
+        ),
+        *[
+            ({"budget": 4, key: bad}, f"token_pruning.{key}: must be a non-negative integer, got {bad!r}")
+            for key in ("seed", "fastv_layer")
+            for bad in (-1, 1.0)
+        ],
+    ]:
+        with pytest.raises(ValueError) as caught:
+            patch.check_settings(settings)
+        assert str(caught.value) == message
+
+
+def test_kept_count_rounds_up_past_float_error():
+    budget = patch.check_settings({"budget": 10})
+    assert patch.kept_count(budget, 100, crops=0.7) == 7  # 10 × 0.7 is 7.000000000000001 in floats
+    assert patch.kept_count(budget, 100, crops=0.75) == 8 and patch.kept_count(budget, 5, crops=2) == 5
+    ratio = patch.check_settings({"keep_ratio": 0.01})
+    assert patch.kept_count(ratio, 10) == 1 and patch.kept_count(ratio, 250) == 3
+    assert patch.kept_count(patch.check_settings({"keep_ratio": 1}), 7) == 7
+
+
+def test_square_grid_and_image_runs_by_hand():
+    assert patch.square_grid(16) == (4, 4) and patch.square_grid(1) == (1, 1)
+    assert patch.square_grid(12) == (1, 12) and patch.square_grid(15) == (1, 15)
+    mask = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]]).bool()
+    runs = patch.image_runs(mask, [2, 1, 2])
+    assert [(row, positions.tolist()) for row, positions in runs] == [(0, [1, 2]), (0, [4]), (1, [0, 1])]
+    with pytest.raises(ValueError) as caught:
+        patch.image_runs(mask, [2, 1])
+    assert str(caught.value) == (
+        "the input has 5 image tokens but the images give 3 features (2 images): each image needs exactly "
+        "one image placeholder in the text, expanded by the processor"
+    )
+    with pytest.raises(ValueError, match="^an image's placeholder tokens span two rows of the batch$"):
+        patch.image_runs(mask, [2, 2, 1])
+
+
+@pytest.mark.parametrize("algorithm", ["cdpruner", "diversity", "random"])
+def test_kept_tokens_by_hand(algorithm, tokenizer):
+    """The kept visual tokens of each image, by hand: cdpruner from the language model's embeddings of the
+    text after the image (relevance, kernel, greedy by log det), diversity the same with r ≡ 1, random the
+    first ``budget`` of a randperm from one generator seeded with ``seed``, one draw per image in order."""
+    model, _ = pruned_model("llava", tokenizer, algorithm=algorithm, seed=3)
+    inputs = batch("llava", tokenizer)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    image = ids == model.config.image_token_id
+    with torch.no_grad():
+        features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        cut = model.prune_visual_tokens(ids, mask, features)
+        generator = torch.Generator().manual_seed(3)
+        for row, tokens in enumerate(features):
+            if algorithm == "random":
+                expected = sorted(torch.randperm(16, generator=generator)[:4].tolist())
+            else:
+                last = int(torch.nonzero(image[row])[-1])
+                text = model.get_input_embeddings()(ids[row, last + 1 :])
+                cosine = (unit(tokens) @ unit(text).T).mean(dim=-1)
+                relevance = (
+                    (cosine - cosine.min()) / (cosine.max() - cosine.min())
+                    if algorithm == "cdpruner"
+                    else torch.ones(16)
+                )
+                kernel = relevance[:, None] * (unit(tokens) @ unit(tokens).T) * relevance[None]
+                expected = sorted(greedy_by_log_det(kernel, 4))
+            kept = torch.nonzero(cut["keep"][row][image[row]]).squeeze(1).tolist()
+            assert kept == expected
+            torch.testing.assert_close(cut["features"][row], tokens[expected])
