@@ -529,6 +529,14 @@ def test_unsupported_vision_language_family(tmp_path):
 # ---- scoring helpers of the pruned model ------------------------------------------------------------------
 
 
+def off_default_device(function, *args):
+    """``function(*args)`` with torch's default device set to meta: a tensor it makes without naming the
+    input's device is then a meta tensor, and the result cannot be read (a CPU-only run cannot see it
+    otherwise)."""
+    with torch.device("meta"):
+        return function(*args)
+
+
 def test_instruction_ids_are_the_real_text_after_each_image(tokenizer):
     """By hand on constructed rows: the text after each image up to the next image of the row (the first
     image's placeholders are not contiguous here), padding and image tokens left out; overrides lose pads."""
@@ -544,23 +552,28 @@ def test_instruction_ids_are_the_real_text_after_each_image(tokenizer):
     runs = [(0, torch.tensor([1, 2, 4])), (0, torch.tensor([7, 8])), (1, torch.tensor([3]))]
     image_mask = ids == image
     expected = [[12, 13], [14, 15], list(range(21, 29))]  # after the last placeholder of each image
-    got = model._instruction_ids(ids, mask, image_mask, runs, None)
+    got = off_default_device(model._instruction_ids, ids, mask, image_mask, runs, None)
     assert [g.tolist() for g in got] == expected
-    no_mask = model._instruction_ids(ids, None, image_mask, runs, None)
+    no_mask = off_default_device(model._instruction_ids, ids, None, image_mask, runs, None)
     assert [g.tolist() for g in no_mask] == [[12, 13], [14, 15, pad], list(range(21, 29))]
     # Overrides: a [B, M] tensor or a list of rows, pads dropped; a 1-D tensor is the one row of a batch of 1.
     override = torch.tensor([[5, 6, pad], [pad, 7, 8]])
     for given in (override, list(override)):
-        got = model._instruction_ids(ids, mask, image_mask, runs, given)
+        got = off_default_device(model._instruction_ids, ids, mask, image_mask, runs, given)
         assert [g.tolist() for g in got] == [[5, 6], [5, 6], [7, 8]]
-    single = model._instruction_ids(
-        ids[1:], mask[1:], image_mask[1:], [(0, torch.tensor([3]))], torch.tensor([9, 8])
+    single = off_default_device(
+        model._instruction_ids,
+        ids[1:],
+        mask[1:],
+        image_mask[1:],
+        [(0, torch.tensor([3]))],
+        torch.tensor([9, 8]),
     )
     assert [g.tolist() for g in single] == [[9, 8]]
     with pytest.raises(ValueError, match="^instruction_ids has 1 rows for a batch of 2$"):
-        model._instruction_ids(ids, mask, image_mask, runs, [torch.tensor([5])])
+        off_default_device(model._instruction_ids, ids, mask, image_mask, runs, [torch.tensor([5])])
     with pytest.raises(ValueError, match="^instruction_ids has 3 rows for a batch of 2$"):
-        model._instruction_ids(ids, mask, image_mask, runs, torch.tensor([[1], [2], [3]]))
+        off_default_device(model._instruction_ids, ids, mask, image_mask, runs, torch.tensor([[1], [2], [3]]))
 
 
 def test_fastv_received_is_the_stock_models_attention_received(tokenizer):
