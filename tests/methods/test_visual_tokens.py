@@ -184,6 +184,11 @@ def test_instruction_relevance_ties_and_no_instruction_give_ones():
     assert torch.equal(patch.instruction_relevance(features, torch.stack([E1 + E2])), torch.ones(3))
     assert torch.equal(patch.instruction_relevance(features, None), torch.ones(3))
     assert torch.equal(patch.instruction_relevance(features, torch.zeros(0, 3)), torch.ones(3))
+    # A spread of exactly 1e-6 (in float32) still counts as a tie: cosines 1e-6 and 0.
+    nearly = torch.tensor([[1e-6, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    assert torch.equal(patch.instruction_relevance(nearly, E1[None]), torch.ones(2))
+    # The ones are made on the features' device, not on torch's default one.
+    assert off_default_device(patch.instruction_relevance, features, None).device == features.device
 
 
 @pytest.mark.parametrize(
