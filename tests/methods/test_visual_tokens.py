@@ -606,6 +606,15 @@ def test_fastv_received_is_the_stock_models_attention_received(tokenizer):
     real = mask.float()
     expected = (attentions.mean(dim=1) * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Without an attention mask (nor position ids) every query is real: the stock model on that row alone.
+    full = int(torch.nonzero(mask.all(dim=1))[0])
+    row = slice(full, full + 1)
+    with torch.no_grad():
+        alone = model._fastv_received(ids[row], None, features[row], 1)
+        stock_alone = stock(
+            input_ids=ids[row], pixel_values=inputs["pixel_values"][row], output_attentions=True
+        ).attentions[1]
+    torch.testing.assert_close(alone[0], stock_alone[0].mean(dim=0).mean(dim=0), rtol=1e-5, atol=1e-6)
     # One real token in row 1 (its image dropped): it attends only to itself.
     pad = model.config.text_config.pad_token_id
     lone_ids, lone_mask = ids.clone(), mask.clone()

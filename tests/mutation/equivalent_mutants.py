@@ -46,6 +46,10 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
         "use_cache=None: the scoring pass stops (by exception) inside the scoring layer, and a cache, built "
         "or not, changes no attention weight there."
     ),
+    "hf_prune.model_patches.visual_token_scoring.xǁVisualTokenScoringǁ_fastv_received__mutmut_39": (
+        "without use_cache the config's default applies: the scoring pass stops (by exception) inside the "
+        "scoring layer, and a cache, built or not, changes no attention weight there."
+    ),
     "hf_prune.model_patches.visual_token_scoring.xǁVisualTokenScoringǁ_fastv_received__mutmut_40": (
         "use_cache=True: the scoring pass stops (by exception) inside the scoring layer, and a cache, built "
         "or not, changes no attention weight there."
