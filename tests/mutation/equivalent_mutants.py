@@ -15,6 +15,21 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
         'the default sign becomes another string than "negative", which is treated as "positive" all the '
         "same."
     ),
+    "hf_prune.model_patches.token_selection.x_instruction_relevance__mutmut_17": (
+        "the features are 2-D ([N, D]) by contract, "
+        "so normalising along dim 1 (the default) is normalising along dim -1."
+    ),
+    "hf_prune.model_patches.token_selection.x_instruction_relevance__mutmut_18": (
+        "the features are 2-D ([N, D]) by contract, so normalising along dim +1 is normalising along dim -1."
+    ),
+    "hf_prune.model_patches.token_selection.x_instruction_relevance__mutmut_23": (
+        "the instruction embeddings are 2-D ([M, D]) by contract, "
+        "so normalising along dim 1 (the default) is normalising along dim -1."
+    ),
+    "hf_prune.model_patches.token_selection.x_instruction_relevance__mutmut_24": (
+        "the instruction embeddings are 2-D ([M, D]) by contract, "
+        "so normalising along dim +1 is normalising along dim -1."
+    ),
     "hf_prune.model_patches.token_selection.x_instruction_relevance__mutmut_27": (
         "dividing by the sign (±1) is multiplying by it."
     ),
