@@ -87,13 +87,22 @@ def instruction_relevance(
     return (relevance - relevance.min()) / spread
 
 
+#: A candidate's remaining gain d²_i at or below this fraction of its own L_ii is float32 round-off: it lies
+#: in the span of the picks so far (measured round-off is about 1e-6 of L_ii).
+RESIDUAL_RTOL = 1e-5
+
+
 def dpp_greedy_map(kernel: torch.Tensor, count: int, eps: float = 1e-10) -> torch.Tensor:
     """Fast greedy MAP inference for a DPP (Chen, Zhang & Zhou 2018), batched: kernel [B, N, N] -> [B, count]
-    indices in ascending order. Once the kernel's rank is exhausted, the remaining picks go by index."""
+    indices in ascending order. Once the kernel's rank is exhausted (every remaining gain is round-off, see
+    ``RESIDUAL_RTOL``), the remaining picks go by index."""
     batch, n, _ = kernel.shape
     kernel = kernel.float()
     rows = torch.arange(batch, device=kernel.device)
-    gains = torch.diagonal(kernel, dim1=-2, dim2=-1).clone()  # d²_i
+    diagonal = torch.diagonal(kernel, dim1=-2, dim2=-1)
+    floor = RESIDUAL_RTOL * diagonal + eps
+    taken = torch.zeros(batch, n, dtype=torch.bool, device=kernel.device)
+    gains = diagonal.clone()  # d²_i
     vectors = kernel.new_zeros(batch, count, n)  # c_k, one row per pick so far
     chosen = torch.empty(batch, count, dtype=torch.long, device=kernel.device)
     for t in range(count):
@@ -104,8 +113,10 @@ def dpp_greedy_map(kernel: torch.Tensor, count: int, eps: float = 1e-10) -> torc
         e = (kernel[rows, j] - projection) / gain.clamp_min(eps).sqrt()[:, None]
         e = torch.where((gain > eps)[:, None], e, torch.zeros_like(e))
         vectors[:, t] = e
+        taken[rows, j] = True
         gains = gains - e.square()
-        gains[rows, j] = float("-inf")
+        # round-off counts as no gain, so that argmax (the first of equal values) then goes by index
+        gains = torch.where(taken, float("-inf"), torch.where(gains > floor, gains, 0.0))
     return chosen.sort(dim=-1).values
 
 

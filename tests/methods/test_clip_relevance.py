@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from hf_prune.model_patches import token_selection
-from test_visual_tokens import batch, pruned_model
+from test_visual_tokens import batch, greedy_by_log_det, pruned_model, unit
 from tiny_models import CLIP_CONTEXT, build_tiny_model, build_tokenizer, save_tiny_clip
 
 from hf_prune.errors import ConfigFieldError, RecipeError
@@ -34,8 +33,9 @@ def clip_dirs(tmp_path_factory, tokenizer):
 
 
 def reference_keep(model, clip_dir, inputs, texts: list[str], budget: int) -> list[list[int]]:
-    """The visual tokens CDPruner keeps per image, computed from the CLIP checkpoint itself: patch features
-    of layer -2 through CLIP's post-layernorm and visual projection, text chunks through its text tower."""
+    """The visual tokens CDPruner keeps per image, computed from the CLIP checkpoint itself with plain torch:
+    patch features of layer -2 through CLIP's post-layernorm and visual projection, text chunks through its
+    text tower; relevance, kernel and the greedy selection by hand (no token_selection function)."""
     from transformers import AutoTokenizer, CLIPModel
 
     clip, clip_tokenizer = CLIPModel.from_pretrained(clip_dir).eval(), AutoTokenizer.from_pretrained(clip_dir)
@@ -62,13 +62,13 @@ def reference_keep(model, clip_dir, inputs, texts: list[str], budget: int) -> li
                     for c in chunks
                 ]
             )
-            relevance = token_selection.instruction_relevance(patches[image], text_embeds)
-            kernel = (
-                relevance[:, None]
-                * token_selection.cosine_similarity_matrix(features[image])
-                * relevance[None]
-            )
-            kept.append(token_selection.dpp_greedy_map(kernel[None], budget)[0].tolist())
+            # By hand (METHODS.md, CDPruner step 3-4): mean cosine over the chunks, min-max normalised; the
+            # kernel diag(r)·S·diag(r) on the cosines of the projected features; greedy MAP by log det.
+            cosine = (unit(patches[image]) @ unit(text_embeds).T).mean(dim=-1)
+            relevance = (cosine - cosine.min()) / (cosine.max() - cosine.min())
+            similarity = unit(features[image]) @ unit(features[image]).T
+            kernel = relevance[:, None] * similarity * relevance[None]
+            kept.append(sorted(greedy_by_log_det(kernel, budget)))
     return kept
 
 
@@ -180,3 +180,74 @@ def test_clip_relevance_bad_input(tokenizer, clip_dirs, tmp_path):
     model.relevance_tokenizers = None
     with pytest.raises(ValueError, match="set_relevance_tokenizers"):
         model(**inputs)
+
+
+def test_clip_tower_and_tokenizers_save_and_reload_in_process(tokenizer, clip_dirs, tmp_path):
+    """``save_pretrained`` writes both relevance tokenizers beside the weights; ``from_pretrained`` rebuilds the
+    text tower from the config, reloads them (also with ``output_loading_info``), and prunes the same way."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    model, _ = pruned_model("llava", tokenizer, text_tower=str(clip_dirs["matching"]))
+    model.save_pretrained(tmp_path / "pruned")
+    for name in ("language", "clip"):
+        assert (tmp_path / "pruned" / "relevance_tokenizers" / name / "tokenizer_config.json").is_file()
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "pruned").eval()
+    again, info = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "pruned", output_loading_info=True, local_files_only=True
+    )
+    assert not info["missing_keys"]
+    clip_tokenizer = AutoTokenizer.from_pretrained(clip_dirs["matching"])
+    for loaded in (reloaded, again):
+        assert sorted(loaded.relevance_tokenizers) == ["clip", "language"]
+        assert (
+            loaded.relevance_tokenizers["clip"]("a red square")["input_ids"]
+            == clip_tokenizer("a red square")["input_ids"]
+        )
+        assert loaded.relevance_tokenizers["language"].get_vocab() == tokenizer.get_vocab()
+    for key, value in model.relevance_text_tower.state_dict().items():
+        assert torch.equal(reloaded.relevance_text_tower.state_dict()[key], value), key
+    assert torch.equal(reloaded.relevance_visual_projection.weight, model.relevance_visual_projection.weight)
+    inputs = batch("llava", tokenizer, prompts=LONG_PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    # Without the tokenizer folder the model loads, without tokenizers (prune then asks for them).
+    import shutil
+
+    shutil.rmtree(tmp_path / "pruned" / "relevance_tokenizers")
+    bare = AutoModelForImageTextToText.from_pretrained(tmp_path / "pruned")
+    assert bare.has_clip_text_tower() and bare.relevance_tokenizers is None
+
+
+def test_post_layernorm_finds_the_towers_final_norm():
+    from hf_prune.model_patches.clip_relevance import post_layernorm
+    from tiny_models import tiny_vision_config
+    from torch import nn
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel(tiny_vision_config())
+    norm = getattr(tower, "vision_model", tower).post_layernorm
+    assert post_layernorm(tower) is norm
+    wrapper = nn.Module()
+    wrapper.vision_model = nn.Module()
+    wrapper.vision_model.post_layernorm = nn.LayerNorm(4)
+    wrapper.post_layernorm = nn.LayerNorm(4)  # the inner vision_model's comes first
+    assert post_layernorm(wrapper) is wrapper.vision_model.post_layernorm
+    with pytest.raises(
+        ValueError,
+        match="^CLIP text-tower relevance needs a CLIP-style vision tower with a post_layernorm; "
+        "Linear has none$",
+    ):
+        post_layernorm(nn.Linear(2, 2))
+
+
+def test_clip_text_embeddings_chunk_count_and_empty_text(tokenizer, clip_dirs):
+    from hf_prune.model_patches.clip_relevance import clip_text_embeddings
+
+    model, _ = pruned_model("llava", tokenizer, text_tower=str(clip_dirs["matching"]))
+    tower, clip_tokenizer = model.relevance_text_tower, model.relevance_tokenizers["clip"]
+    assert clip_text_embeddings(tower, clip_tokenizer, "").shape == (0, 16)
+    for length in (1, CLIP_CONTEXT - 2, CLIP_CONTEXT - 1, 2 * (CLIP_CONTEXT - 2) + 1):
+        text = "ab" * length
+        ids = clip_tokenizer(text, add_special_tokens=False)["input_ids"]
+        chunks = -(-len(ids) // (CLIP_CONTEXT - 2))
+        assert clip_text_embeddings(tower, clip_tokenizer, text).shape == (chunks, 16)
