@@ -117,11 +117,14 @@ def hooked_states(model, calibration, modules):
     finally:
         for handle in handles:
             handle.remove()
-    tokens = {name: torch.cat([o[m] for o, m in zip(outs, masks)]).double() for name, outs in store.items()}
+    tokens = {
+        name: torch.cat([o[m] for o, m in zip(outs, masks, strict=True)]).double()
+        for name, outs in store.items()
+    }
     last = {}
     for name, outs in store.items():
         rows = []
-        for o, m in zip(outs, masks):
+        for o, m in zip(outs, masks, strict=True):
             for r in range(m.shape[0]):
                 rows.append(o[r, int(m[r].sum()) - 1])
         last[name] = torch.stack(rows).double()
@@ -173,7 +176,7 @@ def test_replaceme_fold_is_the_lstsq_optimum_of_stock_activations(mlp_bias):
 
     # Everything else is the source's, and layers 2 and 3 are gone.
     assert pruned.config.num_hidden_layers == len(pruned.model.layers) == 4
-    for new, old in zip(range(4), (0, 1, 4, 5)):
+    for new, old in zip(range(4), (0, 1, 4, 5), strict=True):
         a = dict(pruned.model.layers[new].named_parameters())
         b = dict(source.model.layers[old].named_parameters())
         for key in a:
@@ -475,7 +478,7 @@ def test_layer_types_drop_exactly_the_removed_layers(tmp_path):
     assert report["removed_layers"] == [2, 4]
     expected = [types[0], types[1], types[3], types[5]]
     assert pruned.config.layer_types == expected
-    for layer, kind in zip(pruned.model.layers, expected):
+    for layer, kind in zip(pruned.model.layers, expected, strict=True):
         assert layer.self_attn.sliding_window == (4 if kind == "sliding_attention" else None)
     pruned.save_pretrained(tmp_path)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
