@@ -679,3 +679,43 @@ def test_cosine_map_step_count_and_seed():
             loss.backward()
             opt.step()
     torch.testing.assert_close(a, t.detach().double())
+
+
+# ---- a real model: stories260K ---------------------------------------------------------------------------
+
+
+def test_stories260k_last_layer_cut_is_the_lstsq_optimum(shared_assets, one_torch_thread):
+    """stories260K (a real trained Llama, hidden 64, 5 layers), TinyStories text in right-padded batches:
+    removing the last layer folds the lstsq map whose target is the *raw* output of layer 4 (a stock
+    forward hook), not HF's final-normed hidden state. Planted bugs caught: the target after the final
+    norm, pad tokens in the statistics, an always-on ridge."""
+    folder = shared_assets / "models" / "stories260K"
+    text = (shared_assets / "text" / "tinystories" / "sample.txt").read_text(encoding="utf-8")
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder)
+    source = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tokenizer(text)["input_ids"]
+    calibration = []
+    for start, lengths in ((0, (96, 80, 64)), (240, (96, 50, 90))):
+        width = max(lengths)
+        input_ids = torch.full((len(lengths), width), 7, dtype=torch.long)  # pads: a real token, masked
+        mask = torch.zeros(len(lengths), width, dtype=torch.long)
+        offset = start
+        for row, n in enumerate(lengths):
+            input_ids[row, :n] = torch.tensor(ids[offset : offset + n])
+            mask[row, :n] = 1
+            offset += n
+        calibration.append(CalibrationBatch(input_ids, mask))
+    t, m, _, r = reference_map(source, calibration, kept=3, last_removed=4)
+    pruned = copy.deepcopy(source)
+    report = ReplaceMeConfig(layers=[4, 4]).apply(pruned, context_for(pruned, calibration))
+    assert (
+        pruned.config.num_hidden_layers == 4 and report["cuts"][0]["calibration_tokens"] == m.shape[0] == 476
+    )
+    expected = t.T @ source.model.layers[3].mlp.down_proj.weight.double()
+    torch.testing.assert_close(
+        pruned.model.layers[3].mlp.down_proj.weight.double(), expected, rtol=1e-4, atol=1e-6
+    )
+    r_sq = float((r * r).sum())
+    assert report["cuts"][0]["relative_error_with_map"] == pytest.approx(
+        float(((m @ t - r) ** 2).sum()) / r_sq, rel=1e-5
+    )
