@@ -719,3 +719,48 @@ def test_stories260k_last_layer_cut_is_the_lstsq_optimum(shared_assets, one_torc
     assert report["cuts"][0]["relative_error_with_map"] == pytest.approx(
         float(((m @ t - r) ** 2).sum()) / r_sq, rel=1e-5
     )
+
+
+# ---- data-parallel sums ------------------------------------------------------------------------------
+
+
+def _two_rank_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        g = torch.Generator().manual_seed(11)
+        m, r = torch.randn(60, 4, generator=g), torch.randn(60, 4, generator=g)
+        rows = slice(0, 25) if rank == 0 else slice(25, 60)  # uneven shards
+        eq = NormalEquations(4)
+        eq.add(m[rows], r[rows])
+        eq.all_reduce()
+        t, _ = eq.solve()
+        torch.save(
+            {"t": t, "tokens": eq.num_tokens, "target_sq": eq.target_sq, "gram": eq.gram},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_over_two_ranks_equals_one_process_lstsq(tmp_path):
+    """Two gloo ranks each hold part of the tokens; after ``all_reduce`` both solve the lstsq of all the
+    tokens (torch.linalg.lstsq) and count every token. Planted bugs caught: a statistic not summed, the
+    token count not summed."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
+    )
+    g = torch.Generator().manual_seed(11)
+    m, r = torch.randn(60, 4, generator=g).double(), torch.randn(60, 4, generator=g).double()
+    expected = torch.linalg.lstsq(m, r).solution
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["tokens"] == 60
+        torch.testing.assert_close(got["gram"], m.T @ m)
+        assert float(got["target_sq"]) == pytest.approx(float((r * r).sum()))
+        torch.testing.assert_close(got["t"], expected, rtol=1e-6, atol=1e-6)
+    NormalEquations(4).all_reduce()  # without a process group: a no-op (and mutmut sees the call here)
