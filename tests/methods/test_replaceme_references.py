@@ -764,3 +764,24 @@ def test_all_reduce_over_two_ranks_equals_one_process_lstsq(tmp_path):
         assert float(got["target_sq"]) == pytest.approx(float((r * r).sum()))
         torch.testing.assert_close(got["t"], expected, rtol=1e-6, atol=1e-6)
     NormalEquations(4).all_reduce()  # without a process group: a no-op (and mutmut sees the call here)
+
+
+# ---- progress output -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["lstsq", "cosine"])
+def test_progress_bars_only_when_asked(capfd, estimator):
+    """progress False prints nothing; progress True names each pass (distances, the calibrated block, the
+    cosine fit) on stderr."""
+    source = tiny_llama(4, damped=(2,))
+    calibration = batches()
+    config = ReplaceMeConfig(num_layers=1, estimator=estimator, epochs=1)
+    pruned = copy.deepcopy(source)
+    config.apply(pruned, PruneContext(adapter=get_adapter(pruned.config), progress=False, _batches=calibration))
+    quiet = capfd.readouterr()
+    assert quiet.err == "" and quiet.out == ""
+    pruned = copy.deepcopy(source)
+    config.apply(pruned, PruneContext(adapter=get_adapter(pruned.config), progress=True, _batches=calibration))
+    err = capfd.readouterr().err
+    assert "angular distances" in err and "calibrate layers 2-2" in err
+    assert ("cosine map" in err) == ("loss=" in err) == (estimator == "cosine")
