@@ -777,11 +777,100 @@ def test_progress_bars_only_when_asked(capfd, estimator):
     calibration = batches()
     config = ReplaceMeConfig(num_layers=1, estimator=estimator, epochs=1)
     pruned = copy.deepcopy(source)
-    config.apply(pruned, PruneContext(adapter=get_adapter(pruned.config), progress=False, _batches=calibration))
+    config.apply(
+        pruned, PruneContext(adapter=get_adapter(pruned.config), progress=False, _batches=calibration)
+    )
     quiet = capfd.readouterr()
     assert quiet.err == "" and quiet.out == ""
     pruned = copy.deepcopy(source)
-    config.apply(pruned, PruneContext(adapter=get_adapter(pruned.config), progress=True, _batches=calibration))
+    config.apply(
+        pruned, PruneContext(adapter=get_adapter(pruned.config), progress=True, _batches=calibration)
+    )
     err = capfd.readouterr().err
     assert "angular distances" in err and "calibrate layers 2-2" in err
     assert ("cosine map" in err) == ("loss=" in err) == (estimator == "cosine")
+
+
+# ---- config-only checks: composite configs, MoE layer flags, refused architectures ----------------------
+
+
+def tiny_llava_config():
+    text = tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1,
+        layer_types=["full_attention"] * 4,
+    )  # fmt: skip
+    vision = tf.CLIPVisionConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+    )
+    return tf.LlavaConfig(text_config=text, vision_config=vision)
+
+
+def test_predict_config_of_a_composite_config_leaves_the_source_alone():
+    """LLaVA: the prediction cuts the *text* config's count and list; the caller's config (and its text
+    config, a sub-object) keeps 4 layers. Planted bug caught: a shallow copy."""
+    config = tiny_llava_config()
+    adapter = get_adapter(config)
+    predicted = ReplaceMeConfig(layers=[1, 2]).predict_config(config, adapter)
+    assert predicted.get_text_config().num_hidden_layers == 2
+    assert config.get_text_config().num_hidden_layers == 4
+    assert config.get_text_config().layer_types == ["full_attention"] * 4
+    # The token floor is the text model's hidden size (LLaVA's top config has none).
+    assert ReplaceMeConfig(layers=[1, 1]).min_calibration_tokens(config) == HIDDEN
+
+
+def test_min_calibration_tokens_of_a_plain_config_object():
+    from types import SimpleNamespace
+
+    assert ReplaceMeConfig(layers=[1, 1]).min_calibration_tokens(SimpleNamespace(hidden_size=24)) == 24
+
+
+def test_predict_config_rewrites_qwen2_moe_layer_flags():
+    """Qwen2-MoE with decoder_sparse_step 2: layers 1 and 3 of 4 are MoE (by hand: (i+1) % 2 == 0).
+    Removing layer 1 leaves old layers 0, 2, 3: dense, dense, MoE, so mlp_only_layers = [0, 1] with step 1.
+    Removing the deepest layer (num_layers 1) leaves 0, 1, 2: dense, MoE, dense."""
+    config = tf.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=8, shared_expert_intermediate_size=16, decoder_sparse_step=2, mlp_only_layers=[],
+    )  # fmt: skip
+    adapter = get_adapter(config)
+    predicted = ReplaceMeConfig(layers=[1, 1]).predict_config(config, adapter)
+    assert predicted.num_hidden_layers == 3
+    assert predicted.mlp_only_layers == [0, 1] and predicted.decoder_sparse_step == 1
+    predicted = ReplaceMeConfig(num_layers=1).predict_config(config, adapter)
+    assert predicted.mlp_only_layers == [0, 2] and predicted.decoder_sparse_step == 1
+    assert config.mlp_only_layers == [] and config.decoder_sparse_step == 2
+
+
+def test_depth_refuses_token_pruning_only_architectures():
+    """BERT (an encoder classifier) is refused by the depth base class, and ReplaceMe says the same."""
+    config = tf.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    adapter = get_adapter(config)
+    expected = (
+        "depth pruning does not support bert: an encoder classifier: only text token pruning supports it"
+    )
+    assert DepthCutConfig.unsupported_reason(adapter) == expected
+    assert ReplaceMeConfig.unsupported_reason(adapter) == expected
+
+
+def test_cosine_map_defaults_seed_zero_quiet_progress(capfd):
+    """fit_cosine_map's defaults: seed 0 (the same map as seed=0 given explicitly, several batches so the
+    shuffle matters), a progress bar on stderr unless progress=False."""
+    g = torch.Generator().manual_seed(12)
+    m, r = torch.randn(10, 3, generator=g), torch.randn(10, 3, generator=g)
+    default = fit_cosine_map(m, r, lr=0.01, epochs=2, batch_tokens=3)
+    err = capfd.readouterr().err
+    assert "cosine map" in err and "8/8" in err  # 2 epochs × ceil(10 / 3) steps
+    explicit = fit_cosine_map(m, r, lr=0.01, epochs=2, batch_tokens=3, seed=0, progress=False)
+    assert capfd.readouterr().err == ""
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    other = fit_cosine_map(m, r, lr=0.01, epochs=2, batch_tokens=3, seed=1, progress=False)
+    assert not torch.allclose(default, other)
