@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from hf_prune.adapters import get_adapter
 from hf_prune.calibration import CalibrationBatch
 from hf_prune.context import PruneContext
 from hf_prune.errors import ConfigFieldError, UnsupportedModelError
-from hf_prune.methods.depth.cuts import Cut, DepthCutConfig, choose_cuts, select_cuts
+from hf_prune.methods.depth.cuts import Cut, DepthCutConfig, angular_distances, choose_cuts, select_cuts
 from hf_prune.methods.depth.estimators import NormalEquations, fit_cosine_map
 from hf_prune.methods.depth.replaceme import ReplaceMeConfig
 
@@ -789,6 +790,7 @@ def test_progress_bars_only_when_asked(capfd, estimator):
     err = capfd.readouterr().err
     assert "angular distances" in err and "calibrate layers 2-2" in err
     assert ("cosine map" in err) == ("loss=" in err) == (estimator == "cosine")
+    assert "\n" not in err and err.endswith("\r")  # every bar is erased when its pass ends (leave=False)
 
 
 # ---- config-only checks: composite configs, MoE layer flags, refused architectures ----------------------
@@ -868,9 +870,71 @@ def test_cosine_map_defaults_seed_zero_quiet_progress(capfd):
     m, r = torch.randn(10, 3, generator=g), torch.randn(10, 3, generator=g)
     default = fit_cosine_map(m, r, lr=0.01, epochs=2, batch_tokens=3)
     err = capfd.readouterr().err
-    assert "cosine map" in err and "8/8" in err  # 2 epochs × ceil(10 / 3) steps
+    assert "cosine map" in err and re.search(r" 8/8 ", err)  # 2 epochs × ceil(10 / 3) steps
+    assert "\n" not in err and err.endswith("\r")  # the bar is erased when done (leave=False)
     explicit = fit_cosine_map(m, r, lr=0.01, epochs=2, batch_tokens=3, seed=0, progress=False)
     assert capfd.readouterr().err == ""
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
     other = fit_cosine_map(m, r, lr=0.01, epochs=2, batch_tokens=3, seed=1, progress=False)
     assert not torch.allclose(default, other)
+
+
+def test_cosine_map_step_counts_and_shown_loss(capfd):
+    """The bar's total is epochs × ceil(N / batch_tokens) (9 and 10 tokens in batches of 3: 3 and 4 steps an
+    epoch), and the loss it shows is 1 − cos: 0 when R = M at the identity."""
+    g = torch.Generator().manual_seed(13)
+    m = torch.randn(10, 3, generator=g)
+    fit_cosine_map(m[:9], m[:9], lr=1e-3, epochs=1, batch_tokens=3)
+    err = capfd.readouterr().err
+    assert re.search(r" 3/3 ", err) and "loss=0.0000" in err
+    fit_cosine_map(m, m, lr=1e-3, epochs=1, batch_tokens=3)
+    assert re.search(r" 4/4 ", capfd.readouterr().err)
+
+
+def test_cosine_map_float32_whatever_the_inputs_and_default_dtype():
+    """float64 inputs (and a float64 default dtype) still fit in float32: the same map as float32 inputs.
+    Planted bugs caught: a cast dropped (float64 tensors meet the float32 map), the map built in the default
+    dtype."""
+    g = torch.Generator().manual_seed(14)
+    m, r, y = (torch.randn(12, 3, generator=g) for _ in range(3))
+    expected = fit_cosine_map(m, r, y, lr=0.01, epochs=2, batch_tokens=5, progress=False)
+    got = fit_cosine_map(
+        m.double(), r.double(), y.double(), lr=0.01, epochs=2, batch_tokens=5, progress=False
+    )
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = fit_cosine_map(m, r, y, lr=0.01, epochs=2, batch_tokens=5, progress=False)
+    finally:
+        torch.set_default_dtype(previous)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_predict_config_with_per_layer_expert_counts():
+    """A non-uniform config (experts_per_layer [0, 1, 0, 1]: layers with a single expert are still MoE):
+    removing layer 1 keeps old layers 0, 2, 3, so experts_per_layer [0, 0, 1] and mlp_only_layers [0, 1]."""
+    config = tf.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=1,
+        moe_intermediate_size=8, shared_expert_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[],
+    )  # fmt: skip
+    config.experts_per_layer = [0, 1, 0, 1]
+    predicted = ReplaceMeConfig(layers=[1, 1]).predict_config(config, get_adapter(config))
+    assert predicted.experts_per_layer == [0, 0, 1]
+    assert predicted.mlp_only_layers == [0, 1]
+
+
+def test_angular_distances_accumulate_in_float64():
+    """The per-start sums are float64: equal to the float64 reference to 1e-12 (float32 sums would not be)."""
+    source = tiny_llama(4)
+    calibration = batches(lengths=((24,) * 8, (24,) * 8, (20,) * 8), seed=4)
+    layers = source.model.layers
+    every, _ = hooked_states(source, calibration, {str(i): layer for i, layer in enumerate(layers)})
+    expected = []
+    for start in range(3):
+        cos = torch.nn.functional.cosine_similarity(every[str(start)], every[str(start + 1)], dim=-1)
+        expected.append(float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean()))
+    got = angular_distances(source, context_for(source, calibration), 1, "all")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
