@@ -938,3 +938,64 @@ def test_angular_distances_accumulate_in_float64():
     got = angular_distances(source, context_for(source, calibration), 1, "all")
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_choose_cuts_ties_and_overlaps_with_every_earlier_cut():
+    """Ties among many candidates go to the shallowest start (a stable sort; an unstable one picks another
+    start once there are ~20 candidates); a candidate is refused if it overlaps *any* earlier cut, not only
+    the last one taken. Reference by hand."""
+    cuts = choose_cuts(torch.zeros(32, dtype=torch.float64), block=1, num_cuts=2)
+    assert [(c.kept, c.removed) for c in cuts] == [(0, [1, 2])]  # starts 0 and 1 touch: merged
+    # block 2: best 1 (removes 2-3), then 5 (6-7); 2 (3-4) overlaps the first; 4 (5-6) the second; 3 (4-5) fits.
+    d = torch.tensor([0.9, 0.1, 0.3, 0.8, 0.7, 0.2, 0.85])
+    cuts = choose_cuts(d, block=2, num_cuts=3)
+    assert [(c.kept, c.removed) for c in cuts] == [(1, [2, 3, 4, 5, 6, 7])]
+    assert cuts[0].distances == pytest.approx([0.1, 0.8, 0.2])
+
+
+@pytest.mark.parametrize("kind", ["same", "opposite"])
+def test_angular_distance_of_identical_and_opposite_states_is_finite(kind):
+    """A layer whose output equals its input (distance 0) or its negation (distance 1): rounding puts some
+    cosines just past ±1, which must be clamped before arccos (else NaN). The layer is made so by a forward
+    hook on the stock model."""
+    source = tiny_llama(4)
+    calibration = batches(lengths=((24,) * 8, (24,) * 8), seed=5)
+    sign = 1.0 if kind == "same" else -1.0
+
+    def replace(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return sign * hidden
+
+    handle = source.model.layers[2].register_forward_hook(replace, with_kwargs=True)
+    try:
+        got = angular_distances(source, context_for(source, calibration), 1, "all")
+    finally:
+        handle.remove()
+    assert torch.isfinite(got).all()
+    assert float(got[1]) == pytest.approx(0.0 if kind == "same" else 1.0, abs=1e-6)
+
+
+def test_choose_cuts_error_says_what_to_do():
+    with pytest.raises(ConfigFieldError) as err:
+        choose_cuts(torch.tensor([0.2, 0.1, 0.3]), block=2, num_cuts=2)
+    assert err.value.message.endswith("; lower num_cuts or give explicit layers")
+
+
+def test_three_cuts_shift_by_every_earlier_removal():
+    """Eight layers, 2, 4 and 6 nearly the identity, num_cuts 3: the third cut's indices shift by the two
+    layers the first two cuts removed. Reference: the kept layers' weights are the source's layers 0, 1, 3, 5,
+    7 (down_proj of 1, 3, 5 folded)."""
+    source = tiny_llama(8, damped=(2, 4, 6))
+    calibration = batches()
+    pruned = copy.deepcopy(source)
+    report = ReplaceMeConfig(num_layers=3, num_cuts=3).apply(pruned, context_for(pruned, calibration))
+    assert report["removed_layers"] == [2, 4, 6]
+    assert len(pruned.model.layers) == pruned.config.num_hidden_layers == 5
+    for new, old in enumerate((0, 1, 3, 5, 7)):
+        a = dict(pruned.model.layers[new].named_parameters())
+        b = dict(source.model.layers[old].named_parameters())
+        for key in a:
+            assert torch.equal(a[key], b[key]) != (old in (1, 3, 5) and key == "mlp.down_proj.weight"), (
+                old,
+                key,
+            )
