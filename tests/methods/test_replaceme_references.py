@@ -999,3 +999,30 @@ def test_three_cuts_shift_by_every_earlier_removal():
                 old,
                 key,
             )
+
+
+def test_moe_fold_into_every_expert_and_the_shared_expert():
+    """Qwen2-MoE (every layer MoE, a shared expert): M is the whole MoE block's output, T the lstsq optimum
+    on stock-model hooks, and it folds into each expert's down projection (fused [E, out, in]) and the shared
+    expert's as Tᵀ·W; the pruned layer then outputs Y + M·T. Planted bugs caught: experts folded with T
+    instead of Tᵀ, the shared expert left out."""
+    config = tf.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=8, shared_expert_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[],
+        tie_word_embeddings=False, pad_token_id=PAD,
+    )  # fmt: skip
+    source = _randomised(tf.Qwen2MoeForCausalLM(config), 0, ())
+    calibration = batches()
+    t, m, y, _ = reference_map(source, calibration, kept=1, last_removed=2)
+    pruned = copy.deepcopy(source)
+    report = ReplaceMeConfig(layers=[2, 2]).apply(pruned, context_for(pruned, calibration))
+    assert report["cuts"][0]["folded_into"] == ["mlp.experts.down_proj", "mlp.shared_expert.down_proj"]
+    src, got = source.model.layers[1].mlp, pruned.model.layers[1].mlp
+    for e in range(4):
+        expected = t.T @ src.experts.down_proj[e].double()
+        torch.testing.assert_close(got.experts.down_proj[e].double(), expected, rtol=1e-5, atol=1e-6)
+    expected = t.T @ src.shared_expert.down_proj.weight.double()
+    torch.testing.assert_close(got.shared_expert.down_proj.weight.double(), expected, rtol=1e-5, atol=1e-6)
+    states, _ = hooked_states(pruned, calibration, {"h": pruned.model.layers[1]})
+    torch.testing.assert_close(states["h"], y + m @ t, rtol=1e-4, atol=1e-5)
