@@ -526,7 +526,15 @@ def test_bad_fields_are_named(kwargs, field, words):
     assert words in err.value.message
 
 
-@pytest.mark.parametrize("kwargs", [{"num_layers": 1, "num_cuts": 1}, {"layers": [1, 1]}, {"layers": [5, 5]}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_layers": 1, "num_cuts": 1},
+        {"layers": [1, 1]},
+        {"layers": [5, 5]},
+        {"layers": [1, 1], "epochs": 1, "batch_tokens": 1, "ridge": 0.0, "lr": 1e-9},
+    ],
+)
 def test_good_fields_pass(kwargs):
     ReplaceMeConfig(**kwargs)
 
@@ -1026,3 +1034,46 @@ def test_moe_fold_into_every_expert_and_the_shared_expert():
     torch.testing.assert_close(got.shared_expert.down_proj.weight.double(), expected, rtol=1e-5, atol=1e-6)
     states, _ = hooked_states(pruned, calibration, {"h": pruned.model.layers[1]})
     torch.testing.assert_close(states["h"], y + m @ t, rtol=1e-4, atol=1e-5)
+
+
+def test_relative_errors_when_the_residual_is_small():
+    """Every layer nearly the identity (output projections × 0.01): ‖R‖² < 1, and the report's relative
+    errors are still ‖M·T − R‖² / ‖R‖² and ‖M − R‖² / ‖R‖² (reference on stock-model hooks)."""
+    source = tiny_llama(4, damped=(0, 1, 2, 3))
+    calibration = batches()
+    t, m, _, r = reference_map(source, calibration, kept=1, last_removed=2)
+    r_sq = float((r * r).sum())
+    assert r_sq < 0.5
+    pruned = copy.deepcopy(source)
+    (cut,) = ReplaceMeConfig(layers=[2, 2]).apply(pruned, context_for(pruned, calibration))["cuts"]
+    assert cut["relative_error_with_map"] == pytest.approx(float(((m @ t - r) ** 2).sum()) / r_sq, rel=1e-5)
+    assert cut["relative_error_without_map"] == pytest.approx(float(((m - r) ** 2).sum()) / r_sq, rel=1e-6)
+
+
+def test_cosine_seed_reaches_the_fit():
+    """ReplaceMe's seed field reaches the cosine fit's shuffle: seeds 0 and 1 fold different maps (several
+    batches per epoch)."""
+    source = tiny_llama(4)
+    calibration = batches()
+    folded = []
+    for seed in (0, 1):
+        pruned = copy.deepcopy(source)
+        config = ReplaceMeConfig(
+            layers=[2, 2], estimator="cosine", lr=1e-2, epochs=2, batch_tokens=16, seed=seed
+        )
+        config.apply(pruned, context_for(pruned, calibration))
+        folded.append(pruned.model.layers[1].mlp.down_proj.weight.detach().clone())
+    assert not torch.allclose(folded[0], folded[1])
+
+
+def test_squared_error_of_a_float32_map():
+    """A float32 map is cast to the sums' float64 before use (gram @ T would refuse mixed dtypes)."""
+    g = torch.Generator().manual_seed(15)
+    m, r = (
+        torch.randn(20, 3, generator=g, dtype=torch.float64),
+        torch.randn(20, 3, generator=g, dtype=torch.float64),
+    )
+    t = torch.randn(3, 3, generator=g)
+    eq = NormalEquations(3)
+    eq.add(m, r)
+    assert eq.squared_error(t) == pytest.approx(float(((m @ t.double() - r) ** 2).sum()), rel=1e-12)
