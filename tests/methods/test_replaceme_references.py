@@ -365,6 +365,7 @@ def test_angular_distances_match_hooks(tokens, block):
     config = DepthCutConfig(num_layers=block, distance_tokens=tokens)
     cuts, distances = select_cuts(source, config, context_for(source, calibration))
     assert distances == pytest.approx(expected, abs=2e-6)
+    assert all(d == round(d, 6) for d in distances)  # the report keeps 6 decimals
     best = min(range(len(expected)), key=lambda i: expected[i])
     assert [(c.kept, c.removed) for c in cuts] == [(best, list(range(best + 1, best + block + 1)))]
 
@@ -503,27 +504,43 @@ def test_layer_types_drop_exactly_the_removed_layers(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, field, words",
     [
-        ({}, "num_layers", "exactly one of num_layers or layers"),
-        ({"num_layers": 2, "layers": [1, 2]}, "num_layers", "exactly one of num_layers or layers"),
-        ({"num_layers": 2, "num_cuts": 0}, "num_cuts", "positive integer, got 0"),
-        ({"num_layers": 0}, "num_layers", "positive integer, got 0"),
+        ({}, "num_layers", "give exactly one of num_layers or layers"),
+        ({"num_layers": 2, "layers": [1, 2]}, "num_layers", "give exactly one of num_layers or layers"),
+        ({"num_layers": 2, "num_cuts": 0}, "num_cuts", "must be a positive integer, got 0"),
+        ({"num_layers": 0}, "num_layers", "must be a positive integer, got 0"),
         ({"num_layers": 3, "num_cuts": 2}, "num_cuts", "must divide num_layers (3), got 2"),
         ({"layers": [1, 2], "num_cuts": 2}, "num_cuts", "must be 1 with explicit layers"),
-        ({"layers": [0, 2]}, "layers", "got [0, 2]"),
-        ({"layers": [3, 2]}, "layers", "got [3, 2]"),
-        ({"layers": [1, 2, 3]}, "layers", "got [1, 2, 3]"),
-        ({"layers": [2]}, "layers", "got [2]"),
+        (
+            {"layers": [0, 2]},
+            "layers",
+            "must be [first, last] with 1 <= first <= last (layer first-1 is kept), got [0, 2]",
+        ),
+        (
+            {"layers": [3, 2]},
+            "layers",
+            "must be [first, last] with 1 <= first <= last (layer first-1 is kept), got [3, 2]",
+        ),
+        (
+            {"layers": [1, 2, 3]},
+            "layers",
+            "must be [first, last] with 1 <= first <= last (layer first-1 is kept), got [1, 2, 3]",
+        ),
+        (
+            {"layers": [2]},
+            "layers",
+            "must be [first, last] with 1 <= first <= last (layer first-1 is kept), got [2]",
+        ),
         ({"layers": [1, 1], "ridge": -1.0}, "ridge", "must be >= 0, got -1.0"),
         ({"layers": [1, 1], "lr": 0.0}, "lr", "must be > 0, got 0.0"),
-        ({"layers": [1, 1], "epochs": 0}, "epochs", "positive integer, got 0"),
-        ({"layers": [1, 1], "batch_tokens": 0}, "batch_tokens", "positive integer, got 0"),
+        ({"layers": [1, 1], "epochs": 0}, "epochs", "must be a positive integer, got 0"),
+        ({"layers": [1, 1], "batch_tokens": 0}, "batch_tokens", "must be a positive integer, got 0"),
     ],
 )
 def test_bad_fields_are_named(kwargs, field, words):
     with pytest.raises(ConfigFieldError) as err:
         ReplaceMeConfig(**kwargs)
     assert err.value.field == field
-    assert words in err.value.message
+    assert err.value.message == words
 
 
 @pytest.mark.parametrize(
