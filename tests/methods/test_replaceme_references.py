@@ -268,7 +268,7 @@ def test_cosine_full_loss_uses_y():
         maps[loss_kind] = torch.linalg.lstsq(w.T, folded.T).solution
 
     def full_loss(map_):
-        return float(1 - torch.nn.functional.cosine_similarity(m @ map_ + y, r + y, dim=-1).mean())
+        return float(1 - torch.nn.functional.cosine_similarity(m @ map_.detach() + y, r + y, dim=-1).mean())
 
     assert full_loss(maps["full"]) < full_loss(torch.eye(HIDDEN, dtype=torch.float64))
     assert not torch.allclose(maps["full"], maps["residual"], atol=1e-3)
