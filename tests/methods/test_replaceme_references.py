@@ -763,8 +763,17 @@ def _two_rank_worker(rank, init_file, out_dir):
         eq.add(m[rows], r[rows])
         eq.all_reduce()
         t, _ = eq.solve()
+        many = NormalEquations(1)  # more tokens than float32 counts exactly (2^24)
+        many.num_tokens = 2**24 + 1
+        many.all_reduce()
         torch.save(
-            {"t": t, "tokens": eq.num_tokens, "target_sq": eq.target_sq, "gram": eq.gram},
+            {
+                "t": t,
+                "tokens": eq.num_tokens,
+                "target_sq": eq.target_sq,
+                "gram": eq.gram,
+                "many": many.num_tokens,
+            },
             f"{out_dir}/rank{rank}.pt",
         )
     finally:
@@ -785,7 +794,7 @@ def test_all_reduce_over_two_ranks_equals_one_process_lstsq(tmp_path):
     expected = torch.linalg.lstsq(m, r).solution
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert got["tokens"] == 60
+        assert got["tokens"] == 60 and got["many"] == 2**25 + 2
         torch.testing.assert_close(got["gram"], m.T @ m)
         assert float(got["target_sq"]) == pytest.approx(float((r * r).sum()))
         torch.testing.assert_close(got["t"], expected, rtol=1e-6, atol=1e-6)
@@ -813,8 +822,8 @@ def test_progress_bars_only_when_asked(capfd, estimator):
         pruned, PruneContext(adapter=get_adapter(pruned.config), progress=True, _batches=calibration)
     )
     err = capfd.readouterr().err
-    assert "angular distances" in err and "calibrate layers 2-2" in err
-    assert ("cosine map" in err) == ("loss=" in err) == (estimator == "cosine")
+    assert "angular distances: " in err and "calibrate layers 2-2: " in err
+    assert ("cosine map: " in err) == ("loss=" in err) == (estimator == "cosine")
     assert "\n" not in err and err.endswith("\r")  # every bar is erased when its pass ends (leave=False)
 
 
@@ -895,7 +904,7 @@ def test_cosine_map_defaults_seed_zero_quiet_progress(capfd):
     m, r = torch.randn(10, 3, generator=g), torch.randn(10, 3, generator=g)
     default = fit_cosine_map(m, r, lr=0.01, epochs=2, batch_tokens=3)
     err = capfd.readouterr().err
-    assert "cosine map" in err and re.search(r" 8/8 ", err)  # 2 epochs × ceil(10 / 3) steps
+    assert "cosine map: " in err and re.search(r" 8/8 ", err)  # 2 epochs × ceil(10 / 3) steps
     assert "\n" not in err and err.endswith("\r")  # the bar is erased when done (leave=False)
     explicit = fit_cosine_map(m, r, lr=0.01, epochs=2, batch_tokens=3, seed=0, progress=False)
     assert capfd.readouterr().err == ""
@@ -1094,3 +1103,17 @@ def test_squared_error_of_a_float32_map():
     eq = NormalEquations(3)
     eq.add(m, r)
     assert eq.squared_error(t) == pytest.approx(float(((m @ t.double() - r) ** 2).sum()), rel=1e-12)
+
+
+def test_solve_keeps_zero_ridge_for_an_ill_conditioned_but_regular_gram():
+    """diag(1, 1e-10): condition 1e10 is below the 1e13 limit, so α stays 0 and T = (MᵀM)⁻¹MᵀR exactly;
+    an indefinite matrix (not reachable from ``add``) still fails after the 12 tries (α up to mean diag)."""
+    eq = NormalEquations(2)
+    eq.gram = torch.diag(torch.tensor([1.0, 1e-10], dtype=torch.float64))
+    eq.cross = torch.eye(2, dtype=torch.float64)
+    t, alpha = eq.solve()
+    assert alpha == 0.0
+    torch.testing.assert_close(t, torch.diag(torch.tensor([1.0, 1e10], dtype=torch.float64)))
+    eq.gram = torch.diag(torch.tensor([4.0, -2.0], dtype=torch.float64))  # mean diag 1: 12th try α = 1
+    with pytest.raises(RuntimeError, match="stayed singular"):
+        eq.solve()

@@ -44,6 +44,14 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
     ),
     "hf_prune.methods.depth.estimators.xǁNormalEquationsǁsolve__mutmut_7": _CPU_ONLY,
     "hf_prune.methods.depth.estimators.xǁNormalEquationsǁall_reduce__mutmut_6": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁsolve__mutmut_9": (
+        "a float32 identity added to the float64 MᵀM is promoted exactly (0 and 1 are exact): the same sum"
+    ),
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁsolve__mutmut_10": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁall_reduce__mutmut_8": (
+        "without a dtype the token count is an int64 tensor, which all_reduce sums exactly, as float64 does "
+        "for any realistic count"
+    ),
     "hf_prune.methods.depth.estimators.xǁNormalEquationsǁall_reduce__mutmut_9": _CPU_ONLY,
     "hf_prune.methods.depth.cuts.xǁDepthCutConfigǁcheck_model__mutmut_1": (
         "the base check_model reads only the adapter (its unsupported_reason), never model_config"
