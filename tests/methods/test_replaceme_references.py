@@ -1117,3 +1117,19 @@ def test_solve_keeps_zero_ridge_for_an_ill_conditioned_but_regular_gram():
     eq.gram = torch.diag(torch.tensor([4.0, -2.0], dtype=torch.float64))  # mean diag 1: 12th try α = 1
     with pytest.raises(RuntimeError, match="stayed singular"):
         eq.solve()
+
+
+def test_ridge_grows_tenfold_per_try():
+    """diag(1, -1e-9) (mean diag s ≈ 0.5): α = 1e-10·s (still indefinite), then 1e-9·s, then 1e-8·s ≈ 5e-9,
+    the first that makes it positive definite: α is exactly 1e-8·s. The error when it never factors is the
+    whole message."""
+    eq = NormalEquations(2)
+    eq.gram = torch.diag(torch.tensor([1.0, -1e-9], dtype=torch.float64))
+    eq.cross = torch.eye(2, dtype=torch.float64)
+    _, alpha = eq.solve()
+    assert alpha == pytest.approx((1.0 - 1e-9) / 2 * 1e-8, rel=1e-9)
+    eq.gram = torch.full((2, 2), float("nan"), dtype=torch.float64)
+    with pytest.raises(
+        RuntimeError, match="^least-squares normal equations stayed singular after ridge fallback$"
+    ):
+        eq.solve()

@@ -14,6 +14,16 @@ _CPU_ONLY = (
 
 EQUIVALENT_MUTANTS: dict[str, str] = {
     # --- depth ---
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁ__init____mutmut_7": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁ__init____mutmut_11": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁ__init____mutmut_16": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁ__init____mutmut_20": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁ__init____mutmut_24": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁ__init____mutmut_27": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁadd__mutmut_2": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁadd__mutmut_4": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁadd__mutmut_7": _CPU_ONLY,
+    "hf_prune.methods.depth.estimators.xǁNormalEquationsǁadd__mutmut_9": _CPU_ONLY,
     "hf_prune.methods.depth.estimators.x_fit_cosine_map__mutmut_10": _CPU_ONLY,
     "hf_prune.methods.depth.estimators.x_fit_cosine_map__mutmut_13": _CPU_ONLY,
     "hf_prune.methods.depth.estimators.x_fit_cosine_map__mutmut_49": _CPU_ONLY,
