@@ -183,6 +183,60 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
     _CLIP + "x_build_relevance_modules__mutmut_10": (
         "nn.Linear(bias=None) builds no bias, as bias=False does."
     ),
+    # --- depth ---
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_76": (
+        "cosine_similarity's default dim is 1, the last dim of the 2-D [tokens, d] batches it always gets"
+    ),
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_77": (
+        "dim=+1 is dim=1, the last dim of the 2-D [tokens, d] batches it always gets"
+    ),
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_79": (
+        "zero_grad with set_to_none falsy zeroes the gradient in place instead of dropping it: backward "
+        "writes the same gradient and Adam sees the same values"
+    ),
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_80": (
+        "zero_grad with set_to_none falsy zeroes the gradient in place instead of dropping it: backward "
+        "writes the same gradient and Adam sees the same values"
+    ),
+    _ESTIMATORS + "xǁNormalEquationsǁsolve__mutmut_3": ("MᵀM is square: shape[1] == shape[0]"),
+    _ESTIMATORS + "xǁNormalEquationsǁsolve__mutmut_6": (
+        "a float32 identity added to the float64 MᵀM is promoted exactly (0 and 1 are exact): the same sum"
+    ),
+    _ESTIMATORS + "xǁNormalEquationsǁsolve__mutmut_9": (
+        "a float32 identity added to the float64 MᵀM is promoted exactly (0 and 1 are exact): the same sum"
+    ),
+    _ESTIMATORS + "xǁNormalEquationsǁall_reduce__mutmut_8": (
+        "without a dtype the token count is an int64 tensor, which all_reduce sums exactly, as float64 "
+        "does for any realistic count"
+    ),
+    _CUTS + "xǁDepthCutConfigǁcheck_model__mutmut_1": (
+        "the base check_model reads only the adapter (its unsupported_reason), never model_config"
+    ),
+    _CUTS + "xǁDepthCutConfigǁpredict_config__mutmut_8": (
+        "kept is filtered from range(total), so any last >= total - 1 removes the same layers"
+    ),
+    _CUTS + "x_angular_distances__mutmut_72": (
+        "cosine_similarity's default dim is 1, the last dim of the 2-D [tokens, d] states it always gets"
+    ),
+    _CUTS + "x_angular_distances__mutmut_74": (
+        "dim=+1 is dim=1, the last dim of the 2-D [tokens, d] states it always gets"
+    ),
+    _CUTS + "x_angular_distances__mutmut_89": (
+        "every layer's states have the same rows (the same tokens), so states[1] counts what states[0] does"
+    ),
+    _REPLACEME + "x_estimate_map__mutmut_65": (
+        "with y float64 the float32 target is promoted exactly before the subtraction: the same difference"
+    ),
+    _REPLACEME + "x_estimate_map__mutmut_66": (
+        "with the target float64 the float32 y is promoted exactly before the subtraction: the same "
+        "difference"
+    ),
+    _REPLACEME + "x_estimate_map__mutmut_127": (
+        "squared_error casts the map to the float64 sums first, and a float32 identity converts exactly"
+    ),
+    _REPLACEME + "x_estimate_map__mutmut_129": (
+        "squared_error casts the map to the float64 sums first, and a float32 identity converts exactly"
+    ),
 }
 
 NEEDS_ACCELERATOR: dict[str, str] = {
@@ -220,4 +274,36 @@ NEEDS_ACCELERATOR: dict[str, str] = {
     _RETAINER + "x_soft_attention_bias__mutmut_41": _DEVICE_ONLY,
     _TEXT + "x_top_fraction__mutmut_34": _DEVICE_ONLY,
     _TEXT + "x_top_fraction__mutmut_36": _DEVICE_ONLY,
+    # --- depth ---
+    _ESTIMATORS + "xǁNormalEquationsǁ__init____mutmut_7": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁ__init____mutmut_11": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁ__init____mutmut_16": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁ__init____mutmut_20": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁ__init____mutmut_24": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁ__init____mutmut_27": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁadd__mutmut_2": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁadd__mutmut_4": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁadd__mutmut_7": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁadd__mutmut_9": _DEVICE_ONLY,
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_10": _DEVICE_ONLY,
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_13": _DEVICE_ONLY,
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_49": _DEVICE_ONLY,
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_51": _DEVICE_ONLY,
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_54": _DEVICE_ONLY,
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_56": _DEVICE_ONLY,
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_61": _DEVICE_ONLY,
+    _ESTIMATORS + "x_fit_cosine_map__mutmut_63": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁsolve__mutmut_7": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁall_reduce__mutmut_6": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁsolve__mutmut_10": _DEVICE_ONLY,
+    _ESTIMATORS + "xǁNormalEquationsǁall_reduce__mutmut_9": _DEVICE_ONLY,
+    _CUTS + "x_angular_distances__mutmut_43": _DEVICE_ONLY,
+    _CUTS + "x_angular_distances__mutmut_55": _DEVICE_ONLY,
+    _CUTS + "x_angular_distances__mutmut_57": _DEVICE_ONLY,
+    _REPLACEME + "x_estimate_map__mutmut_16": _DEVICE_ONLY,
+    _REPLACEME + "x_estimate_map__mutmut_20": _DEVICE_ONLY,
+    _REPLACEME + "x_estimate_map__mutmut_22": _DEVICE_ONLY,
+    _REPLACEME + "x_estimate_map__mutmut_51": _DEVICE_ONLY,
+    _REPLACEME + "x_estimate_map__mutmut_100": _DEVICE_ONLY,
+    _REPLACEME + "x_estimate_map__mutmut_109": _DEVICE_ONLY,
 }

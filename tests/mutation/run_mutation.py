@@ -47,7 +47,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "hf_prune/methods/depth/replaceme.py",
             "hf_prune/methods/depth/cuts.py",
         ],
-        ["tests/unit/test_estimators.py"],
+        ["tests/unit/test_estimators.py", "tests/methods/test_replaceme_references.py"],
     ),
     "visual": (
         [
