@@ -47,7 +47,12 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "hf_prune/methods/depth/replaceme.py",
             "hf_prune/methods/depth/cuts.py",
         ],
-        ["tests/unit/test_estimators.py", "tests/methods/test_replaceme_references.py"],
+        [
+            "tests/unit/test_estimators.py",
+            "tests/methods/test_replaceme_references.py",
+            "tests/methods/test_depth_estimators_and_cuts.py",
+            "tests/methods/test_depth_config.py",
+        ],
     ),
     "visual": (
         [
