@@ -26,6 +26,7 @@ __all__ = [
     "MethodConfig",
     "OneShotMethod",
     "PruneResult",
+    "PruningCallback",
     "Recipe",
     "RecipeError",
     "StageReport",
@@ -45,6 +46,10 @@ def __getattr__(name: str) -> Any:
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "PruningCallback":  # the Trainer glue (layer 3), loaded on first use like the pipeline
+        from .integrations.pruning_callback import PruningCallback
+
+        return PruningCallback
     raise AttributeError(f"module 'hf_prune' has no attribute {name!r}")
 
 

@@ -301,7 +301,7 @@ def _check_stages(recipe: Recipe, config: Any, adapter: Any) -> Any:
         if not isinstance(stage.config, OneShotMethod):
             raise RecipeError(
                 f"stages[{i}].method: {stage.method} is a training-time method; a prune recipe runs "
-                "one-shot methods only"
+                "one-shot methods only (train with hf_prune.PruningCallback inside transformers.Trainer)"
             )
         after = f" (the model as {', '.join(changed_by)} will leave it)" if changed_by else ""
         try:

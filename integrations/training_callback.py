@@ -7,6 +7,8 @@
 
 Trainer events → method hooks:
 
+- ``on_init_end`` (the Trainer is built): refuse DeepSpeed and FSDP, which shard parameters across
+  processes (a mask computed on a shard is wrong), then ``check_training_model(model)``.
 - ``on_train_begin``: when resuming (the Trainer's ``global_step`` > 0), ``load_state_dict`` with the state
   saved in that checkpoint's folder; then ``begin(model, step=global_step, total_steps=max_steps,
   optimizer=...)``.
@@ -88,8 +90,17 @@ class TrainingMethodCallback(TrainerCallback):
         self.name = name or _registered_name(type(method)) or type(method).__name__
         self.report: StageReport | None = None
         self._started = 0.0
+        self._checked = False
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        refuse_sharded_training(args)
+        self.method.check_training_model(model)
+        self._checked = True
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self._checked:  # added with trainer.add_callback, after on_init_end
+            refuse_sharded_training(args)
+            self.method.check_training_model(model)
         if state.global_step > 0:  # resuming: the checkpoint's state comes back before begin()
             self.method.load_state_dict(load_method_state(self._resumed_folder(args, state.global_step)))
         self._started = time.perf_counter()
@@ -114,6 +125,22 @@ class TrainingMethodCallback(TrainerCallback):
         if isinstance(named, str) and Path(named).is_dir():
             return Path(named)
         return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+def refuse_sharded_training(args: Any) -> None:
+    """DeepSpeed (ZeRO) and FSDP shard each parameter across processes: masks and magnitude ranks need
+    whole tensors, so training-time pruning refuses them before training starts. DDP (plain
+    ``torchrun``) keeps whole replicas with identical gradients and works."""
+    if getattr(args, "deepspeed", None):
+        raise HfPruneError(
+            "training-time pruning does not support DeepSpeed: ZeRO shards the weights the masks are computed "
+            "on. Train without --deepspeed (DDP through torchrun works)"
+        )
+    if getattr(args, "fsdp", None):
+        raise HfPruneError(
+            "training-time pruning does not support FSDP: it shards the weights the masks are computed on. "
+            "Train without fsdp (DDP through torchrun works)"
+        )
 
 
 def _registered_name(cls: type) -> str | None:

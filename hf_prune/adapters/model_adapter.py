@@ -192,6 +192,22 @@ class ModelAdapter:
             )
         return projections
 
+    def mlp_neurons(self, model: nn.Module) -> list[tuple[list[str], str]]:
+        """(input projection module names, output projection module name) of every dense MLP in ``model``,
+        found by the spec's ``neuron_inputs`` / ``neuron_output`` suffixes under one parent: neuron j is
+        row j of each input and column j of the output. Experts' fused MLPs are not among them."""
+        modules = dict(model.named_modules())
+        groups = []
+        for name, module in modules.items():
+            suffix = "." + self.spec.neuron_output
+            if not (name.endswith(suffix) and isinstance(module, nn.Linear)):
+                continue
+            parent = name[: -len(self.spec.neuron_output)]
+            inputs = [parent + s for s in self.spec.neuron_inputs]
+            if all(isinstance(modules.get(i), nn.Linear) for i in inputs):
+                groups.append((inputs, name))
+        return groups
+
     # ---- structural edits ---------------------------------------------------------------
     def remove_layers(self, model: nn.Module, remove: list[int]) -> None:
         """Delete decoder layers in place and make config, ``layer_types`` and every ``layer_idx`` agree."""

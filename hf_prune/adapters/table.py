@@ -42,6 +42,10 @@ class ArchitectureSpec:
     #: RMS norms on queries and keys: "per_head" (weights of head_dim: Qwen3, Gemma3) or "full" (over all
     #: heads: OLMoE, OLMo2); None when there are none.
     qk_norm: str | None = None
+    #: A dense MLP's neurons (structured sparsity), as module-name suffixes under one layer: the input
+    #: projections (the first one's row silences a neuron: the gate in a gated MLP) and the output one.
+    neuron_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    neuron_output: str = "mlp.down_proj"
 
     @property
     def is_moe(self) -> bool:
@@ -75,8 +79,15 @@ _MROPE = ArchitectureSpec(
     ),
 )
 #: Encoder classifiers (BERT family): text token pruning only (the other methods assume a decoder).
+_ENCODER_ONLY = "an encoder classifier: only text token pruning supports it"
 _ENCODER = ArchitectureSpec(
-    token_pruning_only="an encoder classifier: only text token pruning supports it", is_encoder=True
+    token_pruning_only=_ENCODER_ONLY,
+    is_encoder=True,
+    neuron_inputs=("intermediate.dense",),
+    neuron_output="output.dense",
+)
+_DISTILBERT = ArchitectureSpec(
+    token_pruning_only=_ENCODER_ONLY, is_encoder=True, neuron_inputs=("ffn.lin1",), neuron_output="ffn.lin2"
 )
 
 #: Language models (decoder-only, and the encoder classifiers), keyed by ``config.model_type``.
@@ -102,7 +113,7 @@ TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen2_5_vl_text": _MROPE,
     "bert": _ENCODER,
     "roberta": _ENCODER,
-    "distilbert": _ENCODER,
+    "distilbert": _DISTILBERT,
 }
 
 _LLAVA = VisionLanguageSpec()

@@ -11,8 +11,8 @@ Two kinds of method share the checks of ``MethodConfig``:
   ``check_model`` and ``predict_config`` on the model's config before any weights load (the preflight),
   then ``apply`` on the loaded model, then ``finalize`` (an optional follow-up the method owns, e.g.
   training AD-TP's token retainer), all through ``registry.run_stage``.
-- ``TrainingMethod``: prunes while a model trains (GMP, GraNet, lottery tickets: none is registered
-  yet). ``integrations/training_callback.py``'s ``TrainingMethodCallback`` drives any of them inside
+- ``TrainingMethod``: prunes while a model trains (``methods/sparsity/``: GMP, GraNet, lottery tickets).
+  ``integrations/training_callback.py``'s ``TrainingMethodCallback`` drives any of them inside
   ``transformers.Trainer``: ``begin`` → ``after_optimizer_step`` after every optimizer step →
   ``state_dict`` saved into each ``checkpoint-N`` folder and ``load_state_dict`` on resume → ``end``.
 
@@ -117,11 +117,18 @@ class OneShotMethod(MethodConfig):
 class TrainingMethod(MethodConfig):
     """Base of training-time methods, which prune while the model trains (GMP, GraNet, lottery tickets).
 
-    None is registered yet. Any subclass runs inside ``transformers.Trainer`` through
+    Any subclass runs inside ``transformers.Trainer`` through
     ``hf_prune.integrations.training_callback.TrainingMethodCallback``, which calls, in this order:
-    ``load_state_dict`` (only when resuming from a checkpoint), ``begin``, ``after_optimizer_step`` after
-    each optimizer step, ``state_dict`` at each checkpoint save, ``end``. Hooks run on every process of a
-    distributed run; only the main process writes the state."""
+    ``check_training_model`` when the Trainer is built, ``load_state_dict`` (only when resuming from a
+    checkpoint), ``begin``, ``after_optimizer_step`` after each optimizer step, ``state_dict`` at each
+    checkpoint save, ``end``. Hooks run on every process of a distributed run; only the main process
+    writes the state."""
+
+    def check_training_model(self, model: Any) -> None:
+        """Raise ``RecipeError`` / ``UnsupportedModelError`` if this method cannot run on ``model`` (a
+        targets pattern matching nothing, a width N:M does not divide). Called when the Trainer is built
+        (``on_init_end``; again at ``on_train_begin`` when the callback was added later), so a bad config
+        fails before any training. May resolve and cache what ``begin`` needs; must not change ``model``."""
 
     def begin(self, model: Any, *, step: int, total_steps: int, optimizer: Any = None) -> None:
         """Called once when training starts (Trainer's ``on_train_begin``), before the first batch.

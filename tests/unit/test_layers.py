@@ -36,6 +36,10 @@ ALLOWED = {
     # ``hf_prune.prune`` (the one-function API of the README) is a lazy module ``__getattr__`` that imports
     # the pipeline on first use, so that ``import hf_prune`` stays light; the core itself never calls it.
     ("hf_prune", "hf_prune.pipeline"),
+    # ``hf_prune.PruningCallback`` (issue 15 asks for it at the top level) is the same kind of lazy
+    # ``__getattr__``, to the Trainer glue in integrations.
+    ("hf_prune", "hf_prune.integrations.pruning_callback"),
+    ("hf_prune", "hf_prune.integrations.pruning_callback.PruningCallback"),
 }
 
 
