@@ -87,6 +87,22 @@ def train(tokenizer, out, config, *, optim="adamw_torch", steps=MAX_STEPS, model
     return model, callback, probe
 
 
+def lottery_trainer(model, tokenizer, folder, steps, callbacks) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=TokenWindows(len(tokenizer)), callbacks=callbacks)
+
+
 def zero_count(weights: dict[str, torch.Tensor]) -> tuple[int, int]:
     return sum(int((w == 0).sum()) for w in weights.values()), sum(w.numel() for w in weights.values())
 
@@ -313,24 +329,7 @@ def test_lottery_rewinds_to_the_stored_weights(tokenizer, tmp_path):
 
     def make_trainer(round_index):
         probes.append(Probe())
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"round-{round_index}"),
-            max_steps=3,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            report_to="none",
-            disable_tqdm=True,
-            use_cpu=True,
-            save_strategy="no",
-            logging_strategy="no",
-            seed=0,
-        )
-        return Trainer(
-            model=model,
-            args=args,
-            train_dataset=TokenWindows(len(tokenizer)),
-            callbacks=[probes[-1], AtEnd()],
-        )
+        return lottery_trainer(model, tokenizer, tmp_path / f"round-{round_index}", 3, [probes[-1], AtEnd()])
 
     method, reports = run_lottery(make_trainer, {"rounds": 2, "rewind": "weights", "targets": list(MLP)})
     assert len(reports) == 3 and method.round == 2
@@ -338,10 +337,8 @@ def test_lottery_rewinds_to_the_stored_weights(tokenizer, tmp_path):
         first = probes[r].first
         for name in probes[r].weights[1]:
             kept = first[name] != 0
-            assert torch.equal(first[name][kept], initial[name][kept]), (
-                r,
-                name,
-            )  # back to the initialisation
+            # back to the initialisation
+            assert torch.equal(first[name][kept], initial[name][kept]), (r, name)
         zeros, total = zero_count({n: first[n] for n in probes[r].weights[1]})
         assert zeros == round((1 - 0.8**r) * total)
         # The mask is the smallest |w| of the trained weights at the end of the previous run, over all layers.
@@ -360,21 +357,7 @@ def test_lottery_lrr_keeps_the_trained_weights(tokenizer, tmp_path):
 
     def make_trainer(round_index):
         probes.append(Probe())
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"r{round_index}"),
-            max_steps=2,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            report_to="none",
-            disable_tqdm=True,
-            use_cpu=True,
-            save_strategy="no",
-            logging_strategy="no",
-            seed=0,
-        )
-        return Trainer(
-            model=model, args=args, train_dataset=TokenWindows(len(tokenizer)), callbacks=[probes[-1]]
-        )
+        return lottery_trainer(model, tokenizer, tmp_path / f"r{round_index}", 2, [probes[-1]])
 
     run_lottery(make_trainer, {"rounds": 1, "targets": list(MLP)})
     for name, trained in probes[0].weights[2].items():

@@ -25,7 +25,7 @@ from ...registry import register_method
 from ..base import TrainingMethod, config_field
 from .masks import apply_masks, n_m_masks, neuron_masks, unstructured_masks
 from .schedules import cubic_sparsity, is_pruning_step
-from .targets import DEFAULT_EXCLUDE, neuron_groups, prunable_weights
+from .targets import exclude_field, neuron_groups, prunable_weights, scope_field, targets_field
 
 _N_M = re.compile(r"(\d+):(\d+)")
 PATTERNS = "unstructured | N:M (e.g. 2:4, 4:8) | neurons"
@@ -50,15 +50,9 @@ class GMPConfig(TrainingMethod):
     )
     frequency: int = config_field(10, help="prune every this many optimizer steps between start and end")
     pattern: str = config_field("unstructured", help=f"what is pruned: {PATTERNS}")
-    scope: str = config_field("global", help="global (one magnitude threshold for all) | layer (per weight)")
-    targets: list[str] = config_field(
-        help="globs over module names picking the Linear / Conv modules to prune",
-        default_factory=lambda: ["*"],
-    )
-    exclude: list[str] = config_field(
-        help="globs of modules left dense (output heads by default)",
-        default_factory=lambda: list(DEFAULT_EXCLUDE),
-    )
+    scope: str = scope_field()
+    targets: list[str] = targets_field()
+    exclude: list[str] = exclude_field()
 
     def __post_init__(self) -> None:
         self.n_m = parse_n_m(self.pattern)

@@ -25,7 +25,7 @@ from ...errors import ConfigFieldError
 from ...registry import register_method
 from ..base import TrainingMethod, config_field
 from .masks import apply_masks, unstructured_masks
-from .targets import DEFAULT_EXCLUDE, prunable_weights
+from .targets import exclude_field, prunable_weights, scope_field, targets_field
 
 
 @dataclass
@@ -36,15 +36,9 @@ class LotteryConfig(TrainingMethod):
     fraction_per_round: float = config_field(0.2, help="share of the remaining weights pruned per round")
     rewind: str = config_field("learning_rate", help="learning_rate (LRR) | weights (LTR) between rounds")
     rewind_step: int = config_field(0, help="LTR: rewind to the weights after this optimizer step of round 0")
-    scope: str = config_field("global", help="global (one magnitude threshold for all) | layer (per weight)")
-    targets: list[str] = config_field(
-        help="globs over module names picking the Linear / Conv modules to prune",
-        default_factory=lambda: ["*"],
-    )
-    exclude: list[str] = config_field(
-        help="globs of modules left dense (output heads by default)",
-        default_factory=lambda: list(DEFAULT_EXCLUDE),
-    )
+    scope: str = scope_field()
+    targets: list[str] = targets_field()
+    exclude: list[str] = exclude_field()
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

@@ -4,12 +4,14 @@ and, for the ``neurons`` pattern, the dense MLPs the architecture table knows.""
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...adapters import get_adapter
 from ...errors import RecipeError, UnsupportedModelError
+from ..base import config_field
 from .masks import NeuronGroup
 
 #: Modules whose ``weight`` can be pruned (GPT-2's ``Conv1D`` is a Linear stored transposed).
@@ -18,6 +20,24 @@ PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
 #: Module-name patterns skipped unless the recipe says otherwise: the output layers (a language model's
 #: ``lm_head``, a classifier's head), as the lottery-ticket and GMP papers leave them dense.
 DEFAULT_EXCLUDE = ["lm_head", "score", "classifier", "classifier.*"]
+
+
+def scope_field() -> Any:
+    return config_field("global", help="global (one magnitude threshold for all) | layer (per weight)")
+
+
+def targets_field() -> Any:
+    return config_field(
+        help="globs over module names picking the Linear / Conv modules to prune",
+        default_factory=lambda: ["*"],
+    )
+
+
+def exclude_field() -> Any:
+    return config_field(
+        help="globs of modules left dense (output heads by default)",
+        default_factory=lambda: list(DEFAULT_EXCLUDE),
+    )
 
 
 def prunable_weights(model: nn.Module, targets: list[str], exclude: list[str]) -> dict[str, nn.Parameter]:
