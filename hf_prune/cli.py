@@ -25,6 +25,24 @@ recipe.yaml:
     - {method: replaceme, num_layers: 1, estimator: lstsq}
   evaluate:
     - {task: perplexity, data: data/eval.txt}""",
+    "train": """example:
+  hf-prune train sparse.yaml
+
+sparse.yaml:
+  model: ../shared/assets/models/stories260K
+  output: out/stories-sparse80
+  train:
+    data: ../shared/assets/text/tinystories/sample.txt
+    max_length: 64
+    arguments: {max_steps: 200, learning_rate: 1.0e-3, per_device_train_batch_size: 8}
+  stages:
+    - {method: gmp, final_sparsity: 0.8, end_step: 150, frequency: 10, targets: ["*mlp*", "*self_attn*"]}
+  evaluate:
+    - {task: perplexity, data: data/eval.txt}
+
+Methods: gmp, granet (hf-prune methods NAME lists the keys), lottery (rounds of training).
+train.arguments takes any transformers.TrainingArguments field; Trainer checkpoints go to
+OUTPUT.checkpoints unless output_dir says otherwise.""",
     "eval": """examples:
   hf-prune eval out/stories-4layers --task perplexity --data eval.txt --seq-len 512 --output results.json
   hf-prune eval out/stories-4layers --task multiple_choice --data cloze.jsonl --compare models/stories260K
@@ -69,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-prune",
         description="Config-driven pruning of Hugging Face Transformers models.",
-        epilog="examples:\n  hf-prune prune recipe.yaml\n  hf-prune eval MODEL --task perplexity --data FILE\n"
+        epilog="examples:\n  hf-prune prune recipe.yaml\n  hf-prune train sparse.yaml\n"
+        "  hf-prune eval MODEL --task perplexity --data FILE\n"
         "  hf-prune inspect MODEL\n  hf-prune methods\n  hf-prune demo\n\n"
         "Run 'hf-prune COMMAND --help' for the options and an example of each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -103,6 +122,14 @@ def _parser() -> argparse.ArgumentParser:
         help="replace an existing output folder that is not an earlier hf-prune output (never the "
         "working folder, a home folder, an ancestor of either, or a folder holding the recipe "
         "or its data)",
+    )
+
+    train = command(
+        "train", "Fine-tune with transformers.Trainer while a training-time method prunes, then save."
+    )
+    train.add_argument("recipe", help="recipe file (.yaml, .yml or .json) with a train section")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder (as prune --overwrite)"
     )
 
     def placement_options(sub: argparse.ArgumentParser) -> None:
@@ -221,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_library_progress()
     commands = {
         "prune": _prune,
+        "train": _train,
         "eval": _eval,
         "bench": _bench,
         "inspect": _inspect,
@@ -288,6 +316,31 @@ def _prune(args: argparse.Namespace) -> int:
         print(
             f"{entry['task']} ({metric}) on {entry['data']}: original {entry['original'][metric]:.4g}, "
             f"pruned {entry['pruned'][metric]:.4g}, retained {format_retained(entry['retained'])}"
+        )
+    print(f"saved to {result.output}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .evals.report import format_retained
+    from .train_pipeline import train
+
+    result = train(
+        args.recipe,
+        progress=not args.quiet,
+        overwrite=args.overwrite or None,
+        trust_remote_code=args.trust_remote_code or None,
+    )
+    stage = result.report["stages"][0]
+    print(
+        f"stage {stage['method']}: sparsity {stage['sparsity']:.1%} of the targeted weights "
+        f"({stage['pruned_weights']:,} of {stage['targeted_weights']:,}) in {stage['seconds']:.1f}s"
+    )
+    for entry in result.report["evaluation"]:
+        metric = entry["metric"]
+        print(
+            f"{entry['task']} ({metric}) on {entry['data']}: original {entry['original'][metric]:.4g}, "
+            f"trained and pruned {entry['pruned'][metric]:.4g}, retained {format_retained(entry['retained'])}"
         )
     print(f"saved to {result.output}")
     return 0

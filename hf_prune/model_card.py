@@ -145,6 +145,13 @@ def _stage_lines(report: dict[str, Any]) -> list[str]:
                 f"- `{stage['method']}` ({stage.get('algorithm')}): experts {stage['experts_before']} → "
                 f"{stage['experts_after']}"
             )
+        elif "targeted_weights" in stage:  # training-time sparsity: zeros in dense tensors
+            how = ", ".join(str(stage[k]) for k in ("pattern", "scope") if k in stage)
+            lines.append(
+                f"- `{stage['method']}`{f' ({how})' if how else ''}: {stage['sparsity']:.1%} of the targeted "
+                f"weights are zero ({stage['pruned_weights']:,} of {stage['targeted_weights']:,}); the tensors "
+                "stay dense"
+            )
     return lines
 
 

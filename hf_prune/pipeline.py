@@ -75,9 +75,9 @@ def prune(
         recipe, source_model = load_recipe(recipe, model_in_memory=True), model_or_recipe
     overrides = {"overwrite": overwrite, "trust_remote_code": trust_remote_code}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
-    config = source_model.config if source_model is not None else _load_config(recipe)
+    config = source_model.config if source_model is not None else load_recipe_config(recipe)
     adapter = get_adapter(config)
-    predicted = _preflight(recipe, config, adapter, source_model)
+    predicted = preflight(recipe, config, adapter, source_model)
     # The original and the pruned model are scored under one protocol, resolved from both configs (the
     # pruned one as the stages predict it) before either runs.
     compared = [config, predicted]
@@ -210,21 +210,25 @@ def calibration_floor(recipe: Recipe, config: Any) -> tuple[int, str]:
     return max(floors, key=lambda floor: floor[0], default=(0, ""))
 
 
-def _load_config(recipe: Recipe) -> Any:
+def load_recipe_config(recipe: Recipe) -> Any:
     try:
         return load_config(recipe.model, trust_remote_code=recipe.trust_remote_code)
     except HfPruneError as exc:
         raise RecipeError(str(exc)) from exc.__cause__
 
 
-def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> Any:
-    """Checks that need the model's config but not its weights; the config the stages will leave."""
+def preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any, *, training: bool = False) -> Any:
+    """Checks that need the model's config but not its weights; the config the stages will leave.
+    ``training``: a ``hf-prune train`` recipe, whose one stage is a training-time method (checked by the
+    caller) and which changes no shape."""
     if source_model is None:  # a model in memory stays where it is
         try:
             check_device(recipe.device)
         except HfPruneError as exc:
             raise RecipeError(str(exc)) from None
-    predicted = _check_stages(recipe, config, adapter)
+    if recipe.train is not None and not training:
+        raise RecipeError("train: a prune recipe has no train section; run the recipe with hf-prune train")
+    predicted = config if training else _check_stages(recipe, config, adapter)
     for i, task in enumerate(recipe.evaluate):
         try:
             check_task_fits(task.task, config)
@@ -248,6 +252,7 @@ def _preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any) -> 
         )
     local_data = [("calibration.data", recipe.calibration.data)] if recipe.calibration else []
     local_data += [(f"evaluate[{i}].data", task.data) for i, task in enumerate(recipe.evaluate)]
+    local_data += [("train.data", recipe.train.data)] if recipe.train else []
     for key, data in local_data:
         if looks_like_local_path(data) and not Path(data).expanduser().exists():
             raise RecipeError(f"{key}: file not found: {data}")

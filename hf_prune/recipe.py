@@ -101,6 +101,43 @@ class EvaluationTask:
             )
 
 
+#: What ``hf-prune train`` fine-tunes for: next-token prediction, or a sequence classifier's labels.
+TRAINING_TASKS = ("causal_lm", "classification")
+
+
+@dataclass
+class TrainingConfig:
+    """The ``train:`` section of a recipe run by ``hf-prune train``: the data and the Trainer's settings."""
+
+    data: str = config_field(
+        help="training data: a local file (.txt, .jsonl, .json, .parquet) or a datasets hub id"
+    )
+    task: str | None = config_field(
+        None,
+        help="causal_lm | classification (default: classification for encoder classifiers, else causal_lm)",
+    )
+    text_field: str = config_field("text", help="column holding the text in jsonl/json/parquet/hub data")
+    label_field: str = config_field("label", help="classification: column holding the integer label")
+    max_length: int = config_field(128, help="tokens per example (causal_lm: packed windows of this length)")
+    split: str = config_field("train", help="dataset split (hub datasets)")
+    sample_by: Literal["line", "paragraph", "document"] = config_field(
+        "paragraph", help="how a .txt file is cut into records"
+    )
+    arguments: dict = config_field(
+        help="transformers.TrainingArguments fields (max_steps, learning_rate, per_device_train_batch_size, ...)",
+        default_factory=dict,
+    )
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TRAINING_TASKS:
+            raise ConfigFieldError("task", f"must be {' | '.join(TRAINING_TASKS)}, got {self.task!r}")
+        _check_positive("max_length", self.max_length)
+        if self.max_length < 2:
+            raise ConfigFieldError("max_length", f"must be at least 2, got {self.max_length}")
+        if not self.data:
+            raise ConfigFieldError("data", "must name a file or a dataset id")
+
+
 @dataclass
 class Stage:
     method: str
@@ -122,6 +159,8 @@ class Recipe:
     calibration: CalibrationConfig | None = None
     stages: list[Stage] = field(default_factory=list)
     evaluate: list[EvaluationTask] = field(default_factory=list)
+    #: The ``train:`` section (``hf-prune train``); None for a prune recipe.
+    train: TrainingConfig | None = None
     #: The file the recipe was read from (None for a dict); its folder is never replaced by a save.
     source_file: Path | None = field(default=None, compare=False)
 
@@ -137,6 +176,7 @@ class Recipe:
             "calibration": dataclasses.asdict(self.calibration) if self.calibration else None,
             "stages": [s.to_dict() for s in self.stages],
             "evaluate": [dataclasses.asdict(e) for e in self.evaluate],
+            **({"train": dataclasses.asdict(self.train)} if self.train else {}),
         }
 
 
@@ -152,6 +192,7 @@ _TOP_LEVEL_HELP = {
     "calibration": "calibration data section",
     "stages": "list of pruning stages, each {method: NAME, ...its config}",
     "evaluate": "list of evaluation tasks run on the original and the pruned model",
+    "train": "hf-prune train: training data, task and TrainingArguments fields (training-time methods)",
 }
 
 
@@ -206,12 +247,15 @@ def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
         raise RecipeError("stages: must be a non-empty list of {method: NAME, ...} entries")
     stages = [_build_stage(entry, f"stages[{i}]") for i, entry in enumerate(stages_data)]
     needing = [f"stages[{i}] ({s.method})" for i, s in enumerate(stages) if s.config.needs_calibration]
-    if needing and calibration is None:
+    if needing and calibration is None and data.get("train") is None:  # hf-prune train names the stage
         raise RecipeError(f"calibration: missing, but {', '.join(needing)} needs calibration data")
     evaluate = [
         build_dataclass(EvaluationTask, entry, f"evaluate[{i}]")
         for i, entry in enumerate(_check_type("evaluate", _or_default(data, "evaluate", []), list))
     ]
+    train = None
+    if data.get("train") is not None:
+        train = build_dataclass(TrainingConfig, data["train"], "train")
     return Recipe(
         model=model,
         output=output,
@@ -223,6 +267,7 @@ def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
         calibration=calibration,
         stages=stages,
         evaluate=evaluate,
+        train=train,
     )
 
 

@@ -1,5 +1,7 @@
 """CDPruner's instruction relevance from a CLIP text tower supplied by the recipe (tiny LLaVA / LLaVA-NeXT)."""
 
+import copy
+
 import pytest
 import torch
 from test_visual_tokens import batch, greedy_by_log_det, pruned_model, unit
@@ -251,3 +253,50 @@ def test_clip_text_embeddings_chunk_count_and_empty_text(tokenizer, clip_dirs):
         ids = clip_tokenizer(text, add_special_tokens=False)["input_ids"]
         chunks = -(-len(ids) // (CLIP_CONTEXT - 2))
         assert clip_text_embeddings(tower, clip_tokenizer, text).shape == (chunks, 16)
+
+
+def test_save_pretrained_passes_its_arguments_on(tokenizer, clip_dirs, tmp_path):
+    """The CLIP mix-in's ``save_pretrained`` hands positional and keyword arguments to transformers': a
+    shard size gives an index, ``is_main_process=False`` (positional) writes no config; a pruned model
+    without a CLIP tower (no relevance tokenizers) saves too."""
+    model, _ = pruned_model("llava", tokenizer, text_tower=str(clip_dirs["matching"]))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    with pytest.raises(TypeError):  # extra model arguments reach the model class, which takes none
+        type(model).from_pretrained(tmp_path / "sharded", "unexpected")
+    with pytest.raises(TypeError):
+        type(model).from_pretrained(tmp_path / "sharded", unexpected_argument=1)
+    model.save_pretrained(tmp_path / "worker", False)
+    assert not (tmp_path / "worker" / "config.json").exists()
+    plain, _ = pruned_model("llava", tokenizer)
+    plain.save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "plain" / "config.json").is_file()
+    assert not (tmp_path / "plain" / "relevance_tokenizers").exists()
+    # The patched class builds from a config that never had a CLIP tower key, and then has no tower.
+    config = copy.deepcopy(plain.config)
+    if hasattr(config, "relevance_text_tower"):
+        delattr(config, "relevance_text_tower")
+    assert not type(plain)(config).has_clip_text_tower()
+
+
+def test_relevance_tokenizers_never_run_code_from_the_checkpoint(tokenizer, clip_dirs, tmp_path):
+    """A checkpoint whose saved CLIP tokenizer names remote code (``auto_map``) loads without running it."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    model, _ = pruned_model("llava", tokenizer, text_tower=str(clip_dirs["matching"]))
+    model.save_pretrained(tmp_path / "pruned")
+    folder = tmp_path / "pruned" / "relevance_tokenizers" / "clip"
+    marker = tmp_path / "ran"
+    for where in (folder, tmp_path / "pruned"):  # wherever transformers would look for the module
+        (where / "evil_tokenizer.py").write_text(
+            f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+            "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+        )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "evil_tokenizer.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "pruned")
+    assert not marker.exists()
+    assert sorted(loaded.relevance_tokenizers) == ["clip", "language"]  # loaded with the stock class

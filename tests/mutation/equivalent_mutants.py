@@ -143,9 +143,6 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
         "the negated relevance scaled by 2 before the min-max normalisation, which removes any positive "
         "scale."
     ),
-    _SELECTION + "x_instruction_relevance__mutmut_38": (
-        "the relevance scaled by 2 before the min-max normalisation, which removes any positive scale."
-    ),
     _SELECTION + "x_pool_grid__mutmut_10": (
         "range(1, count + 2) adds only h = count + 1, which never divides count."
     ),
@@ -183,6 +180,13 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
     _CLIP + "x_build_relevance_modules__mutmut_10": (
         "nn.Linear(bias=None) builds no bias, as bias=False does."
     ),
+    **{
+        _CLIP + f"x_load_tokenizers__mutmut_{n}": (
+            "trust_remote_code left unset: transformers then refuses remote code as with False, unless "
+            "stdin is an interactive terminal, where it would ask (no test runs on one)."
+        )
+        for n in (5, 6, 7)
+    },
     # --- depth ---
     _ESTIMATORS + "x_fit_cosine_map__mutmut_76": (
         "cosine_similarity's default dim is 1, the last dim of the 2-D [tokens, d] batches it always gets"
@@ -240,6 +244,10 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
 }
 
 NEEDS_ACCELERATOR: dict[str, str] = {
+    # --- visual ---
+    _CLIP + "xǁClipTextTowerRelevanceǁadd_relevance_text_tower__mutmut_6": _DEVICE_ONLY,
+    _CLIP + "xǁClipTextTowerRelevanceǁadd_relevance_text_tower__mutmut_8": _DEVICE_ONLY,
+    _CLIP + "xǁClipTextTowerRelevanceǁadd_relevance_text_tower__mutmut_10": _DEVICE_ONLY,
     # --- tokens ---
     _TEXT + "xǁTextTokenPruningMixinǁ_special__mutmut_4": _DEVICE_ONLY,
     _TEXT + "xǁTextTokenPruningMixinǁ_special__mutmut_7": _DEVICE_ONLY,

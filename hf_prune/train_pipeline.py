@@ -1,0 +1,205 @@
+"""``hf-prune train RECIPE``: fine-tune with ``transformers.Trainer`` while a training-time method prunes,
+then save like ``prune`` does (stock architecture, ``hf_prune.json``, model card, evaluation report).
+
+    model: path/to/model
+    output: out/sparse
+    train:
+      data: train.jsonl          # text (causal_lm) or {text, label} rows (classification)
+      max_length: 128
+      arguments: {max_steps: 200, learning_rate: 1.0e-4, per_device_train_batch_size: 8}
+    stages:
+      - {method: gmp, final_sparsity: 0.8, end_step: 150, frequency: 10}
+    evaluate:
+      - {task: perplexity, data: valid.txt}
+
+Everything is checked before any weights load: the keys of the recipe and of ``train.arguments`` (the
+fields of ``transformers.TrainingArguments``), the method's config, the output folder. Trainer's own
+checkpoints go to ``train.arguments.output_dir`` (default: ``<output>.checkpoints`` beside the output);
+``trainer.train(resume_from_checkpoint=...)`` is ``train.arguments.resume_from_checkpoint``. A ``lottery``
+stage runs its rounds through ``run_lottery``, one Trainer per round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import get_adapter
+from .checkpoint import library_versions, load_model, load_preprocessor, save_pruned_model, text_tokenizer
+from .data import load_text_records, read_records
+from .errors import DataError, RecipeError
+from .evals.harness import get_task, retained_fraction, run_task
+from .integrations.pruning_callback import PruningCallback, run_lottery, training_method_from
+from .methods.sparsity.lottery import LotteryConfig
+from .pipeline import load_recipe_config, preflight
+from .recipe import Recipe, TrainingConfig, load_recipe
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: Any
+    tokenizer: Any
+    report: dict[str, Any]
+    output: Path | None
+
+
+def train(
+    recipe_source: Any,
+    *,
+    progress: bool = True,
+    overwrite: bool | None = None,
+    trust_remote_code: bool | None = None,
+) -> TrainResult:
+    """Run a training recipe (see the module docstring) and save the sparse model to ``recipe.output``."""
+    started = time.perf_counter()
+    recipe = load_recipe(recipe_source)
+    overrides = {"overwrite": overwrite, "trust_remote_code": trust_remote_code}
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    if recipe.train is None:
+        raise RecipeError("train: missing: hf-prune train needs a train section (data, arguments)")
+    if len(recipe.stages) != 1:
+        raise RecipeError(
+            f"stages: hf-prune train runs exactly one training-time method, got {len(recipe.stages)}"
+        )
+    name, method = training_method_from(recipe.stages[0].to_dict())
+    config = load_recipe_config(recipe)
+    adapter = get_adapter(config)
+    task = recipe.train.task or ("classification" if adapter.is_encoder else "causal_lm")
+    if task == "classification" and not adapter.is_encoder:
+        raise RecipeError(
+            f"train.task: classification needs a sequence classifier, {recipe.model} is a causal LM"
+        )
+    arguments = training_arguments(recipe, progress)
+    preflight(recipe, config, adapter, None, training=True)
+    # The data is read (and each bad row named) before the model loads.
+    tokenizer = load_preprocessor(recipe.model, trust_remote_code=recipe.trust_remote_code)
+    dataset = build_dataset(recipe.train, task, text_tokenizer(tokenizer))
+
+    model = load_model(
+        recipe.model, dtype=recipe.dtype, device=recipe.device, trust_remote_code=recipe.trust_remote_code
+    )
+    original = [run_task(model, tokenizer, t, progress=progress) for t in recipe.evaluate]
+    model.train()
+    resume = arguments.pop("resume_from_checkpoint", None)
+    if isinstance(method, LotteryConfig):
+        _, reports = run_lottery(
+            lambda r: _trainer(model, arguments, dataset, tokenizer, task, round_index=r), method
+        )
+        stage = reports[-1].to_dict()
+        stage["rounds_seconds"] = [round(r.seconds, 3) for r in reports]
+    else:
+        callback = PruningCallback(method)
+        trainer = _trainer(model, arguments, dataset, tokenizer, task, callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        stage = callback.report.to_dict()
+        stage["final_train_loss"] = _last_loss(trainer)
+    model.eval()
+    evaluation = []
+    for spec, before in zip(recipe.evaluate, original, strict=True):
+        after = run_task(model, tokenizer, spec, progress=progress)
+        evaluation.append(
+            {
+                "task": spec.task,
+                "metric": after["metric"],
+                "task_type": get_task(spec.task).card_task_type,
+                "data": spec.data,
+                "original": before,
+                "pruned": after,
+                "retained": retained_fraction(spec.task, before, after),
+            }
+        )
+    params = sum(p.numel() for p in model.parameters())
+    report = {
+        "recipe": recipe.to_dict(),
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "params_before": params,
+        "params_after": params,
+        "nonzero_params_after": sum(int((p != 0).sum()) for p in model.parameters()),
+        "stages": [stage],
+        "evaluation": evaluation,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    output = save_pruned_model(model, tokenizer, recipe.output, report)
+    return TrainResult(model, tokenizer, report, output)
+
+
+def training_arguments(recipe: Recipe, progress: bool) -> dict[str, Any]:
+    """``train.arguments`` checked against ``TrainingArguments``' fields, with hf-prune's defaults."""
+    from transformers import TrainingArguments
+
+    allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    given = dict(recipe.train.arguments)
+    for key in given:
+        if key not in allowed:
+            raise RecipeError(f"train.arguments.{key}: not a transformers.TrainingArguments field")
+    output = Path(recipe.output)
+    defaults = {
+        "output_dir": str(output.with_name(output.name + ".checkpoints")),
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 10,
+        "disable_tqdm": not progress,
+        "use_cpu": not torch.cuda.is_available(),
+    }
+    return {**defaults, **given}
+
+
+def build_dataset(config: TrainingConfig, task: str, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    """Tokenized examples: packed ``max_length`` windows of all text (causal_lm), or one truncated text
+    per labelled row (classification)."""
+    if task == "causal_lm":
+        texts = load_text_records(
+            config.data, text_field=config.text_field, split=config.split, sample_by=config.sample_by
+        )
+        ids: list[int] = []
+        for text in texts:
+            ids.extend(tokenizer(text, add_special_tokens=True)["input_ids"])
+        windows = [
+            ids[i : i + config.max_length]
+            for i in range(0, len(ids) - config.max_length + 1, config.max_length)
+        ]
+        if not windows:
+            raise DataError(
+                f"{config.data}: {len(ids)} tokens, fewer than one window of max_length={config.max_length}"
+            )
+        return [{"input_ids": torch.tensor(w), "labels": torch.tensor(w)} for w in windows]
+    examples = []
+    for where, row in read_records(config.data, (config.text_field, config.label_field), split=config.split):
+        label = row[config.label_field]
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise DataError(f"{where}: field {config.label_field!r} must be an integer label, got {label!r}")
+        encoded = tokenizer(row[config.text_field], truncation=True, max_length=config.max_length)
+        examples.append(
+            {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": label}
+        )
+    return examples
+
+
+def _trainer(model, arguments, dataset, tokenizer, task, *, callbacks=(), round_index=None):
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    args = dict(arguments)
+    if round_index is not None:
+        args["output_dir"] = str(Path(args["output_dir"]) / f"round-{round_index}")
+    collator = DataCollatorWithPadding(tokenizer) if task == "classification" else None
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**args),
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=list(callbacks),
+    )
+
+
+def _last_loss(trainer: Any) -> float | None:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if losses:
+        return round(float(losses[-1]), 6)
+    final = [entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry]
+    return round(float(final[-1]), 6) if final else None
