@@ -126,3 +126,46 @@ def test_prune_refuses_a_train_recipe(tiny_llama, tmp_path, capsys):
     assert (
         "a prune recipe has no train section; run the recipe with hf-prune train" in capsys.readouterr().err
     )
+
+
+def test_train_a_classifier_with_granet_neurons(tmp_path):
+    words = sorted(set(pydoc_text(8_000).lower().split()))[:300]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    rows = [{"text": " ".join(words[(7 * i + j) % 300] for j in range(6)), "label": i % 2} for i in range(40)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    stage = {
+        "method": "granet",
+        "pattern": "neurons",
+        "scope": "layer",
+        "final_sparsity": 0.25,
+        "end_step": 4,
+        "frequency": 2,
+    }
+    recipe = write_recipe(tmp_path / "r.json", tmp_path / "bert", out, data, evaluate=[], stages=[stage])
+    assert main(["train", str(recipe), "--quiet"]) == 0
+    weights = load_file(out / "model.safetensors")
+    for layer in range(2):
+        rows_in = weights[f"bert.encoder.layer.{layer}.intermediate.dense.weight"]
+        cols_out = weights[f"bert.encoder.layer.{layer}.output.dense.weight"]
+        dead = (rows_in == 0).all(dim=1)
+        assert int(dead.sum()) == 16  # round(0.25 * 64) neurons per layer, whole
+        assert torch.all(cols_out[:, dead] == 0)
+        assert torch.all(weights[f"bert.encoder.layer.{layer}.intermediate.dense.bias"][dead] == 0)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert loaded(**tokenizer(["a b c"], return_tensors="pt")).logits.shape == (1, 2)
