@@ -144,6 +144,10 @@ class GraNetConfig(GMPConfig):
         return grad is not None and bool(torch.isfinite(grad).all())
 
     def _track_ever_active(self) -> None:
+        """Union of the masks from ``end_step`` on: the final density plus what regrowth explored there
+        (before it every weight was active in a dense start, which would say nothing)."""
+        if self.step < self.last_step:
+            return
         for name, mask in self.masks.items():
             seen = self.ever_active.get(name)
             self.ever_active[name] = mask.clone() if seen is None else seen | mask
