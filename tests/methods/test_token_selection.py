@@ -325,3 +325,160 @@ def test_other_encoder_families_attention_selection_by_hand(bert_tokenizer, fami
         torch.testing.assert_close(
             captured["hidden"][row, : len(kept)], out.hidden_states[1][row, kept], rtol=1e-4, atol=1e-5
         )
+
+
+def encoder_classifier(family: str, vocab_size: int):
+    """A tiny random classifier of ``family`` (3 layers, hidden 32), the same weights at every call."""
+    shared = dict(vocab_size=vocab_size, num_labels=3, pad_token_id=0, max_position_embeddings=64)
+    if family == "distilbert":
+        config = transformers.DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=64, **shared)
+    else:
+        kind = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[family]
+        config = kind(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, **shared
+        )
+    build = {
+        "bert": transformers.BertForSequenceClassification,
+        "roberta": transformers.RobertaForSequenceClassification,
+        "distilbert": transformers.DistilBertForSequenceClassification,
+    }[family]
+    torch.manual_seed(0)
+    return build(config).eval()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_encoder_logits_are_the_stock_models_on_the_kept_tokens(bert_tokenizer, family):
+    """Pruning at the embeddings (``layer: 0``) is the stock model run on the kept tokens alone at their
+    original positions: the logits and the loss must be the stock model's on those short sequences. With
+    ``keep_ratio: 1`` at a later layer nothing is dropped: the stock logits on the padded batch."""
+    inputs = dict(bert_tokenizer(BERT_TEXTS, padding=True, return_tensors="pt"))
+    inputs.pop("token_type_ids")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    labels = torch.tensor([0, 1, 2, 1])
+    stock = encoder_classifier(family, len(bert_tokenizer))
+    stage = {"method": "text_token_pruning", "algorithm": "random", "layer": 0, "keep_ratio": 0.4, "seed": 3}
+    pruned = hf_prune.prune(
+        encoder_classifier(family, len(bert_tokenizer)),
+        {"stages": [stage]},
+        tokenizer=bert_tokenizer,
+        progress=False,
+    ).model.eval()
+    with torch.no_grad():
+        out = pruned(**inputs, labels=labels)
+    scores = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3))
+    specials = {bert_tokenizer.cls_token_id, bert_tokenizer.sep_token_id}
+    expected = kept_by_hand(ids, mask, scores, [0.4] * ids.shape[0], specials)
+    reference = []
+    for row, kept in enumerate(expected):
+        positions = torch.tensor([kept])
+        if family == "roberta":  # RoBERTa numbers real tokens from padding_idx + 1
+            positions = positions + stock.config.pad_token_id + 1
+        # attention_mask given: with position_ids alone, transformers 5 reads a jump in positions as the
+        # start of another packed sequence and masks across it.
+        short = {
+            "input_ids": ids[row, kept][None],
+            "position_ids": positions,
+            "attention_mask": torch.ones_like(positions),
+        }
+        with torch.no_grad():
+            reference.append(stock(**short).logits[0])
+        assert float(out.kept_fraction[row]) == pytest.approx(len(kept) / int(mask[row].sum()))
+    reference = torch.stack(reference)
+    torch.testing.assert_close(out.logits, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.cross_entropy(reference, labels), rtol=1e-4, atol=1e-5
+    )
+    assert out.chosen_ratio.tolist() == pytest.approx([0.4] * ids.shape[0])
+
+    whole = {**stage, "layer": 2, "keep_ratio": 1.0}
+    unpruned = hf_prune.prune(
+        encoder_classifier(family, len(bert_tokenizer)),
+        {"stages": [whole]},
+        tokenizer=bert_tokenizer,
+        progress=False,
+    ).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unpruned(**inputs).logits, stock(**inputs).logits, rtol=1e-4, atol=1e-5)
+        assert unpruned(**inputs).kept_fraction.tolist() == [1.0] * ids.shape[0]
+
+
+def test_bert_adtp_training_forward_is_the_soft_mask_by_hand(bert_tokenizer, monkeypatch):
+    """In training mode adtp keeps every token and weighs each key by p = σ((s − q)/T) in attention (an
+    additive log p), q the saliency at rank ρ·n among the eligible tokens (interpolated), ρ the candidate
+    with the lowest predicted cost + price·ratio. Everything rebuilt here from the retainer's Linear
+    layers and the stock layers, dropout off."""
+    monkeypatch.setattr(
+        "hf_prune.methods.tokens.encoder_retainer_training.train_token_retainer", lambda *a, **k: {}
+    )
+    ratios, layer, temperature = [0.3, 0.6, 1.0], 1, 2.0  # ranks ρ·n − 1 between integers, and not at ½
+    stage = {
+        "method": "text_token_pruning",
+        "algorithm": "adtp",
+        "layer": layer,
+        "candidate_ratios": ratios,
+        "temperature": temperature,
+        "train_data": "unused.jsonl",
+    }
+    stock = tiny_bert(bert_tokenizer)
+    for config in (stock.config,):
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    model = hf_prune.prune(
+        tiny_bert(bert_tokenizer), {"stages": [stage]}, tokenizer=bert_tokenizer, progress=False
+    ).model
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        for p in model.retainer.ratio.parameters():  # a spread of predicted costs
+            p.mul_(20)
+        for p in model.retainer.saliency.parameters():  # saliencies spread around 3, not around 0
+            p.mul_(4)
+        model.retainer.saliency[2].bias.add_(3.0)
+    inputs = dict(bert_tokenizer(BERT_TEXTS, padding=True, return_tensors="pt"))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    with torch.no_grad():
+        hidden = stock.eval()(**inputs, output_hidden_states=True).hidden_states[layer]
+        head = model.retainer
+        saliency = head.saliency[2](torch.nn.functional.gelu(head.saliency[0](hidden))).squeeze(-1)
+        mean = torch.stack([hidden[b, mask[b]].mean(0) for b in range(len(ids))])
+        costs = head.ratio[2](torch.nn.functional.gelu(head.ratio[0](torch.cat([hidden[:, 0], mean], -1))))
+
+    # A price at which the rows choose different ratios, at least one below 1 (the soft mask then bites).
+    def choices(price):
+        return [min(range(3), key=lambda r: float(costs[b, r]) + price * ratios[r]) for b in range(len(ids))]
+
+    price = next(p / 4 for p in range(400) if len(set(choices(p / 4))) >= 2 and min(choices(p / 4)) < 2)
+    with torch.no_grad():
+        model.retainer.price.fill_(price)
+        out = model.train()(**inputs)
+    torch.testing.assert_close(out.saliency, saliency, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.predicted_costs, costs, rtol=1e-4, atol=1e-5)
+    specials = {bert_tokenizer.cls_token_id, bert_tokenizer.sep_token_id}
+    keep = torch.zeros(ids.shape)
+    for b in range(len(ids)):
+        rho = ratios[choices(price)[b]]
+        assert float(out.chosen_ratio[b]) == pytest.approx(rho)
+        eligible = [i for i in range(ids.shape[1]) if mask[b, i] and i > 0 and int(ids[b, i]) not in specials]
+        ranked = sorted((float(saliency[b, i]) for i in eligible), reverse=True)
+        position = max(rho * len(eligible) - 1, 0.0)
+        low = min(math.floor(position), len(ranked) - 1)
+        high = min(low + 1, len(ranked) - 1)
+        q = (1 - (position - low)) * ranked[low] + (position - low) * ranked[high]
+        for i in range(ids.shape[1]):
+            if i in eligible:
+                keep[b, i] = (
+                    1.0 if rho >= 1 else 1 / (1 + math.exp(-(float(saliency[b, i]) - q) / temperature))
+                )
+            else:
+                keep[b, i] = float(mask[b, i])
+    assert len(set(out.chosen_ratio.tolist())) >= 2, out.chosen_ratio  # rows pick different ratios
+    assert out.kept_fraction.tolist() == pytest.approx((keep.sum(1) / mask.sum(1)).tolist(), rel=1e-4)
+    bias = torch.log(keep.clamp_min(torch.finfo(torch.float32).tiny))
+    bias = (bias + torch.zeros_like(bias).masked_fill(~mask, torch.finfo(torch.float32).min))[:, None, None]
+    h = hidden
+    with torch.no_grad():
+        for block in stock.bert.encoder.layer[layer:]:
+            h = block(h, bias)
+            h = h[0] if isinstance(h, tuple) else h
+        logits = stock.classifier(stock.bert.pooler(h))
+    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
