@@ -261,3 +261,20 @@ def test_neuron_groups_are_each_layers_mlp(family, first_input, output):
     for g in groups:  # rows of every input and the output's columns are the same 24 neurons
         widths = {params[n].shape[0] for n in g.input_weights} | {params[g.output_weight].shape[1]}
         assert widths == {24}
+
+
+def test_granet_erk_start_is_sparse_with_erk_densities_by_hand():
+    model = torch.nn.Sequential(torch.nn.Linear(40, 10), torch.nn.Linear(10, 30), torch.nn.Linear(30, 30))
+    method = GraNetConfig(
+        final_sparsity=0.8, initial_sparsity=0.6, init="erk", targets=["*"], exclude=[], end_step=4
+    )
+    method.begin(model, step=0, total_steps=8)
+    shapes = [(10, 40), (30, 10), (30, 30)]
+    raw = [(o + i) / (o * i) for o, i in shapes]  # Erdős–Rényi: (n_out + n_in) / (n_out · n_in)
+    sizes = [o * i for o, i in shapes]
+    eps = 0.4 * sum(sizes) / sum(r * s for r, s in zip(raw, sizes, strict=True))
+    assert all(eps * r < 1 for r in raw)  # no layer goes dense at 40% density here
+    for (name, weight), r, n in zip(method._params.items(), raw, sizes, strict=True):
+        assert int((weight != 0).sum()) == round(eps * r * n), name  # the masks are applied at step 0
+        assert int(method.masks[name].sum()) == round(eps * r * n), name
+    assert method.history == [{"step": 0, "sparsity": 0.6, "init": "erk"}]
