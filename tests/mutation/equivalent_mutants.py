@@ -70,6 +70,73 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
     _SCORING
     + "x_diep_scores__mutmut_67": "cache_moe_io keeps the same rows for every MoE layer, so all have the same count",
     # --- tokens ---
+    _TEXT + "xǁTokenRetainerǁforward__mutmut_2": (
+        "the real-token mask left bool: multiplying and summing it gives the same values as its float copy."
+    ),
+    _TEXT + "xǁTokenRetainerǁforward__mutmut_25": "torch.cat(dim=+1) on [B, H] tensors is dim=-1.",
+    **{
+        _TEXT + f"x_additive_mask__mutmut_{n}": (
+            "the bias built in float32 for a half-precision model: attention casts it to the scores' dtype, "
+            "so a bfloat16 model keeps the same tokens (test_bfloat16_model_prunes_like_the_float32_one)."
+        )
+        for n in (7, 10, 16)
+    },
+    _TEXT + "x_top_fraction__mutmut_11": "argsort's default dim is the last, dim 1 of the [B, L] scores.",
+    _TEXT + "x_top_fraction__mutmut_20": 'float("-INF") is float("-inf"): Python reads it case-blind.',
+    **{
+        _TEXT + f"x_self_attention__mutmut_{n}": (
+            "hooking BertAttention instead of its .self module: its second output is the same attention "
+            "weights (DistilBERT has no .self either way)."
+        )
+        for n in (7, 8)
+    },
+    _TEXT + "x_classify__mutmut_18": (
+        "getattr without a default: BERT and RoBERTa models always have a pooler attribute (None when "
+        "absent), and DistilBERT returns before this line."
+    ),
+    **{
+        _TEXT + f"xǁTextTokenPruningMixinǁ_special__mutmut_{n}": (
+            "the special ids as int64 whatever input_ids' integer dtype: torch.isin compares values."
+        )
+        for n in (3, 6)
+    },
+    _TEXT + "xǁTextTokenPruningMixinǁ_run_layer__mutmut_1": (
+        "the default of capture_attention: forward always passes it, so the default is never used."
+    ),
+    **{
+        _TEXT + f"xǁTextTokenPruningMixinǁforward__mutmut_{n}": (
+            "an initial value that the pruning layer always overwrites before it is read (every forward "
+            "reaches that layer: it is checked to be below the layer count)."
+        )
+        for n in (49, 54, 55)
+    },
+    **{
+        _TEXT
+        + f"xǁTextTokenPruningMixinǁforward__mutmut_{n}": "argmax(+1) on the [B, R] ratio logits is argmax(-1)."
+        for n in (103, 155)
+    },
+    **{
+        _TEXT + f"xǁTextTokenPruningMixinǁforward__mutmut_{n}": (
+            "a bool mask left unconverted: torch.where and the product promote it to the same float values."
+        )
+        for n in (123, 260)
+    },
+    _TEXT
+    + "xǁTextTokenPruningMixinǁforward__mutmut_203": "argsort's default dim is the last, dim 1 of [B, L].",
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_206": (
+        "a stable descending argsort of the bool keep mask orders it as the int8 copy does."
+    ),
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_240": (
+        "the attention captured (eager) at layer - 1 for every algorithm: only attention reads it, and the "
+        "eager layer's output equals sdpa's to float rounding."
+    ),
+    **{
+        _TEXT + f"xǁTextTokenPruningMixinǁforward__mutmut_{n}": (
+            "the received-attention scores scaled by another positive factor per row (or per key of equal "
+            "weight): each row's top-k, all that is read from them, is unchanged."
+        )
+        for n in (262, 268, 269, 271, 272, 273)
+    },
     _RETAINER + "x_always_kept__mutmut_31": (
         "Filling padding with +1 instead of -1 changes the last position only when the last real token is"
         " at 0, and then it is also the first, kept anyway."
@@ -249,6 +316,11 @@ NEEDS_ACCELERATOR: dict[str, str] = {
     _CLIP + "xǁClipTextTowerRelevanceǁadd_relevance_text_tower__mutmut_8": _DEVICE_ONLY,
     _CLIP + "xǁClipTextTowerRelevanceǁadd_relevance_text_tower__mutmut_10": _DEVICE_ONLY,
     # --- tokens ---
+    _TEXT + "x_additive_mask__mutmut_8": _DEVICE_ONLY,
+    _TEXT + "x_additive_mask__mutmut_11": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_146": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_149": _DEVICE_ONLY,
+    _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_173": _DEVICE_ONLY,
     _TEXT + "xǁTextTokenPruningMixinǁ_special__mutmut_4": _DEVICE_ONLY,
     _TEXT + "xǁTextTokenPruningMixinǁ_special__mutmut_7": _DEVICE_ONLY,
     _TEXT + "xǁTextTokenPruningMixinǁforward__mutmut_51": _DEVICE_ONLY,

@@ -86,7 +86,11 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "model_patches/prompt_retainer.py",
             "model_patches/text_token_pruning.py",
         ],
-        ["tests/methods/test_token_masks.py", "tests/methods/test_token_selection.py"],
+        [
+            "tests/methods/test_token_masks.py",
+            "tests/methods/test_token_selection.py",
+            "tests/methods/test_encoder_forward.py",
+        ],
     ),
 }
 
