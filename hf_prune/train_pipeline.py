@@ -85,7 +85,7 @@ def train(
     )
     original = [run_task(model, tokenizer, t, progress=progress) for t in recipe.evaluate]
     model.train()
-    resume = arguments.pop("resume_from_checkpoint", None)
+    resume = arguments.get("resume_from_checkpoint")  # kept in the arguments too: the callback reads it
     if isinstance(method, LotteryConfig):
         _, reports = run_lottery(
             lambda r: _trainer(model, arguments, dataset, tokenizer, task, round_index=r), method

@@ -21,6 +21,8 @@ Trainer events → method hooks:
 
 The checkpoint resumed from is ``args.resume_from_checkpoint`` when it names a folder, else
 ``<output_dir>/checkpoint-<global_step>`` (where ``trainer.train(resume_from_checkpoint=True)`` finds it).
+Trainer does not tell callbacks which folder ``train(resume_from_checkpoint=FOLDER)`` used: for a folder
+outside ``output_dir`` set ``TrainingArguments(resume_from_checkpoint=FOLDER)`` too (a clear error says so).
 """
 
 from __future__ import annotations
@@ -121,10 +123,18 @@ class TrainingMethodCallback(TrainerCallback):
 
     @staticmethod
     def _resumed_folder(args: Any, step: int) -> Path:
+        # Trainer does not tell callbacks which folder train(resume_from_checkpoint=...) resumed from.
         named = getattr(args, "resume_from_checkpoint", None)
         if isinstance(named, str) and Path(named).is_dir():
             return Path(named)
-        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if not (folder / STATE_FILE).is_file():
+            raise HfPruneError(
+                f"cannot resume the training method: {folder / STATE_FILE} is missing. Resuming from a "
+                "checkpoint outside args.output_dir? Trainer does not tell callbacks which folder it resumed "
+                "from: set TrainingArguments(resume_from_checkpoint=FOLDER) to that folder as well"
+            )
+        return folder
 
 
 def refuse_sharded_training(args: Any) -> None:

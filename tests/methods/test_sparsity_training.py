@@ -12,7 +12,7 @@ from tiny_models import NUM_LAYERS, build_tiny_model, build_tokenizer
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import hf_prune
-from hf_prune.errors import RecipeError
+from hf_prune.errors import HfPruneError, RecipeError
 
 MAX_STEPS = 12
 MLP = ("*mlp*",)  # the MLP projections of every layer
@@ -78,6 +78,7 @@ def train(tokenizer, out, config, *, optim="adamw_torch", steps=MAX_STEPS, model
         use_cpu=True,
         seed=0,
         data_seed=0,
+        resume_from_checkpoint=resume,  # the callback reads the folder from here (Trainer does not say)
         **kw,
     )
     trainer = Trainer(
@@ -227,19 +228,60 @@ def test_granet_regrows_as_many_as_it_prunes_and_keeps_the_density(tokenizer, tm
 
 
 def test_resume_equals_the_uninterrupted_run_bitwise(tokenizer, tmp_path):
+    """Resumed from checkpoint-4 (mid-schedule) or checkpoint-8 (GraNet: regrowing after end_step), the
+    run ends with the same weights and masks as the uninterrupted one."""
     for config in (GMP, GRANET):
-        whole, _, _ = train(tokenizer, tmp_path / f"{config['method']}-a", config, save_steps=4)
-        train(tokenizer, tmp_path / f"{config['method']}-b", config, save_steps=4, steps=MAX_STEPS)
-        resumed, callback, _ = train(
-            tokenizer,
-            tmp_path / f"{config['method']}-b",
-            config,
-            save_steps=4,
-            resume=str(tmp_path / f"{config['method']}-b" / "checkpoint-4"),
-        )
-        for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
-            assert torch.equal(a, b), (config["method"], name)
-        assert callback.report.details["history"][0]["step"] in (1, 2)  # the history came back from the state
+        name = config["method"]
+        whole, whole_callback, _ = train(tokenizer, tmp_path / f"{name}-whole", config, save_steps=4)
+        for step in (4, 8):
+            resumed, callback, _ = train(
+                tokenizer,
+                tmp_path / f"{name}-from-{step}",
+                config,
+                save_steps=4,
+                resume=str(tmp_path / f"{name}-whole" / f"checkpoint-{step}"),
+            )
+            for (key, a), (_, b) in zip(
+                whole.state_dict().items(), resumed.state_dict().items(), strict=True
+            ):
+                assert torch.equal(a, b), (name, step, key)
+            assert callback.method.masks.keys() == whole_callback.method.masks.keys()
+            for key, mask in whole_callback.method.masks.items():
+                assert torch.equal(callback.method.masks[key], mask), (name, step, key)
+            # the history before the checkpoint came back from its state
+            assert callback.report.details["history"] == whole_callback.report.details["history"]
+
+
+def test_resuming_from_elsewhere_without_saying_where_is_refused(tokenizer, tmp_path):
+    train(tokenizer, tmp_path / "whole", GMP, save_steps=4)
+    model = build_tiny_model("llama", tokenizer).train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "other"),
+        max_steps=MAX_STEPS,
+        per_device_train_batch_size=4,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenWindows(len(tokenizer)),
+        callbacks=[PruningCallback(dict(GMP))],
+    )
+    with pytest.raises(HfPruneError, match="set TrainingArguments\\(resume_from_checkpoint=FOLDER\\)"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
+
+
+def test_bf16_mixed_precision_keeps_the_schedule_and_the_zeros(tokenizer, tmp_path):
+    """bf16 autocast on the CPU (Trainer's bf16=True): the masks and the cubic schedule hold as in float32."""
+    _, callback, probe = train(tokenizer, tmp_path, GMP | {"frequency": 1}, bf16=True)
+    for step in range(2, MAX_STEPS + 1):
+        held = min(step, 9)
+        zeros, total = zero_count(probe.weights[step])
+        assert zeros == round(cubic(held, 0.1, 0.7, 2, 9) * total), step
+    assert callback.report.details["sparsity"] == pytest.approx(0.7, abs=1e-5)
 
 
 def test_saved_model_has_every_masked_weight_zero_and_reloads(tokenizer, tmp_path):
