@@ -16,6 +16,7 @@ takes hours on two cores.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -149,6 +150,32 @@ def statuses(work: Path, modules: list[str]) -> dict[str, dict[str, str]]:
     return result
 
 
+#: Per work folder: the hash of each mutated module's source at the last run.
+SOURCES_FILE = "hf_prune_sources.json"
+
+
+def source_hashes(modules: list[str]) -> dict[str, str]:
+    return {m: hashlib.sha256((REPO / m).read_bytes()).hexdigest() for m in modules}
+
+
+def keep_earlier_kills(
+    by_module: dict[str, dict[str, str]], earlier: dict[str, dict[str, str]], work: Path, modules: list[str]
+) -> None:
+    """A rerun tests only earlier survivors; mutmut starts its records afresh when a module's file was
+    touched, so the mutants killed before would read "not checked". Keep their earlier status when the
+    module's source is the same as at the last run (the same source gives the same mutants)."""
+    recorded = work / SOURCES_FILE
+    if not recorded.exists():
+        return
+    before, now = json.loads(recorded.read_text()), source_hashes(modules)
+    for module in modules:
+        if before.get(module) != now[module]:
+            continue
+        for name, status in earlier.get(module, {}).items():
+            if status in KILLED and by_module[module].get(name) == "not checked":
+                by_module[module][name] = status
+
+
 def load_exclusions() -> tuple[dict[str, str], dict[str, str]]:
     """(equivalent mutants, mutants only an accelerator could kill), each name -> reason
     (``equivalent_mutants.py``)."""
@@ -269,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return done.returncode or 1
         by_module = statuses(work, modules)
+        if args.rerun_survivors:
+            keep_earlier_kills(by_module, earlier, work, modules)
+        (work / SOURCES_FILE).write_text(json.dumps(source_hashes(modules)))
         survivors = report(group, by_module, excluded)
         summary[group] = {m: dict(Counter(s.values())) for m, s in by_module.items()}
         if args.show_survivors:
