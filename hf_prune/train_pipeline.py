@@ -88,7 +88,9 @@ def train(
     resume = arguments.get("resume_from_checkpoint")  # kept in the arguments too: the callback reads it
     if isinstance(method, LotteryConfig):
         _, reports = run_lottery(
-            lambda r: _trainer(model, arguments, dataset, tokenizer, task, round_index=r), method
+            lambda r: _trainer(model, arguments, dataset, tokenizer, task, round_index=r),
+            method,
+            resume_from_checkpoint=resume,
         )
         stage = reports[-1].to_dict()
         stage["rounds_seconds"] = [round(r.seconds, 3) for r in reports]

@@ -25,7 +25,7 @@ from ..methods.sparsity.lottery import LotteryConfig
 from ..recipe import build_dataclass
 from ..recipe_file import read_recipe_file
 from ..registry import get_method, registered_methods
-from .training_callback import TrainingMethodCallback
+from .training_callback import TrainingMethodCallback, load_method_state
 
 
 def training_method_from(config: dict[str, Any] | str | Path | TrainingMethod) -> tuple[str, TrainingMethod]:
@@ -83,18 +83,26 @@ class PruningCallback(TrainingMethodCallback):
 
 
 def run_lottery(
-    make_trainer: Callable[[int], Any], config: dict[str, Any] | str | Path | LotteryConfig
+    make_trainer: Callable[[int], Any],
+    config: dict[str, Any] | str | Path | LotteryConfig,
+    *,
+    resume_from_checkpoint: str | Path | None = None,
 ) -> tuple[LotteryConfig, list[StageReport]]:
     """Iterative magnitude pruning: ``rounds + 1`` training runs, pruning after each but the last.
 
     ``make_trainer(round)`` returns a fresh ``transformers.Trainer`` (new optimizer and learning-rate
-    schedule; give each round its own ``output_dir``) on the *same* model object every round. Returns the
-    method (masks, history) and each run's report."""
+    schedule; give each round its own ``output_dir``) on the *same* model object every round. With
+    ``resume_from_checkpoint`` (a ``checkpoint-N`` folder saved by any round), the run goes on from there:
+    that round's Trainer resumes from the folder, the rounds after it run as usual. Returns the method
+    (masks, history) and the report of each run done here."""
     name, method = training_method_from(
         config if not isinstance(config, dict) else {"method": "lottery", **config}
     )
     if not isinstance(method, LotteryConfig):
         raise RecipeError(f"method: run_lottery runs lottery, got {quoted(name)}")
+    resume = str(resume_from_checkpoint) if resume_from_checkpoint is not None else None
+    if resume is not None:
+        method.load_state_dict(load_method_state(resume))  # which round, its masks, the rewind point
     reports, model = [], None
     for round_index in range(method.round, method.rounds + 1):
         trainer = make_trainer(round_index)
@@ -103,6 +111,9 @@ def run_lottery(
         model = trainer.model
         callback = TrainingMethodCallback(method, name)
         trainer.add_callback(callback)
-        trainer.train()
+        if resume is not None:  # the callback reads the folder from the arguments (Trainer does not say)
+            trainer.args.resume_from_checkpoint = resume
+        trainer.train(resume_from_checkpoint=resume)
+        resume = None
         reports.append(callback.report)
     return method, reports

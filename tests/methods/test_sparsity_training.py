@@ -409,3 +409,30 @@ def test_lottery_lrr_keeps_the_trained_weights(tokenizer, tmp_path):
 
 def test_pruning_callback_is_importable_from_the_top_level():
     assert hf_prune.PruningCallback is PruningCallback
+
+
+def test_lottery_resumes_from_a_checkpoint_of_a_later_round(tokenizer, tmp_path):
+    """A lottery run resumed from checkpoint-2 of round 1 ends with the weights and masks of the
+    uninterrupted run (the round, masks and rewind point come back from the checkpoint)."""
+
+    def run(folder, resume=None):
+        torch.manual_seed(0)
+        model = build_tiny_model("llama", tokenizer).train()
+
+        def make_trainer(round_index):
+            trainer = lottery_trainer(model, tokenizer, folder / f"round-{round_index}", 4, [])
+            trainer.args.save_strategy, trainer.args.save_steps = "steps", 2
+            return trainer
+
+        config = {"rounds": 2, "rewind": "weights", "targets": list(MLP)}
+        method, reports = run_lottery(make_trainer, config, resume_from_checkpoint=resume)
+        return model, method, reports
+
+    whole, whole_method, _ = run(tmp_path / "whole")
+    resumed, method, reports = run(tmp_path / "again", resume=tmp_path / "whole" / "round-1" / "checkpoint-2")
+    assert len(reports) == 2  # the rest of round 1, then round 2
+    assert method.round == whole_method.round == 2
+    for (key, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+    for key, mask in whole_method.masks.items():
+        assert torch.equal(method.masks[key], mask), key
