@@ -274,9 +274,11 @@ def test_resuming_from_elsewhere_without_saying_where_is_refused(tokenizer, tmp_
         trainer.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
 
 
-def test_bf16_mixed_precision_keeps_the_schedule_and_the_zeros(tokenizer, tmp_path):
-    """bf16 autocast on the CPU (Trainer's bf16=True): the masks and the cubic schedule hold as in float32."""
-    _, callback, probe = train(tokenizer, tmp_path, GMP | {"frequency": 1}, bf16=True)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_the_schedule_and_the_zeros(tokenizer, tmp_path, precision):
+    """Trainer's bf16=True / fp16=True (autocast on the CPU; no loss scaler there, so no skipped steps):
+    the masks and the cubic schedule hold as in float32."""
+    _, callback, probe = train(tokenizer, tmp_path, GMP | {"frequency": 1}, **{precision: True})
     for step in range(2, MAX_STEPS + 1):
         held = min(step, 9)
         zeros, total = zero_count(probe.weights[step])
