@@ -19,9 +19,15 @@ from hf_prune.methods.sparsity.masks import (
     n_m_masks,
     neuron_masks,
     prune_and_regrow,
+    prune_and_regrow_neurons,
     unstructured_masks,
 )
-from hf_prune.methods.sparsity.schedules import cubic_sparsity, erk_densities, last_pruning_step
+from hf_prune.methods.sparsity.schedules import (
+    cubic_sparsity,
+    erk_densities,
+    is_pruning_step,
+    last_pruning_step,
+)
 
 
 def zhu_gupta(t, s_i, s_f, t0, t_f):
@@ -39,6 +45,10 @@ def test_cubic_schedule_is_the_papers_formula():
     # The steps where it prunes: every 4th from 5, and 25 itself; the held sparsity is the last one's.
     held = [last_pruning_step(t, start_step=5, end_step=25, frequency=4) for t in (4, 5, 8, 9, 24, 25, 30)]
     assert held == [None, 5, 5, 9, 21, 25, 25]
+    steps = [t for t in range(40) if is_pruning_step(t, start_step=5, end_step=25, frequency=4)]
+    assert steps == [5, 9, 13, 17, 21, 25]
+    steps = [t for t in range(40) if is_pruning_step(t, start_step=0, end_step=10, frequency=4)]
+    assert steps == [0, 4, 8, 10]  # end_step itself too
 
 
 def test_cosine_regrowth_fraction_matches_torch_cosine_annealing():
@@ -278,3 +288,27 @@ def test_granet_erk_start_is_sparse_with_erk_densities_by_hand():
         assert int((weight != 0).sum()) == round(eps * r * n), name  # the masks are applied at step 0
         assert int(method.masks[name].sum()) == round(eps * r * n), name
     assert method.history == [{"step": 0, "sparsity": 0.6, "init": "erk"}]
+
+
+def test_structured_regrowth_by_hand():
+    """Four neurons, three alive: drop round(0.34 * 3) = 1 alive neuron with the smallest L1 (rows and
+    column), then revive the dead one (the dropped one included) whose silencing row has the largest
+    gradient norm. Only the silencing row (and its bias) is masked while training."""
+    gate = torch.nn.Parameter(torch.tensor([[1.0, 1.0], [0.2, 0.1], [0.0, 0.0], [2.0, 0.5]]))
+    up = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [0.1, 0.1], [3.0, 3.0], [1.0, 1.0]]))
+    down = torch.nn.Parameter(torch.tensor([[1.0, 0.1, 2.0, 1.0], [0.0, 0.1, 2.0, 1.0]]))
+    bias = torch.nn.Parameter(torch.zeros(4))
+    gate.grad = torch.tensor([[0.0, 0.0], [0.1, 0.0], [3.0, 4.0], [0.0, 0.1]])  # row norms 0, 0.1, 5, 0.1
+    params = {"gate": gate, "up": up, "down": down, "bias": bias}
+    group = NeuronGroup(["gate", "up"], ["bias", None], "down")
+    masks = {
+        "gate": torch.tensor([[True] * 2, [True] * 2, [False] * 2, [True] * 2]),
+        "bias": torch.tensor([True, True, False, True]),
+    }
+    new, count = prune_and_regrow_neurons(group, params, masks, 0.34)
+    # L1 of the alive ones: n0 = 2 + 1 + 1 = 4, n1 = 0.3 + 0.2 + 0.2 = 0.7, n3 = 2.5 + 2 + 2 = 6.5 -> drop n1;
+    # dead now: n1 (grad norm 0.1) and n2 (5) -> revive n2.
+    assert count == 1
+    assert set(new) == {"gate", "bias"}
+    assert new["gate"].all(dim=1).tolist() == [True, False, True, True]
+    assert new["bias"].tolist() == [True, False, True, True]

@@ -81,6 +81,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "not reload_matches_in_memory",
         ],
     ),
+    "sparsity": (
+        ["hf_prune/methods/sparsity/schedules.py", "hf_prune/methods/sparsity/masks.py"],
+        ["tests/methods/test_sparsity_masks.py"],
+    ),
     "tokens": (
         [
             "model_patches/prompt_prefill.py",

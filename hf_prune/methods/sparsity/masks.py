@@ -11,7 +11,6 @@ Weights already pruned score below every live one, so a mask only grows sparser 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -212,12 +211,3 @@ def apply_masks(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor],
         for value in state.get(param, {}).values():
             if torch.is_tensor(value) and value.shape == param.shape:
                 value.mul_(keep.to(value.dtype))
-
-
-def count_zeros(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
-    """(entries equal to zero, all entries) over ``tensors``."""
-    zeros = total = 0
-    for tensor in tensors:
-        zeros += int((tensor == 0).sum())
-        total += tensor.numel()
-    return zeros, total
