@@ -312,3 +312,49 @@ def test_structured_regrowth_by_hand():
     assert set(new) == {"gate", "bias"}
     assert new["gate"].all(dim=1).tolist() == [True, False, True, True]
     assert new["bias"].tolist() == [True, False, True, True]
+
+
+def test_neuron_masks_global_over_two_mlps_by_hand():
+    # MLP a: L1 per neuron 3, 0.4, 5; MLP b: 0.2, 6, 0.5 (rows + column, computed below by hand).
+    params = {
+        "a.up": torch.tensor([[1.0, 1.0], [0.1, 0.1], [2.0, 2.0]]),
+        "a.down": torch.tensor([[1.0, 0.2, 1.0]]),
+        "b.up": torch.tensor([[0.1, 0.0], [3.0, 2.0], [0.2, 0.2]]),
+        "b.down": torch.tensor([[0.1, 1.0, 0.1]]),
+    }
+    groups = [NeuronGroup(["a.up"], [None], "a.down"), NeuronGroup(["b.up"], [None], "b.down")]
+    masks = neuron_masks(groups, params, None, 0.5, "global")  # round(0.5 * 6) = 3 smallest of all six
+    assert masks["a.up"].all(dim=1).tolist() == [True, False, True]  # 0.4 pruned
+    assert masks["b.up"].all(dim=1).tolist() == [False, True, False]  # 0.2 and 0.5 pruned
+    assert masks["b.down"].tolist() == [[False, True, False]]
+    # Sparser next time (the schedule only rises): the dead stay dead, even where their weights are large
+    # again, and the next weakest goes: a0 (L1 3).
+    params["b.up"] = params["b.up"] * 100
+    again = neuron_masks(groups, params, masks, 0.67, "global")  # round(0.67 * 6) = 4
+    assert again["a.up"].all(dim=1).tolist() == [False, False, True]
+    assert again["b.up"].all(dim=1).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_apply_masks_zeros_weights_and_their_optimizer_state(optimizer_name):
+    from hf_prune.methods.sparsity.masks import apply_masks
+
+    weight = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [3.0, -4.0]]))
+    other = torch.nn.Parameter(torch.tensor([5.0, 6.0]))  # unmasked: untouched
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD([weight, other], lr=0.1, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW([weight, other], lr=0.1)
+    (weight.sum() * 3 + other.sum()).backward()
+    optimizer.step()
+    before_other = {k: v.clone() for k, v in optimizer.state[other].items() if torch.is_tensor(v)}
+    wrapped = type("AcceleratedOptimizer", (), {"optimizer": optimizer})()  # accelerate's wrapper shape
+    mask = torch.tensor([[True, False], [False, True]])
+    apply_masks({"w": weight, "o": other}, {"w": mask}, wrapped)
+    assert weight[~mask].eq(0).all() and weight[mask].ne(0).all()
+    state = [v for v in optimizer.state[weight].values() if torch.is_tensor(v) and v.shape == weight.shape]
+    assert len(state) == (1 if optimizer_name == "sgd" else 2)  # momentum / exp_avg and exp_avg_sq
+    for value in state:
+        assert value[~mask].eq(0).all() and value[mask].ne(0).all()
+    for key, value in before_other.items():
+        assert torch.equal(optimizer.state[other][key], value)
