@@ -132,17 +132,7 @@ def prune(
     evaluation = []
     for task, original in zip(recipe.evaluate, original_scores, strict=True):
         pruned = run_task(model, preprocessor, task, progress=progress, configs=compared)
-        evaluation.append(
-            {
-                "task": task.task,
-                "metric": pruned["metric"],
-                "task_type": get_task(task.task).card_task_type,
-                "data": task.data,
-                "original": original,
-                "pruned": pruned,
-                "retained": retained_fraction(task.task, original, pruned),
-            }
-        )
+        evaluation.append(evaluation_entry(task, original, pruned))
 
     report = {
         "recipe": recipe.to_dict(),
@@ -188,6 +178,19 @@ def prune(
         else None
     )
     return PruneResult(model, preprocessor, report, output)
+
+
+def evaluation_entry(task: Any, original: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    """One task's figures before and after, as hf_prune.json, the report and the model card read them."""
+    return {
+        "task": task.task,
+        "metric": pruned["metric"],
+        "task_type": get_task(task.task).card_task_type,
+        "data": task.data,
+        "original": original,
+        "pruned": pruned,
+        "retained": retained_fraction(task.task, original, pruned),
+    }
 
 
 def _prefill_sweep(model: Any, preprocessor: Any) -> dict[int, float]:

@@ -33,10 +33,10 @@ from .adapters import get_adapter
 from .checkpoint import library_versions, load_model, load_preprocessor, save_pruned_model, text_tokenizer
 from .data import load_text_records, read_records
 from .errors import DataError, RecipeError
-from .evals.harness import get_task, retained_fraction, run_task
+from .evals.harness import run_task
 from .integrations.pruning_callback import PruningCallback, run_lottery, training_method_from
 from .methods.sparsity.lottery import LotteryConfig
-from .pipeline import load_recipe_config, preflight
+from .pipeline import evaluation_entry, load_recipe_config, preflight
 from .recipe import Recipe, TrainingConfig, load_recipe
 
 
@@ -101,20 +101,10 @@ def train(
         stage = callback.report.to_dict()
         stage["final_train_loss"] = _last_loss(trainer)
     model.eval()
-    evaluation = []
-    for spec, before in zip(recipe.evaluate, original, strict=True):
-        after = run_task(model, tokenizer, spec, progress=progress)
-        evaluation.append(
-            {
-                "task": spec.task,
-                "metric": after["metric"],
-                "task_type": get_task(spec.task).card_task_type,
-                "data": spec.data,
-                "original": before,
-                "pruned": after,
-                "retained": retained_fraction(spec.task, before, after),
-            }
-        )
+    evaluation = [
+        evaluation_entry(spec, before, run_task(model, tokenizer, spec, progress=progress))
+        for spec, before in zip(recipe.evaluate, original, strict=True)
+    ]
     params = sum(p.numel() for p in model.parameters())
     report = {
         "recipe": recipe.to_dict(),
