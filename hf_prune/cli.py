@@ -310,6 +310,8 @@ def _prune(args: argparse.Namespace) -> int:
     for stage in report["stages"]:
         removed = stage.get("removed_layers")
         detail = f" removed layers {removed}" if removed is not None else ""
+        if "perplexity_after" in stage:  # heal
+            detail = f" perplexity {stage['perplexity_before']:.4g} -> {stage['perplexity_after']:.4g}"
         print(f"stage {stage['method']}:{detail} in {stage['seconds']:.2f}s")
     for entry in report["evaluation"]:
         metric = entry["metric"]

@@ -75,6 +75,15 @@ def load_text_records(
     return records
 
 
+def packed_token_windows(texts: list[str], tokenizer: Any, length: int) -> list[list[int]]:
+    """Every text tokenized (with its special tokens) and concatenated, cut into whole windows of
+    ``length`` tokens; the tail shorter than a window is dropped."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=True)["input_ids"])
+    return [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
+
+
 def _load_local_dataset(path: Path, data: str, builder: str, *, sample_by: str = "paragraph") -> Any:
     """A local file through ``datasets``; any failure is a DataError naming the file."""
     import datasets

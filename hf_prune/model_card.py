@@ -145,6 +145,13 @@ def _stage_lines(report: dict[str, Any]) -> list[str]:
                 f"- `{stage['method']}` ({stage.get('algorithm')}): experts {stage['experts_before']} → "
                 f"{stage['experts_after']}"
             )
+        elif "perplexity_after" in stage:  # heal: a LoRA fine-tune merged into the weights
+            lines.append(
+                f"- `{stage['method']}`: LoRA fine-tune merged into the weights "
+                f"({stage['adapted_modules'] + stage['adapted_expert_parameters']} projections adapted, "
+                f"{stage['train_windows']} windows of training text); perplexity on {stage['eval_data']}: "
+                f"{stage['perplexity_before']:.4g} before healing → {stage['perplexity_after']:.4g} after"
+            )
         elif "targeted_weights" in stage:  # training-time sparsity: zeros in dense tensors
             how = ", ".join(str(stage[k]) for k in ("pattern", "scope") if k in stage)
             lines.append(

@@ -31,7 +31,7 @@ import torch
 
 from .adapters import get_adapter
 from .checkpoint import library_versions, load_model, load_preprocessor, save_pruned_model, text_tokenizer
-from .data import load_text_records, read_records
+from .data import load_text_records, packed_token_windows, read_records
 from .errors import DataError, RecipeError
 from .evals.harness import run_task
 from .integrations.pruning_callback import PruningCallback, run_lottery, training_method_from
@@ -149,17 +149,9 @@ def build_dataset(config: TrainingConfig, task: str, tokenizer: Any) -> list[dic
         texts = load_text_records(
             config.data, text_field=config.text_field, split=config.split, sample_by=config.sample_by
         )
-        ids: list[int] = []
-        for text in texts:
-            ids.extend(tokenizer(text, add_special_tokens=True)["input_ids"])
-        windows = [
-            ids[i : i + config.max_length]
-            for i in range(0, len(ids) - config.max_length + 1, config.max_length)
-        ]
+        windows = packed_token_windows(texts, tokenizer, config.max_length)
         if not windows:
-            raise DataError(
-                f"{config.data}: {len(ids)} tokens, fewer than one window of max_length={config.max_length}"
-            )
+            raise DataError(f"{config.data}: fewer tokens than one window of max_length={config.max_length}")
         return [{"input_ids": torch.tensor(w), "labels": torch.tensor(w)} for w in windows]
     examples = []
     for where, row in read_records(config.data, (config.text_field, config.label_field), split=config.split):

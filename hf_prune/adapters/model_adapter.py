@@ -208,6 +208,32 @@ class ModelAdapter:
                 groups.append((inputs, name))
         return groups
 
+    def adapter_targets(self, model: nn.Module) -> tuple[list[str], list[str]]:
+        """(Linear modules, fused 3-D expert parameters) of every decoder layer, by full name in ``model``:
+        what a LoRA adapter trains (attention and MLP projections, each expert's fused ``gate_up_proj`` /
+        ``down_proj``). Routers and the shared-expert gate are left out: they pick experts, and a
+        low-rank change there re-routes tokens instead of healing what pruning removed."""
+        names = {id(module): name for name, module in model.named_modules()}
+        linears: list[str] = []
+        fused: list[str] = []
+        for layer in self.layers(model):
+            skipped: set[int] = set()
+            if self.is_moe_layer(layer):
+                mlp = self.mlp(layer)
+                skipped |= {id(m) for m in self.router(layer).modules()}
+                if self.spec.shared_expert_gate_attr:
+                    skipped |= {id(m) for m in getattr(mlp, self.spec.shared_expert_gate_attr).modules()}
+                experts = self.experts(layer)
+                fused += [
+                    f"{names[id(experts)]}.{name}"
+                    for name, param in experts.named_parameters(recurse=False)
+                    if param.dim() == 3
+                ]
+            linears += [
+                names[id(m)] for m in layer.modules() if isinstance(m, nn.Linear) and id(m) not in skipped
+            ]
+        return linears, fused
+
     # ---- structural edits ---------------------------------------------------------------
     def remove_layers(self, model: nn.Module, remove: list[int]) -> None:
         """Delete decoder layers in place and make config, ``layer_types`` and every ``layer_idx`` agree."""
