@@ -21,7 +21,7 @@ import huggingface_hub
 import pytest
 import yaml
 from hub_server import HubServer
-from tiny_models import save_tiny_model, write_calibration_file
+from tiny_models import pydoc_text, save_tiny_model, write_calibration_file
 
 import hf_prune
 from hf_prune.cli import main
@@ -261,6 +261,27 @@ def test_a_recipe_publish_section_pushes_after_the_save(outputs, hub, capsys, tm
     assert front_matter(sent["README.md"].decode())["base_model"] == "org/base"
     assert front_matter(local["README.md"].decode())["base_model"] == "org/base"  # publish: names it
     assert "me/from-recipe/commit/" in out and "publish" in json.loads(local["hf_prune.json"])["recipe"]
+    assert str(tmp_path).encode() not in b"".join(sent.values())
+
+
+def test_a_train_recipe_publishes_too(outputs, hub, capsys, tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text(pydoc_text(3_000))
+    recipe = {
+        "model": str(outputs / "source-model"),
+        "output": str(tmp_path / "sparse"),
+        "train": {"data": str(data), "max_length": 32, "arguments": {"max_steps": 2, "seed": 0}},
+        "stages": [
+            {"method": "gmp", "final_sparsity": 0.5, "end_step": 2, "frequency": 1, "targets": ["*mlp*"]}
+        ],
+        "publish": {"repo_id": "me/sparse", "endpoint": hub.url},
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(recipe))
+    assert main(["train", str(path), "--quiet"]) == 0
+    sent, local = hub.files("me/sparse"), snapshot(tmp_path / "sparse")
+    assert set(sent) == set(local) and sent["model.safetensors"] == local["model.safetensors"]
+    assert "me/sparse/commit/" in capsys.readouterr().out
     assert str(tmp_path).encode() not in b"".join(sent.values())
 
 
