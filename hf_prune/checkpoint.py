@@ -274,18 +274,46 @@ def save_pruned_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / REPORT_FILE).write_text(strict_json_dumps(report, indent=2, default=_json_default) + "\n")
-        adapter = get_adapter(model.config)
         (folder / "README.md").write_text(
-            build_model_card(
-                report,
-                model_type=model.config.model_type,
-                auto_class=auto_model_class(adapter).__name__,
-                preprocessor_class=preprocessor_class(tokenizer, vision_language=adapter.is_vision_language),
-                token_pruning=getattr(model.config, "token_pruning", None) is not None,
-            )
+            build_model_card(report, **_card_settings(model.config, has_preprocessor=tokenizer is not None))
         )
 
     return atomic_write_dir(output, write)
+
+
+#: Files ``save_pretrained`` of a tokenizer or processor writes (any one means one was saved).
+_PREPROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+
+
+def hub_model_card(folder: str | os.PathLike, report: dict[str, Any], repo_id: str, **card: Any) -> str:
+    """The card of a saved output as the Hub gets it: loading from ``repo_id``, no local path (the local
+    README.md is left as it is). ``card``: more ``build_model_card`` arguments (``base_model``)."""
+    import transformers
+
+    folder = Path(folder)
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    saved = any((folder / name).is_file() for name in _PREPROCESSOR_FILES)
+    return build_model_card(
+        report, load_from=repo_id, **_card_settings(config, has_preprocessor=saved), **card
+    )
+
+
+def _card_settings(config: Any, *, has_preprocessor: bool) -> dict[str, Any]:
+    """The card's loading classes and notes, read from the saved model's config."""
+    adapter = get_adapter(config)
+    return {
+        "model_type": config.model_type,
+        "auto_class": auto_model_class(adapter).__name__,
+        "preprocessor_class": preprocessor_class(
+            object() if has_preprocessor else None, vision_language=adapter.is_vision_language
+        ),
+        "token_pruning": getattr(config, "token_pruning", None) is not None,
+    }
 
 
 def preprocessor_class(preprocessor: Any, *, vision_language: bool) -> str | None:

@@ -62,6 +62,16 @@ a prompt-pruned model is scored with its context pruned at prefill, any other as
     "methods": """example:
   hf-prune methods            # every method with its config fields
   hf-prune methods replaceme  # one method""",
+    "push": """examples:
+  hf-prune push out/stories-4layers --repo-id me/stories-4layers --dry-run   # list what would be sent
+  hf-prune push out/stories-4layers --repo-id me/stories-4layers --base-model org/stories260K
+  HF_ENDPOINT=https://hub.example.org hf-prune push out/x --repo-id team/x --private --revision pruned
+
+Sends the folder in one commit: weights, config, tokenizer / processor, remote code when present,
+hf_prune.json and README.md (both rendered for the Hub: no local path; the local folder is not changed).
+The token is read by huggingface_hub: HF_TOKEN, else the login cache (`hf auth login`); it is never
+printed. The address is --endpoint, else HF_ENDPOINT, else https://huggingface.co.
+In a recipe, a publish: section pushes after the save (publish: {repo_id: me/x, private: true}).""",
     "demo": """example:
   hf-prune demo                       # trains the embedded model on first use (~1-2 min), then prunes it
   hf-prune demo --output out/demo""",
@@ -89,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Config-driven pruning of Hugging Face Transformers models.",
         epilog="examples:\n  hf-prune prune recipe.yaml\n  hf-prune train sparse.yaml\n"
         "  hf-prune eval MODEL --task perplexity --data FILE\n"
-        "  hf-prune inspect MODEL\n  hf-prune methods\n  hf-prune demo\n\n"
+        "  hf-prune inspect MODEL\n  hf-prune methods\n  hf-prune push OUTPUT --repo-id ORG/NAME\n"
+        "  hf-prune demo\n\n"
         "Run 'hf-prune COMMAND --help' for the options and an example of each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -233,6 +244,26 @@ def _parser() -> argparse.ArgumentParser:
     methods = command("methods", "List registered pruning methods and their config fields.")
     methods.add_argument("name", nargs="?", help="show only this method")
 
+    push = command("push", "Publish a saved output folder to the Hub in one commit.")
+    push.add_argument("output", help="an output folder saved by hf-prune prune / train")
+    push.add_argument("--repo-id", required=True, help="the Hub repo, ORG/NAME (created when missing)")
+    push.add_argument(
+        "--endpoint", default=None, help="Hub address (default: HF_ENDPOINT, else huggingface.co)"
+    )
+    push.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing one is kept)"
+    )
+    push.add_argument(
+        "--revision", default=None, help="branch to commit to (created when missing; default main)"
+    )
+    push.add_argument(
+        "--commit-message", default=None, help="the commit's message (default names the methods)"
+    )
+    push.add_argument(
+        "--base-model", default=None, help="Hub id of the model it was pruned from (the card's base_model)"
+    )
+    push.add_argument("--dry-run", action="store_true", help="list what would be sent; contact nothing")
+
     demo = command("demo", "Prune the embedded demo model with ReplaceMe and layer_drop, evaluate, reload.")
     demo.add_argument("--output", default="out/demo", help="folder for the demo outputs (default out/demo)")
     return parser
@@ -253,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": _bench,
         "inspect": _inspect,
         "methods": _methods,
+        "push": _push,
         "demo": _demo,
     }
     try:
@@ -320,6 +352,36 @@ def _prune(args: argparse.Namespace) -> int:
             f"pruned {entry['pruned'][metric]:.4g}, retained {format_retained(entry['retained'])}"
         )
     print(f"saved to {result.output}")
+    _print_published(result.published)
+    return 0
+
+
+def _print_published(published: Any) -> None:
+    if published is not None:
+        print(f"pushed {len(published.files)} files to {published.repo_url} ({published.revision})")
+        print(f"commit: {published.commit_url}")
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .integrations.hub import check_repo_ids, describe_plan, plan_upload, push_folder
+
+    if args.dry_run:
+        check_repo_ids(args.repo_id, args.base_model)
+        files = plan_upload(args.output, args.repo_id, base_model=args.base_model)
+        print(f"would push to {args.repo_id} ({args.revision or 'main'}), contacting nothing:")
+        print("\n".join(describe_plan(files)))
+        return 0
+    result = push_folder(
+        args.output,
+        args.repo_id,
+        endpoint=args.endpoint,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        base_model=args.base_model,
+        progress=not args.quiet,
+    )
+    _print_published(result)
     return 0
 
 
@@ -345,6 +407,7 @@ def _train(args: argparse.Namespace) -> int:
             f"trained and pruned {entry['pruned'][metric]:.4g}, retained {format_retained(entry['retained'])}"
         )
     print(f"saved to {result.output}")
+    _print_published(result.published)
     return 0
 
 

@@ -67,3 +67,8 @@ def quoted(value: Any, limit: int = 80) -> str:
 def clip(text: str, limit: int = 80) -> str:
     """``text``, cut to ``limit`` characters with "..." at the end when longer."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class PublishError(HfPruneError):
+    """A push to the Hub failed or was refused; the message says what happened and what to do. The local
+    output folder is never changed by a push."""

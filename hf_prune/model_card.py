@@ -3,7 +3,9 @@ snippet that runs as printed.
 
 The snippet loads from ``load_from``: the output folder as given in the recipe (so it runs from where
 ``hf-prune prune`` ran), or a Hub repo id once the folder is published; re-render the card with
-``build_model_card(report, ..., load_from=repo_id)`` to switch.
+``build_model_card(report, ..., load_from=repo_id)`` to switch. Nothing else in a card names a local path:
+a local source model is named by its folder name, and the recipe is shown as ``public_recipe`` leaves it
+(every local path reduced to its base name), so the Hub rendering carries no path of the machine at all.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .output_safety import REPORT_FILE
+from .recipe_sections import repo_id_problem
 
 #: How a prompt-pruned causal LM is scored (the eval commands and the refusal live with the evaluation).
 PROMPT_PRUNING_SCORING = (
@@ -25,6 +28,15 @@ VISUAL_PRUNING_NOTE = (
     "The checkpoint prunes visual tokens by itself inside `forward` / `generate` "
     "(the `token_pruning` settings in config.json)."
 )
+#: Why a remote-code checkpoint needs ``trust_remote_code=True`` (the card says it under the snippet).
+REMOTE_CODE_NOTE = (
+    "Why `trust_remote_code=True`: pruning changed the architecture, so stock transformers has no class for "
+    "it; the modeling file saved beside the weights (named in `auto_map` in config.json) defines it, and "
+    "transformers runs that file only when you pass `trust_remote_code=True` (read it first). With hf-prune "
+    "installed, `import hf_prune` registers the same classes and no remote code runs."
+)
+#: Tag of a checkpoint healed (fine-tuned) after pruning; the Hub's ``base_model_relation`` has no "pruned".
+FINETUNE_TAG = "finetune"
 
 
 def build_model_card(
@@ -35,18 +47,24 @@ def build_model_card(
     preprocessor_class: str | None = "AutoTokenizer",
     load_from: str | None = None,
     token_pruning: bool = False,
+    base_model: str | None = None,
 ) -> str:
-    """A ``huggingface_hub.ModelCard`` with base_model, tags and evaluation results as model-index.
+    """A ``huggingface_hub.ModelCard`` with base_model, tags, the recipe and evaluation results as
+    model-index.
 
     ``auto_class`` loads the model, ``preprocessor_class`` (``AutoTokenizer`` / ``AutoProcessor``, None
     when none was saved) its inputs; ``load_from`` is the snippet's path or repo id (default: the
-    recipe's output folder); ``token_pruning``: the config holds ``token_pruning`` settings."""
+    recipe's output folder); ``token_pruning``: the config holds ``token_pruning`` settings;
+    ``base_model``: the Hub id it was pruned from (default: the recipe's ``publish.base_model``, else its
+    ``model`` when that is a Hub id)."""
+    import yaml
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    source = report["recipe"].get("model") or "in-memory model"
-    is_hub_id = not Path(source).expanduser().exists() and source.count("/") == 1
+    recipe = report["recipe"]
+    source = recipe.get("model")
+    base_model = base_model or (recipe.get("publish") or {}).get("base_model") or _hub_id_or_none(source)
     methods = [stage["method"] for stage in report["stages"]]
-    output = report["recipe"].get("output") or "pruned-model"
+    output = recipe.get("output") or "pruned-model"
     name = Path(output).name
     eval_results = [
         EvalResult(
@@ -59,16 +77,17 @@ def build_model_card(
         for entry in report.get("evaluation", [])
     ]
     data = ModelCardData(
-        base_model=source if is_hub_id else None,
+        base_model=base_model,
         library_name="transformers",
-        tags=["hf-prune", "pruned", *methods],
+        tags=card_tags(report),
         model_name=name,
         eval_results=eval_results or None,
     )
     lines = [
         f"# {name}",
         "",
-        f"Pruned from `{source}` with [hf-prune](https://pypi.org/project/hf-prune/) ({', '.join(methods)}).",
+        f"Pruned from {_source_phrase(source, base_model)} with [hf-prune](https://pypi.org/project/hf-prune/) "
+        f"({', '.join(dict.fromkeys(methods))}).",
         "",
         f"- parameters: {report['params_before']:,} → {report['params_after']:,} "
         f"({report['params_after'] / report['params_before']:.1%})",
@@ -83,6 +102,12 @@ def build_model_card(
             local=load_from is None,
         ),
         *_usage_notes(auto_class, token_pruning),
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(public_recipe(recipe), sort_keys=False, allow_unicode=True).rstrip("\n"),
+        "```",
         "",
         f"The full report (recipe, per-stage details, timings) is in `{REPORT_FILE}`.",
         "",
@@ -115,7 +140,8 @@ def loading_section(
             f"(`{target}` is this folder as given to hf-prune, relative to where it ran; from anywhere else,",
             "put this folder's path.)",
         ]
-    return [*intro, "", "```python", *loading_snippet(target, auto_class, preprocessor_class, remote), "```"]
+    snippet = ["```python", *loading_snippet(target, auto_class, preprocessor_class, remote), "```"]
+    return [*intro, "", *snippet, *(["", REMOTE_CODE_NOTE] if remote else [])]
 
 
 def loading_snippet(target: str, auto_class: str, preprocessor_class: str | None, remote: bool) -> list[str]:
@@ -187,3 +213,80 @@ def _usage_notes(auto_class: str, token_pruning: bool) -> list[str]:
     if auto_class == "AutoModelForImageTextToText":
         return ["", VISUAL_PRUNING_NOTE]
     return []
+
+
+def card_tags(report: dict[str, Any]) -> list[str]:
+    """``hf-prune``, ``pruned``, each method once, and ``finetune`` when a stage healed the model."""
+    methods = list(dict.fromkeys(stage["method"] for stage in report["stages"]))
+    return ["hf-prune", "pruned", *methods, *([FINETUNE_TAG] if "heal" in methods else [])]
+
+
+def _hub_id_or_none(source: str | None) -> str | None:
+    """``source`` when it names a Hub model (ORG/NAME, and no such local path), else None."""
+    if not source or repo_id_problem(source) is not None or _is_local_path(source):
+        return None
+    return source
+
+
+def _source_phrase(source: str | None, base_model: str | None) -> str:
+    if not source:
+        return f"`{base_model}` (a model in memory)" if base_model else "a model in memory"
+    if _hub_id_or_none(source):
+        return f"`{source}`"
+    folder = f"`{_base_name(source)}`"
+    return (
+        f"`{base_model}` (a local copy, folder {folder})"
+        if base_model
+        else f"the local model folder {folder}"
+    )
+
+
+# ---- no local path leaves the machine ----------------------------------------------------------------------
+
+#: Recipe and report keys whose string is always a local path (reduced to its base name).
+_PATH_KEYS = frozenset({"output", "output_dir", "logging_dir", "resume_from_checkpoint", "source_file"})
+#: Keys whose string is a local path or a Hub id (datasets / models): a path is reduced, an id kept.
+_PATH_OR_ID_KEYS = frozenset({"model", "data", "train_data", "text_tower"})
+_FILE_SUFFIXES = frozenset({".txt", ".jsonl", ".json", ".parquet", ".csv", ".yaml", ".yml", ".safetensors"})
+
+
+def public_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with every local filesystem path reduced to its base name (a local source model to its
+    folder name); Hub ids and every other value are kept."""
+    return public_value(recipe)
+
+
+def public_value(value: Any, key: str | None = None) -> Any:
+    """``value`` (JSON-like) with local paths reduced to base names, recursively: strings under a path key,
+    strings under a path-or-id key that are not Hub ids, and any string shaped like a path (absolute,
+    ``~``, ``./``, ``../``) or naming an existing local file or folder."""
+    if isinstance(value, dict):
+        return {k: public_value(v, k if isinstance(k, str) else None) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_value(item, key) for item in value]
+    if not isinstance(value, str) or not value:
+        return value
+    if key in _PATH_KEYS or _is_local_path(value):
+        return _base_name(value)
+    if key in _PATH_OR_ID_KEYS and "/" in value:
+        # A relative path no Hub id could be (a/b/c), or a file by its suffix (data/calib.txt).
+        if repo_id_problem(value) is not None or Path(value).suffix.lower() in _FILE_SUFFIXES:
+            return _base_name(value)
+    return value
+
+
+def _is_local_path(text: str) -> bool:
+    if text.startswith(("/", "~", "./", "../", ".\\", "..\\")) or (
+        len(text) > 2 and text[1:3] in (":\\", ":/")
+    ):
+        return True
+    if len(text) > 4096 or "\n" in text or ("/" not in text and os.sep not in text):
+        return False  # a bare word (an algorithm, a column name) is no path even if such a file exists here
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _base_name(path: str) -> str:
+    return Path(os.path.expanduser(path.rstrip("/\\"))).name or path

@@ -38,6 +38,7 @@ from .evals.harness import (
 )
 from .evals.perplexity import window_length
 from .evals.report import write_report
+from .model_card import public_value
 from .output_safety import check_output_folder, weight_files_size
 from .recipe import Recipe, load_recipe
 from .registry import OneShotMethod, get_method, run_stage
@@ -49,6 +50,9 @@ class PruneResult:
     tokenizer: Any  # tokenizer, or processor for vision-language models
     report: dict[str, Any]
     output: Path | None
+    #: The push of a recipe's ``publish:`` section (repo and commit URLs), None without one. Not written
+    #: into the saved folder, which does not change after the save.
+    published: Any = None
 
     @property
     def stages(self) -> list[dict[str, Any]]:
@@ -162,7 +166,8 @@ def prune(
             }
             write_report(
                 folder,
-                title=f"Pruning report: {recipe.model or 'in-memory model'}",
+                # The source's name only: this report is published with the folder.
+                title=f"Pruning report: {public_value(recipe.model, 'model') or 'in-memory model'}",
                 runs=[run],
                 latency_ms=latency,
                 expert_counts=expert_counts,
@@ -177,7 +182,27 @@ def prune(
         if recipe.output
         else None
     )
-    return PruneResult(model, preprocessor, report, output)
+    return PruneResult(model, preprocessor, report, output, publish_output(recipe, output, progress))
+
+
+def publish_output(recipe: Recipe, output: Path | None, progress: bool) -> Any:
+    """Push the saved output when the recipe has a ``publish:`` section (after the save succeeded)."""
+    if recipe.publish is None or output is None:
+        return None
+    from .integrations.hub import push_folder
+
+    settings = recipe.publish
+    return push_folder(
+        output,
+        settings.repo_id,
+        endpoint=settings.endpoint,
+        private=settings.private,
+        revision=settings.revision,
+        commit_message=settings.commit_message,
+        base_model=settings.base_model,
+        progress=progress,
+        key="publish.repo_id",
+    )
 
 
 def evaluation_entry(task: Any, original: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
@@ -231,6 +256,13 @@ def preflight(recipe: Recipe, config: Any, adapter: Any, source_model: Any, *, t
             raise RecipeError(str(exc)) from None
     if recipe.train is not None and not training:
         raise RecipeError("train: a prune recipe has no train section; run the recipe with hf-prune train")
+    if recipe.publish is not None:
+        import huggingface_hub
+
+        if huggingface_hub.constants.is_offline_mode():  # refused now, not after the pruning
+            raise RecipeError(
+                "publish: HF_HUB_OFFLINE is set, and a push needs the Hub; unset it or drop publish"
+            )
     predicted = config if training else _check_stages(recipe, config, adapter)
     for i, task in enumerate(recipe.evaluate):
         try:

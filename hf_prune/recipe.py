@@ -19,6 +19,13 @@ from typing import Any, Literal
 
 from .errors import ConfigFieldError, RecipeError, clip, quoted
 from .recipe_file import read_recipe_file
+
+# The optional sections live in recipe_sections; importers keep finding them here (explicit re-exports).
+from .recipe_sections import TRAINING_TASKS as TRAINING_TASKS
+from .recipe_sections import PublishConfig as PublishConfig
+from .recipe_sections import TrainingConfig as TrainingConfig
+from .recipe_sections import check_positive
+from .recipe_sections import repo_id_problem as repo_id_problem
 from .registry import MethodConfig, config_field, get_method
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -28,11 +35,6 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps", "balanced", "balanced_low_0",
 _CUDA_INDEX = re.compile(r"cuda:[0-9]{1,9}")
 #: Evaluation tasks a recipe may name (the harness in hf_prune.evals implements them).
 EVAL_TASKS = ("perplexity", "multiple_choice", "classification", "vqa")
-
-
-def _check_positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise ConfigFieldError(name, f"must be a positive integer, got {value}")
 
 
 @dataclass
@@ -57,7 +59,7 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "seq_len", "batch_size"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.seq_len < 2:
             raise ConfigFieldError("seq_len", f"must be at least 2, got {self.seq_len}")
         if not self.data:
@@ -91,7 +93,7 @@ class EvaluationTask:
         if self.task not in EVAL_TASKS:
             raise ConfigFieldError("task", f"unknown task {self.task!r} (allowed: {', '.join(EVAL_TASKS)})")
         for name in ("seq_len", "batch_size", "limit", "max_new_tokens", "context_len"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.context_len is not None and self.task != "perplexity":
             raise ConfigFieldError("context_len", f"is a perplexity setting; task {self.task!r} has none")
         if self.context_len is not None and self.seq_len is not None and self.context_len >= self.seq_len:
@@ -99,43 +101,6 @@ class EvaluationTask:
                 "context_len",
                 f"must be below seq_len ({self.seq_len}) to leave tokens to score, got {self.context_len}",
             )
-
-
-#: What ``hf-prune train`` fine-tunes for: next-token prediction, or a sequence classifier's labels.
-TRAINING_TASKS = ("causal_lm", "classification")
-
-
-@dataclass
-class TrainingConfig:
-    """The ``train:`` section of a recipe run by ``hf-prune train``: the data and the Trainer's settings."""
-
-    data: str = config_field(
-        help="training data: a local file (.txt, .jsonl, .json, .parquet) or a datasets hub id"
-    )
-    task: str | None = config_field(
-        None,
-        help="causal_lm | classification (default: classification for encoder classifiers, else causal_lm)",
-    )
-    text_field: str = config_field("text", help="column holding the text in jsonl/json/parquet/hub data")
-    label_field: str = config_field("label", help="classification: column holding the integer label")
-    max_length: int = config_field(128, help="tokens per example (causal_lm: packed windows of this length)")
-    split: str = config_field("train", help="dataset split (hub datasets)")
-    sample_by: Literal["line", "paragraph", "document"] = config_field(
-        "paragraph", help="how a .txt file is cut into records"
-    )
-    arguments: dict = config_field(
-        help="transformers.TrainingArguments fields (max_steps, learning_rate, per_device_train_batch_size, ...)",
-        default_factory=dict,
-    )
-
-    def __post_init__(self) -> None:
-        if self.task is not None and self.task not in TRAINING_TASKS:
-            raise ConfigFieldError("task", f"must be {' | '.join(TRAINING_TASKS)}, got {self.task!r}")
-        _check_positive("max_length", self.max_length)
-        if self.max_length < 2:
-            raise ConfigFieldError("max_length", f"must be at least 2, got {self.max_length}")
-        if not self.data:
-            raise ConfigFieldError("data", "must name a file or a dataset id")
 
 
 @dataclass
@@ -161,6 +126,8 @@ class Recipe:
     evaluate: list[EvaluationTask] = field(default_factory=list)
     #: The ``train:`` section (``hf-prune train``); None for a prune recipe.
     train: TrainingConfig | None = None
+    #: The ``publish:`` section: push the output to the Hub after the save; None when absent.
+    publish: PublishConfig | None = None
     #: The file the recipe was read from (None for a dict); its folder is never replaced by a save.
     source_file: Path | None = field(default=None, compare=False)
 
@@ -177,6 +144,7 @@ class Recipe:
             "stages": [s.to_dict() for s in self.stages],
             "evaluate": [dataclasses.asdict(e) for e in self.evaluate],
             **({"train": dataclasses.asdict(self.train)} if self.train else {}),
+            **({"publish": dataclasses.asdict(self.publish)} if self.publish else {}),
         }
 
 
@@ -193,6 +161,8 @@ _TOP_LEVEL_HELP = {
     "stages": "list of pruning stages, each {method: NAME, ...its config}",
     "evaluate": "list of evaluation tasks run on the original and the pruned model",
     "train": "hf-prune train: training data, task and TrainingArguments fields (training-time methods)",
+    "publish": "push the saved output to the Hub: repo_id (required), private, revision, commit_message, "
+    "base_model, endpoint",
 }
 
 
@@ -256,6 +226,11 @@ def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
     train = None
     if data.get("train") is not None:
         train = build_dataclass(TrainingConfig, data["train"], "train")
+    publish = None
+    if data.get("publish") is not None:
+        publish = build_dataclass(PublishConfig, data["publish"], "publish")
+        if output is None:
+            raise RecipeError("publish: needs output: a push sends the saved output folder")
     return Recipe(
         model=model,
         output=output,
@@ -268,6 +243,7 @@ def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
         stages=stages,
         evaluate=evaluate,
         train=train,
+        publish=publish,
     )
 
 

@@ -36,7 +36,7 @@ from .errors import DataError, RecipeError
 from .evals.harness import run_task
 from .integrations.pruning_callback import PruningCallback, run_lottery, training_method_from
 from .methods.sparsity.lottery import LotteryConfig
-from .pipeline import evaluation_entry, load_recipe_config, preflight
+from .pipeline import evaluation_entry, load_recipe_config, preflight, publish_output
 from .recipe import Recipe, TrainingConfig, load_recipe
 
 
@@ -46,6 +46,7 @@ class TrainResult:
     tokenizer: Any
     report: dict[str, Any]
     output: Path | None
+    published: Any = None  # the push of a publish: section, as PruneResult.published
 
 
 def train(
@@ -118,7 +119,7 @@ def train(
         "seconds": round(time.perf_counter() - started, 3),
     }
     output = save_pruned_model(model, tokenizer, recipe.output, report)
-    return TrainResult(model, tokenizer, report, output)
+    return TrainResult(model, tokenizer, report, output, publish_output(recipe, output, progress))
 
 
 def training_arguments(recipe: Recipe, progress: bool) -> dict[str, Any]:

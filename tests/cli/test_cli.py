@@ -7,7 +7,7 @@ from transformers import Gemma2Config
 from hf_prune.cli import main
 
 
-@pytest.mark.parametrize("command", ["prune", "eval", "bench", "inspect", "methods", "demo"])
+@pytest.mark.parametrize("command", ["prune", "eval", "bench", "inspect", "methods", "push", "demo"])
 def test_every_command_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -537,6 +537,17 @@ CASES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     "inspect-unsupported": (lambda w: ["inspect", w.model("gpt2")], r"'gpt2' is not supported"),
     # ---- methods
     "methods-unknown": (lambda w: ["methods", "replace_me"], r"unknown method 'replace_me'"),
+    # ---- push (each refused before any request)
+    "push-not-an-output": (
+        lambda w: ["push", str(w.stories), "--repo-id", "me/x"],
+        r"not an hf-prune output \(no hf_prune\.json\)",
+    ),
+    "push-missing": (lambda w: ["push", "no-output", "--repo-id", "me/x"], r"no-output: no such folder"),
+    "push-bad-repo-id": (
+        lambda w: ["push", str(w.stories), "--repo-id", "me/a..b"],
+        r"--repo-id: must be a Hub repo id ORG/NAME",
+    ),
+    "push-no-repo-id": (lambda w: ["push", str(w.stories)], r"--repo-id"),
 }
 
 
@@ -569,7 +580,7 @@ def test_the_suite_covers_every_command():
         and "stage" not in build.__code__.co_names
         and "calib" not in build.__code__.co_names
     }
-    assert {"eval", "bench", "inspect", "methods"} <= commands and len(CASES) >= 60
+    assert {"eval", "bench", "inspect", "methods", "push"} <= commands and len(CASES) >= 60
 
 
 def test_internal_errors_exit_1_and_traceback_only_with_debug(ws, capsys, monkeypatch):

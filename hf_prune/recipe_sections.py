@@ -1,0 +1,100 @@
+"""The recipe's optional sections beyond the stages: ``train:`` (``hf-prune train``) and ``publish:`` (push
+the saved output to the Hub). Re-exported from ``hf_prune.recipe``; kept apart so that file stays short."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import ConfigFieldError
+from .registry import config_field
+
+
+def check_positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise ConfigFieldError(name, f"must be a positive integer, got {value}")
+
+
+#: What ``hf-prune train`` fine-tunes for: next-token prediction, or a sequence classifier's labels.
+TRAINING_TASKS = ("causal_lm", "classification")
+
+
+@dataclass
+class TrainingConfig:
+    """The ``train:`` section of a recipe run by ``hf-prune train``: the data and the Trainer's settings."""
+
+    data: str = config_field(
+        help="training data: a local file (.txt, .jsonl, .json, .parquet) or a datasets hub id"
+    )
+    task: str | None = config_field(
+        None,
+        help="causal_lm | classification (default: classification for encoder classifiers, else causal_lm)",
+    )
+    text_field: str = config_field("text", help="column holding the text in jsonl/json/parquet/hub data")
+    label_field: str = config_field("label", help="classification: column holding the integer label")
+    max_length: int = config_field(128, help="tokens per example (causal_lm: packed windows of this length)")
+    split: str = config_field("train", help="dataset split (hub datasets)")
+    sample_by: Literal["line", "paragraph", "document"] = config_field(
+        "paragraph", help="how a .txt file is cut into records"
+    )
+    arguments: dict = config_field(
+        help="transformers.TrainingArguments fields (max_steps, learning_rate, per_device_train_batch_size, ...)",
+        default_factory=dict,
+    )
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TRAINING_TASKS:
+            raise ConfigFieldError("task", f"must be {' | '.join(TRAINING_TASKS)}, got {self.task!r}")
+        check_positive("max_length", self.max_length)
+        if self.max_length < 2:
+            raise ConfigFieldError("max_length", f"must be at least 2, got {self.max_length}")
+        if not self.data:
+            raise ConfigFieldError("data", "must name a file or a dataset id")
+
+
+#: The Hub's rule for a repo name (huggingface_hub's ``validate_repo_id``): letters, digits, ``-_.``, at most
+#: 96 characters, no ``--`` or ``..``, not starting or ending with ``-`` or ``.``; hf-prune asks for the
+#: namespace too, so the target never depends on whose token is found.
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+
+
+def repo_id_problem(repo_id: object) -> str | None:
+    """Why ``repo_id`` is not a Hub model id of the form ORG/NAME, or None when it is one."""
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id:
+        return (
+            f"must be a Hub repo id ORG/NAME (letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 "
+            f"characters each side), got {repo_id!r}"
+        )
+    if repo_id.endswith(".git"):
+        return f"must not end with .git, got {repo_id!r}"
+    return None
+
+
+@dataclass
+class PublishConfig:
+    """The ``publish:`` section: push the saved output to the Hub once the save succeeded."""
+
+    repo_id: str = config_field(help="the Hub repo to push to, ORG/NAME (created when missing)")
+    private: bool = config_field(
+        False, help="create the repo private (an existing repo keeps its visibility)"
+    )
+    revision: str | None = config_field(None, help="branch to commit to (created when missing; default main)")
+    commit_message: str | None = config_field(None, help="the commit's message (default: names the methods)")
+    base_model: str | None = config_field(
+        None,
+        help="Hub id of the model this was pruned from, for the card's base_model (default: model, if a Hub id)",
+    )
+    endpoint: str | None = config_field(None, help="Hub address (default: HF_ENDPOINT, else huggingface.co)")
+
+    def __post_init__(self) -> None:
+        problem = repo_id_problem(self.repo_id)
+        if problem:
+            raise ConfigFieldError("repo_id", problem)
+        if self.base_model is not None and repo_id_problem(self.base_model):
+            raise ConfigFieldError("base_model", f"must be a Hub model id ORG/NAME, got {self.base_model!r}")
+        if self.revision is not None and not self.revision.strip():
+            raise ConfigFieldError("revision", "must name a branch, got an empty string")
+        if self.endpoint is not None and not re.fullmatch(r"https?://\S+", self.endpoint):
+            raise ConfigFieldError("endpoint", f"must be an http(s) URL, got {self.endpoint!r}")
