@@ -246,7 +246,7 @@ def _source_phrase(source: str | None, base_model: str | None) -> str:
 #: Recipe and report keys whose string is always a local path (reduced to its base name).
 _PATH_KEYS = frozenset({"output", "output_dir", "logging_dir", "resume_from_checkpoint", "source_file"})
 #: Keys whose string is a local path or a Hub id (datasets / models): a path is reduced, an id kept.
-_PATH_OR_ID_KEYS = frozenset({"model", "data", "train_data", "text_tower"})
+_PATH_OR_ID_KEYS = frozenset({"model", "data", "train_data", "eval_data", "text_tower"})
 _FILE_SUFFIXES = frozenset({".txt", ".jsonl", ".json", ".parquet", ".csv", ".yaml", ".yml", ".safetensors"})
 
 
