@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_graphon import EXAMPLES as GRAPHON_EXAMPLES
+from .cli_graphon import add_graphon_arguments, run_graphon
 from .errors import HfPruneError
 from .recipe import EVAL_TASKS
 
@@ -72,6 +74,7 @@ hf_prune.json and README.md (both rendered for the Hub: no local path; the local
 The token is read by huggingface_hub: HF_TOKEN, else the login cache (`hf auth login`); it is never
 printed. The address is --endpoint, else HF_ENDPOINT, else https://huggingface.co.
 In a recipe, a publish: section pushes after the save (publish: {repo_id: me/x, private: true}).""",
+    "graphon": GRAPHON_EXAMPLES,
     "demo": """example:
   hf-prune demo                       # trains the embedded model on first use (~1-2 min), then prunes it
   hf-prune demo --output out/demo""",
@@ -100,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  hf-prune prune recipe.yaml\n  hf-prune train sparse.yaml\n"
         "  hf-prune eval MODEL --task perplexity --data FILE\n"
         "  hf-prune inspect MODEL\n  hf-prune methods\n  hf-prune push OUTPUT --repo-id ORG/NAME\n"
+        "  hf-prune graphon --method random snip synflow --widths 128 512 --sparsity 0.8 --output DIR\n"
         "  hf-prune demo\n\n"
         "Run 'hf-prune COMMAND --help' for the options and an example of each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -264,6 +268,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--dry-run", action="store_true", help="list what would be sent; contact nothing")
 
+    graphon = command(
+        "graphon",
+        "Graphons of pruning masks: a study of pruning-at-initialisation scorers, or a checkpoint's.",
+    )
+    add_graphon_arguments(graphon)
+
     demo = command("demo", "Prune the embedded demo model with ReplaceMe and layer_drop, evaluate, reload.")
     demo.add_argument("--output", default="out/demo", help="folder for the demo outputs (default out/demo)")
     return parser
@@ -285,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "inspect": _inspect,
         "methods": _methods,
         "push": _push,
+        "graphon": run_graphon,
         "demo": _demo,
     }
     try:
