@@ -126,7 +126,7 @@ def synflow_scores(
 
 
 def keep_top(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
-    """Boolean masks keeping the ``density`` fraction of highest scores (rounded down, at least one per
+    """Boolean masks keeping the ``density`` fraction of highest scores (rounded to nearest, at least one per
     mask), over all scores together (``global``) or per tensor (``layer``); ties go to the lower index."""
     if scope == "layer":
         return {n: _top_mask(s.flatten(), density).reshape(s.shape) for n, s in scores.items()}
@@ -142,7 +142,7 @@ def keep_top(scores: dict[str, torch.Tensor], density: float, scope: str) -> dic
 
 
 def _top_mask(flat: torch.Tensor, density: float) -> torch.Tensor:
-    count = max(1, int(density * flat.numel()))
+    count = max(1, round(density * flat.numel()))
     order = torch.sort(-flat, stable=True).indices  # stable: equal scores keep index order
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     mask[order[:count]] = True

@@ -26,7 +26,13 @@ SOURCE_ROOTS = {
     "evals": "hf_prune.evals",
 }
 
-TOP_LAYER = ("hf_prune.pipeline", "hf_prune.train_pipeline", "hf_prune.cli", "hf_prune.demo")
+TOP_LAYER = (
+    "hf_prune.pipeline",
+    "hf_prune.train_pipeline",
+    "hf_prune.cli",
+    "hf_prune.cli_graphon",
+    "hf_prune.demo",
+)
 LAB = ("hf_prune.evals.testbeds", "hf_prune.evals.benchmarks")
 MODEL_PATCHES_ALLOWED = {"torch", "transformers"} | set(sys.stdlib_module_names)
 
