@@ -16,7 +16,8 @@ scores, over all targets together (``scope="global"``, as SNIP, GraSP and SynFlo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -77,52 +78,81 @@ def score_weights(
             for (n, w), hg in zip(weights.items(), hessian_grad, strict=True)
         }
     if method == "synflow":
-        return synflow_scores(model, targets, objective=objective)
+        return synflow_scores(model, targets, objective)
     raise GraphonError(f"method: unknown scorer {method!r} (allowed: {', '.join(SCORERS)})")
 
 
-@torch.no_grad()
-def _set_abs(model: nn.Module) -> dict[str, torch.Tensor]:
-    signs = {}
-    for name, param in model.state_dict().items():
-        if param.is_floating_point():
-            signs[name] = torch.sign(param)
-            param.abs_()
-    return signs
-
-
-def synflow_scores(
-    model: nn.Module,
-    targets: list[str],
-    masks: dict[str, torch.Tensor] | None = None,
-    objective: Callable[[nn.Module], torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """|w ⊙ ∂R/∂w| with every parameter replaced by its absolute value (masked weights by 0), in float64.
-    R = ``objective(model)``; default: the sum of the outputs for an all-ones input as wide as the first
-    target (a plain MLP; a transformer passes e.g. all-ones ``inputs_embeds``). The model is restored
-    afterwards."""
+@contextlib.contextmanager
+def _absolute_float64(model: nn.Module) -> Iterator[None]:
+    """Inside the block every parameter and buffer of ``model`` is its float64 absolute value (eval mode);
+    after it, the model is exactly as before (values, dtype, mode)."""
     original = {name: p.detach().clone() for name, p in model.state_dict().items()}
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.double().eval()
     try:
-        _set_abs(model)
-        weights = _weights(model, targets)
-        if masks:
-            with torch.no_grad():
-                for name, mask in masks.items():
-                    weights[name].mul_(mask.to(torch.float64))
-        if objective is None:
-            first = weights[targets[0]]
-            total = model(torch.ones(1, first.shape[1], dtype=torch.float64, device=first.device)).sum()
-        else:
-            total = objective(model)
-        grads = torch.autograd.grad(total, list(weights.values()))
-        return {n: (w.detach() * g).abs() for (n, w), g in zip(weights.items(), grads, strict=True)}
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.abs_()
+        yield
     finally:
         model.to(dtype)
         model.load_state_dict(original)
         model.train(was_training)
+
+
+def _synflow_round(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    objective: Callable[[nn.Module], torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """|w ⊙ ∂R/∂w| on a model already made absolute (``_absolute_float64``)."""
+    if objective is None:
+        first = next(iter(weights.values()))
+        total = model(torch.ones(1, first.shape[1], dtype=torch.float64, device=first.device)).sum()
+    else:
+        total = objective(model)
+    grads = torch.autograd.grad(total, list(weights.values()))
+    return {n: (w.detach() * g).abs() for (n, w), g in zip(weights.items(), grads, strict=True)}
+
+
+def synflow_scores(
+    model: nn.Module, targets: list[str], objective: Callable[[nn.Module], torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """One SynFlow round: |w ⊙ ∂R/∂w| with every parameter replaced by its absolute value, in float64.
+    R = ``objective(model)``; default: the sum of the outputs for an all-ones input as wide as the first
+    target (a plain MLP; a transformer passes e.g. all-ones ``inputs_embeds``). The model is restored
+    afterwards."""
+    with _absolute_float64(model):
+        return _synflow_round(model, _weights(model, targets), objective)
+
+
+def synflow_masks(
+    model: nn.Module,
+    targets: list[str],
+    density: float,
+    *,
+    rounds: int,
+    scope: str,
+    objective: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Iterative SynFlow: round k keeps the top density^(k / rounds) of the weights, scored with the
+    weights pruned so far set to 0 (and never revived)."""
+    with _absolute_float64(model):
+        weights = _weights(model, targets)
+        absolute = {name: weight.detach().clone() for name, weight in weights.items()}
+        masks: dict[str, torch.Tensor] | None = None
+        for k in range(1, rounds + 1):
+            if masks is not None:
+                with torch.no_grad():
+                    for name, weight in weights.items():
+                        weight.copy_(absolute[name] * masks[name])
+            scores = _synflow_round(model, weights, objective)
+            if masks is not None:  # a pruned weight scores 0: put it below every live one
+                scores = {n: torch.where(masks[n], s, torch.full_like(s, -1.0)) for n, s in scores.items()}
+            masks = keep_top(scores, density ** (k / rounds), scope)
+    return masks
 
 
 def keep_top(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
@@ -175,13 +205,7 @@ def prune_at_init(
     if method != "synflow":
         scores = score_weights(model, method, targets, loss=loss, objective=objective, seed=seed)
         return keep_top(scores, density, scope)
-    masks: dict[str, torch.Tensor] | None = None
-    for k in range(1, rounds + 1):
-        scores = synflow_scores(model, targets, masks, objective)
-        if masks is not None:  # pruned weights stay pruned: their score is 0, put them below every live one
-            scores = {n: torch.where(masks[n], s, torch.full_like(s, -1.0)) for n, s in scores.items()}
-        masks = keep_top(scores, density ** (k / rounds), scope)
-    return masks
+    return synflow_masks(model, targets, density, rounds=rounds, scope=scope, objective=objective)
 
 
 def apply_masks_(model: nn.Module, masks: dict[str, Any]) -> None:
@@ -191,3 +215,50 @@ def apply_masks_(model: nn.Module, masks: dict[str, Any]) -> None:
         for name, mask in masks.items():
             weight = modules[name].weight
             weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+
+
+def prune_projections_at_init(
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    input_ids: torch.Tensor,
+    *,
+    scope: str = "global",
+    rounds: int = 100,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """``prune_at_init`` on every attention and MLP projection of a Hugging Face causal LM's decoder layers
+    (the adapter table names them; routers are left out): SNIP and GraSP score with the language-model
+    loss on ``input_ids``, SynFlow with R = the sum of the logits for all-ones ``inputs_embeds`` of the
+    same length."""
+    from ..adapters import get_adapter
+
+    targets, _ = get_adapter(model.config).adapter_targets(model)
+    hidden = model.get_input_embeddings().weight.shape[1]
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        return m(input_ids=input_ids, labels=input_ids).loss
+
+    def objective(m: nn.Module) -> torch.Tensor:
+        ones = torch.ones(1, input_ids.shape[-1], hidden, dtype=torch.float64, device=input_ids.device)
+        return m(inputs_embeds=ones).logits.sum()
+
+    # GraSP differentiates the gradient again; the fused SDPA kernels have no double backward.
+    attention = model.config._attn_implementation
+    if method == "grasp" and attention != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        return prune_at_init(
+            model,
+            method,
+            sparsity,
+            targets=targets,
+            loss=loss,
+            objective=objective,
+            scope=scope,
+            rounds=rounds,
+            seed=seed,
+        )
+    finally:
+        if model.config._attn_implementation != attention:
+            model.set_attn_implementation(attention)

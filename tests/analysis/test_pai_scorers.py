@@ -130,3 +130,22 @@ def test_bad_input_is_named(kwargs, words):
 def test_a_model_without_linear_layers_is_refused():
     with pytest.raises(GraphonError, match="the model has no nn.Linear layer to prune"):
         prune_at_init(nn.Sequential(nn.ReLU()), "random", 0.5)
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow"])
+def test_transformer_projections_are_scored_and_the_model_left_alone(method):
+    from tiny_models import build_tiny_model, build_tokenizer
+
+    from hf_prune.adapters import get_adapter
+    from hf_prune.analysis.pai_scorers import prune_projections_at_init
+
+    model = build_tiny_model("llama", build_tokenizer())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    input_ids = torch.randint(4, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    masks = prune_projections_at_init(model, method, 0.7, input_ids, rounds=5)
+    projections = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    assert sorted(masks) == sorted(projections) == sorted(get_adapter(model.config).adapter_targets(model)[0])
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.3 * total)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.dtype == torch.float32
