@@ -109,6 +109,6 @@ def run_graphon(args: argparse.Namespace) -> int:
     settings.check()
     results = run_study(settings, progress=not args.quiet)
     atomic_write_dir(output, lambda folder: write_study_report(results, folder))
-    rho = ", ".join(f"{k} {v:+.2f}" for k, v in results["spearman_vs_loss_drop"].items())
+    rho = ", ".join(f"{k} {v:+.2f}" for k, v in results["spearman"]["loss_drop"].items())
     print(f"graphon study written to {output} (Spearman vs early loss drop: {rho})")
     return 0

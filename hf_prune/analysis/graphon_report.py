@@ -56,7 +56,13 @@ def write_study_report(results: dict[str, Any], output: Path) -> list[Path]:
         for w in widths
     ]
     _heat_maps(cells, len(widths), output / "graphons.png")
-    written.append(output / "graphons.png")
+    widest = [
+        (f"{m}, width {widths[-1]}, {s:.0%} sparse", results["graphons"][(m, s, widths[-1])])
+        for m in methods
+        for s in sparsities
+    ]
+    _heat_maps(widest, len(sparsities), output / "graphons_widest.png")
+    written += [output / "graphons.png", output / "graphons_widest.png"]
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("l2", "cut"), strict=True):
@@ -97,7 +103,7 @@ def write_study_report(results: dict[str, Any], output: Path) -> list[Path]:
             ax.annotate(
                 f"{config['method']} {config['sparsity']:.0%}", (config[key], config["loss_drop"]), fontsize=6
             )
-        rho = results["spearman_vs_loss_drop"][key]
+        rho = results["spearman"]["loss_drop"][key]
         ax.set(xlabel=key, ylabel="early loss drop", title=f"Spearman ρ = {rho:.2f}")
     figure.tight_layout()
     figure.savefig(output / "spectral_vs_loss.png", dpi=110)
@@ -151,17 +157,34 @@ def _study_markdown(results: dict[str, Any]) -> str:
         f"({settings['ntk_bins']} positions per layer), {settings['steps']} Adam steps "
         f"(lr {settings['learning_rate']})",
         "",
-        "| method | sparsity | α (decay) | trace/λ₁ | λ₁/λ₂ | top-5 share | early loss drop |",
-        "|---|---|---|---|---|---|---|",
+        "| method | sparsity | α (decay) | trace/λ₁ | λ₁/λ₂ | top-5 share | early loss drop | relative drop "
+        "| final loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["config_means"]:
         lines.append(
             f"| {c['method']} | {c['sparsity']:.0%} | {c['decay_alpha']:.3f} | {c['trace_over_top']:.2f} | "
-            f"{c['top1_over_top2']:.2f} | {c['top5_share']:.3f} | {c['loss_drop']:.3f} |"
+            f"{c['top1_over_top2']:.2f} | {c['top5_share']:.3f} | {c['loss_drop']:.3f} | "
+            f"{c['relative_loss_drop']:.3f} | {c['final_loss']:.3f} |"
         )
-    lines += ["", "Spearman rank correlation with the early loss drop, over the method × sparsity means:", ""]
-    lines += [f"- {key}: {value:.3f}" for key, value in results["spearman_vs_loss_drop"].items()]
-    lines += ["", "Figures: graphons.png, convergence.png, spectrum_and_loss.png, spectral_vs_loss.png.", ""]
+    lines += [
+        "",
+        "Spearman rank correlation over the method × sparsity means (rows: training measure, columns: "
+        "spectral quantity):",
+        "",
+        "| | " + " | ".join(SPECTRAL_KEYS) + " |",
+        "|---|" + "---|" * len(SPECTRAL_KEYS),
+        *[
+            f"| {target} | " + " | ".join(f"{rhos[key]:+.3f}" for key in SPECTRAL_KEYS) + " |"
+            for target, rhos in results["spearman"].items()
+        ],
+    ]
+    lines += [
+        "",
+        "Figures: graphons.png (each width, first sparsity), graphons_widest.png (the widest, each sparsity), "
+        "convergence.png, spectrum_and_loss.png, spectral_vs_loss.png.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -6,8 +6,8 @@
 2. **Trainability**: at one width, each pruned MLP's Graphon NTK (``graphon_ntk.py``) is computed from its
    own masks on a data sample, with its four spectral quantities, and the MLP is trained for ``steps``
    Adam steps (pruned weights held at zero); the spectral quantities are set against the early loss drop
-   (mean loss of the first 5 steps − mean of the last 5) by Spearman rank correlation over the
-   scorer × sparsity configurations (seed means).
+   (mean loss of the first 5 steps − mean of the last 5), that drop relative to the starting loss, and the
+   loss reached, by Spearman rank correlation over the scorer × sparsity configurations (seed means).
 
 For the NTK the masks are read with one node order per layer, so that a neuron keeps its position as the
 output of one layer and the input of the next: each hidden layer's neurons by descending in-degree (row
@@ -33,6 +33,9 @@ from .idx_images import read_idx_image_set
 from .pai_scorers import SCORERS, apply_masks_, prune_at_init
 
 SPECTRAL_KEYS = ("decay_alpha", "trace_over_top", "top1_over_top2", "top5_share")
+#: How fast a run trains early: the loss drop (absolute), the drop as a share of the starting loss (a
+#: network pruned into huge initial outputs drops by thousands), and the loss reached.
+TRAINING_KEYS = ("loss_drop", "relative_loss_drop", "final_loss")
 
 
 @dataclass
@@ -150,6 +153,12 @@ def train_losses(model: nn.Module, masks: dict[str, torch.Tensor], x, y, setting
     return losses
 
 
+def early_training(losses: list[float]) -> dict[str, float]:
+    """The ``TRAINING_KEYS`` of one loss curve: start and end are the means of its first and last 5 steps."""
+    start, end = statistics.fmean(losses[:5]), statistics.fmean(losses[-5:])
+    return {"loss_drop": start - end, "relative_loss_drop": (start - end) / start, "final_loss": end}
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
 
@@ -211,7 +220,7 @@ def run_study(settings: StudySettings, *, progress: bool = True) -> dict[str, An
                                 "seed": seed,
                                 "losses": losses,
                                 "eigenvalues": torch.linalg.eigvalsh(gram).flip(0).tolist(),
-                                "loss_drop": statistics.fmean(losses[:5]) - statistics.fmean(losses[-5:]),
+                                **early_training(losses),
                                 **spectral_summary(gram),
                             }
                         )
@@ -235,7 +244,10 @@ def run_study(settings: StudySettings, *, progress: bool = True) -> dict[str, An
     bar.close()
     configs = _config_means(trainability)
     correlations = {
-        key: spearman([c[key] for c in configs], [c["loss_drop"] for c in configs]) for key in SPECTRAL_KEYS
+        target: {
+            key: spearman([c[key] for c in configs], [c[target] for c in configs]) for key in SPECTRAL_KEYS
+        }
+        for target in TRAINING_KEYS
     }
     return {
         "settings": {k: v for k, v in vars(settings).items() if k != "notes"} | {"bins_used": bins},
@@ -244,7 +256,7 @@ def run_study(settings: StudySettings, *, progress: bool = True) -> dict[str, An
         "convergence": convergence,
         "trainability": trainability,
         "config_means": configs,
-        "spearman_vs_loss_drop": correlations,
+        "spearman": correlations,
         "graphons": graphons,
         "notes": settings.notes,
     }
@@ -258,6 +270,6 @@ def _config_means(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         group = [r for r in runs if (r["method"], r["sparsity"]) == (method, sparsity)]
         means.append(
             {"method": method, "sparsity": sparsity}
-            | {k: statistics.fmean(r[k] for r in group) for k in (*SPECTRAL_KEYS, "loss_drop")}
+            | {k: statistics.fmean(r[k] for r in group) for k in (*SPECTRAL_KEYS, *TRAINING_KEYS)}
         )
     return means

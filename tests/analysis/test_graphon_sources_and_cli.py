@@ -112,12 +112,16 @@ def test_study_writes_figures_report_and_results(tmp_path):
     widest = [row for row in results["convergence"] if row["width"] == 32]
     assert all(row["l2"] == 0.0 and row["cut"] == 0.0 for row in widest)  # the widest against itself
     assert [len(run["losses"]) for run in results["trainability"]] == [3, 3]
-    assert set(results["spearman_vs_loss_drop"]) == {
+    assert set(results["spearman"]) == {"loss_drop", "relative_loss_drop", "final_loss"}
+    assert set(results["spearman"]["final_loss"]) == {
         "decay_alpha",
         "trace_over_top",
         "top1_over_top2",
         "top5_share",
     }
+    run = results["trainability"][0]
+    start = end = sum(run["losses"]) / 3  # 3 steps: the first 5 and the last 5 are all of them
+    assert run["loss_drop"] == pytest.approx(start - end) and run["final_loss"] == pytest.approx(end)
     report = (output / "report.md").read_text()
     assert "| random | 80% |" in report and "| synflow | 80% |" in report
 
@@ -186,3 +190,18 @@ def test_a_dense_checkpoint_exits_2(tmp_path, capsys):
     build_tiny_model("llama", build_tokenizer()).save_pretrained(tmp_path / "dense")
     assert main(["graphon", str(tmp_path / "dense"), "--output", str(tmp_path / "out")]) == 2
     assert "no prunable layer with pruned weights" in capsys.readouterr().err
+
+
+def test_early_training_measures_by_hand():
+    from hf_prune.analysis.study import early_training, spearman
+
+    # First 5 losses average 8, last 5 average 3.
+    assert early_training([10, 9, 8, 7, 6, 5, 4, 3, 2, 1]) == {
+        "loss_drop": 5.0,
+        "relative_loss_drop": 0.625,
+        "final_loss": 3.0,
+    }
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ranks 1, 2.5, 2.5, 4 against 1, 3, 2, 4: Pearson of the ranks = 4.5 / √(4.5 · 5).
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
