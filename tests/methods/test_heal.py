@@ -225,7 +225,9 @@ def test_encoders_and_prompt_pruned_models_are_refused():
 
     with pytest.raises(UnsupportedModelError, match="heal fine-tunes causal language models"):
         HealConfig(train_data="t.txt").check_model(BertConfig(), get_adapter(BertConfig()))
-    config = LlamaConfig()
+    config = LlamaConfig(max_position_embeddings=64)
+    with pytest.raises(ConfigFieldError, match="seq_len: must be at most the model's 64 positions, got 128"):
+        HealConfig(train_data="org/dataset", seq_len=128).check_model(config, get_adapter(config))
     config.token_pruning = {"algorithm": "fastv"}
     with pytest.raises(ConfigFieldError, match="heal cannot follow prompt token pruning"):
         HealConfig(train_data="t.txt").check_model(config, get_adapter(config))

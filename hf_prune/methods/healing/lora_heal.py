@@ -108,6 +108,11 @@ class HealConfig(OneShotMethod):
                 "heal cannot follow prompt token pruning: a pruned prefill has no logits at pruned "
                 "positions to train on (heal before the token-pruning stage)",
             )
+        positions = getattr(adapter.text_config(model_config), "max_position_embeddings", None)
+        if positions and self.seq_len > positions:
+            raise ConfigFieldError(
+                "seq_len", f"must be at most the model's {positions} positions, got {self.seq_len}"
+            )
         for name in ("train_data", "eval_data"):  # before any weights load, not after the pruning stages
             data = getattr(self, name)
             if data is not None and looks_like_local_path(data) and not Path(data).expanduser().exists():
