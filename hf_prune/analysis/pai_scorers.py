@@ -172,10 +172,16 @@ def keep_top(scores: dict[str, torch.Tensor], density: float, scope: str) -> dic
 
 
 def _top_mask(flat: torch.Tensor, density: float) -> torch.Tensor:
+    """The ``count`` highest entries; of entries equal to the cut-off, the lowest indices. A selection
+    (``kthvalue``), not a sort: SynFlow calls this once per round on every weight of the model."""
     count = max(1, round(density * flat.numel()))
-    order = torch.sort(-flat, stable=True).indices  # stable: equal scores keep index order
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    mask[order[:count]] = True
+    if count >= flat.numel():
+        return torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    cutoff = torch.kthvalue(flat.cpu(), flat.numel() - count + 1).values.to(flat.device)
+    mask = flat > cutoff
+    missing = count - int(mask.sum())
+    if missing > 0:
+        mask[(flat == cutoff).nonzero().flatten()[:missing]] = True
     return mask
 
 
