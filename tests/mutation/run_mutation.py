@@ -85,6 +85,19 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["hf_prune/methods/sparsity/schedules.py", "hf_prune/methods/sparsity/masks.py"],
         ["tests/methods/test_sparsity_masks.py"],
     ),
+    "healing": (
+        ["hf_prune/methods/healing/lora_heal.py", "hf_prune/methods/healing/lora_training.py"],
+        # The fresh-process reload and the real-model test are slow; the rest trains tiny models in seconds.
+        ["tests/methods/test_heal.py", "-m", "not slow", "-k", "not stories260k"],
+    ),
+    "graphon": (
+        [
+            "hf_prune/analysis/graphon.py",
+            "hf_prune/analysis/graphon_ntk.py",
+            "hf_prune/analysis/pai_scorers.py",
+        ],
+        ["tests/analysis/test_graphon.py", "tests/analysis/test_pai_scorers.py", "-m", "not slow"],
+    ),
     "tokens": (
         [
             "model_patches/prompt_prefill.py",
