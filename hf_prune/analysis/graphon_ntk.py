@@ -5,7 +5,7 @@ Network (NTK parametrisation, no biases by default): f¹ = σ_w/√d₀ · (M¹ 
 width a neuron at position u ∈ [0, 1] of layer l has pre-activation covariance Σˡ(u; x, x') and NTK
 Θˡ(u; x, x'); a mask with graphon W scales each incoming weight's variance by W(u, v), so with φ = ReLU
 
-    Σ¹(u)   = σ_w² ∫ W¹(u, v) x(v) x'(v) dv                        (v runs over the input coordinates)
+    Σ¹(u)   = σ_w² ∫ W¹(u, v) x(v) x'(v) dv + σ_b²                 (v runs over the input coordinates)
     Σˡ⁺¹(u) = σ_w² ∫ Wˡ⁺¹(u, v) E[φ(a)φ(b)] dv + σ_b²,   Σ̇ˡ⁺¹(u) = σ_w² ∫ Wˡ⁺¹(u, v) E[φ'(a)φ'(b)] dv
     Θ¹(u)   = Σ¹(u),   Θˡ⁺¹(u) = σ_w² ∫ Wˡ⁺¹(u, v) Θˡ(v) E[φ'(a)φ'(b)] dv + Σˡ⁺¹(u)
 
@@ -83,7 +83,7 @@ def graphon_ntk(
     # Σ¹ per input block k: σ_w² / d₀ · Σ_{i in block k} x_i x'_i, then mixed by the first graphon.
     groups = torch.tensor_split(torch.arange(x.shape[1]), layers[0].shape[1])
     per_block = torch.stack([x[:, g] @ x[:, g].T for g in groups]) / x.shape[1] * layers[0].shape[1]
-    sigma = sigma_w**2 * torch.einsum("uk,knm->unm", layers[0], per_block) / layers[0].shape[1]
+    sigma = sigma_w**2 * torch.einsum("uk,knm->unm", layers[0], per_block) / layers[0].shape[1] + sigma_b**2
     theta = sigma.clone()
     steps = [
         *layers[1:],

@@ -120,13 +120,15 @@ def test_cut_distance_of_a_rank_one_difference():
     assert cut_distance(torch.outer(u, v), torch.zeros(4, 4, dtype=torch.float64)) == pytest.approx(expected)
 
 
-def dense_relu_ntk(x: torch.Tensor, layers: int, sigma_w2: float = 2.0) -> torch.Tensor:
+def dense_relu_ntk(
+    x: torch.Tensor, layers: int, sigma_w2: float = 2.0, sigma_b2: float = 0.0
+) -> torch.Tensor:
     """The dense ReLU NTK, pair by pair, from Jacot et al. / Arora et al. (2019): Σ⁰ = σ²xᵀx'/d, then
     per layer Σ = σ²·(√(ab)/2π)(sin θ + (π − θ) cos θ), Σ̇ = σ²(π − θ)/2π, Θ ← Θ·Σ̇ + Σ."""
     n, d = x.shape
     gram = torch.zeros(n, n, dtype=torch.float64)
     for i, j in itertools.product(range(n), repeat=2):
-        s_ii, s_jj, s_ij = (sigma_w2 * float(x[p] @ x[q]) / d for p, q in ((i, i), (j, j), (i, j)))
+        s_ii, s_jj, s_ij = (sigma_w2 * float(x[p] @ x[q]) / d + sigma_b2 for p, q in ((i, i), (j, j), (i, j)))
         theta_ntk = s_ij
         for _ in range(layers):
             angle = math.acos(max(-1.0, min(1.0, s_ij / math.sqrt(s_ii * s_jj))))
@@ -135,9 +137,13 @@ def dense_relu_ntk(x: torch.Tensor, layers: int, sigma_w2: float = 2.0) -> torch
                 * math.sqrt(s_ii * s_jj)
                 / (2 * math.pi)
                 * (math.sin(angle) + (math.pi - angle) * math.cos(angle))
+                + sigma_b2
             )
             dot = sigma_w2 * (math.pi - angle) / (2 * math.pi)
-            s_ii, s_jj = sigma_w2 * s_ii / 2, sigma_w2 * s_jj / 2  # θ = 0 on the diagonal
+            s_ii, s_jj = (
+                sigma_w2 * s_ii / 2 + sigma_b2,
+                sigma_w2 * s_jj / 2 + sigma_b2,
+            )  # θ = 0 on the diagonal
             theta_ntk = theta_ntk * dot + new_ij
             s_ij = new_ij
         gram[i, j] = theta_ntk
@@ -234,9 +240,62 @@ def test_spectral_summary_on_known_eigenvalues():
             "graphons[1]: has 3 input blocks, but graphons[0] has 2 output blocks",
         ),
         (lambda: graphon_ntk(torch.randn(3, 4), [torch.full((2, 2), 1.5)]), "densities must lie in [0, 1]"),
+        (lambda: graphon_ntk(torch.randn(3, 4), [torch.full((2, 2), -0.1)]), "densities must lie in [0, 1]"),
+        (lambda: graphon_ntk(torch.randn(3, 4), []), "give one K_out × K_in density matrix per masked layer"),
+        (lambda: graphon_ntk(torch.randn(3, 4), [torch.ones(2)]), "graphons[0]: must be a 2-D tensor"),
+        (
+            lambda: graphon_ntk(torch.randn(3, 4), [torch.ones(2, 5)]),
+            "graphons[0]: 5 input blocks for 4 input",
+        ),
+        (lambda: graphon_ntk(torch.randn(3), [torch.ones(2, 2)]), "x: must be [samples, features], got (3,)"),
+        (
+            lambda: graphon_ntk(torch.randn(3, 4), [torch.ones(2, 2)], readout=torch.ones(3)),
+            "readout: 3 densities for 2 blocks of the last layer",
+        ),
+        (lambda: estimate_graphon(torch.zeros(0, 3)), "mask: is empty"),
+        (lambda: estimate_graphon(torch.eye(4), bins=2, smooth=-1), "smooth: must be >= 0, got -1"),
     ],
 )
 def test_bad_input_is_named(call, words):
     with pytest.raises(GraphonError) as err:
         call()
     assert words in str(err.value)
+
+
+def test_biases_add_to_every_layers_covariance():
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    graphons = [torch.ones(2, 2, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)]
+    gram = graphon_ntk(x, graphons, sigma_w=1.3, sigma_b=0.5)
+    torch.testing.assert_close(
+        gram, dense_relu_ntk(x, 2, sigma_w2=1.69, sigma_b2=0.25), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_spectral_summary_scales_and_a_missing_second_eigenvalue():
+    eigenvalues = 3.0 * torch.arange(1, 11, dtype=torch.float64) ** -1.5
+    summary = spectral_summary(torch.diag(eigenvalues))
+    assert summary["trace_over_top"] == pytest.approx(float(eigenvalues.sum() / 3.0))
+    assert summary["decay_alpha"] == pytest.approx(1.5)
+    assert spectral_summary(torch.diag(torch.tensor([2.0, 0.0, 0.0])))["top1_over_top2"] == math.inf
+    with pytest.raises(GraphonError, match="needs at least 2 samples and a positive top eigenvalue"):
+        spectral_summary(torch.ones(1, 1))
+
+
+def test_cut_distance_on_non_square_grids_equals_brute_force():
+    for seed in range(4):
+        difference = torch.randn(3, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        best = max(
+            abs(float(difference[list(r)][:, list(c)].sum()))
+            for r in itertools.product([False, True], repeat=3)
+            for c in itertools.product([False, True], repeat=6)
+        )
+        assert cut_distance(difference, torch.zeros_like(difference)) == pytest.approx(best / 18, abs=1e-12)
+
+
+def test_edge_values_are_accepted():
+    assert estimate_graphon(torch.eye(10), bins=10).shape == (10, 10)  # as many bins as nodes
+    assert estimate_graphon(torch.eye(10), bins=1).item() == pytest.approx(0.1)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert (
+        graphon_ntk(x, [torch.zeros(2, 4, dtype=torch.float64)]).abs().max() < 1e-200
+    )  # density 0 is allowed

@@ -117,6 +117,8 @@ def test_keep_top_breaks_ties_by_index():
     [
         ({"method": "obd", "sparsity": 0.5}, "method: unknown scorer 'obd'"),
         ({"method": "random", "sparsity": 1.0}, "sparsity: must be in (0, 1), got 1.0"),
+        ({"method": "random", "sparsity": 0.0}, "sparsity: must be in (0, 1), got 0.0"),
+        ({"method": "random", "sparsity": 0.5, "targets": ["1"]}, "targets: ['1'] are not nn.Linear modules"),
         ({"method": "snip", "sparsity": 0.5}, "method snip: needs data"),
         ({"method": "random", "sparsity": 0.5, "scope": "row"}, "scope: must be 'global' or 'layer'"),
     ],
@@ -149,3 +151,27 @@ def test_transformer_projections_are_scored_and_the_model_left_alone(method):
     assert sum(int(m.sum()) for m in masks.values()) == round(0.3 * total)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.dtype == torch.float32
+    assert model.config._attn_implementation == "sdpa"  # GraSP's switch to eager is undone
+
+
+def test_iterative_synflow_by_hand_on_the_toy_network():
+    """Two rounds at final density 0.25: round 1 keeps the top 50% of single-round scores; round 2 scores
+    again with the pruned weights at 0 and keeps the top 25% of all weights among the live ones."""
+    model = toy_network(3)
+    a1, a2 = model[0].weight.detach().abs(), model[2].weight.detach().abs()
+
+    def scores(m1, m2):
+        w1, w2 = a1 * m1, a2 * m2
+        return w1 * (w2.sum(dim=0)[:, None]), w2 * w1.sum(dim=1)[None, :]
+
+    def top(s1, s2, count):
+        flat = torch.cat([s1.flatten(), s2.flatten()])
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[flat.sort(descending=True, stable=True).indices[:count]] = True
+        return keep[:12].reshape(4, 3), keep[12:].reshape(2, 4)
+
+    m1, m2 = top(*scores(torch.ones(4, 3), torch.ones(2, 4)), 10)
+    s1, s2 = scores(m1.double(), m2.double())
+    m1, m2 = top(torch.where(m1, s1, -1.0), torch.where(m2, s2, -1.0), 5)
+    masks = prune_at_init(model, "synflow", 0.75, rounds=2)
+    assert torch.equal(masks["0"], m1) and torch.equal(masks["2"], m2)

@@ -322,3 +322,83 @@ def _windows(path, tokenizer, seq_len):
     paragraphs = [p for p in path.read_text().split("\n\n") if p.strip()]
     ids = [i for p in paragraphs for i in tokenizer(p, add_special_tokens=True)["input_ids"]]
     return [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
+def test_held_out_split_and_counts_by_hand(healed, llama_folder, text_file):
+    stage = healed.stages[0]
+    tokenizer = AutoTokenizer.from_pretrained(llama_folder)
+    total = len(_windows(text_file, tokenizer, HEAL["seq_len"]))
+    held_out = round(total * 0.1)
+    assert (stage["train_windows"], stage["eval_tokens"]) == (total - held_out, held_out * HEAL["seq_len"])
+    # LoRA on every projection: r·(in + out) parameters each, counted from the stock model's shapes.
+    source = AutoModelForCausalLM.from_pretrained(llama_folder)
+    expected = sum(
+        HEAL["rank"] * (m.in_features + m.out_features)
+        for name, m in source.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in name
+    )
+    assert stage["lora_parameters"] == expected
+    assert stage["sparse_weights_kept"] == 0 and stage["zeros_restored"] == 0  # a dense model
+    assert 0 < stage["training_seconds"] <= stage["seconds"]
+
+
+def test_eval_data_file_is_scored_and_named_without_its_path(text_file, tmp_path):
+    tokenizer = build_tokenizer()
+    heldout = tmp_path / "sub" / "heldout.jsonl"
+    heldout.parent.mkdir()
+    lines = [json.dumps({"body": p}) for p in text_file.read_text().split("\n\n")[:6] if p.strip()]
+    heldout.write_text("\n".join(lines) + "\n")
+    recipe = {
+        "stages": [
+            {
+                **HEAL,
+                "steps": 2,
+                "train_data": str(text_file),
+                "eval_data": str(heldout),
+                "text_field": "body",
+                "max_eval_windows": 3,
+            }
+        ]
+    }
+    with pytest.raises(HfPruneError, match="no text field 'body'"):  # text_field reads both files
+        hf_prune.prune(build_tiny_model("llama", tokenizer), recipe, tokenizer=tokenizer, progress=False)
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        "\n".join(json.dumps({"body": p}) for p in text_file.read_text().split("\n\n") if p.strip())
+    )
+    recipe["stages"][0]["train_data"] = str(train)
+    result = hf_prune.prune(build_tiny_model("llama", tokenizer), recipe, tokenizer=tokenizer, progress=False)
+    stage = result.stages[0]
+    ids = [
+        i for line in lines for i in tokenizer(json.loads(line)["body"], add_special_tokens=True)["input_ids"]
+    ]
+    assert stage["eval_data"] == "heldout.jsonl"
+    assert stage["eval_tokens"] == min(3, len(ids) // HEAL["seq_len"]) * HEAL["seq_len"]
+
+
+def test_one_window_is_held_out_at_least(tmp_path):
+    tokenizer = build_tokenizer()
+    short = tmp_path / "short.txt"
+    for repeats in range(1, 40):  # 2 to 4 windows: 10% of them rounds to 0, one is held out all the same
+        text = " ".join(["the quick brown fox jumps over the lazy dog"] * repeats)
+        if 2 <= len(tokenizer(text)["input_ids"]) // 16 <= 4:
+            break
+    short.write_text(text)
+    recipe = {"stages": [{**HEAL, "steps": 1, "train_data": str(short), "seq_len": 16}]}
+    result = hf_prune.prune(build_tiny_model("llama", tokenizer), recipe, tokenizer=tokenizer, progress=False)
+    stage = result.stages[0]
+    assert stage["eval_tokens"] == 16 and stage["train_windows"] >= 1
+    assert stage["eval_data"] == "short.txt (last 1 windows, held out)"
+
+
+def test_boundary_values_are_accepted_and_a_missing_tokenizer_named(text_file):
+    HealConfig(train_data="t.txt", seq_len=2, eval_fraction=0.01)  # the smallest allowed
+    with pytest.raises(ConfigFieldError, match="eval_fraction"):
+        HealConfig(train_data="t.txt", eval_fraction=0.0)
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(max_position_embeddings=64)
+    HealConfig(train_data="org/data", seq_len=64).check_model(config, get_adapter(config))
+    recipe = {"stages": [{**HEAL, "steps": 1, "train_data": str(text_file)}]}
+    with pytest.raises(HfPruneError, match="heal needs a tokenizer, and none was found with the model"):
+        hf_prune.prune(build_tiny_model("llama", build_tokenizer()), recipe, progress=False)
