@@ -227,6 +227,17 @@ def load_preprocessor(name: str, *, vision_language: bool = False, trust_remote_
     return None
 
 
+def load_image_processor(name: str, *, trust_remote_code: bool = False) -> Any:
+    """The image processor saved with an image classifier, or None if it has none (its pixel values are
+    then the images scaled to [0, 1]: ``hf_prune.image_data.pixel_values``)."""
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def text_tokenizer(preprocessor: Any) -> Any:
     """The tokenizer inside a processor, or the tokenizer itself."""
     return getattr(preprocessor, "tokenizer", preprocessor)
@@ -310,19 +321,21 @@ def _card_settings(config: Any, *, has_preprocessor: bool) -> dict[str, Any]:
         "model_type": config.model_type,
         "auto_class": auto_model_class(adapter).__name__,
         "preprocessor_class": preprocessor_class(
-            object() if has_preprocessor else None, vision_language=adapter.is_vision_language
+            object() if has_preprocessor else None,
+            vision_language=adapter.is_vision_language,
+            image=adapter.is_image_classifier,
         ),
         "token_pruning": getattr(config, "token_pruning", None) is not None,
     }
 
 
-def preprocessor_class(preprocessor: Any, *, vision_language: bool) -> str | None:
+def preprocessor_class(preprocessor: Any, *, vision_language: bool, image: bool = False) -> str | None:
     """The Auto class that loads the saved tokenizer / processor: ``AutoProcessor`` for vision-language
-    models (it returns the tokenizer when only that was saved), ``AutoTokenizer`` otherwise; None if
-    nothing was saved."""
+    models (it returns the tokenizer when only that was saved), ``AutoImageProcessor`` for image
+    classifiers, ``AutoTokenizer`` otherwise; None if nothing was saved."""
     if preprocessor is None:
         return None
-    return "AutoProcessor" if vision_language else "AutoTokenizer"
+    return "AutoProcessor" if vision_language else "AutoImageProcessor" if image else "AutoTokenizer"
 
 
 def _json_default(value: Any) -> Any:

@@ -178,6 +178,14 @@ def _stage_lines(report: dict[str, Any]) -> list[str]:
                 f"{stage['train_windows']} windows of training text); perplexity on {stage['eval_data']}: "
                 f"{stage['perplexity_before']:.4g} before healing → {stage['perplexity_after']:.4g} after"
             )
+        elif "member_domains" in stage:  # cards: a deck of lottery tickets
+            rewind = "LRR" if stage["rewind"] == "learning_rate" else "LTR"
+            lines.append(
+                f"- `{stage['method']}`: a CARD-Deck of {len(stage['member_domains'])} lottery tickets ({rewind}, "
+                f"{stage['final_sparsity']:.1%} sparse each, {stage['rounds']} rounds) trained with the "
+                f"augmentations {', '.join(stage['member_domains'])}; gating `{stage['gating']}`; each member "
+                "alone, as a stock checkpoint, in `cards/member-<i>-<domain>/`"
+            )
         elif "targeted_weights" in stage:  # training-time sparsity: zeros in dense tensors
             how = ", ".join(str(stage[k]) for k in ("pattern", "scope") if k in stage)
             lines.append(

@@ -17,7 +17,7 @@ def check_positive(name: str, value: int | None) -> None:
 
 
 #: What ``hf-prune train`` fine-tunes for: next-token prediction, or a sequence classifier's labels.
-TRAINING_TASKS = ("causal_lm", "classification")
+TRAINING_TASKS = ("causal_lm", "classification", "image_classification")
 
 
 @dataclass
@@ -25,12 +25,15 @@ class TrainingConfig:
     """The ``train:`` section of a recipe run by ``hf-prune train``: the data and the Trainer's settings."""
 
     data: str = config_field(
-        help="training data: a local file (.txt, .jsonl, .json, .parquet) or a datasets hub id"
+        help="training data: a local file (.txt, .jsonl, .json, .parquet) or a datasets hub id; "
+        "image_classification: an IDX folder or a folder of class sub-folders"
     )
     task: str | None = config_field(
         None,
-        help="causal_lm | classification (default: classification for encoder classifiers, else causal_lm)",
+        help="causal_lm | classification | image_classification (default: from the model: encoder "
+        "classifiers classification, image classifiers image_classification, else causal_lm)",
     )
+    limit: int | None = config_field(None, help="image_classification: train on the first N images")
     text_field: str = config_field("text", help="column holding the text in jsonl/json/parquet/hub data")
     label_field: str = config_field("label", help="classification: column holding the integer label")
     max_length: int = config_field(128, help="tokens per example (causal_lm: packed windows of this length)")
@@ -47,6 +50,7 @@ class TrainingConfig:
         if self.task is not None and self.task not in TRAINING_TASKS:
             raise ConfigFieldError("task", f"must be {' | '.join(TRAINING_TASKS)}, got {self.task!r}")
         check_positive("max_length", self.max_length)
+        check_positive("limit", self.limit)
         if self.max_length < 2:
             raise ConfigFieldError("max_length", f"must be at least 2, got {self.max_length}")
         if not self.data:

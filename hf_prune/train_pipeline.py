@@ -30,11 +30,21 @@ from typing import Any
 import torch
 
 from .adapters import get_adapter
-from .checkpoint import library_versions, load_model, load_preprocessor, save_pruned_model, text_tokenizer
+from .checkpoint import (
+    library_versions,
+    load_image_processor,
+    load_model,
+    load_preprocessor,
+    save_pruned_model,
+    text_tokenizer,
+)
 from .data import load_text_records, packed_token_windows, read_records
 from .errors import DataError, RecipeError
 from .evals.harness import run_task
+from .image_data import read_image_set
+from .integrations.cards import AugmentingImageCollator, ImageClassificationDataset, train_cards
 from .integrations.pruning_callback import PruningCallback, run_lottery, training_method_from
+from .methods.robust.cards import CardsConfig
 from .methods.sparsity.lottery import LotteryConfig
 from .pipeline import evaluation_entry, load_recipe_config, preflight, publish_output
 from .recipe import Recipe, TrainingConfig, load_recipe
@@ -70,26 +80,34 @@ def train(
     name, method = training_method_from(recipe.stages[0].to_dict())
     config = load_recipe_config(recipe)
     adapter = get_adapter(config)
-    task = recipe.train.task or ("classification" if adapter.is_encoder else "causal_lm")
-    if task == "classification" and not adapter.is_encoder:
-        raise RecipeError(
-            f"train.task: classification needs a sequence classifier, {recipe.model} is a causal LM"
-        )
+    task = training_task(recipe.train, adapter, recipe.model)
+    method.check_model(config, adapter)  # the method's architecture check (cards: image classifiers only)
     arguments = training_arguments(recipe, progress)
     preflight(recipe, config, adapter, None, training=True)
     # The data is read (and each bad row named) before the model loads.
-    tokenizer = load_preprocessor(recipe.model, trust_remote_code=recipe.trust_remote_code)
-    dataset = build_dataset(recipe.train, task, text_tokenizer(tokenizer))
+    if task == "image_classification":
+        preprocessor = load_image_processor(recipe.model, trust_remote_code=recipe.trust_remote_code)
+        dataset = read_image_set(recipe.train.data, split=recipe.train.split, limit=recipe.train.limit)
+    else:
+        preprocessor = load_preprocessor(recipe.model, trust_remote_code=recipe.trust_remote_code)
+        dataset = build_dataset(recipe.train, task, text_tokenizer(preprocessor))
 
     model = load_model(
         recipe.model, dtype=recipe.dtype, device=recipe.device, trust_remote_code=recipe.trust_remote_code
     )
-    original = [run_task(model, tokenizer, t, progress=progress) for t in recipe.evaluate]
+    original = [run_task(model, preprocessor, t, progress=progress) for t in recipe.evaluate]
+    params_before = sum(p.numel() for p in model.parameters())
     model.train()
     resume = arguments.get("resume_from_checkpoint")  # kept in the arguments too: the callback reads it
-    if isinstance(method, LotteryConfig):
+    write_members = None
+    if isinstance(method, CardsConfig):
+        began = time.perf_counter()
+        cards = train_cards(model, dataset, method, arguments=arguments, processor=preprocessor)
+        model, write_members = cards.deck, _member_writer(cards, preprocessor)
+        stage = {"method": name, **cards.report, "seconds": round(time.perf_counter() - began, 3)}
+    elif isinstance(method, LotteryConfig):
         _, reports = run_lottery(
-            lambda r: _trainer(model, arguments, dataset, tokenizer, task, round_index=r),
+            lambda r: _trainer(model, arguments, dataset, preprocessor, task, round_index=r),
             method,
             resume_from_checkpoint=resume,
         )
@@ -97,13 +115,13 @@ def train(
         stage["rounds_seconds"] = [round(r.seconds, 3) for r in reports]
     else:
         callback = PruningCallback(method)
-        trainer = _trainer(model, arguments, dataset, tokenizer, task, callbacks=[callback])
+        trainer = _trainer(model, arguments, dataset, preprocessor, task, callbacks=[callback])
         trainer.train(resume_from_checkpoint=resume)
         stage = callback.report.to_dict()
         stage["final_train_loss"] = _last_loss(trainer)
     model.eval()
     evaluation = [
-        evaluation_entry(spec, before, run_task(model, tokenizer, spec, progress=progress))
+        evaluation_entry(spec, before, run_task(model, preprocessor, spec, progress=progress))
         for spec, before in zip(recipe.evaluate, original, strict=True)
     ]
     params = sum(p.numel() for p in model.parameters())
@@ -111,15 +129,49 @@ def train(
         "recipe": recipe.to_dict(),
         "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "params_before": params,
+        "params_before": params_before,
         "params_after": params,
         "nonzero_params_after": sum(int((p != 0).sum()) for p in model.parameters()),
         "stages": [stage],
         "evaluation": evaluation,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    output = save_pruned_model(model, tokenizer, recipe.output, report)
-    return TrainResult(model, tokenizer, report, output, publish_output(recipe, output, progress))
+    output = save_pruned_model(model, preprocessor, recipe.output, report, write_extra=write_members)
+    return TrainResult(model, preprocessor, report, output, publish_output(recipe, output, progress))
+
+
+def training_task(config: TrainingConfig, adapter: Any, model_name: str) -> str:
+    """``train.task``, or the one the model's kind implies; a task the model cannot train for is refused."""
+    implied = (
+        "classification"
+        if adapter.is_encoder
+        else "image_classification"
+        if adapter.is_image_classifier
+        else "causal_lm"
+    )
+    task = config.task or implied
+    wrong_head = task == "classification" and not adapter.is_encoder
+    if wrong_head or (task == "image_classification") != adapter.is_image_classifier:
+        kinds = {
+            "classification": "a sequence classifier",
+            "image_classification": "an image classifier",
+            "causal_lm": "a causal LM",
+        }
+        raise RecipeError(f"train.task: {task} needs {kinds[task]}, {model_name} is {kinds[implied]}")
+    return task
+
+
+def _member_writer(cards: Any, processor: Any) -> Any:
+    """Each CARD also as a stock checkpoint of its own, in ``cards/member-<i>-<domain>/`` of the output."""
+
+    def write(folder: Path) -> None:
+        for index, (member, domain) in enumerate(zip(cards.members, cards.domains, strict=True)):
+            target = folder / "cards" / f"member-{index}-{domain}"
+            member.save_pretrained(target)
+            if processor is not None:
+                processor.save_pretrained(target)
+
+    return write
 
 
 def training_arguments(recipe: Recipe, progress: bool) -> dict[str, Any]:
@@ -166,13 +218,18 @@ def build_dataset(config: TrainingConfig, task: str, tokenizer: Any) -> list[dic
     return examples
 
 
-def _trainer(model, arguments, dataset, tokenizer, task, *, callbacks=(), round_index=None):
+def _trainer(model, arguments, dataset, preprocessor, task, *, callbacks=(), round_index=None):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     args = dict(arguments)
     if round_index is not None:
         args["output_dir"] = str(Path(args["output_dir"]) / f"round-{round_index}")
-    collator = DataCollatorWithPadding(tokenizer) if task == "classification" else None
+    collator = DataCollatorWithPadding(preprocessor) if task == "classification" else None
+    if task == "image_classification":  # pixel values made per batch from uint8 images, not augmented
+        args["remove_unused_columns"] = False
+        channels = int(dataset.images.shape[1])
+        collator = AugmentingImageCollator("none", preprocessor, channels, seed=int(args.get("seed", 42)))
+        dataset = ImageClassificationDataset(dataset)
     return Trainer(
         model=model,
         args=TrainingArguments(**args),

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import RecipeError, quoted
 from ..methods.base import StageReport, TrainingMethod
+from ..methods.robust.cards import CardsConfig
 from ..methods.sparsity.lottery import LotteryConfig
 from ..recipe import build_dataclass
 from ..recipe_file import read_recipe_file
@@ -78,6 +79,11 @@ class PruningCallback(TrainingMethodCallback):
             raise RecipeError(
                 "method: lottery re-runs training for each round, which one callback cannot do: use "
                 "hf_prune.integrations.run_lottery(make_trainer, config)"
+            )
+        if isinstance(method, CardsConfig):
+            raise RecipeError(
+                "method: cards trains several lottery tickets, which one callback cannot do: use "
+                "hf_prune.integrations.train_cards(model, images, config, arguments=...)"
             )
         super().__init__(method, name)
 

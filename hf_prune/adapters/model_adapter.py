@@ -16,10 +16,12 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..model_patches import nonuniform_moe
 from .table import (
+    IMAGE_CLASSIFIER,
     TEXT_ARCHITECTURES,
     VISION_LANGUAGE_ARCHITECTURES,
     ArchitectureSpec,
     VisionLanguageSpec,
+    image_classifier_types,
     supported_model_types,
 )
 
@@ -37,6 +39,10 @@ class ModelAdapter:
     @property
     def is_encoder(self) -> bool:
         return self.spec.is_encoder
+
+    @property
+    def is_image_classifier(self) -> bool:
+        return self.spec.is_image_classifier
 
     # ---- config -------------------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
@@ -58,6 +64,14 @@ class ModelAdapter:
 
     def describe(self, config: Any) -> dict[str, Any]:
         """Architecture facts for ``hf-prune inspect``."""
+        if self.is_image_classifier:
+            return {
+                "model_type": self.model_type,
+                "kind": "image classifier",
+                "labels": getattr(config, "num_labels", None),
+                "image_size": getattr(config, "image_size", None),
+                "channels": getattr(config, "num_channels", None),
+            }
         text = self.text_config(config)
         facts: dict[str, Any] = {
             "model_type": self.model_type,
@@ -321,6 +335,8 @@ def get_adapter(config: Any) -> ModelAdapter:
             )
         vision = VISION_LANGUAGE_ARCHITECTURES[model_type]
         return ModelAdapter(model_type, text_type, TEXT_ARCHITECTURES[text_type], True, vision)
+    if model_type not in TEXT_ARCHITECTURES and model_type in image_classifier_types():
+        return ModelAdapter(model_type, model_type, IMAGE_CLASSIFIER, False)
     if model_type not in TEXT_ARCHITECTURES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})"
@@ -336,4 +352,6 @@ def auto_model_class(adapter: ModelAdapter) -> Any:
         return transformers.AutoModelForImageTextToText
     if adapter.is_encoder:
         return transformers.AutoModelForSequenceClassification
+    if adapter.is_image_classifier:
+        return transformers.AutoModelForImageClassification
     return transformers.AutoModelForCausalLM

@@ -37,6 +37,9 @@ class ArchitectureSpec:
     token_pruning_only: str | None = None
     #: An encoder classifier (BERT family) rather than a decoder-only language model.
     is_encoder: bool = False
+    #: An image classifier (ViT, ResNet, ...; ``IMAGE_CLASSIFIER``): training-time sparsity and image
+    #: tasks only, no one-shot method.
+    is_image_classifier: bool = False
     #: q/k/v projections carry a bias whatever ``attention_bias`` says (Qwen2 family).
     qkv_bias: bool = False
     #: RMS norms on queries and keys: "per_head" (weights of head_dim: Qwen3, Gemma3) or "full" (over all
@@ -115,6 +118,24 @@ TEXT_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "roberta": _ENCODER,
     "distilbert": _DISTILBERT,
 }
+
+#: Image classifiers: every model type with an ``AutoModelForImageClassification`` class
+#: (``image_classifier_types``). Training-time sparsity (gmp, granet, lottery, cards) targets their Conv /
+#: Linear weights by name; no one-shot method knows their layout.
+IMAGE_CLASSIFIER = ArchitectureSpec(
+    is_image_classifier=True,
+    token_pruning_only="an image classifier: only training-time sparsity (gmp, granet, lottery, cards) supports it",
+)
+
+
+def image_classifier_types() -> set[str]:
+    """The model types transformers has an image-classification head for, and hf-prune's CARD-Deck."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    from ..model_patches.card_deck import CardDeckConfig
+
+    return set(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES) | {CardDeckConfig.model_type}
+
 
 _LLAVA = VisionLanguageSpec()
 _QWEN_VL = VisionLanguageSpec(vision_tower="visual", projector="visual.merger")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hf_prune.adapters import TEXT_ARCHITECTURES, ModelAdapter
+from hf_prune.adapters.table import IMAGE_CLASSIFIER, image_classifier_types
 from hf_prune.registry import registered_methods
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -34,10 +35,17 @@ COLUMNS = {
         ("Qwen2.5-VL", "qwen2_5_vl:qwen2_5_vl_text"),
     ],
     "BERT / RoBERTa / DistilBERT": [("BERT", "bert"), ("RoBERTa", "roberta"), ("DistilBERT", "distilbert")],
+    "image classifiers (ViT / ResNet / ConvNeXt / …)": [
+        ("ViT", "vit"),
+        ("ResNet", "resnet"),
+        ("ConvNeXt", "convnext"),
+    ],
 }
 
 
 def adapter_for(model_type: str) -> ModelAdapter:
+    if model_type in image_classifier_types():
+        return ModelAdapter(model_type, model_type, IMAGE_CLASSIFIER, False)
     outer, _, text = model_type.partition(":")
     return ModelAdapter(outer, text or outer, TEXT_ARCHITECTURES[text or outer], bool(text))
 

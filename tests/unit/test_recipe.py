@@ -43,8 +43,8 @@ def test_valid_recipe_from_yaml_and_json_files(tmp_path):
         (with_changes(stages=[{"num_layers": 1}]), "stages[0].method: missing required key"),
         (
             with_changes(stages=[{"method": "prune_everything"}]),
-            "stages[0].method: unknown method 'prune_everything' (registered: expert_pruning, gmp, granet, heal, "
-            "layer_drop, lottery, replaceme",
+            "stages[0].method: unknown method 'prune_everything' (registered: cards, expert_pruning, gmp, granet, "
+            "heal, layer_drop, lottery, replaceme",
         ),
         (
             with_changes(stages=[{"method": "replaceme", "num_layer": 1}]),

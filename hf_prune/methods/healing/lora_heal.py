@@ -98,6 +98,10 @@ class HealConfig(OneShotMethod):
     def unsupported_reason(cls, adapter: Any) -> str | None:
         if adapter.is_encoder:
             return f"heal fine-tunes causal language models on text; {adapter.model_type} is an encoder"
+        if adapter.is_image_classifier:
+            return (
+                f"heal fine-tunes causal language models on text; {adapter.model_type} is an image classifier"
+            )
         return None
 
     def check_model(self, model_config: Any, adapter: Any) -> None:

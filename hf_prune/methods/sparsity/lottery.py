@@ -16,6 +16,7 @@ each round and drives this method through it. Masks are re-applied after every o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,11 @@ class LotteryConfig(TrainingMethod):
     fraction_per_round: float = config_field(0.2, help="share of the remaining weights pruned per round")
     rewind: str = config_field("learning_rate", help="learning_rate (LRR) | weights (LTR) between rounds")
     rewind_step: int = config_field(0, help="LTR: rewind to the weights after this optimizer step of round 0")
+    final_sparsity: float | None = config_field(
+        None,
+        help="stop at this sparsity: the last round prunes only up to it (rounds must reach it; "
+        "rounds_to_reach(s) gives the fewest)",
+    )
     scope: str = scope_field()
     targets: list[str] = targets_field()
     exclude: list[str] = exclude_field()
@@ -49,6 +55,17 @@ class LotteryConfig(TrainingMethod):
             raise ConfigFieldError("rewind", f"must be learning_rate | weights, got {self.rewind!r}")
         if self.rewind_step < 0:
             raise ConfigFieldError("rewind_step", f"must be >= 0, got {self.rewind_step}")
+        if self.final_sparsity is not None:
+            if not 0.0 < self.final_sparsity < 1.0:
+                raise ConfigFieldError("final_sparsity", f"must be in (0, 1), got {self.final_sparsity}")
+            needed = rounds_to_reach(self.final_sparsity, self.fraction_per_round)
+            if self.rounds < needed:
+                raise ConfigFieldError(
+                    "rounds",
+                    f"{self.rounds} rounds of {self.fraction_per_round:g} reach sparsity "
+                    f"{1 - (1 - self.fraction_per_round) ** self.rounds:.4f}, below final_sparsity "
+                    f"{self.final_sparsity:g}: it takes {needed}",
+                )
         if self.scope not in ("global", "layer"):
             raise ConfigFieldError("scope", f"must be global | layer, got {self.scope!r}")
         if not self.targets:
@@ -61,8 +78,9 @@ class LotteryConfig(TrainingMethod):
         self._params: dict[str, torch.nn.Parameter] = {}
 
     def sparsity_after(self, rounds: int) -> float:
-        """The sparsity after ``rounds`` prunings: 1 − (1 − f)^rounds."""
-        return 1.0 - (1.0 - self.fraction_per_round) ** rounds
+        """The sparsity after ``rounds`` prunings: 1 − (1 − f)^rounds, at most ``final_sparsity``."""
+        sparsity = 1.0 - (1.0 - self.fraction_per_round) ** rounds
+        return sparsity if self.final_sparsity is None else min(sparsity, self.final_sparsity)
 
     def check_training_model(self, model: Any) -> None:
         self._params = prunable_weights(model, self.targets, self.exclude)
@@ -127,6 +145,12 @@ class LotteryConfig(TrainingMethod):
         self.rewind_weights = {k[7:]: v for k, v in state.items() if k.startswith("rewind.")}
         self.round = int(state.get("round", 0))
         self.history = list(state.get("history", []))
+
+
+def rounds_to_reach(sparsity: float, fraction_per_round: float) -> int:
+    """The fewest rounds of ``fraction_per_round`` whose sparsity 1 − (1 − f)^R reaches ``sparsity``."""
+    rounds = math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - fraction_per_round) - 1e-9)
+    return max(rounds, 1)
 
 
 register_method("lottery", LotteryConfig)
