@@ -33,7 +33,7 @@ class TaskSpec:
     name: str
     metric: str  # the headline figure in the task's result dict
     higher_is_better: bool
-    model_kind: str  # "causal_lm" | "sequence_classification" | "vision_language"
+    model_kind: str  # "causal_lm" | "sequence_classification" | "vision_language" | "image_classification"
     card_task_type: str  # model-index task type on the model card
     run: Callable[[Any, Any, EvaluationTask, bool], dict[str, Any]]
 
@@ -97,6 +97,24 @@ def _vqa(model: Any, preprocessor: Any, task: EvaluationTask, progress: bool) ->
     )
 
 
+def _corruption_robustness(
+    model: Any, preprocessor: Any, task: EvaluationTask, progress: bool
+) -> dict[str, Any]:
+    from .image_robustness import evaluate_corruption_robustness
+
+    return evaluate_corruption_robustness(
+        model,
+        preprocessor,  # an image processor, or None (pixel values in [0, 1])
+        task.data,
+        corruptions=task.corruptions,
+        severities=task.severities or (1, 2, 3, 4, 5),
+        batch_size=task.batch_size,
+        limit=task.limit,
+        seed=task.seed,
+        progress=progress,
+    )
+
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
@@ -111,6 +129,14 @@ TASKS: dict[str, TaskSpec] = {
             _classification,
         ),
         TaskSpec("vqa", "vqa_accuracy", True, "vision_language", "visual-question-answering", _vqa),
+        TaskSpec(
+            "corruption_robustness",
+            "mean_corrupted_accuracy",
+            True,
+            "image_classification",
+            "image-classification",
+            _corruption_robustness,
+        ),
     )
 }
 
@@ -131,7 +157,9 @@ def model_kind(config: Any, model_class: str | None = None) -> str:
         adapter = None
     encoder = adapter is not None and adapter.is_encoder
     pruned = getattr(config, "token_pruning", None) is not None
-    if any(c.endswith("ForSequenceClassification") for c in classes):
+    if _is_image_classifier(config, classes):
+        kind = "an image classifier"
+    elif any(c.endswith("ForSequenceClassification") for c in classes):
         kind = "an encoder classifier" if encoder else "a sequence classifier"
         kind = f"a token-pruned {kind.removeprefix('an ').removeprefix('a ')}" if pruned else kind
     elif vision_config(config) is not None:
@@ -145,6 +173,22 @@ def model_kind(config: Any, model_class: str | None = None) -> str:
     return f"{name}, {kind}"
 
 
+_KIND_WORDS = {
+    "causal_lm": "a causal LM",
+    "sequence_classification": "a sequence-classification model",
+    "vision_language": "a vision-language model",
+}
+
+
+def _is_image_classifier(config: Any, classes: Sequence[str]) -> bool:
+    if any(c.endswith("ForImageClassification") for c in classes):
+        return True
+    try:
+        return get_adapter(config).is_image_classifier
+    except UnsupportedModelError:
+        return False
+
+
 def check_task_fits(name: str, config: Any, model_class: str | None = None) -> None:
     """Raise ``TaskModelMismatch`` (one line naming the task and the kind of model) if task ``name`` cannot
     run on a model with this config / class."""
@@ -156,6 +200,17 @@ def check_task_fits(name: str, config: Any, model_class: str | None = None) -> N
         is_encoder = get_adapter(config).is_encoder
     except UnsupportedModelError:
         is_encoder = False
+    is_image_classifier = _is_image_classifier(config, classes)
+    if spec.model_kind == "image_classification" and not is_image_classifier:
+        raise TaskModelMismatch(
+            f"task {name!r} needs an image classifier (AutoModelForImageClassification); got "
+            f"{model_kind(config, model_class)}"
+        )
+    if spec.model_kind != "image_classification" and is_image_classifier:
+        raise TaskModelMismatch(
+            f"task {name!r} needs {_KIND_WORDS[spec.model_kind]} (it reads text); got "
+            f"{model_kind(config, model_class)} (its task is corruption_robustness)"
+        )
     if spec.model_kind == "vision_language" and vision_config(config) is None:
         raise TaskModelMismatch(
             f"task {name!r} needs a vision-language model; {model_type} has no vision tower "
@@ -195,6 +250,8 @@ def auto_class_for_task(name: str, config: Any) -> Any:
     import transformers
 
     kind = get_task(name).model_kind
+    if kind == "image_classification":
+        return transformers.AutoModelForImageClassification
     if kind == "sequence_classification":
         return transformers.AutoModelForSequenceClassification
     if kind == "vision_language" or vision_config(config) is not None:
@@ -216,7 +273,7 @@ def run_task(
     is resolved against them (``resolve_task``), so each model of a comparison gets the same protocol."""
     spec = get_task(task.task)
     check_task_fits(task.task, model.config, type(model).__name__)
-    if preprocessor is None:
+    if preprocessor is None and spec.model_kind != "image_classification":  # images need no processor
         raise HfPruneError(f"task {task.task!r} needs the model's tokenizer/processor, and none was found")
     configs = list(configs) if configs is not None else [model.config]
     if config_prunes_prompts(model.config) and not any(config_prunes_prompts(c) for c in configs):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..adapters import count_parameters, get_adapter, vision_config
-from ..checkpoint import load_config, load_model, load_preprocessor, resolve_device
+from ..checkpoint import load_config, load_image_processor, load_model, load_preprocessor, resolve_device
 from ..errors import UnsupportedModelError
 from ..recipe import EvaluationTask
 from .harness import auto_class_for_task, check_task_fits, get_task, retained_fraction, run_task
@@ -55,6 +55,9 @@ def load_for_task(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
+    if task is not None and get_task(task).model_kind == "image_classification":
+        # The image processor's mean / std, or None: the pixel values are then the images in [0, 1].
+        return model, load_image_processor(name, trust_remote_code=trust_remote_code)
     vision_language = vision_config(config) is not None
     return model, load_preprocessor(
         name, vision_language=vision_language, trust_remote_code=trust_remote_code
@@ -159,7 +162,16 @@ def compare_checkpoints(
         "evaluation": [entry],
     }
     latency, table, notes = None, None, []
-    if bench and spec.model_kind != "sequence_classification":
+    if spec.name == "corruption_robustness":
+        from .image_robustness import plot_corruption_robustness
+
+        labels = (Path(original).name + " (original)", Path(name).name + " (pruned)")
+        plot = plot_corruption_robustness(
+            list(zip(labels, (scores["original"], scores["pruned"]), strict=True)),
+            Path(report_dir) / "corruption_robustness.png",
+        )
+        notes.append(f"![corruption robustness]({plot.name})")
+    if bench and spec.model_kind in ("causal_lm", "vision_language"):
         from .bench import BenchSettings, benchmark_models, format_bench_table, prefill_latency_ms
 
         settings = BenchSettings(seq_lens=(64, 128, 256, 512), decode_tokens=16, repeats=3)
@@ -173,9 +185,9 @@ def compare_checkpoints(
         )
         latency, table = prefill_latency_ms(bench_results), format_bench_table(bench_results, "original")
     elif bench:
-        notes.append(
-            "No speed benchmark: it drives generation, and a sequence-classification model has none."
-        )
+        image = spec.model_kind == "image_classification"
+        kind = "an image classifier" if image else "a sequence-classification model"
+        notes.append(f"No speed benchmark: it drives generation, and {kind} has none.")
     counts = {label: _expert_counts(model) for label, (model, _) in loaded.items()}
     expert_counts = {k: v for k, v in counts.items() if v is not None} or None
     report = write_report(

@@ -55,6 +55,7 @@ def __getattr__(name: str) -> Any:
 
 # Registers the hf_prune_<family> classes with the Auto classes (DESIGN.md §5): per-layer expert counts and
 # visual token pruning.
+from .model_patches import card_deck as _card_deck  # noqa: F401,E402
 from .model_patches import nonuniform_moe as _nonuniform_moe  # noqa: F401,E402
 from .model_patches import prompt_token_pruning as _prompt_token_pruning  # noqa: F401,E402
 from .model_patches import qwen2_vl_token_pruning as _qwen2_vl_token_pruning  # noqa: F401,E402

@@ -277,16 +277,29 @@ def save_pruned_model(
 
     Refuses NaN/inf weights before writing anything; ``hf_prune.json`` is strict JSON (NaN/inf become null)."""
     check_finite_tensors(model.state_dict())
+    return save_pruned_checkpoint(model.save_pretrained, model.config, tokenizer, output, report, write_extra)
+
+
+def save_pruned_checkpoint(
+    write_weights: Callable[[Path], None],
+    config: Any,
+    tokenizer: Any,
+    output: str | os.PathLike,
+    report: dict[str, Any],
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """``save_pruned_model`` for weights written by ``write_weights(folder)`` (a model's ``save_pretrained``,
+    or the sequential engine's shard writer, which also writes ``config``'s files)."""
 
     def write(folder: Path) -> None:
         if write_extra is not None:
             write_extra(folder)
-        model.save_pretrained(folder)
+        write_weights(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / REPORT_FILE).write_text(strict_json_dumps(report, indent=2, default=_json_default) + "\n")
         (folder / "README.md").write_text(
-            build_model_card(report, **_card_settings(model.config, has_preprocessor=tokenizer is not None))
+            build_model_card(report, **_card_settings(config, has_preprocessor=tokenizer is not None))
         )
 
     return atomic_write_dir(output, write)

@@ -13,7 +13,7 @@ from . import __version__
 from .cli_graphon import EXAMPLES as GRAPHON_EXAMPLES
 from .cli_graphon import add_graphon_arguments, run_graphon
 from .errors import HfPruneError
-from .recipe import EVAL_TASKS
+from .recipe import EVAL_CORRUPTIONS, EVAL_TASKS
 
 _EXAMPLES = {
     "prune": """example:
@@ -50,10 +50,14 @@ OUTPUT.checkpoints unless output_dir says otherwise.""",
   hf-prune eval out/stories-4layers --task multiple_choice --data cloze.jsonl --compare models/stories260K
   hf-prune eval out/minilm-pruned --task classification --data sentences.jsonl --label-field label
   hf-prune eval out/llava-pruned --task vqa --data vqa.jsonl --device auto --dtype bfloat16
+  hf-prune eval out/vit-sparse --task corruption_robustness --data ../shared/assets/images/fashion-mnist \\
+      --limit 1000 --severities 1 3 5 --plot robustness.png --output robustness.json
   hf-prune eval out/llama-tokens --harness lm-eval --tasks hellaswag,arc_easy --compare meta-llama/Llama-3.2-1B
   hf-prune eval out/llama-tokens --harness lm-eval --tasks my_task --include-path my_tasks/ --output results.json
 
 --compare also evaluates ORIGINAL, benchmarks both, and writes report.md with plots to --report-dir.
+corruption_robustness scores an image classifier on the clean test images and under CIFAR-10-C corruptions
+(all ten at severities 1-5 unless --corruptions / --severities say); --plot draws accuracy per corruption.
 --harness lm-eval runs lm-evaluation-harness with its hf-prune model (as `lm_eval --model hf-prune`):
 a prompt-pruned model is scored with its context pruned at prefill, any other as `--model hf` scores it.""",
     "bench": """examples:
@@ -177,7 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--task", choices=list(EVAL_TASKS), help="evaluation task (hf-prune's own harness; needs --data)"
     )
-    evaluate.add_argument("--data", help="local .txt/.jsonl/.json/.parquet file (or a datasets hub id)")
+    evaluate.add_argument(
+        "--data",
+        help="local .txt/.jsonl/.json/.parquet file (or a datasets hub id); corruption_robustness: an image "
+        "folder of class sub-folders or an IDX folder",
+    )
     evaluate.add_argument(
         "--harness",
         choices=["hf-prune", "lm-eval"],
@@ -222,6 +230,34 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text-pair-field", default=None, help="second text column (classification pairs)")
     evaluate.add_argument("--label-field", default="label", help="label column (classification)")
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=8, help="answer length limit (vqa)")
+    evaluate.add_argument(
+        "--corruptions",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help=f"corruption_robustness: corruptions to apply (default all: {', '.join(EVAL_CORRUPTIONS)})",
+    )
+    evaluate.add_argument(
+        "--severities",
+        nargs="+",
+        type=int,
+        metavar="N",
+        default=None,
+        help="corruption_robustness: severities 1..5 to apply (default all five)",
+    )
+    evaluate.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="corruption_robustness: seed of the random corruptions (default 0)",
+    )
+    evaluate.add_argument(
+        "--plot",
+        metavar="PNG",
+        default=None,
+        help="corruption_robustness: write accuracy per corruption and severity to this PNG (with --compare, "
+        "both models; the report folder gets one too)",
+    )
     placement_options(evaluate)
 
     bench = command("bench", "Benchmark prefill latency, decode speed, memory, parameters, size and FLOPs.")
@@ -336,6 +372,7 @@ def _silence_library_progress() -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from .engine.distributed import is_main_process
     from .evals.report import format_retained
     from .pipeline import prune
 
@@ -345,7 +382,12 @@ def _prune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite or None,
         trust_remote_code=args.trust_remote_code or None,
     )
+    if result.output is None and not is_main_process():  # data-parallel: rank 0 reports and saves
+        return 0
     report = result.report
+    engine = report.get("engine", {})
+    if engine.get("name") == "sequential" or engine.get("processes", 1) > 1:
+        print(f"engine: {engine['name']} ({engine['why']}), {engine['processes']} process(es)")
     print(
         f"parameters: {report['params_before']:,} -> {report['params_after']:,} "
         f"({report['params_after'] / report['params_before']:.1%})"
@@ -439,6 +481,8 @@ def _eval(args: argparse.Namespace) -> int:
     for flag, value in (("--task", args.task), ("--data", args.data)):
         if value is None:
             raise HfPruneError(f"{flag} is required (or --harness lm-eval --tasks T1,T2)")
+    if args.plot is not None and args.task != "corruption_robustness":
+        raise HfPruneError(f"--plot draws corruption_robustness results; task {args.task!r} has no plot")
     task = build_dataclass(
         EvaluationTask,
         {
@@ -452,6 +496,9 @@ def _eval(args: argparse.Namespace) -> int:
             "label_field": args.label_field,
             "max_new_tokens": args.max_new_tokens,
             "context_len": args.context_len,
+            "corruptions": args.corruptions,
+            "severities": args.severities,
+            "seed": args.seed,
         },
         "eval",
     )
@@ -474,11 +521,26 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         results = evaluate_checkpoint(args.model, task, progress=not args.quiet, **placement)
     _print_and_write(results, args.output)
+    if args.plot:
+        _plot_robustness(results, args.plot, compared=bool(args.compare))
     if args.compare:
         print(
             f"retained {format_retained(results['retained'])}; report: {results['report']}", file=sys.stderr
         )
     return 0
+
+
+def _plot_robustness(results: dict[str, Any], path: str, *, compared: bool) -> None:
+    from .evals.image_robustness import plot_corruption_robustness
+
+    if compared:
+        runs = [
+            (f"{Path(results['original_model']).name} (original)", results["original"]),
+            (f"{Path(results['model']).name} (pruned)", results["pruned"]),
+        ]
+    else:
+        runs = [(Path(results["model"]).name, results)]
+    print(f"plot: {plot_corruption_robustness(runs, path)}", file=sys.stderr)
 
 
 def _eval_lm_eval(args: argparse.Namespace) -> int:

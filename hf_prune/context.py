@@ -7,6 +7,7 @@ from typing import Any
 
 from .adapters import ModelAdapter
 from .calibration import CalibrationBatch, build_calibration
+from .engine.distributed import shard
 from .errors import CalibrationError
 from .recipe import CalibrationConfig
 
@@ -41,5 +42,6 @@ class PruneContext:
                     f"(requested: num_samples {config.num_samples} × seq_len {config.seq_len} = "
                     f"{config.num_samples * config.seq_len:,}); add calibration text, or set packing: true"
                 )
-            self._batches = batches
+            # Data-parallel calibration (torchrun / accelerate launch): this process's share of the batches.
+            self._batches = shard(batches)
         return self._batches

@@ -22,11 +22,14 @@ from .checkpoint import (
     load_config,
     load_model,
     load_preprocessor,
+    resolve_device,
     save_pruned_model,
     text_tokenizer,
 )
 from .context import PruneContext
 from .data import looks_like_local_path
+from .engine.distributed import barrier, init_from_environment, is_main_process, rank_and_world
+from .engine.sequential import check_sequential_recipe, choose_engine, prune_sequential
 from .errors import ConfigFieldError, HfPruneError, RecipeError, UnsupportedModelError
 from .evals.harness import (
     TaskModelMismatch,
@@ -82,6 +85,20 @@ def prune(
     config = source_model.config if source_model is not None else load_recipe_config(recipe)
     adapter = get_adapter(config)
     predicted = preflight(recipe, config, adapter, source_model)
+    processes = init_from_environment(resolve_device(recipe.device)) and rank_and_world()[1]
+    engine, why = choose_engine(recipe, model_in_memory=source_model is not None)
+    if processes:
+        unsupported = [s.method for s in recipe.stages if not s.config.supports_data_parallel]
+        if unsupported:
+            raise RecipeError(
+                f"stages: {', '.join(unsupported)} cannot calibrate data-parallel (its statistics are not "
+                f"combined across processes); run it in one process, not under torchrun / accelerate launch"
+            )
+    if engine == "sequential":
+        check_sequential_recipe(recipe)
+        run = prune_sequential(recipe, config, adapter, progress, why)
+        published = publish_output(recipe, run["output"], progress) if is_main_process() else None
+        return PruneResult(None, run["preprocessor"], run["report"], run["output"], published)
     # The original and the pruned model are scored under one protocol, resolved from both configs (the
     # pruned one as the stages predict it) before either runs.
     compared = [config, predicted]
@@ -131,7 +148,7 @@ def prune(
     for stage in recipe.stages:
         params = count_parameters(model)
         report = run_stage(get_method(stage.method), model, stage.config, context).to_dict()
-        report.update(params_before=params, params_after=count_parameters(model))
+        report.update(params_before=params, params_after=count_parameters(model), engine="in_memory")
         stage_reports.append(report)
     evaluation = []
     for task, original in zip(recipe.evaluate, original_scores, strict=True):
@@ -142,6 +159,7 @@ def prune(
         "recipe": recipe.to_dict(),
         "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "engine": {"name": "in_memory", "why": why, "processes": rank_and_world()[1]},
         "params_before": params_before,
         "params_after": count_parameters(model),
         "stages": stage_reports,
@@ -177,12 +195,12 @@ def prune(
                 ],
             )
 
-    output = (
-        save_pruned_model(model, preprocessor, recipe.output, report, write_run_report)
-        if recipe.output
-        else None
-    )
-    return PruneResult(model, preprocessor, report, output, publish_output(recipe, output, progress))
+    output = None
+    if recipe.output and is_main_process():  # data-parallel: every process holds the same result
+        output = save_pruned_model(model, preprocessor, recipe.output, report, write_run_report)
+    barrier()
+    published = publish_output(recipe, output, progress) if is_main_process() else None
+    return PruneResult(model, preprocessor, report, output, published)
 
 
 def publish_output(recipe: Recipe, output: Path | None, progress: bool) -> Any:

@@ -21,10 +21,12 @@ from .errors import ConfigFieldError, RecipeError, clip, quoted
 from .recipe_file import read_recipe_file
 
 # The optional sections live in recipe_sections; importers keep finding them here (explicit re-exports).
+from .recipe_sections import CORRUPTION_SEVERITIES as CORRUPTION_SEVERITIES
+from .recipe_sections import ENGINE_HELP, check_corruption_fields, check_positive, engine_settings
+from .recipe_sections import EVAL_CORRUPTIONS as EVAL_CORRUPTIONS
 from .recipe_sections import TRAINING_TASKS as TRAINING_TASKS
 from .recipe_sections import PublishConfig as PublishConfig
 from .recipe_sections import TrainingConfig as TrainingConfig
-from .recipe_sections import check_positive
 from .recipe_sections import repo_id_problem as repo_id_problem
 from .registry import MethodConfig, config_field, get_method
 
@@ -34,7 +36,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps", "balanced", "balanced_low_0", "sequential")
 _CUDA_INDEX = re.compile(r"cuda:[0-9]{1,9}")
 #: Evaluation tasks a recipe may name (the harness in hf_prune.evals implements them).
-EVAL_TASKS = ("perplexity", "multiple_choice", "classification", "vqa")
+EVAL_TASKS = ("perplexity", "multiple_choice", "classification", "vqa", "corruption_robustness")
 
 
 @dataclass
@@ -71,7 +73,10 @@ class EvaluationTask:
     """One evaluation run after pruning (also run on the original model for the retained ratio)."""
 
     task: str = config_field(help=f"task name: {' | '.join(EVAL_TASKS)}")
-    data: str = config_field(help="local file or datasets hub id")
+    data: str = config_field(
+        help="local file or datasets hub id (corruption_robustness: an image folder of class sub-folders, "
+        "or an IDX folder)"
+    )
     seq_len: int | None = config_field(
         None, help="perplexity: window length (default: model maximum, at most 1024)"
     )
@@ -88,6 +93,13 @@ class EvaluationTask:
         help="perplexity: each window's first context_len tokens are context, only the tokens after them "
         "are scored (a prompt-pruned model prunes the context at prefill; default for one: seq_len // 2)",
     )
+    corruptions: list[str] | None = config_field(
+        None, help=f"corruption_robustness: corruptions to apply (default all: {', '.join(EVAL_CORRUPTIONS)})"
+    )
+    severities: list[int] | None = config_field(
+        None, help="corruption_robustness: severities to apply, each 1..5 (default all five)"
+    )
+    seed: int = config_field(0, help="corruption_robustness: seed of the random corruptions (the noises)")
 
     def __post_init__(self) -> None:
         if self.task not in EVAL_TASKS:
@@ -101,6 +113,7 @@ class EvaluationTask:
                 "context_len",
                 f"must be below seq_len ({self.seq_len}) to leave tokens to score, got {self.context_len}",
             )
+        check_corruption_fields(self.task, corruptions=self.corruptions, severities=self.severities)
 
 
 @dataclass
@@ -128,6 +141,10 @@ class Recipe:
     train: TrainingConfig | None = None
     #: The ``publish:`` section: push the output to the Hub after the save; None when absent.
     publish: PublishConfig | None = None
+    #: How calibration runs (``recipe_sections.ENGINES``) and where the sequential engine keeps activations.
+    engine: str = "auto"
+    activation_cache: str | None = None
+    activation_memory_gb: float | None = None
     #: The file the recipe was read from (None for a dict); its folder is never replaced by a save.
     source_file: Path | None = field(default=None, compare=False)
 
@@ -140,6 +157,9 @@ class Recipe:
             "trust_remote_code": self.trust_remote_code,
             "allow_pickle": self.allow_pickle,
             "overwrite": self.overwrite,
+            "engine": self.engine,
+            "activation_cache": self.activation_cache,
+            "activation_memory_gb": self.activation_memory_gb,
             "calibration": dataclasses.asdict(self.calibration) if self.calibration else None,
             "stages": [s.to_dict() for s in self.stages],
             "evaluate": [dataclasses.asdict(e) for e in self.evaluate],
@@ -161,6 +181,7 @@ _TOP_LEVEL_HELP = {
     "stages": "list of pruning stages, each {method: NAME, ...its config}",
     "evaluate": "list of evaluation tasks run on the original and the pruned model",
     "train": "hf-prune train: training data, task and TrainingArguments fields (training-time methods)",
+    **ENGINE_HELP,
     "publish": "push the saved output to the Hub: repo_id (required), private, revision, commit_message, "
     "base_model, endpoint",
 }
@@ -231,7 +252,12 @@ def _build_recipe(data: dict[str, Any], *, model_in_memory: bool) -> Recipe:
         publish = build_dataclass(PublishConfig, data["publish"], "publish")
         if output is None:
             raise RecipeError("publish: needs output: a push sends the saved output folder")
+    try:
+        engine = engine_settings(data)
+    except ConfigFieldError as exc:
+        raise RecipeError(f"{exc.field}: {exc.message}") from None
     return Recipe(
+        **engine,
         model=model,
         output=output,
         dtype=dtype,

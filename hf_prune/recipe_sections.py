@@ -1,5 +1,6 @@
 """The recipe's optional sections beyond the stages: ``train:`` (``hf-prune train``) and ``publish:`` (push
-the saved output to the Hub). Re-exported from ``hf_prune.recipe``; kept apart so that file stays short."""
+the saved output to the Hub), and the corruption fields of an ``evaluate:`` entry. Re-exported from
+``hf_prune.recipe``; kept apart so that file stays short."""
 
 from __future__ import annotations
 
@@ -7,13 +8,52 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import ConfigFieldError
+from .errors import ConfigFieldError, quoted
 from .registry import config_field
 
 
 def check_positive(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise ConfigFieldError(name, f"must be a positive integer, got {value}")
+
+
+#: The corruptions of the ``corruption_robustness`` task (``hf_prune.evals.corruptions.CORRUPTIONS``
+#: implements them; a test holds the two equal) and their severities.
+EVAL_CORRUPTIONS = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "defocus_blur",
+    "gaussian_blur",
+    "contrast",
+    "brightness",
+    "jpeg_compression",
+    "pixelate",
+)
+CORRUPTION_SEVERITIES = (1, 2, 3, 4, 5)
+
+
+def check_corruption_fields(task: str, **fields: list | None) -> None:
+    """An evaluation entry's ``corruptions`` / ``severities``: only for corruption_robustness, non-empty,
+    known values, none twice; errors name the key (``corruptions[1]: unknown corruption 'fog' ...``)."""
+    for name, values in fields.items():
+        if values is None:
+            continue
+        if task != "corruption_robustness":
+            raise ConfigFieldError(name, f"is a corruption_robustness setting; task {task!r} has none")
+        if not values:
+            raise ConfigFieldError(name, "must list at least one value (or be left out for all)")
+        allowed = EVAL_CORRUPTIONS if name == "corruptions" else CORRUPTION_SEVERITIES
+        for i, value in enumerate(values):
+            if value not in allowed:
+                what = "corruption" if name == "corruptions" else "severity"
+                raise ConfigFieldError(
+                    f"{name}[{i}]",
+                    f"unknown {what} {quoted(value)} (allowed: {', '.join(map(str, allowed))})",
+                )
+            if value in values[:i]:
+                raise ConfigFieldError(f"{name}[{i}]", f"{quoted(value)} is listed twice")
 
 
 #: What ``hf-prune train`` fine-tunes for: next-token prediction, or a sequence classifier's labels.
@@ -102,3 +142,32 @@ class PublishConfig:
             raise ConfigFieldError("revision", "must name a branch, got an empty string")
         if self.endpoint is not None and not re.fullmatch(r"https?://\S+", self.endpoint):
             raise ConfigFieldError("endpoint", f"must be an http(s) URL, got {self.endpoint!r}")
+
+
+#: ``engine:`` values: in_memory loads the whole model; sequential runs one decoder layer at a time from the
+#: checkpoint's files; auto picks sequential when the weights do not fit in memory.
+ENGINES = ("auto", "in_memory", "sequential")
+ENGINE_HELP = {
+    "engine": f"{' | '.join(ENGINES)}: how calibration runs (auto: sequential when the weights do not fit "
+    "in memory, else in_memory)",
+    "activation_cache": "sequential engine: folder for calibration activations that do not fit in memory "
+    "(default: .OUTPUT.activations beside the output; removed after a successful run, reused after a crash)",
+    "activation_memory_gb": "sequential engine: memory for calibration activations before they spill to "
+    "activation_cache (default: half the available memory)",
+}
+
+
+def engine_settings(data: dict) -> dict:
+    """The recipe's engine keys, checked; errors name the key."""
+    engine = data.get("engine", "auto")
+    if engine not in ENGINES:
+        raise ConfigFieldError("engine", f"must be one of {', '.join(ENGINES)}, got {quoted(engine)}")
+    cache = data.get("activation_cache")
+    if cache is not None and (not isinstance(cache, str) or not cache.strip()):
+        raise ConfigFieldError("activation_cache", f"must be a folder path, got {quoted(cache)}")
+    memory = data.get("activation_memory_gb")
+    if memory is not None and (
+        isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory < 0
+    ):
+        raise ConfigFieldError("activation_memory_gb", f"must be a number >= 0, got {quoted(memory)}")
+    return {"engine": engine, "activation_cache": cache, "activation_memory_gb": memory}

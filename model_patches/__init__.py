@@ -14,7 +14,9 @@ classes with the Auto classes. Each has the public tables ``FAMILIES`` (family -
 - ``prompt_token_pruning.py``: Llama, Qwen2, Mistral dropping prompt tokens inside the prefill;
 - ``text_token_pruning.py``: BERT, RoBERTa, DistilBERT classifiers dropping tokens at a layer (AD-TP);
 - ``visual_token_pruning.py``: LLaVA, LLaVA-NeXT dropping visual tokens;
-- ``qwen2_vl_token_pruning.py``: Qwen2-VL, Qwen2.5-VL dropping visual tokens.
+- ``qwen2_vl_token_pruning.py``: Qwen2-VL, Qwen2.5-VL dropping visual tokens;
+- ``card_deck.py``: a CARD-Deck, K image classifiers of one architecture as one ensemble (no ``FAMILIES``
+  table: it wraps whatever architecture its members have).
 
 Helper files, imported by name (public, documented API only) and copied along with the files that import
 them: ``patch_classes.py`` (settings check, Auto registration, native-layout saving, cutting tokens out of

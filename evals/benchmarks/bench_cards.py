@@ -37,10 +37,11 @@ from typing import Any
 import torch
 import transformers
 
-from ...image_data import read_image_set
+from ...image_data import pixel_values, read_image_set
 from ...integrations.cards import AugmentingImageCollator, ImageClassificationDataset, train_cards
 from ...integrations.pruning_callback import PruningCallback
 from ...methods.sparsity.lottery import rounds_to_reach
+from ..corruptions import CORRUPTIONS, corrupt
 from ..image_robustness import evaluate_corruption_robustness, plot_corruption_robustness
 from ..training import default_assets_dir
 
@@ -156,10 +157,29 @@ def main(argv: list[str] | None = None) -> None:
         )
         zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if p.dim() > 1)
         results[name]["zero_weights"] = zeros
-    report(results, args, deck.report)
+    gating = spectral_choices(spectral, folder, args.eval_limit)
+    report(results, args, deck.report, gating)
 
 
-def report(results: dict[str, dict], args: argparse.Namespace, deck_report: dict) -> None:
+def spectral_choices(
+    deck: Any, folder: Path, limit: int, batch_size: int = 64
+) -> dict[str, dict[str, float]]:
+    """Per corruption (severity 3) and for the clean images: the share of test batches the spectral deck
+    sends to each domain."""
+    test = read_image_set(folder, "test", limit=limit)
+    sets = {"clean": test.images}
+    sets.update({name: corrupt(test.images, name, 3, seed=0) for name in CORRUPTIONS})
+    shares = {}
+    for name, images in sets.items():
+        picks = []
+        for start in range(0, len(images), batch_size):
+            deck.member_indices(pixel_values(images[start : start + batch_size]))
+            picks.append(deck.last_domain)
+        shares[name] = {d: round(picks.count(d) / len(picks), 3) for d in dict.fromkeys(deck.config.domains)}
+    return shares
+
+
+def report(results: dict[str, dict], args: argparse.Namespace, deck_report: dict, gating: dict) -> None:
     corruptions = list(next(iter(results.values()))["per_corruption"])
     print(f"\n{'run':<15}{'clean':>7}{'corrupt':>9}  " + " ".join(f"{c[:8]:>8}" for c in corruptions))
     for name, r in results.items():
@@ -177,10 +197,18 @@ def report(results: dict[str, dict], args: argparse.Namespace, deck_report: dict
         f"  deck beats its best member ({max(members, key=mca.get)} {max(mca[m] for m in members):.3f}): "
         f"uniform {mca['deck-uniform']:.3f}, spectral {mca['deck-spectral']:.3f}"
     )
+    print("  spectral gating, share of test batches per domain (severity 3):")
+    for name, shares in gating.items():
+        print(f"    {name:<17} " + ", ".join(f"{d} {share:.2f}" for d, share in shares.items()))
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(
         json.dumps(
-            {"settings": vars(args) | {"output": str(args.output)}, "results": results, "deck": deck_report},
+            {
+                "settings": vars(args) | {"output": str(args.output)},
+                "results": results,
+                "deck": deck_report,
+                "spectral_gating": gating,
+            },
             indent=2,
         )
     )

@@ -17,20 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ...analysis.idx_images import read_idx_image_set
+from ...image_data import FASHION_MNIST_CLASSES as FASHION_MNIST_CLASS_NAMES
 
 #: Class names in label order (0..9), as published with the dataset.
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
+FASHION_MNIST_CLASSES = FASHION_MNIST_CLASS_NAMES
 
 #: Where the files live beside a source checkout (``<repo>/../shared/assets/images/fashion-mnist``).
 DEFAULT_FASHION_MNIST_DIR = (

@@ -31,6 +31,9 @@ from ..errors import UnsupportedModelError
 if TYPE_CHECKING:
     from ..adapters import ModelAdapter
     from ..context import PruneContext
+    from ..engine.activation_store import ActivationStore
+    from ..engine.layers import LayerRunner
+    from ..engine.plan import SequentialPlan
 
 
 def config_field(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> Any:  # noqa: A002
@@ -103,6 +106,27 @@ class OneShotMethod(MethodConfig):
         ``check_model`` passed. ``context`` gives the adapter, tokenizer, calibration batches and the
         progress setting. It may not save or evaluate the model."""
         raise NotImplementedError(f"{type(self).__name__} must implement apply(model, context)")
+
+    #: Whether ``apply`` gives the same result when the calibration batches are split over
+    #: ``torch.distributed`` processes (every statistic it gathers is all-reduced); others are refused
+    #: under a multi-process launch.
+    supports_data_parallel = False
+
+    def apply_sequential(
+        self, runner: LayerRunner, store: ActivationStore, context: PruneContext
+    ) -> SequentialPlan:
+        """The layer-by-layer variant of ``apply`` (``engine: sequential``), for models larger than memory.
+
+        ``runner`` applies one decoder layer at a time to the calibration batches, materialising only that
+        layer; ``store`` keeps activations between layers (spilling to disk). Returns what to write: the
+        report, the layers to leave out, and in-place edits of the layers to keep, which the engine's
+        writer applies while it copies the checkpoint shard by shard. The model is never whole in memory.
+        Not overridden: the method runs in memory only (``supports_sequential`` is False)."""
+        raise NotImplementedError(f"{type(self).__name__} has no layer-by-layer variant")
+
+    def supports_sequential(self) -> bool:
+        """Whether ``apply_sequential`` can run this config (overridden where it depends on a field)."""
+        return type(self).apply_sequential is not OneShotMethod.apply_sequential
 
     def finalize(self, model: Any, context: PruneContext) -> dict[str, Any] | None:
         """Optional follow-up work the method owns, run right after ``apply`` on the same model (e.g.

@@ -47,13 +47,14 @@ def tiny_resnet(tmp_path_factory):
     return folder
 
 
-def write_recipe(path, model, output, data, stage, **train):
+def write_recipe(path, model, output, data, stage, evaluate=(), **train):
     arguments = {"max_steps": 4, "learning_rate": 5e-3, "per_device_train_batch_size": 16, "seed": 0}
     recipe = {
         "model": str(model),
         "output": str(output),
         "train": {"data": str(data), "arguments": arguments, **train},
         "stages": [stage],
+        "evaluate": list(evaluate),
     }
     path.write_text(json.dumps(recipe))
     return str(path)
@@ -62,10 +63,9 @@ def write_recipe(path, model, output, data, stage, **train):
 def test_cards_saves_a_deck_and_every_card(tiny_resnet, image_folder, tmp_path, capsys):
     out = tmp_path / "deck"
     stage = {"method": "cards", "members": 3, "final_sparsity": 0.36, "gating": "uniform"}
-    assert (
-        main(["train", write_recipe(tmp_path / "r.json", tiny_resnet, out, image_folder, stage), "--quiet"])
-        == 0
-    )
+    robustness = {"task": "corruption_robustness", "data": str(image_folder), "corruptions": ["contrast"]}
+    recipe = write_recipe(tmp_path / "r.json", tiny_resnet, out, image_folder, stage, evaluate=[robustness])
+    assert main(["train", recipe, "--quiet"]) == 0
     assert "stage cards: sparsity 36.0%" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "hf_prune_card_deck" and config["member_domains"] == [
@@ -92,6 +92,13 @@ def test_cards_saves_a_deck_and_every_card(tiny_resnet, image_folder, tmp_path, 
     assert stage["method"] == "cards" and stage["rounds"] == 2 and len(stage["members"]) == 3
     assert report["params_after"] == 3 * report["params_before"]
     assert "a CARD-Deck of 3 lottery tickets (LRR" in (out / "README.md").read_text()
+    # The deck's robustness in the report is what hf-prune eval measures on the saved folder
+    entry = report["evaluation"][0]
+    assert entry["task"] == "corruption_robustness" and set(entry["pruned"]["per_corruption"]) == {"contrast"}
+    command = f"eval {out} --task corruption_robustness --data {image_folder} --corruptions contrast --quiet"
+    assert main([*command.split(), "--output", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["mean_corrupted_accuracy"] == entry["pruned"]["mean_corrupted_accuracy"]
 
 
 def test_gmp_trains_an_image_classifier_from_an_image_folder(tiny_resnet, image_folder, tmp_path):

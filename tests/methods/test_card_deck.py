@@ -156,3 +156,26 @@ def test_an_empty_deck_and_missing_spectra_are_refused():
         )
     with pytest.raises(DeckError, match="2 domains for 1 members"):
         build_card_deck([tiny_vit(0)], ["none", "gaussian"])
+
+
+def test_the_image_classification_pipeline_reports_the_ensemble_probabilities(tmp_path):
+    """A colour deck saved with an image processor: ``pipeline`` scores are the members' mean softmax."""
+    import numpy as np
+    from PIL import Image
+
+    labels = {"id2label": {0: "a", 1: "b", 2: "c", 3: "d"}, "label2id": {"a": 0, "b": 1, "c": 2, "d": 3}}
+    members = [tiny_vit(seed, num_channels=3, **labels) for seed in range(2)]
+    build_card_deck(members, ["none", "gaussian"]).save_pretrained(tmp_path / "deck")
+    processor = transformers.ViTImageProcessor(
+        do_resize=False, image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]
+    )
+    processor.save_pretrained(tmp_path / "deck")
+    pipe = transformers.pipeline("image-classification", model=str(tmp_path / "deck"), trust_remote_code=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    scores = {entry["label"]: entry["score"] for entry in pipe(Image.fromarray(pixels, mode="RGB"))}
+    x = (torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        mean = sum(m(pixel_values=x).logits.softmax(-1) for m in members) / 2
+    assert scores == pytest.approx(
+        {name: float(mean[0, i]) for i, name in labels["id2label"].items()}, abs=1e-5
+    )

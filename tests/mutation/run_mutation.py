@@ -98,6 +98,22 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ],
         ["tests/analysis/test_graphon.py", "tests/analysis/test_pai_scorers.py", "-m", "not slow"],
     ),
+    "cards": (
+        [
+            "hf_prune/methods/robust/augmentations.py",
+            "hf_prune/methods/robust/deck.py",
+            "hf_prune/methods/robust/cards.py",
+            "model_patches/card_deck.py",
+        ],
+        # The fresh-process reload and the pipeline are slow; the lottery rounds train tiny ViTs in seconds.
+        [
+            "tests/methods/test_augmentations.py",
+            "tests/methods/test_card_deck.py",
+            "tests/methods/test_cards.py",
+            "-k",
+            "not reloads and not pipeline",
+        ],
+    ),
     "tokens": (
         [
             "model_patches/prompt_prefill.py",

@@ -55,6 +55,8 @@ ALLOWED = {
     # the depth-cut config's own ``layers`` field ([first, last] removed block), not a model attribute
     ("hf_prune/methods/depth/cuts.py", "self.layers"),
     ("hf_prune/methods/depth/cuts.py", "config.layers"),
+    ("hf_prune/methods/depth/sequential.py", "config.layers"),
+    ("hf_prune/methods/depth/replaceme.py", "self.layers"),
 }
 
 

@@ -32,6 +32,7 @@ TOP_LAYER = (
     "hf_prune.cli",
     "hf_prune.cli_graphon",
     "hf_prune.demo",
+    "hf_prune.__main__",  # python -m hf_prune: the command line (torchrun -m hf_prune prune ...)
 )
 LAB = ("hf_prune.evals.testbeds", "hf_prune.evals.benchmarks")
 MODEL_PATCHES_ALLOWED = {"torch", "transformers"} | set(sys.stdlib_module_names)

@@ -127,7 +127,9 @@ def test_run_stage_names_the_report_and_merges_finalize(scratch_registry):
         "seconds",
         "params_before",
         "params_after",
+        "engine",
     ]
+    assert stage["engine"] == "in_memory"
     assert stage["method"] == "recorder" and stage["training"] == {"steps": 3} and stage["extra"] is True
 
 

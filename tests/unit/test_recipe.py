@@ -93,7 +93,8 @@ def test_valid_recipe_from_yaml_and_json_files(tmp_path):
         (with_changes(calibration={"num_samples": 3}), "calibration.data: missing required key"),
         (
             with_changes(evaluate=[{"task": "bleu", "data": "x.txt"}]),
-            "evaluate[0].task: unknown task 'bleu' (allowed: perplexity, multiple_choice, classification, vqa)",
+            "evaluate[0].task: unknown task 'bleu' (allowed: perplexity, multiple_choice, classification, vqa, "
+            "corruption_robustness)",
         ),
         (with_changes(evaluate={"task": "perplexity"}), "evaluate: expected list, got dict"),
     ],

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ...activations import capture_outputs, run_decoder
 from ...adapters import ModelAdapter
 from ...context import PruneContext
+from ...engine.distributed import all_reduce_int, all_reduce_sum
 from ...errors import ConfigFieldError
 from ..base import OneShotMethod, config_field
 
@@ -122,18 +123,28 @@ def angular_distances(model: Any, context: PruneContext, block: int, tokens: str
         named = {str(i): layer for i, layer in enumerate(layers)}
         with capture_outputs(named, stop_after=layers[-1]) as outputs:
             run_decoder(decoder, batch)
-        mask = batch.attention_mask.to(outputs["0"].device).bool()
-        if tokens == "last":
-            last = mask.sum(dim=1) - 1  # right padding: the last real token
-            rows = torch.arange(mask.shape[0], device=mask.device)
-            states = [outputs[str(i)][rows, last].double() for i in range(num_layers)]
-        else:
-            states = [outputs[str(i)][mask].double() for i in range(num_layers)]
+        states = [distance_rows(outputs[str(i)], batch.attention_mask, tokens) for i in range(num_layers)]
         for start in range(starts):
-            cos = torch.nn.functional.cosine_similarity(states[start], states[start + block], dim=-1)
-            sums[start] += (torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi).sum().cpu()
+            sums[start] += angular_distance_sum(states[start], states[start + block])
         count += states[0].shape[0]
-    return sums / count
+    # Data-parallel calibration: every process summed its own batches.
+    return all_reduce_sum(sums) / all_reduce_int(count)
+
+
+def distance_rows(hidden: torch.Tensor, attention_mask: torch.Tensor, tokens: str) -> torch.Tensor:
+    """The rows of a layer's output [B, S, d] the angular distance compares: each sequence's last real
+    token (``last``) or every real token (``all``), in float64."""
+    mask = attention_mask.to(hidden.device).bool()
+    if tokens == "last":
+        last = mask.sum(dim=1) - 1  # right padding: the last real token
+        return hidden[torch.arange(mask.shape[0], device=mask.device), last].double()
+    return hidden[mask].double()
+
+
+def angular_distance_sum(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Σ over rows of arccos(cos(a, b)) / π."""
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return float((torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi).sum())
 
 
 def choose_cuts(distances: torch.Tensor, block: int, num_cuts: int) -> list[Cut]:

@@ -17,11 +17,16 @@ from tqdm.auto import tqdm
 from ...activations import capture_outputs, run_decoder
 from ...adapters import ModelAdapter
 from ...context import PruneContext
+from ...engine.activation_store import ActivationStore
+from ...engine.distributed import is_distributed
+from ...engine.layers import InMemoryModel, LayerRunner
+from ...engine.plan import SequentialPlan
 from ...errors import ConfigFieldError
 from ...registry import register_method
 from ..base import config_field
 from .cuts import DepthCutConfig, remove_cuts, select_cuts
 from .estimators import NormalEquations, fit_cosine_map
+from .sequential import plan_depth_cuts
 
 
 @dataclass
@@ -37,6 +42,13 @@ class ReplaceMeConfig(DepthCutConfig):
     epochs: int = config_field(10, help="cosine: passes over the calibration tokens")
     batch_tokens: int = config_field(1024, help="cosine: tokens per optimisation step")
     seed: int = config_field(0, help="cosine: shuffling seed")
+    cut_selection: Literal["angular", "residual"] = config_field(
+        "angular",
+        help="with num_layers: the block with the lowest angular distance (paper), or the one whose map, fitted "
+        "on 4 of 5 calibration tokens, leaves the lowest residual on the fifth",
+    )
+
+    supports_data_parallel = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,7 +74,22 @@ class ReplaceMeConfig(DepthCutConfig):
         return None
 
     def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
+        if self.cut_selection == "residual" and self.layers is None:
+            # Every candidate's map needs the cached boundary activations: the layer-by-layer pass, in memory.
+            runner = LayerRunner(InMemoryModel(model), context.adapter, context.calibration_batches())
+            store = ActivationStore(None, memory_budget=0, fingerprint="")
+            try:
+                plan = plan_depth_cuts(self, runner, store, context, fit_map=True)
+            finally:
+                store.close()
+            context.adapter.remove_layers(model, plan.removed_layers)  # the maps are folded in place
+            return plan.report
         return apply_replaceme(model, self, context)
+
+    def apply_sequential(
+        self, runner: LayerRunner, store: ActivationStore, context: PruneContext
+    ) -> SequentialPlan:
+        return plan_depth_cuts(self, runner, store, context, fit_map=True)
 
     def min_calibration_tokens(self, model_config: Any) -> int:
         # lstsq solves for a d×d map: with fewer than d tokens MᵀM is rank-deficient, the ridge fallback
@@ -95,6 +122,64 @@ def fold_linear_map_into_mlp_output(
     return folded
 
 
+class MapFit:
+    """Streaming fit of T for one cut: ``add`` each batch's kept-layer output h, its MLP output M and the
+    target h_{l+n} (real tokens only), then ``solve``. Sums add across batches and processes."""
+
+    def __init__(self, dim: int, config: ReplaceMeConfig, device: torch.device | str):
+        self.config = config
+        self.device = device
+        self.equations = NormalEquations(dim, device)
+        self.tokens: dict[str, list[torch.Tensor]] = {"m": [], "r": [], "y": []}
+
+    def add(
+        self, mlp_out: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        mask = mask.to(hidden.device).bool()
+        m, h, t = mlp_out[mask], hidden[mask], target[mask]
+        y = h - m
+        residual = t.to(torch.float64) - y.to(torch.float64)
+        self.equations.add(m, residual)
+        if self.config.estimator == "cosine":
+            self.tokens["m"].append(m.float().cpu())
+            self.tokens["r"].append(residual.float().cpu())
+            if self.config.cosine_loss == "full":
+                self.tokens["y"].append(y.float().cpu())
+
+    def solve(self, progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        config, equations = self.config, self.equations
+        equations.all_reduce()
+        alpha = None
+        if config.estimator == "lstsq":
+            transform, alpha = equations.solve(config.ridge)
+        else:
+            if is_distributed():
+                raise ConfigFieldError("estimator", "cosine is not data-parallel; use lstsq, or one process")
+            transform = fit_cosine_map(
+                torch.cat(self.tokens["m"]),
+                torch.cat(self.tokens["r"]),
+                torch.cat(self.tokens["y"]) if self.tokens["y"] else None,
+                lr=config.lr,
+                epochs=config.epochs,
+                batch_tokens=config.batch_tokens,
+                seed=config.seed,
+                device=self.device,
+                progress=progress,
+            )
+        dim = equations.gram.shape[0]
+        identity_error = equations.squared_error(torch.eye(dim, dtype=torch.float64))
+        fitted_error = equations.squared_error(transform)
+        stats = {
+            "calibration_tokens": equations.num_tokens,
+            # ‖M·T − R‖² / ‖R‖²: how much of the removed layers' contribution the map leaves unexplained.
+            "relative_error_without_map": identity_error / max(float(equations.target_sq), 1e-30),
+            "relative_error_with_map": fitted_error / max(float(equations.target_sq), 1e-30),
+        }
+        if alpha is not None:
+            stats["ridge_used"] = alpha
+        return transform, stats
+
+
 def estimate_map(
     model: Any, kept: int, last_removed: int, config: ReplaceMeConfig, context: PruneContext
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -104,9 +189,7 @@ def estimate_map(
     decoder = adapter.decoder(model)
     watched = {"h": layers[kept], "mlp": adapter.mlp(layers[kept]), "target": layers[last_removed]}
     dim = adapter.text_config(model.config).hidden_size
-    stats_device = next(layers[kept].parameters()).device
-    equations = NormalEquations(dim, stats_device)
-    kept_tokens: dict[str, list[torch.Tensor]] = {"m": [], "r": [], "y": []}
+    fit = MapFit(dim, config, next(layers[kept].parameters()).device)
     for batch in tqdm(
         context.calibration_batches(),
         desc=f"calibrate layers {kept + 1}-{last_removed}",
@@ -115,43 +198,8 @@ def estimate_map(
     ):
         with capture_outputs(watched, stop_after=layers[last_removed]) as out:
             run_decoder(decoder, batch)
-        mask = batch.attention_mask.to(out["h"].device).bool()
-        m, h, target = out["mlp"][mask], out["h"][mask], out["target"][mask]
-        y = h - m
-        residual = target.to(torch.float64) - y.to(torch.float64)
-        equations.add(m, residual)
-        if config.estimator == "cosine":
-            kept_tokens["m"].append(m.float().cpu())
-            kept_tokens["r"].append(residual.float().cpu())
-            if config.cosine_loss == "full":
-                kept_tokens["y"].append(y.float().cpu())
-    equations.all_reduce()
-    alpha = None
-    if config.estimator == "lstsq":
-        transform, alpha = equations.solve(config.ridge)
-    else:
-        transform = fit_cosine_map(
-            torch.cat(kept_tokens["m"]),
-            torch.cat(kept_tokens["r"]),
-            torch.cat(kept_tokens["y"]) if kept_tokens["y"] else None,
-            lr=config.lr,
-            epochs=config.epochs,
-            batch_tokens=config.batch_tokens,
-            seed=config.seed,
-            device=stats_device,
-            progress=context.progress,
-        )
-    identity_error = equations.squared_error(torch.eye(dim, dtype=torch.float64))
-    fitted_error = equations.squared_error(transform)
-    stats = {
-        "calibration_tokens": equations.num_tokens,
-        # ‖M·T − R‖² / ‖R‖²: how much of the removed layers' contribution the map leaves unexplained.
-        "relative_error_without_map": identity_error / max(float(equations.target_sq), 1e-30),
-        "relative_error_with_map": fitted_error / max(float(equations.target_sq), 1e-30),
-    }
-    if alpha is not None:
-        stats["ridge_used"] = alpha
-    return transform, stats
+        fit.add(out["mlp"], out["h"], out["target"], batch.attention_mask)
+    return fit.solve(context.progress)
 
 
 def apply_replaceme(model: Any, config: ReplaceMeConfig, context: PruneContext) -> dict[str, Any]:

@@ -27,13 +27,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from ...adapters import ModelAdapter, get_adapter
 from ...context import PruneContext
+from ...engine.activation_store import ActivationStore
+from ...engine.distributed import all_reduce_int
+from ...engine.layers import LayerRunner
+from ...engine.plan import SequentialPlan
 from ...errors import CalibrationError, ConfigFieldError, UnsupportedModelError
 from ...registry import register_method
 from ..base import OneShotMethod, config_field
 from .removal import remove_experts
 from .scoring import diep_scores, moe_layers, round_half_up, router_statistics, select_experts
+from .sequential import plan_expert_pruning
 
 
 @dataclass
@@ -93,6 +100,11 @@ class ExpertPruningConfig(OneShotMethod):
     @property
     def needs_calibration(self) -> bool:
         return True
+
+    @property
+    def supports_data_parallel(self) -> bool:
+        # Router counts are sums over tokens; DiEP trains its scores by gradient steps on whole batches.
+        return self.algorithm != "diep"
 
     def __post_init__(self) -> None:
         if (self.keep_ratio is None) == (self.keep_experts is None):
@@ -222,6 +234,14 @@ class ExpertPruningConfig(OneShotMethod):
     def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
         return apply_expert_pruning(model, self, context)
 
+    def supports_sequential(self) -> bool:
+        return self.algorithm != "diep"  # DiEP's language-model loss runs through the whole model
+
+    def apply_sequential(
+        self, runner: LayerRunner, store: ActivationStore, context: PruneContext
+    ) -> SequentialPlan:
+        return plan_expert_pruning(self, runner, store, context)
+
     def min_calibration_tokens(self, model_config: Any) -> int:
         # Ranking needs at least one token per expert of the largest layer (apply checks it again for
         # callers that bypass the pipeline).
@@ -238,7 +258,7 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
     moe = moe_layers(model, adapter)
     before = {i: adapter.expert_count(layers[i]) for i in moe}
     batches = context.calibration_batches()
-    tokens = sum(batch.num_tokens for batch in batches)
+    tokens = all_reduce_int(sum(batch.num_tokens for batch in batches))  # every process's batches
     if tokens < max(before.values()):
         raise CalibrationError(
             f"expert pruning: the calibration data gave {tokens} tokens, fewer than the {max(before.values())} "
@@ -265,7 +285,22 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
         min_experts_per_layer=config.min_experts_per_layer,
     )
     removal = remove_experts(model, adapter, keep)
+    return expert_pruning_report(config, scores, keep, before, top_k, tokens, scoring_seconds, removal, diep)
 
+
+def expert_pruning_report(
+    config: ExpertPruningConfig,
+    scores: dict[int, torch.Tensor],
+    keep: dict[int, list[int]],
+    before: dict[int, int],
+    top_k: int,
+    tokens: int,
+    scoring_seconds: float,
+    removal: dict[str, Any],
+    diep: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The stage report: per MoE layer the scores and kept experts, totals, and DiEP's training figures."""
+    moe = sorted(scores)
     per_layer = []
     for i in moe:
         entry: dict[str, Any] = {

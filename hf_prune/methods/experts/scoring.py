@@ -30,6 +30,7 @@ from ...activations import capture_outputs, run_decoder
 from ...adapters import ModelAdapter
 from ...calibration import CalibrationBatch
 from ...context import PruneContext
+from ...engine.distributed import all_reduce_sum
 from ...errors import CalibrationError, UnsupportedModelError
 
 #: The official DiEP schedule for β_l: this value for the first half of the MoE layers, BETA_LATE after.
@@ -56,7 +57,7 @@ def _num_experts(adapter: ModelAdapter, layer: nn.Module) -> int:
     return adapter.expert_count(layer)
 
 
-def _flat_mask(batch: CalibrationBatch) -> torch.Tensor:
+def flat_mask(batch: CalibrationBatch) -> torch.Tensor:
     """[B*S] bool, True for real tokens: the layout the router sees."""
     return batch.attention_mask.reshape(-1).bool()
 
@@ -81,50 +82,64 @@ def router_statistics(model: nn.Module, context: PruneContext) -> dict[int, dict
     stats: dict[int, dict[str, Any]] = {}
     current: dict[str, torch.Tensor] = {}
 
-    def make_hook(index: int, num_experts: int):
-        entry = stats[index]
-
+    def make_hook(index: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            logits, _, indices = output
-            logits = logits.reshape(-1, logits.shape[-1])
-            keep = current["mask"].to(logits.device)
-            if logits.shape[0] != keep.numel():
-                raise RuntimeError(
-                    f"layer {index}: the router saw {logits.shape[0]} tokens, the calibration "
-                    f"batch has {keep.numel()} positions"
-                )
-            probs = torch.softmax(logits[keep].float(), dim=-1)
-            chosen = indices.reshape(logits.shape[0], -1)[keep]
-            entry["frequency"] += torch.bincount(chosen.reshape(-1), minlength=num_experts).cpu()
-            entry["router_weight"] += probs.sum(dim=0).double().cpu()
-            entry["tokens"] += int(keep.sum())
+            add_router_output(stats[index], output, current["mask"], index)
 
         return hook
 
     handles = []
     try:
         for index in moe:
-            num_experts = _num_experts(adapter, layers[index])
-            stats[index] = {
-                "frequency": torch.zeros(num_experts, dtype=torch.int64),
-                "router_weight": torch.zeros(num_experts, dtype=torch.float64),
-                "tokens": 0,
-            }
+            stats[index] = empty_router_statistics(_num_experts(adapter, layers[index]))
             # Registered before capture_outputs' stop hook, so the last router is counted before the stop.
-            handles.append(adapter.router(layers[index]).register_forward_hook(make_hook(index, num_experts)))
+            handles.append(adapter.router(layers[index]).register_forward_hook(make_hook(index)))
         last_router = adapter.router(layers[moe[-1]])
         for batch in tqdm(
             context.calibration_batches(), desc="router statistics", disable=not context.progress, leave=False
         ):
-            current["mask"] = _flat_mask(batch)
+            current["mask"] = flat_mask(batch)
             with capture_outputs({}, stop_after=last_router):
                 run_decoder(adapter.decoder(model), batch)
     finally:
         for handle in handles:
             handle.remove()
     for entry in stats.values():
-        entry["tokens"] = torch.tensor(entry["tokens"], dtype=torch.int64)
+        reduce_router_statistics(entry)
     return stats
+
+
+def empty_router_statistics(num_experts: int) -> dict[str, Any]:
+    return {
+        "frequency": torch.zeros(num_experts, dtype=torch.int64),
+        "router_weight": torch.zeros(num_experts, dtype=torch.float64),
+        "tokens": 0,
+    }
+
+
+def add_router_output(entry: dict[str, Any], output: Any, real_tokens: torch.Tensor, index: int) -> None:
+    """Count one batch's router output ``(logits, top-k weights, top-k indices)`` on its real tokens."""
+    logits, _, indices = output
+    num_experts = entry["frequency"].numel()
+    logits = logits.reshape(-1, logits.shape[-1])
+    keep = real_tokens.to(logits.device)
+    if logits.shape[0] != keep.numel():
+        raise RuntimeError(
+            f"layer {index}: the router saw {logits.shape[0]} tokens, the calibration "
+            f"batch has {keep.numel()} positions"
+        )
+    probs = torch.softmax(logits[keep].float(), dim=-1)
+    chosen = indices.reshape(logits.shape[0], -1)[keep]
+    entry["frequency"] += torch.bincount(chosen.reshape(-1), minlength=num_experts).cpu()
+    entry["router_weight"] += probs.sum(dim=0).double().cpu()
+    entry["tokens"] += int(keep.sum())
+
+
+def reduce_router_statistics(entry: dict[str, Any]) -> None:
+    """The token count as a tensor, and every count summed over data-parallel processes."""
+    entry["tokens"] = torch.tensor(entry["tokens"], dtype=torch.int64)
+    for key in ("frequency", "router_weight", "tokens"):
+        all_reduce_sum(entry[key])
 
 
 # ---- DiEP ----------------------------------------------------------------------------------------
@@ -181,7 +196,7 @@ def cache_moe_io(
         for batch in tqdm(
             batches, desc="DiEP: cache MoE inputs/outputs", disable=not context.progress, leave=False
         ):
-            positions = torch.nonzero(_flat_mask(batch)).squeeze(1)
+            positions = torch.nonzero(flat_mask(batch)).squeeze(1)
             chosen = (torch.arange(positions.numel()) + seen) % stride == 0
             seen += positions.numel()
             if not bool(chosen.any()):

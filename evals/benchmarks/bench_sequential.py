@@ -1,0 +1,321 @@
+"""Benchmark the layer-by-layer engine: peak memory against the weights, wall time against the in-memory
+path, data-parallel processes, and ReplaceMe's cut chosen by residual.
+
+    python -m hf_prune.evals.benchmarks.bench_sequential [--big-gb 4] [--skip-big] [--processes 2]
+
+Every prune runs in a child process (``python -m hf_prune prune RECIPE``, or under torchrun) that reports
+its own peak RSS; ratios are against figures measured in the same run. The random models are built once,
+deterministically, under ``$HF_PRUNE_CACHE/bench`` (default ``~/.cache/hf_prune/bench``), outside the repo.
+Prints figures; it passes or fails nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from ...activations import capture_outputs, run_decoder
+from ...adapters import get_adapter
+from ...calibration import build_calibration
+from ...recipe import CalibrationConfig, build_dataclass
+from ..training import cache_root, default_assets_dir
+
+CHILD = """
+import json, resource, sys, time
+from hf_prune.cli import main
+started = time.perf_counter()
+code = main(sys.argv[1:])
+print("CHILD " + json.dumps({"code": code, "seconds": time.perf_counter() - started,
+                             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+BASELINE = """
+import json, resource
+import hf_prune.cli, transformers, torch  # what every child imports before it prunes
+print("CHILD " + json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_child(recipe: dict, work: Path, processes: int = 1) -> dict:
+    """Prune ``recipe`` in a fresh process (or ``processes`` under torchrun); its seconds and peak RSS."""
+    path = work / f"recipe-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(recipe))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(max(1, 2 // processes))}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        script = work / "child.py"
+        script.write_text(CHILD)
+        command = [*launcher, str(script), "prune", str(path), "--quiet"]
+    else:
+        command = [*launcher, "-c", CHILD, "prune", str(path), "--quiet"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    children = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("CHILD ")]
+    report = json.loads((Path(recipe["output"]) / "hf_prune.json").read_text())
+    return {
+        "wall": wall,
+        "peak_rss": max(c["peak_rss"] for c in children),
+        "stage_seconds": report["stages"][0]["seconds"],
+        "report": report,
+    }
+
+
+def import_baseline() -> int:
+    done = subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.split("CHILD ", 1)[1])["peak_rss"]
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    def tensors(folder: Path) -> dict:
+        found = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            found.update(load_file(str(file)))
+        return found
+
+    x, y = tensors(a), tensors(b)
+    if x.keys() != y.keys():
+        return float("inf")
+    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
+
+
+def build_model(folder: Path, model: torch.nn.Module, tokenizer, shard: str) -> Path:
+    if not (folder / "config.json").exists():
+        partial = folder.with_name(folder.name + ".partial")
+        model.save_pretrained(partial, max_shard_size=shard)
+        tokenizer.save_pretrained(partial)
+        partial.rename(folder)
+    return folder
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def forward_seconds(folder: Path, calibration: CalibrationConfig) -> float:
+    """One plain forward pass over the calibration batches (best of 3), in this process."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    adapter = get_adapter(model.config)
+    batches = build_calibration(calibration, tokenizer)
+    layers = adapter.layers(model)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for batch in batches:
+            with capture_outputs({}, stop_after=layers[-1]):
+                run_decoder(adapter.decoder(model), batch)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def gb(count: float) -> str:
+    return f"{count / 1e9:.2f} GB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--assets", type=Path, default=default_assets_dir())
+    parser.add_argument("--big-gb", type=float, default=4.0, help="size of the big random Llama's weights")
+    parser.add_argument("--skip-big", action="store_true", help="only the model that fits and stories260K")
+    parser.add_argument("--processes", type=int, default=2)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cache = cache_root() / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_sequential_"))
+    stories = args.assets / "models" / "stories260K"
+    sample = args.assets / "text" / "tinystories" / "sample.txt"
+    tokenizer = AutoTokenizer.from_pretrained(stories)
+    baseline = import_baseline()
+    print(f"work folder {work}; a child process that only imports hf_prune peaks at {gb(baseline)} RSS")
+
+    # 1. The model of bench_replaceme that fits: in memory vs layer by layer vs 2 processes.
+    hidden = 512
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=16,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(0)
+    fits = build_model(cache / "llama-16x512", LlamaForCausalLM(config), tokenizer, "5GB")
+    calibration = {"data": str(sample), "num_samples": 64, "seq_len": 256, "batch_size": 8, "packing": True}
+    floor = forward_seconds(fits, build_dataclass(CalibrationConfig, calibration, "calibration"))
+    stage = {"method": "replaceme", "num_layers": 4}
+    base = {"model": str(fits), "calibration": calibration, "stages": [stage], "overwrite": True}
+    runs = {
+        "in_memory": run_child({**base, "output": str(work / "mem"), "engine": "in_memory"}, work),
+        "sequential": run_child({**base, "output": str(work / "seq"), "engine": "sequential"}, work),
+        f"sequential, {args.processes} processes": run_child(
+            {**base, "output": str(work / "seq-dp"), "engine": "sequential"}, work, args.processes
+        ),
+        f"in_memory, {args.processes} processes": run_child(
+            {**base, "output": str(work / "mem-dp"), "engine": "in_memory"}, work, args.processes
+        ),
+    }
+    print(
+        f"\n## random Llama 16x{hidden} ({gb(weights_bytes(fits))}), ReplaceMe removing 4 layers, 64 x 256 tokens"
+    )
+    print(f"one forward pass over the calibration data (best of 3, in-process): {floor:.2f} s")
+    print(
+        f"{'engine':<28} {'stage s':>8} {'x forward':>9} {'wall s':>7} {'x in-mem':>8} {'peak RSS':>9} {'max |dW|':>9}"
+    )
+    for name, run in runs.items():
+        folder = Path(run["report"]["recipe"]["output"])
+        difference = max_weight_difference(work / "mem", folder)
+        print(
+            f"{name:<28} {run['stage_seconds']:>8.2f} {run['stage_seconds'] / floor:>9.2f} {run['wall']:>7.1f} "
+            f"{run['wall'] / runs['in_memory']['wall']:>8.2f} {gb(run['peak_rss']):>9} {difference:>9.2e}"
+        )
+    print("removed layers:", {k: v["report"]["stages"][0]["removed_layers"] for k, v in runs.items()})
+
+    # 2. ReplaceMe's cut on stories260K: angular distance against the residual of every candidate's map.
+    residual_cut(stories, sample, work)
+
+    if args.skip_big:
+        return
+    # 3. Models larger than we would like in memory: peak RSS against the weights.
+    big_llama(cache, tokenizer, sample, work, args.big_gb, baseline)
+    big_mixtral(cache, tokenizer, sample, work, args.big_gb, baseline)
+
+
+def residual_cut(stories: Path, sample: Path, work: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ...calibration import self_generated_texts
+    from ..perplexity import DEFAULT_DOCUMENT_SEPARATOR, evaluate_perplexity
+
+    print("\n## stories260K, ReplaceMe removing 2 of 5 layers: which cut each selection picks")
+    # Calibrated on text the model samples itself (as bench_replaceme), scored on the TinyStories sample.
+    tokenizer = AutoTokenizer.from_pretrained(stories)
+    model = AutoModelForCausalLM.from_pretrained(stories).eval()
+    texts = self_generated_texts(model, tokenizer, num_samples=64, max_new_tokens=256)
+    (work / "self-generated.txt").write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts) + "\n")
+    calibration = {
+        "data": str(work / "self-generated.txt"),
+        "num_samples": 64,
+        "seq_len": 256,
+        "batch_size": 8,
+    }
+    for selection in ("angular", "residual"):
+        stage = {"method": "replaceme", "num_layers": 2, "cut_selection": selection}
+        recipe = {
+            "model": str(stories),
+            "output": str(work / f"stories-{selection}"),
+            "calibration": calibration,
+        }
+        run = run_child({**recipe, "stages": [stage], "overwrite": True}, work)
+        model = AutoModelForCausalLM.from_pretrained(work / f"stories-{selection}").eval()
+        ppl = evaluate_perplexity(
+            model,
+            tokenizer,
+            sample,
+            seq_len=512,
+            progress=False,
+            document_separator=DEFAULT_DOCUMENT_SEPARATOR,
+        )["perplexity"]
+        report = run["report"]["stages"][0]
+        scores = report.get("candidate_residuals") or report.get("candidate_distances")
+        print(
+            f"{selection:<9} kept layer {report['cuts'][0]['kept_layer']}, removed {report['removed_layers']}: "
+            f"perplexity {ppl:.2f} on {sample.name}; candidate scores {scores}"
+        )
+
+
+def big_llama(cache: Path, tokenizer, sample: Path, work: Path, size_gb: float, baseline: int) -> None:
+    hidden, intermediate = 2048, 5632
+    per_layer = 4 * hidden * hidden + 3 * hidden * intermediate
+    layers = max(2, int((size_gb * 1e9 / 4 - 2 * 32000 * hidden) // per_layer))
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=1024,
+    )
+    folder = cache / f"llama-{layers}x{hidden}"
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        build_model(folder, LlamaForCausalLM(config), tokenizer, "1GB")
+    _big_case(
+        f"random Llama {layers}x{hidden}",
+        folder,
+        {"method": "replaceme", "num_layers": layers // 4},
+        sample,
+        work,
+        baseline,
+    )
+
+
+def big_mixtral(cache: Path, tokenizer, sample: Path, work: Path, size_gb: float, baseline: int) -> None:
+    hidden, intermediate, experts = 1024, 1792, 8
+    per_layer = 4 * hidden * hidden + experts * 3 * hidden * intermediate
+    layers = max(2, int((size_gb * 1e9 / 4 - 2 * 32000 * hidden) // per_layer))
+    config = MixtralConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+    )
+    folder = cache / f"mixtral-{layers}x{hidden}x{experts}"
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        build_model(folder, MixtralForCausalLM(config), tokenizer, "1GB")
+    stage = {"method": "expert_pruning", "algorithm": "frequency", "keep_ratio": 0.5, "uniform": False}
+    _big_case(f"random Mixtral {layers}x{hidden}, {experts} experts", folder, stage, sample, work, baseline)
+
+
+def _big_case(title: str, folder: Path, stage: dict, sample: Path, work: Path, baseline: int) -> None:
+    size = weights_bytes(folder)
+    calibration = {"data": str(sample), "num_samples": 16, "seq_len": 128, "batch_size": 4, "packing": True}
+    recipe = {
+        "model": str(folder),
+        "output": str(work / folder.name),
+        "calibration": calibration,
+        "stages": [stage],
+        "engine": "sequential",
+        "activation_memory_gb": 0.25,
+        "overwrite": True,
+    }
+    run = run_child(recipe, work)
+    stage_report = run["report"]["stages"][0]
+    print(f"\n## {title}: weights {gb(size)}, {stage['method']}, engine sequential, 16 x 128 tokens")
+    print(
+        f"peak RSS {gb(run['peak_rss'])} = {run['peak_rss'] / size:.2f} x the weights "
+        f"({(run['peak_rss'] - baseline) / size:.2f} x above the import-only child); "
+        f"wall {run['wall']:.0f} s (stage {run['stage_seconds']:.0f} s); "
+        f"activations spilled {gb(stage_report['activations']['spilled_bytes'])}"
+    )
+    shutil.rmtree(work / folder.name, ignore_errors=True)  # gigabytes: do not keep them
+
+
+if __name__ == "__main__":
+    main()

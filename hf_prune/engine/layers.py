@@ -1,0 +1,227 @@
+"""Run a decoder one layer at a time over every calibration batch.
+
+``OffloadedModel`` loads a checkpoint through transformers' ``device_map={"": "disk"}`` (accelerate's disk
+offload): parameters stay on the meta device, tensors stored as-is are read from the checkpoint's own
+safetensors files (memory-mapped), and only tensors transformers converts on load (e.g. per-expert MoE
+weights fused into 3-D ones) are written once to ``offload_folder``. Modules are then materialised one at
+a time, so peak memory is about one decoder layer plus the activations. ``InMemoryModel`` gives the same
+interface over a model already loaded (materialising is then a no-op).
+
+``LayerRunner`` carries activations forward: one decoder pass with every layer replaced by a recorder
+gives the hidden states entering layer 0 and the keyword arguments (masks, rotary position embeddings)
+each layer receives; then ``run_layer(i, inputs)`` applies layer i to every batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..activations import capture_outputs
+from ..calibration import CalibrationBatch
+
+
+def _prefix_of(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return f"{name}." if name else ""
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
+
+
+def _keep_all(name: str) -> bool:
+    return False
+
+
+class InMemoryModel:
+    """A loaded model behind the interface ``LayerRunner`` uses."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None):
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    @contextlib.contextmanager
+    def materialized(self, module: nn.Module, *, exclude: nn.Module | None = None) -> Iterator[nn.Module]:
+        yield module
+
+    def tensors_of(
+        self, module: nn.Module, skip: Callable[[str], bool] = _keep_all
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in module.state_dict().items():
+            if not skip(name):
+                yield name, tensor
+
+
+class OffloadedModel:
+    """A checkpoint whose weights stay on disk until a module is materialised (see the module docstring)."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        auto_class: Any,
+        *,
+        offload_folder: str | os.PathLike,
+        dtype: Any = "auto",
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+    ):
+        from accelerate.hooks import remove_hook_from_submodules
+
+        model = auto_class.from_pretrained(
+            folder,
+            device_map={"": "disk"},
+            offload_folder=str(offload_folder),
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        # Every offloaded tensor's loader (full name → tensor read from disk on access) is shared by the
+        # hooks accelerate attached; keep it, drop the hooks: modules are materialised explicitly here.
+        loaders = [
+            m._hf_hook.weights_map.dataset
+            for m in model.modules()
+            if getattr(getattr(m, "_hf_hook", None), "weights_map", None) is not None
+        ]
+        if not loaders:
+            raise RuntimeError("the disk-offloaded model has no offloaded weights")
+        self.weights = loaders[0]
+        remove_hook_from_submodules(model)
+        self.model = model.eval()
+        self.device = torch.device(device)
+
+    def _tensor_names(self, module: nn.Module, exclude: nn.Module | None) -> list[tuple[nn.Module, str, str]]:
+        """(owning module, local name, full name) of every tensor under ``module`` held on disk."""
+        prefix = _prefix_of(self.model, module)
+        skipped = {id(m) for m in exclude.modules()} if exclude is not None else set()
+        found = []
+        for name, sub in module.named_modules():
+            if id(sub) in skipped:
+                continue
+            for local, _ in list(sub.named_parameters(recurse=False)) + list(
+                sub.named_buffers(recurse=False)
+            ):
+                full = f"{prefix}{name}.{local}" if name else f"{prefix}{local}"
+                if full in self.weights:
+                    found.append((sub, local, full))
+        return found
+
+    @contextlib.contextmanager
+    def materialized(self, module: nn.Module, *, exclude: nn.Module | None = None) -> Iterator[nn.Module]:
+        """Load ``module``'s tensors (those of ``exclude`` left on meta) for the block, then free them."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        names = self._tensor_names(module, exclude)
+        try:
+            for owner, local, full in names:
+                set_module_tensor_to_device(owner, local, self.device, value=self.weights[full])
+            yield module
+        finally:
+            for owner, local, _ in names:
+                set_module_tensor_to_device(owner, local, "meta")
+
+    def tensors_of(
+        self, module: nn.Module, skip: Callable[[str], bool] = _keep_all
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``module``'s tensors as its ``state_dict`` names them, each read from disk when the iteration
+        reaches it (the module stays on meta); names for which ``skip`` is true are not read."""
+        prefix = _prefix_of(self.model, module)
+        for _, _, full in self._tensor_names(module, None):
+            if not skip(full[len(prefix) :]):
+                yield full[len(prefix) :], self.weights[full]
+
+
+class _LayerRecorder(nn.Module):
+    """Stands in for a decoder layer during the recording pass: notes its inputs and passes them on."""
+
+    def __init__(self, index: int, sink: list[dict[str, Any]]):
+        super().__init__()
+        self.index = index
+        self.sink = sink
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise RuntimeError("decoder layers are expected to take their inputs after hidden_states by name")
+        self.sink.append({"layer": self.index, "hidden": hidden_states, "kwargs": kwargs})
+        return hidden_states
+
+
+class LayerRunner:
+    """Decoder layers applied one at a time to every calibration batch (see the module docstring)."""
+
+    def __init__(self, source: InMemoryModel | OffloadedModel, adapter: Any, batches: list[CalibrationBatch]):
+        self.source = source
+        self.adapter = adapter
+        self.batches = batches
+        self.decoder = adapter.decoder(source.model)
+        self._layers = adapter.layers(source.model)
+        self._kwargs: list[list[dict[str, Any]]] | None = None  # [batch][layer]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` as the model holds it (on the meta device when offloaded)."""
+        return self._layers[index]
+
+    @torch.no_grad()
+    def layer_inputs(self) -> list[torch.Tensor]:
+        """The hidden states entering layer 0, one tensor per batch (also records every layer's kwargs)."""
+        layers = self._layers
+        originals = list(layers)
+        first_inputs, kwargs = [], []
+        with self.source.materialized(self.decoder, exclude=layers):
+            try:
+                for batch in self.batches:
+                    sink: list[dict[str, Any]] = []
+                    for i in range(len(originals)):
+                        layers[i] = _LayerRecorder(i, sink)
+                    self.decoder(
+                        input_ids=batch.input_ids.to(self.source.device),
+                        attention_mask=batch.attention_mask.to(self.source.device),
+                        use_cache=False,
+                    )
+                    if [entry["layer"] for entry in sink] != list(range(len(originals))):
+                        raise RuntimeError("the decoder did not call its layers once each, in order")
+                    first_inputs.append(sink[0]["hidden"].detach())
+                    kwargs.append([entry["kwargs"] for entry in sink])
+            finally:
+                for i, layer in enumerate(originals):
+                    layers[i] = layer
+        self._kwargs = kwargs
+        return first_inputs
+
+    @torch.no_grad()
+    def run_layer(
+        self,
+        index: int,
+        inputs: list[torch.Tensor],
+        *,
+        watch: dict[str, nn.Module] | None = None,
+        layer: nn.Module | None = None,
+    ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """Layer ``index`` (or ``layer``, an edited copy standing at that position) on every batch: its
+        outputs, and the outputs of the ``watch`` submodules per batch."""
+        if self._kwargs is None:
+            raise RuntimeError("call layer_inputs() first")
+        module = layer if layer is not None else self._layers[index]
+        outputs: list[torch.Tensor] = []
+        watched: dict[str, list[torch.Tensor]] = {name: [] for name in watch or {}}
+        context = self.source.materialized(module) if layer is None else contextlib.nullcontext(module)
+        with context:
+            for hidden, kwargs in zip(inputs, self._kwargs, strict=True):
+                with capture_outputs(watch or {}) as captured:
+                    out = module(hidden.to(self.source.device), **kwargs[index])
+                outputs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+                for name in watched:
+                    watched[name].append(captured[name])
+        return outputs, watched
+
+    @contextlib.contextmanager
+    def editable_layer(self, index: int) -> Iterator[nn.Module]:
+        """Layer ``index`` materialised, for an edit that ``run_layer(..., layer=...)`` then runs."""
+        with self.source.materialized(self._layers[index]) as module:
+            yield module

@@ -1,0 +1,225 @@
+"""The ``engine: sequential`` pipeline, and the choice ``engine: auto`` makes.
+
+Same recipe, same output folder as ``hf_prune.pipeline.prune``, but the model is never whole in memory:
+the checkpoint's files are checked, the model is opened with its weights on disk (``OffloadedModel``), the
+stage's ``apply_sequential`` runs the calibration one decoder layer at a time, and the writer copies the
+weights shard by shard into the atomic output folder, applying the stage's edits on the way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..adapters import auto_model_class, count_parameters
+from ..checkpoint import library_versions, load_preprocessor, save_pruned_checkpoint, text_tokenizer
+from ..context import PruneContext
+from ..errors import RecipeError
+from ..output_safety import format_bytes, weight_files_size
+from ..registry import get_method
+from .activation_store import ActivationStore, check_disk_space
+from .checkpoint_files import read_checkpoint_files
+from .distributed import barrier, is_main_process, rank_and_world
+from .layers import LayerRunner, OffloadedModel
+from .writer import write_pruned_weights
+
+#: Multiple of the weight files' size the in-memory engine needs (weights, a deep copy for the original
+#: model never being modified, activations); ``engine: auto`` goes sequential above it.
+IN_MEMORY_FACTOR = 2.5
+#: Bump when the layout of cached activations changes: old caches are then cleared, not reused.
+CACHE_VERSION = 1
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable``), or a large number when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def choose_engine(recipe: Any, *, model_in_memory: bool) -> tuple[str, str]:
+    """(engine, why) for a recipe: its ``engine`` unless auto; auto is sequential when the local weight
+    files need more than the available memory."""
+    if recipe.engine != "auto":
+        return recipe.engine, "set by the recipe"
+    if model_in_memory:
+        return "in_memory", "the model was given in memory"
+    size, free = weight_files_size(recipe.model), available_memory()
+    if size and size * IN_MEMORY_FACTOR > free:
+        return (
+            "sequential",
+            f"weights {format_bytes(size)} × {IN_MEMORY_FACTOR} > {format_bytes(free)} available",
+        )
+    return "in_memory", f"weights {format_bytes(size)} fit in {format_bytes(free)} available"
+
+
+def check_sequential_recipe(recipe: Any) -> None:
+    """What the sequential engine cannot do, refused before anything loads."""
+    if recipe.model is None or not Path(recipe.model).expanduser().is_dir():
+        raise RecipeError(
+            f"engine: sequential reads a local checkpoint folder; model {recipe.model!r} is not one"
+        )
+    read_checkpoint_files(recipe.model)
+    if len(recipe.stages) != 1:
+        raise RecipeError(
+            f"engine: sequential runs one stage per recipe, this one has {len(recipe.stages)}; run them as "
+            "recipes in turn, each on the previous output"
+        )
+    stage = recipe.stages[0]
+    if not stage.config.supports_sequential():
+        algorithm = getattr(stage.config, "algorithm", None)
+        what = f"{stage.method} (algorithm {algorithm})" if algorithm else stage.method
+        raise RecipeError(
+            f"stages[0].method: {what} has no layer-by-layer variant; use engine: in_memory (the whole "
+            "model in memory)"
+        )
+    if recipe.evaluate:
+        raise RecipeError(
+            "evaluate: the sequential engine never loads the whole model; evaluate the output afterwards "
+            "(hf-prune eval OUTPUT --device auto)"
+        )
+
+
+def activation_bytes(batches: list[Any], hidden_size: int, num_layers: int, itemsize: int) -> int:
+    """What the layer-by-layer pass of a depth method caches at most: every layer's output and MLP output."""
+    positions = sum(b.input_ids.numel() for b in batches)
+    return (2 * num_layers + 1) * positions * hidden_size * itemsize
+
+
+def _fingerprint(recipe: Any, batches: list[Any]) -> str:
+    """Identifies what the cached activations depend on; a different one clears the cache."""
+    files = read_checkpoint_files(recipe.model, check_tensors=False)
+    digest = hashlib.sha256()
+    for shard in files.shards:
+        stat = (files.folder / shard).stat()
+        digest.update(f"{shard}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(
+        json.dumps([CACHE_VERSION, recipe.dtype, recipe.stages[0].to_dict(), rank_and_world()]).encode()
+    )
+    for batch in batches:
+        digest.update(batch.input_ids.numpy().tobytes())
+        digest.update(batch.attention_mask.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def default_cache_folder(recipe: Any) -> Path:
+    output = Path(recipe.output).expanduser().resolve()
+    return output.parent / f".{output.name}.activations"
+
+
+def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why: str) -> dict:
+    """Run ``recipe`` layer by layer; returns ``(report, output folder or None)`` for ``prune``."""
+    started = time.perf_counter()
+    stage = recipe.stages[0]
+    preprocessor = load_preprocessor(recipe.model, trust_remote_code=recipe.trust_remote_code)
+    context = PruneContext(adapter, text_tokenizer(preprocessor), recipe.calibration, progress)
+    batches = context.calibration_batches() if recipe.calibration is not None else []
+    rank, world = rank_and_world()
+    cache_root = (
+        Path(recipe.activation_cache).expanduser()
+        if recipe.activation_cache
+        else default_cache_folder(recipe)
+    )
+    root_existed = cache_root.exists()
+    barrier()  # every process looked before any creates its folder in it
+    cache = cache_root / f"rank-{rank}" if world > 1 else cache_root
+    text = adapter.text_config(config)
+    itemsize = 2 if recipe.dtype in ("bfloat16", "float16") else 4
+    needed = activation_bytes(batches, text.hidden_size, adapter.num_layers(config), itemsize)
+    budget = (
+        int(recipe.activation_memory_gb * 1e9)
+        if recipe.activation_memory_gb is not None
+        else available_memory() // 2
+    )
+    check_disk_space(cache, max(0, needed - budget))
+    store = ActivationStore(cache, budget, _fingerprint(recipe, batches))
+    calibration_started = time.perf_counter()
+    source = OffloadedModel(
+        recipe.model,
+        auto_model_class(adapter),
+        offload_folder=cache / "offload",
+        dtype=recipe.dtype,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    runner = LayerRunner(source, adapter, batches)
+    plan = stage.config.apply_sequential(runner, store, context)
+    seconds = time.perf_counter() - calibration_started
+    files = read_checkpoint_files(recipe.model, check_tensors=False)
+    params_before = count_parameters(source.model)
+    # The structural change on a weightless copy: the output's config, class and remote code.
+    final = copy.deepcopy(source.model)
+    if plan.structural_edit is not None:
+        plan.structural_edit(final)  # may complete plan.report (what was removed)
+    stage_report = {
+        "method": get_method(stage.method).name,
+        "seconds": round(seconds, 3),
+        **plan.report,
+        "engine": "sequential",
+        "activations": {
+            "spilled_bytes": store.spilled_bytes,
+            "reused_after_restart": store.reused,
+            "memory_budget_bytes": budget,
+        },
+    }
+    report = {
+        "recipe": recipe.to_dict(),
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "engine": {"name": "sequential", "why": why, "processes": world},
+        "params_before": params_before,
+        "stages": [stage_report],
+        "evaluation": [],
+    }
+    output = None
+    if is_main_process() and recipe.output:
+
+        def write_weights(folder: Path) -> None:
+            shards = write_pruned_weights(
+                source,
+                adapter,
+                folder,
+                removed_layers=plan.removed_layers,
+                layer_edits=plan.layer_edits,
+                layout_model=final,
+            )
+            report["params_after"] = count_parameters(final)
+            stage_report.update(params_before=params_before, params_after=report["params_after"])
+            report["seconds"] = round(time.perf_counter() - started, 3)
+            save_config_and_code(final, folder)
+            generation = files.folder / "generation_config.json"
+            if generation.is_file():
+                (folder / generation.name).write_bytes(generation.read_bytes())
+            stage_report["shards"] = len(shards)
+
+        output = save_pruned_checkpoint(write_weights, final.config, preprocessor, recipe.output, report)
+    store.close()
+    barrier()
+    if world > 1 and is_main_process() and not root_existed:  # the ranks' folders are gone: remove theirs
+        with contextlib.suppress(OSError):
+            cache_root.rmdir()
+    return {
+        "report": report,
+        "output": output,
+        "preprocessor": preprocessor,
+    }
+
+
+def save_config_and_code(model: Any, folder: Path) -> None:
+    """What ``save_pretrained`` writes besides the weights: ``config.json`` and, for a class registered for
+    the Auto classes (``hf_prune_<family>``), its modeling files and ``auto_map``."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    if getattr(model, "_auto_class", None) is not None:
+        custom_object_save(model, folder, config=model.config)
+    model.config.save_pretrained(folder)
