@@ -7,7 +7,7 @@ from typing import Any
 
 from .adapters import ModelAdapter
 from .calibration import CalibrationBatch, build_calibration
-from .engine.distributed import shard
+from .engine.distributed import rank_and_world, shard
 from .errors import CalibrationError
 from .recipe import CalibrationConfig
 
@@ -43,5 +43,11 @@ class PruneContext:
                     f"{config.num_samples * config.seq_len:,}); add calibration text, or set packing: true"
                 )
             # Data-parallel calibration (torchrun / accelerate launch): this process's share of the batches.
+            processes = rank_and_world()[1]
+            if len(batches) < processes:
+                raise CalibrationError(
+                    f"calibration data {config.data} gives {len(batches)} batch(es) for {processes} processes: "
+                    "each process needs one; lower calibration.batch_size, add data, or launch fewer processes"
+                )
             self._batches = shard(batches)
         return self._batches

@@ -1,5 +1,5 @@
-"""Reload a saved causal-LM checkpoint in fresh processes (after ``import hf_prune``, and with
-``trust_remote_code=True`` without it) and generate there."""
+"""Fresh processes for tests: reload a saved causal-LM checkpoint (after ``import hf_prune``, and with
+``trust_remote_code=True`` without it) and generate there; run a recipe killed partway (``prune_killed``)."""
 
 import json
 import os
@@ -44,3 +44,32 @@ def generate_after_reload(folder, inputs: dict, cwd, max_new_tokens: int = 6) ->
         assert run.returncode == 0, stderr[-3000:]
         results[mode] = json.loads(stdout.strip().splitlines()[-1])
     return results
+
+
+KILL_AFTER_PUTS = """
+import json, os, sys
+from hf_prune import prune
+from hf_prune.engine import activation_store
+
+puts = 0
+original = activation_store.ActivationStore.put
+
+def put_then_die(self, key, tensors):
+    global puts
+    original(self, key, tensors)
+    puts += 1
+    if puts == int(sys.argv[2]):
+        os._exit(137)  # as a kill: no clean-up, no exception handlers
+
+activation_store.ActivationStore.put = put_then_die
+prune(json.loads(sys.argv[1]), progress=False)
+"""
+
+
+def prune_killed(recipe: dict, puts: int) -> subprocess.CompletedProcess:
+    """Run ``recipe`` in a fresh process killed right after the activation store's ``puts``-th entry."""
+    return subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_PUTS, json.dumps(recipe), str(puts)],
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )

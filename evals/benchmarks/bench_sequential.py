@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,12 +33,23 @@ from ...recipe import CalibrationConfig, build_dataclass
 from ..training import cache_root, default_assets_dir
 
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
+peak_anon = [0]
+
+def sample():  # anonymous memory (RssAnon): RSS less the file pages mapped from disk (reclaimable)
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak_anon[0] = max(peak_anon[0], int(line.split()[1]) * 1024)
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
 from hf_prune.cli import main
 started = time.perf_counter()
 code = main(sys.argv[1:])
-print("CHILD " + json.dumps({"code": code, "seconds": time.perf_counter() - started,
-                             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print("\\nCHILD " + json.dumps({"code": code, "seconds": time.perf_counter() - started, "peak_anon": peak_anon[0],
+                               "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+sys.exit(code)
 """
 BASELINE = """
 import json, resource
@@ -64,11 +76,13 @@ def run_child(recipe: dict, work: Path, processes: int = 1) -> dict:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
-    children = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("CHILD ")]
+    # the processes of a torchrun share one stdout: their lines may interleave
+    children = [json.loads(found) for found in re.findall(r"CHILD (\{[^{}]*\})", done.stdout)]
     report = json.loads((Path(recipe["output"]) / "hf_prune.json").read_text())
     return {
         "wall": wall,
         "peak_rss": max(c["peak_rss"] for c in children),
+        "peak_anon": max(c["peak_anon"] for c in children),
         "stage_seconds": report["stages"][0]["seconds"],
         "report": report,
     }
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_sequential_"))
     stories = args.assets / "models" / "stories260K"
     sample = args.assets / "text" / "tinystories" / "sample.txt"
+    wikitext = args.assets / "text" / "wikitext-2" / "valid.txt"  # calibration text for the random models
     tokenizer = AutoTokenizer.from_pretrained(stories)
     baseline = import_baseline()
     print(f"work folder {work}; a child process that only imports hf_prune peaks at {gb(baseline)} RSS")
@@ -160,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     torch.manual_seed(0)
     fits = build_model(cache / "llama-16x512", LlamaForCausalLM(config), tokenizer, "5GB")
-    calibration = {"data": str(sample), "num_samples": 64, "seq_len": 256, "batch_size": 8, "packing": True}
+    calibration = {"data": str(wikitext), "num_samples": 64, "seq_len": 256, "batch_size": 8, "packing": True}
     floor = forward_seconds(fits, build_dataclass(CalibrationConfig, calibration, "calibration"))
     stage = {"method": "replaceme", "num_layers": 4}
     base = {"model": str(fits), "calibration": calibration, "stages": [stage], "overwrite": True}
@@ -175,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
     }
     print(
-        f"\n## random Llama 16x{hidden} ({gb(weights_bytes(fits))}), ReplaceMe removing 4 layers, 64 x 256 tokens"
+        f"\n## random Llama 16x{hidden} ({gb(weights_bytes(fits))}), ReplaceMe removing 4 layers, "
+        "64 x 256 tokens of WikiText-2 valid"
     )
     print(f"one forward pass over the calibration data (best of 3, in-process): {floor:.2f} s")
     print(
@@ -196,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_big:
         return
     # 3. Models larger than we would like in memory: peak RSS against the weights.
-    big_llama(cache, tokenizer, sample, work, args.big_gb, baseline)
-    big_mixtral(cache, tokenizer, sample, work, args.big_gb, baseline)
+    big_llama(cache, tokenizer, wikitext, work, args.big_gb, baseline)
+    big_mixtral(cache, tokenizer, wikitext, work, args.big_gb, baseline)
 
 
 def residual_cut(stories: Path, sample: Path, work: Path) -> None:
@@ -310,7 +326,8 @@ def _big_case(title: str, folder: Path, stage: dict, sample: Path, work: Path, b
     print(f"\n## {title}: weights {gb(size)}, {stage['method']}, engine sequential, 16 x 128 tokens")
     print(
         f"peak RSS {gb(run['peak_rss'])} = {run['peak_rss'] / size:.2f} x the weights "
-        f"({(run['peak_rss'] - baseline) / size:.2f} x above the import-only child); "
+        f"({(run['peak_rss'] - baseline) / size:.2f} x above the import-only child); anonymous (not file pages "
+        f"mapped from the checkpoint) {gb(run['peak_anon'])} = {run['peak_anon'] / size:.2f} x; "
         f"wall {run['wall']:.0f} s (stage {run['stage_seconds']:.0f} s); "
         f"activations spilled {gb(stage_report['activations']['spilled_bytes'])}"
     )

@@ -130,6 +130,10 @@ class ActivationStore:
         if self.folder is not None:
             self._path(key).unlink(missing_ok=True)
 
+    def drop_memory(self) -> None:
+        """Forget the entries held in memory (those on disk stay)."""
+        self._memory.clear()
+
     def close(self, *, remove: bool = True) -> None:
         self._memory.clear()
         if remove and self.folder is not None and self.folder.exists():

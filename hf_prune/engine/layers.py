@@ -15,6 +15,8 @@ each layer receives; then ``run_layer(i, inputs)`` applies layer i to every batc
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +33,15 @@ def _prefix_of(model: nn.Module, module: nn.Module) -> str:
         if candidate is module:
             return f"{name}." if name else ""
     raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the system (glibc keeps large freed blocks in its heap,
+    so the process would otherwise grow by about a layer at each step). A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _keep_all(name: str) -> bool:
@@ -89,8 +100,18 @@ class OffloadedModel:
             raise RuntimeError("the disk-offloaded model has no offloaded weights")
         self.weights = loaders[0]
         remove_hook_from_submodules(model)
+        self._reader = SafetensorsReader()
         self.model = model.eval()
         self.device = torch.device(device)
+
+    def read(self, full_name: str) -> torch.Tensor:
+        """One tensor from disk, read into ordinary memory (not a view of a memory-mapped file: those pages
+        would stay resident, counted in the process's RSS, as long as any tensor read from them lives)."""
+        info = self.weights.index.get(full_name) if full_name not in self.weights.state_dict else None
+        if info is None or info.get("safetensors_file") is None:
+            return self.weights[full_name]
+        tensor = self._reader.read(info["safetensors_file"], info.get("weight_name", full_name))
+        return tensor.to(getattr(torch, info["dtype"])) if "dtype" in info else tensor
 
     def _tensor_names(self, module: nn.Module, exclude: nn.Module | None) -> list[tuple[nn.Module, str, str]]:
         """(owning module, local name, full name) of every tensor under ``module`` held on disk."""
@@ -116,11 +137,12 @@ class OffloadedModel:
         names = self._tensor_names(module, exclude)
         try:
             for owner, local, full in names:
-                set_module_tensor_to_device(owner, local, self.device, value=self.weights[full])
+                set_module_tensor_to_device(owner, local, self.device, value=self.read(full))
             yield module
         finally:
             for owner, local, _ in names:
                 set_module_tensor_to_device(owner, local, "meta")
+            release_freed_memory()
 
     def tensors_of(
         self, module: nn.Module, skip: Callable[[str], bool] = _keep_all
@@ -130,7 +152,50 @@ class OffloadedModel:
         prefix = _prefix_of(self.model, module)
         for _, _, full in self._tensor_names(module, None):
             if not skip(full[len(prefix) :]):
-                yield full[len(prefix) :], self.weights[full]
+                yield full[len(prefix) :], self.read(full)
+
+
+class SafetensorsReader:
+    """Reads single tensors of safetensors files with plain file reads, each file's header parsed once."""
+
+    DTYPES = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
+
+    def __init__(self) -> None:
+        self._headers: dict[str, tuple[dict, int]] = {}
+
+    def _header(self, path: str) -> tuple[dict, int]:
+        if path not in self._headers:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                self._headers[path] = (json.loads(handle.read(length)), 8 + length)
+        return self._headers[path]
+
+    def read(self, path: str, name: str) -> torch.Tensor:
+        header, data_start = self._header(path)
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        dtype = self.DTYPES[entry["dtype"]]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buffer = bytearray(end - begin)
+        with open(path, "rb") as handle:
+            handle.seek(data_start + begin)
+            if handle.readinto(buffer) != len(buffer):
+                raise OSError(f"{path}: {name} is cut short (the file is truncated)")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 class _LayerRecorder(nn.Module):
@@ -158,6 +223,11 @@ class LayerRunner:
         self.decoder = adapter.decoder(source.model)
         self._layers = adapter.layers(source.model)
         self._kwargs: list[list[dict[str, Any]]] | None = None  # [batch][layer]
+
+    @property
+    def edits_in_place(self) -> bool:
+        """Whether ``editable_layer`` edits the model itself (in memory) rather than a transient copy."""
+        return isinstance(self.source, InMemoryModel)
 
     @property
     def num_layers(self) -> int:

@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..adapters import auto_model_class, count_parameters
 from ..checkpoint import library_versions, load_preprocessor, save_pruned_checkpoint, text_tokenizer
 from ..context import PruneContext
@@ -26,7 +28,7 @@ from ..registry import get_method
 from .activation_store import ActivationStore, check_disk_space
 from .checkpoint_files import read_checkpoint_files
 from .distributed import barrier, is_main_process, rank_and_world
-from .layers import LayerRunner, OffloadedModel
+from .layers import LayerRunner, OffloadedModel, release_freed_memory
 from .writer import write_pruned_weights
 
 #: Multiple of the weight files' size the in-memory engine needs (weights, a deep copy for the original
@@ -143,7 +145,7 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
     )
     check_disk_space(cache, max(0, needed - budget))
     store = ActivationStore(cache, budget, _fingerprint(recipe, batches))
-    calibration_started = time.perf_counter()
+    opening = time.perf_counter()
     source = OffloadedModel(
         recipe.model,
         auto_model_class(adapter),
@@ -151,6 +153,8 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
         dtype=recipe.dtype,
         trust_remote_code=recipe.trust_remote_code,
     )
+    open_seconds = time.perf_counter() - opening
+    calibration_started = time.perf_counter()
     runner = LayerRunner(source, adapter, batches)
     plan = stage.config.apply_sequential(runner, store, context)
     seconds = time.perf_counter() - calibration_started
@@ -165,6 +169,7 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
         "seconds": round(seconds, 3),
         **plan.report,
         "engine": "sequential",
+        "open_seconds": round(open_seconds, 3),  # opening the checkpoint with its weights on disk
         "activations": {
             "spilled_bytes": store.spilled_bytes,
             "reused_after_restart": store.reused,
@@ -181,17 +186,23 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
         "evaluation": [],
     }
     output = None
+    store.drop_memory()  # the plan is made: keep memory for the writer (spilled entries stay for a restart)
+    del runner
+    release_freed_memory()
     if is_main_process() and recipe.output:
 
         def write_weights(folder: Path) -> None:
-            shards = write_pruned_weights(
-                source,
-                adapter,
-                folder,
-                removed_layers=plan.removed_layers,
-                layer_edits=plan.layer_edits,
-                layout_model=final,
-            )
+            kept = adapter.num_layers(config) - len(plan.removed_layers)
+            with tqdm(total=kept, desc="write layers", disable=not progress, leave=False) as bar:
+                shards = write_pruned_weights(
+                    source,
+                    adapter,
+                    folder,
+                    removed_layers=plan.removed_layers,
+                    layer_edits=plan.layer_edits,
+                    layout_model=final,
+                    progress=bar.update,
+                )
             report["params_after"] = count_parameters(final)
             stage_report.update(params_before=params_before, params_after=report["params_after"])
             report["seconds"] = round(time.perf_counter() - started, 3)

@@ -16,24 +16,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..output_safety import check_finite_tensors
-from .layers import InMemoryModel, OffloadedModel, _prefix_of
+from .layers import InMemoryModel, OffloadedModel, _prefix_of, release_freed_memory
 
 #: Shard size ``save_pretrained`` uses by default in transformers 5.
 MAX_SHARD_BYTES = 5 * 1000**3
 LayerEdit = Callable[[nn.Module], None]
 
 
+#: safetensors' names of the dtypes a checkpoint holds
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_COPY_CHUNK = 64 * 2**20
+
+
 class ShardWriter:
-    """Accumulates tensors and flushes a shard file whenever ``max_shard_bytes`` is reached."""
+    """Writes safetensors shards one tensor at a time: each tensor's bytes are appended to the open shard's
+    data file as it arrives (and the tensor dropped), and the shard is closed (header, then the data) when
+    the next tensor would take it past ``max_shard_bytes``. Memory holds one tensor, never a shard."""
 
     def __init__(self, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES):
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict] = {}  # the open shard's header entries
+        self.data = None  # the open shard's data file
         self.pending_bytes = 0
         self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
         self.total_bytes = 0
@@ -41,20 +61,42 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         check_finite_tensors({name: tensor})
         tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors name")
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+        if self.entries and self.pending_bytes + size > self.max_shard_bytes:
             self.flush()
-        self.pending[name] = tensor
+        if self.data is None:
+            self.data = open(self.folder / f".shard-{len(self.shards):05d}.data", "wb")  # noqa: SIM115
+        if size:  # the tensor's own memory, no copy
+            self.data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self.entries[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.pending_bytes, self.pending_bytes + size],
+        }
         self.pending_bytes += size
         self.total_bytes += size
 
     def flush(self) -> None:
-        if not self.pending:
+        """Close the open shard: the 8-byte header length, the JSON header (padded to 8 bytes), the data."""
+        if not self.entries:
             return
+        data_path = Path(self.data.name)
+        self.data.close()
+        header = json.dumps(
+            {"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")
+        ).encode()
+        header += b" " * (-len(header) % 8)
         name = f".shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
-        self.shards.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        with open(self.folder / name, "wb") as shard, open(data_path, "rb") as data:
+            shard.write(len(header).to_bytes(8, "little"))
+            shard.write(header)
+            while chunk := data.read(_COPY_CHUNK):
+                shard.write(chunk)
+        data_path.unlink()
+        self.shards.append((name, list(self.entries)))
+        self.entries, self.data, self.pending_bytes = {}, None, 0
 
     def finish(self) -> list[str]:
         """Rename the shards to their final names and write the index; the file names written."""
@@ -116,9 +158,12 @@ def write_pruned_weights(
     tied = _tied_names(model)
     writer = ShardWriter(folder, max_shard_bytes)
     # Everything outside the decoder layers (embeddings, norms, head, a vision tower), read from disk.
-    outside = dict(source.tensors_of(model, skip=lambda n: n.startswith(layers_prefix) or n in tied))
-    for name, tensor in saved_layout(layout_model, outside).items():
-        writer.add(name, tensor)
+    # (one at a time: the embeddings and the head are the largest single tensors)
+    for name, tensor in source.tensors_of(model, skip=lambda n: n.startswith(layers_prefix) or n in tied):
+        for saved_name, saved in saved_layout(layout_model, {name: tensor}).items():
+            writer.add(saved_name, saved)
+        del tensor, saved
+        release_freed_memory()
     removed = set(removed_layers)
     edits = layer_edits or {}
     new_index = 0
@@ -135,6 +180,8 @@ def write_pruned_weights(
         for name, tensor in saved_layout(layout_model, {prefix + k: v for k, v in tensors.items()}).items():
             writer.add(name, tensor)
         new_index += 1
+        del tensors
+        release_freed_memory()
         if progress is not None:
             progress(1)
     return writer.finish()

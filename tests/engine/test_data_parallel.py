@@ -104,3 +104,12 @@ def test_diep_is_refused_under_a_launcher(source, tmp_path):
     assert done.returncode != 0
     assert "stages: expert_pruning cannot calibrate data-parallel" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_fewer_batches_than_processes_is_refused(source, tmp_path):
+    settings = recipe(source, tmp_path / "out", {"method": "replaceme", "num_layers": 1})
+    settings["calibration"]["batch_size"] = 8  # one batch of 8 sequences, for two processes
+    done = launch(settings, tmp_path / "recipe.json", check=False)
+    assert done.returncode != 0
+    assert "gives 1 batch(es) for 2 processes: each process needs one" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections import namedtuple
 
 import pytest
 import torch
 import transformers
+from fresh_process import prune_killed
 from safetensors.torch import load_file
 from tiny_models import HIDDEN, build_tiny_model, build_tokenizer, save_tiny_model, write_calibration_file
 
@@ -42,32 +41,12 @@ def recipe(model, calibration, output, **extra):
     }
 
 
-KILLER = """
-import json, os, sys
-from hf_prune import prune
-from hf_prune.engine import activation_store
-
-puts = 0
-original = activation_store.ActivationStore.put
-
-def put_then_die(self, key, tensors):
-    global puts
-    original(self, key, tensors)
-    puts += 1
-    if puts == int(sys.argv[2]):
-        os._exit(137)  # as a kill: no clean-up, no exception handlers
-
-activation_store.ActivationStore.put = put_then_die
-prune(json.loads(sys.argv[1]), progress=False)
-"""
-
-
 def test_killed_run_restarts_to_the_same_result(source, tmp_path):
     model, calibration = source
     uninterrupted = prune(recipe(model, calibration, tmp_path / "reference"), progress=False)
     output = tmp_path / "out"
     settings = recipe(model, calibration, output)
-    killed = subprocess.run([sys.executable, "-c", KILLER, json.dumps(settings), "6"], capture_output=True)
+    killed = prune_killed(settings, 6)
     assert killed.returncode == 137, killed.stderr.decode()[-2000:]
     assert not output.exists()
     cache = tmp_path / ".out.activations"
@@ -97,9 +76,7 @@ def test_killed_run_restarts_to_the_same_result(source, tmp_path):
 def test_a_changed_recipe_does_not_reuse_the_cache(source, tmp_path):
     model, calibration = source
     settings = recipe(model, calibration, tmp_path / "out")
-    subprocess.run(
-        [sys.executable, "-c", KILLER, json.dumps(settings), "4"], capture_output=True, check=False
-    )
+    assert prune_killed(settings, 4).returncode == 137
     changed = recipe(model, calibration, tmp_path / "out", stages=[{"method": "replaceme", "num_layers": 2}])
     result = prune(changed, progress=False)
     assert result.report["stages"][0]["activations"]["reused_after_restart"] == []

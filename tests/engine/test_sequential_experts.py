@@ -5,13 +5,11 @@ hf_prune; a killed run resumes after its last spilled layer."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
-from fresh_process import generate_after_reload
+from fresh_process import generate_after_reload, prune_killed
 from safetensors.torch import load_file
 from tiny_models import MOE_TYPES, save_tiny_model, write_calibration_file
 
@@ -95,26 +93,6 @@ def test_per_layer_counts_reload_in_a_fresh_process(calibration, tmp_path):
     assert reloaded["remote"]["tokens"] == expected.tolist()
 
 
-KILLER = """
-import json, os, sys
-from hf_prune import prune
-from hf_prune.engine import activation_store
-
-puts = 0
-original = activation_store.ActivationStore.put
-
-def put_then_die(self, key, tensors):
-    global puts
-    original(self, key, tensors)
-    puts += 1
-    if puts == int(sys.argv[2]):
-        os._exit(137)
-
-activation_store.ActivationStore.put = put_then_die
-prune(json.loads(sys.argv[1]), progress=False)
-"""
-
-
 def test_killed_expert_run_resumes_after_its_last_layer(calibration, tmp_path):
     source = save_tiny_model("qwen2_moe", tmp_path / "source")  # layers 1 and 3 are MoE
     reference = prune(
@@ -122,7 +100,7 @@ def test_killed_expert_run_resumes_after_its_last_layer(calibration, tmp_path):
     )
     settings = recipe(source, tmp_path / "out", calibration, NONUNIFORM, "sequential", activation_memory_gb=0)
     # puts: h0, r1, h1, h2, then die: layers 0-2 are on disk with layer 1's router counts
-    killed = subprocess.run([sys.executable, "-c", KILLER, json.dumps(settings), "4"], capture_output=True)
+    killed = prune_killed(settings, 4)
     assert killed.returncode == 137, killed.stderr.decode()[-2000:]
     restarted = prune(settings, progress=False)
     stage = restarted.report["stages"][0]

@@ -112,13 +112,15 @@ def plan_depth_cuts(
             transform, stats = _fit(config, mlp_out, kept_out, target, masks, context)
             edit = _folding_edit(adapter, transform)
             plan.layer_edits[cut.kept] = edit
-            with runner.editable_layer(cut.kept) as layer:
-                edit(layer)
-                folded, _ = runner.run_layer(cut.kept, inputs, layer=layer)
-                entry.update(
-                    stats, folded_into=[name for name, _, _ in adapter.mlp_output_projections(layer)]
-                )
-            frontier = (cut.removed[-1], folded)
+            names = [name for name, _, _ in adapter.mlp_output_projections(runner.layer(cut.kept))]
+            entry.update(stats, folded_into=names)
+            if cut is not cuts[-1] or runner.edits_in_place:
+                # A later cut needs the folded layer's outputs; an in-memory model is edited here, once.
+                with runner.editable_layer(cut.kept) as layer:
+                    edit(layer)
+                    if cut is not cuts[-1]:
+                        folded, _ = runner.run_layer(cut.kept, inputs, layer=layer)
+                        frontier = (cut.removed[-1], folded)
         reports.append(entry)
     plan.report = {
         **({"estimator": config.estimator} if fit_map else {}),

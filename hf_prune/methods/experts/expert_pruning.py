@@ -276,7 +276,16 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
     scoring_seconds = time.perf_counter() - started
 
     top_k = adapter.top_k(model.config)
-    keep = select_experts(
+    keep = experts_to_keep(config, scores, top_k)
+    removal = remove_experts(model, adapter, keep)
+    return expert_pruning_report(config, scores, keep, before, top_k, tokens, scoring_seconds, removal, diep)
+
+
+def experts_to_keep(
+    config: ExpertPruningConfig, scores: dict[int, torch.Tensor], top_k: int
+) -> dict[int, list[int]]:
+    """The original expert indices each MoE layer keeps under the config's budget."""
+    return select_experts(
         scores,
         top_k=top_k,
         keep_ratio=config.keep_ratio,
@@ -284,8 +293,6 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
         uniform=bool(config.uniform),
         min_experts_per_layer=config.min_experts_per_layer,
     )
-    removal = remove_experts(model, adapter, keep)
-    return expert_pruning_report(config, scores, keep, before, top_k, tokens, scoring_seconds, removal, diep)
 
 
 def expert_pruning_report(

@@ -30,14 +30,13 @@ from .scoring import (
     empty_router_statistics,
     flat_mask,
     reduce_router_statistics,
-    select_experts,
 )
 
 
 def plan_expert_pruning(
     config: Any, runner: LayerRunner, store: ActivationStore, context: Any
 ) -> SequentialPlan:
-    from .expert_pruning import expert_pruning_report
+    from .expert_pruning import expert_pruning_report, experts_to_keep
 
     adapter = context.adapter
     layers = [runner.layer(i) for i in range(runner.num_layers)]
@@ -88,14 +87,7 @@ def plan_expert_pruning(
         reduce_router_statistics(entry)
     scores = {i: stats[i][config.algorithm].double() for i in moe}
     top_k = adapter.top_k(runner.source.model.config)
-    keep = select_experts(
-        scores,
-        top_k=top_k,
-        keep_ratio=config.keep_ratio,
-        keep_experts=config.keep_experts,
-        uniform=bool(config.uniform),
-        min_experts_per_layer=config.min_experts_per_layer,
-    )
+    keep = experts_to_keep(config, scores, top_k)
     seconds = time.perf_counter() - started
     plan = SequentialPlan(report={})
 
