@@ -234,7 +234,7 @@ def residual_cut(stories: Path, sample: Path, work: Path) -> None:
         "seq_len": 256,
         "batch_size": 8,
     }
-    for selection in ("angular", "residual"):
+    for selection in ("angular", "residual", "loss"):
         stage = {"method": "replaceme", "num_layers": 2, "cut_selection": selection}
         recipe = {
             "model": str(stories),
@@ -252,7 +252,11 @@ def residual_cut(stories: Path, sample: Path, work: Path) -> None:
             document_separator=DEFAULT_DOCUMENT_SEPARATOR,
         )["perplexity"]
         report = run["report"]["stages"][0]
-        scores = report.get("candidate_residuals") or report.get("candidate_distances")
+        scores = (
+            report.get("candidate_losses")
+            or report.get("candidate_residuals")
+            or report.get("candidate_distances")
+        )
         print(
             f"{selection:<9} kept layer {report['cuts'][0]['kept_layer']}, removed {report['removed_layers']}: "
             f"perplexity {ppl:.2f} on {sample.name}; candidate scores {scores}"

@@ -272,17 +272,20 @@ class LayerRunner:
         *,
         watch: dict[str, nn.Module] | None = None,
         layer: nn.Module | None = None,
+        batches: list[int] | None = None,
     ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-        """Layer ``index`` (or ``layer``, an edited copy standing at that position) on every batch: its
-        outputs, and the outputs of the ``watch`` submodules per batch."""
+        """Layer ``index`` (or ``layer``, an edited copy standing at that position) on every batch (or the
+        batches numbered ``batches``, in that order): its outputs, and the outputs of the ``watch``
+        submodules per batch."""
         if self._kwargs is None:
             raise RuntimeError("call layer_inputs() first")
         module = layer if layer is not None else self._layers[index]
         outputs: list[torch.Tensor] = []
         watched: dict[str, list[torch.Tensor]] = {name: [] for name in watch or {}}
         context = self.source.materialized(module) if layer is None else contextlib.nullcontext(module)
+        chosen = [self._kwargs[b] for b in batches] if batches is not None else self._kwargs
         with context:
-            for hidden, kwargs in zip(inputs, self._kwargs, strict=True):
+            for hidden, kwargs in zip(inputs, chosen, strict=True):
                 with capture_outputs(watch or {}) as captured:
                     out = module(hidden.to(self.source.device), **kwargs[index])
                 outputs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
@@ -295,3 +298,52 @@ class LayerRunner:
         """Layer ``index`` materialised, for an edit that ``run_layer(..., layer=...)`` then runs."""
         with self.source.materialized(self._layers[index]) as module:
             yield module
+
+    @torch.no_grad()
+    def language_model_loss(self, hidden: list[torch.Tensor], batches: list[int]) -> tuple[float, int]:
+        """(summed next-token cross-entropy, scored tokens) of the model's head on ``hidden``, the outputs
+        of its last decoder layer for the batches numbered ``batches``: the model's own forward runs with
+        its layers stood in for (the first returns ``hidden``), so its final norm and head score them."""
+        model, layers = self.source.model, self._layers
+        originals = list(layers)
+        total, count = 0.0, 0
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        with self.source.materialized(model, exclude=layers):
+            untied = head.weight
+            if untied.is_meta:  # tied to the embeddings, which hold the only stored copy
+                head.weight = embeddings.weight
+            try:
+                for states, b in zip(hidden, batches, strict=True):
+                    layers[0] = _StateInjector(states)
+                    for i in range(1, len(originals)):
+                        layers[i] = _PassThrough()
+                    batch = self.batches[b]
+                    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+                    out = model(
+                        input_ids=batch.input_ids.to(self.source.device),
+                        attention_mask=batch.attention_mask.to(self.source.device),
+                        labels=labels.to(self.source.device),
+                        use_cache=False,
+                    )
+                    scored = int((labels[:, 1:] != -100).sum())
+                    total += float(out.loss) * scored
+                    count += scored
+            finally:
+                head.weight = untied
+                for i, layer in enumerate(originals):
+                    layers[i] = layer
+        return total, count
+
+
+class _StateInjector(nn.Module):
+    def __init__(self, states: torch.Tensor):
+        super().__init__()
+        self.states = states
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.states.to(hidden_states.device, hidden_states.dtype)
+
+
+class _PassThrough(nn.Module):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states

@@ -120,7 +120,7 @@ def default_cache_folder(recipe: Any) -> Path:
 
 
 def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why: str) -> dict:
-    """Run ``recipe`` layer by layer; returns ``(report, output folder or None)`` for ``prune``."""
+    """Run ``recipe`` layer by layer; returns ``{"report", "output" (folder or None), "preprocessor"}``."""
     started = time.perf_counter()
     stage = recipe.stages[0]
     preprocessor = load_preprocessor(recipe.model, trust_remote_code=recipe.trust_remote_code)
@@ -168,6 +168,8 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
         "method": get_method(stage.method).name,
         "seconds": round(seconds, 3),
         **plan.report,
+        "params_before": params_before,
+        "params_after": count_parameters(final),
         "engine": "sequential",
         "open_seconds": round(open_seconds, 3),  # opening the checkpoint with its weights on disk
         "activations": {
@@ -182,6 +184,7 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "engine": {"name": "sequential", "why": why, "processes": world},
         "params_before": params_before,
+        "params_after": count_parameters(final),
         "stages": [stage_report],
         "evaluation": [],
     }
@@ -203,8 +206,6 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
                     layout_model=final,
                     progress=bar.update,
                 )
-            report["params_after"] = count_parameters(final)
-            stage_report.update(params_before=params_before, params_after=report["params_after"])
             report["seconds"] = round(time.perf_counter() - started, 3)
             save_config_and_code(final, folder)
             generation = files.folder / "generation_config.json"

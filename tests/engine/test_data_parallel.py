@@ -16,7 +16,7 @@ from tiny_models import save_tiny_model, write_calibration_file
 
 from hf_prune import prune
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # torchrun launches
 
 
 def launch(recipe, path, processes=2, check=True):

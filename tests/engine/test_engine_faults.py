@@ -41,6 +41,7 @@ def recipe(model, calibration, output, **extra):
     }
 
 
+@pytest.mark.slow  # a fresh process
 def test_killed_run_restarts_to_the_same_result(source, tmp_path):
     model, calibration = source
     uninterrupted = prune(recipe(model, calibration, tmp_path / "reference"), progress=False)
@@ -73,6 +74,7 @@ def test_killed_run_restarts_to_the_same_result(source, tmp_path):
     )
 
 
+@pytest.mark.slow  # a fresh process
 def test_a_changed_recipe_does_not_reuse_the_cache(source, tmp_path):
     model, calibration = source
     settings = recipe(model, calibration, tmp_path / "out")

@@ -219,3 +219,71 @@ def test_auto_goes_sequential_only_when_the_weights_do_not_fit(calibration, tmp_
     )
     assert json.loads((tmp_path / "tight/hf_prune.json").read_text())["engine"]["name"] == "sequential"
     assert_same_checkpoints(tmp_path / "roomy", tmp_path / "tight")
+
+
+def test_loss_cut_selection_against_each_cut_made_by_hand(eight_layer_llama, calibration, tmp_path):
+    """``cut_selection: loss``: for every candidate, T by torch.linalg.lstsq on the batches kept for fitting,
+    folded into a copy of the stock model by hand, the block deleted, the stock forward's loss on every
+    5th batch; the engines must report those losses and remove the block with the lowest."""
+    import copy
+
+    from hf_prune.calibration import build_calibration
+    from hf_prune.recipe import CalibrationConfig
+
+    settings = {"num_samples": 10, "seq_len": 32, "batch_size": 1}  # batches 4 and 9 are held out
+    stage = {"method": "replaceme", "num_layers": 1, "cut_selection": "loss"}
+    recipe = {
+        "model": str(eight_layer_llama),
+        "output": str(tmp_path / "seq"),
+        "engine": "sequential",
+        "calibration": {"data": str(calibration), **settings},
+        "stages": [stage],
+    }
+    report = prune(recipe, progress=False).report["stages"][0]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(eight_layer_llama)
+    batches = build_calibration(CalibrationConfig(data=str(calibration), **settings), tokenizer)
+    model = transformers.AutoModelForCausalLM.from_pretrained(eight_layer_llama).eval()
+    h, m = _layer_activations(model, [(b.input_ids, b.attention_mask) for b in batches])
+    held = [4, 9]
+    expected = []
+    for start in range(7):
+        x, y = [], []
+        for b, batch in enumerate(batches):
+            if b in held:
+                continue
+            mask = batch.attention_mask.bool()
+            mlp, out, target = (
+                m[start][b][mask].double(),
+                h[start][b][mask].double(),
+                h[start + 1][b][mask].double(),
+            )
+            x.append(mlp), y.append(target - (out - mlp))
+        transform = torch.linalg.lstsq(torch.cat(x), torch.cat(y)).solution
+        pruned = copy.deepcopy(model)
+        with torch.no_grad():
+            down = pruned.model.layers[start].mlp.down_proj.weight
+            down.copy_((transform.T @ down.double()).float())
+        pruned.model.layers = torch.nn.ModuleList(
+            [x for i, x in enumerate(pruned.model.layers) if i != start + 1]
+        )
+        pruned.config.num_hidden_layers = 7
+        loss, tokens = 0.0, 0
+        with torch.no_grad():
+            for b in held:
+                ids, mask = batches[b].input_ids, batches[b].attention_mask
+                labels = ids.masked_fill(mask == 0, -100)
+                out = pruned(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                scored = int(mask[:, 1:].sum())
+                loss, tokens = loss + float(out.loss) * scored, tokens + scored
+        expected.append(loss / tokens)
+    assert report["candidate_losses"] == pytest.approx(expected, rel=1e-4)
+    assert report["removed_layers"] == [min(range(7), key=expected.__getitem__) + 1]
+    memory = prune({**recipe, "engine": "in_memory", "output": str(tmp_path / "mem")}, progress=False)
+    assert memory.report["stages"][0]["candidate_losses"] == report["candidate_losses"]
+    assert_same_checkpoints(tmp_path / "mem", tmp_path / "seq")
+
+
+def test_loss_cut_selection_needs_a_held_out_batch(eight_layer_llama, calibration, tmp_path):
+    stage = {"method": "replaceme", "num_layers": 1, "cut_selection": "loss"}
+    with pytest.raises(Exception, match="holds out every 5th calibration batch, and there are 2"):
+        run(eight_layer_llama, tmp_path / "out", calibration, stage, "sequential")

@@ -77,6 +77,7 @@ def test_sequential_expert_pruning_equals_in_memory(model_type, stage, calibrati
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a fresh process
 def test_per_layer_counts_reload_in_a_fresh_process(calibration, tmp_path):
     source = save_tiny_model("mixtral", tmp_path / "source")
     prune(recipe(source, tmp_path / "seq", calibration, NONUNIFORM, "sequential"), progress=False)
@@ -93,6 +94,7 @@ def test_per_layer_counts_reload_in_a_fresh_process(calibration, tmp_path):
     assert reloaded["remote"]["tokens"] == expected.tolist()
 
 
+@pytest.mark.slow  # a fresh process
 def test_killed_expert_run_resumes_after_its_last_layer(calibration, tmp_path):
     source = save_tiny_model("qwen2_moe", tmp_path / "source")  # layers 1 and 3 are MoE
     reference = prune(

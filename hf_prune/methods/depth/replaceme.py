@@ -42,10 +42,11 @@ class ReplaceMeConfig(DepthCutConfig):
     epochs: int = config_field(10, help="cosine: passes over the calibration tokens")
     batch_tokens: int = config_field(1024, help="cosine: tokens per optimisation step")
     seed: int = config_field(0, help="cosine: shuffling seed")
-    cut_selection: Literal["angular", "residual"] = config_field(
+    cut_selection: Literal["angular", "residual", "loss"] = config_field(
         "angular",
-        help="with num_layers: the block with the lowest angular distance (paper), or the one whose map, fitted "
-        "on 4 of 5 calibration tokens, leaves the lowest residual on the fifth",
+        help="with num_layers: the block with the lowest angular distance (paper); residual: whose map, fitted "
+        "on 4 of 5 calibration tokens, leaves the lowest residual on the fifth; loss: whose map, fitted on 4 "
+        "of 5 calibration batches, gives the lowest language-model loss on the fifth",
     )
 
     supports_data_parallel = True
@@ -74,7 +75,7 @@ class ReplaceMeConfig(DepthCutConfig):
         return None
 
     def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
-        if self.cut_selection == "residual" and self.layers is None:
+        if self.cut_selection != "angular" and self.layers is None:
             # Every candidate's map needs the cached boundary activations: the layer-by-layer pass, in memory.
             runner = LayerRunner(InMemoryModel(model), context.adapter, context.calibration_batches())
             store = ActivationStore(None, memory_budget=0, fingerprint="")

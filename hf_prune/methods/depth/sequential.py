@@ -21,6 +21,7 @@ from ...engine.activation_store import ActivationStore
 from ...engine.distributed import all_reduce_int, all_reduce_sum
 from ...engine.layers import LayerRunner
 from ...engine.plan import SequentialPlan
+from ...errors import CalibrationError
 from .cuts import Cut, DepthCutConfig, angular_distance_sum, choose_cuts, distance_rows
 from .estimators import NormalEquations
 
@@ -84,6 +85,10 @@ def plan_depth_cuts(
         scores = residual_scores(store, masks, block, total, config, runner)
         cuts = choose_cuts(scores, block, config.num_cuts)
         candidate["candidate_residuals"] = [round(float(s), 6) for s in scores]
+    elif selection == "loss":
+        scores = loss_scores(store, masks, block, total, config, runner)
+        cuts = choose_cuts(scores, block, config.num_cuts)
+        candidate["candidate_losses"] = [round(float(s), 6) for s in scores]
     else:
         distances = all_reduce_sum(distance_sums) / all_reduce_int(rows)
         cuts = choose_cuts(distances, block, config.num_cuts)
@@ -201,4 +206,55 @@ def residual_scores(
         held.all_reduce()
         transform, _ = fit.solve(config.ridge)
         scores[start] = held.squared_error(transform) / max(float(held.target_sq), 1e-30)
+    return scores
+
+
+def loss_scores(
+    store: ActivationStore,
+    masks: list[torch.Tensor],
+    block: int,
+    total: int,
+    config: Any,
+    runner: LayerRunner,
+) -> torch.Tensor:
+    """For every start l: the model's next-token loss on the held-out batches (every 5th) once the block
+    after l is replaced by the map fitted on the other batches. Each later layer is materialised once and
+    runs every candidate's held-out states; the model's own norm and head score them."""
+    held = [b for b in range(len(masks)) if b % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    fitted = [b for b in range(len(masks)) if b % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+    if not held:
+        raise CalibrationError(
+            f"cut_selection: loss holds out every {HOLDOUT_EVERY}th calibration batch, and there are "
+            f"{len(masks)}; use more calibration samples or a smaller calibration.batch_size"
+        )
+    streams: dict[int, list[torch.Tensor]] = {}
+    for start in range(total - block):
+        mlp_out, kept_out, target = (
+            store.get(f"m{start}"),
+            store.get(f"h{start}"),
+            store.get(f"h{start + block}"),
+        )
+        equations = NormalEquations(kept_out[0].shape[-1])
+        for b in fitted:
+            mask = masks[b].to(kept_out[b].device).bool()
+            m = mlp_out[b][mask].double()
+            equations.add(m, target[b][mask].double() - (kept_out[b][mask].double() - m))
+        equations.all_reduce()
+        transform, _ = equations.solve(config.ridge)
+        streams[start] = [
+            (kept_out[b].double() - mlp_out[b].double() + mlp_out[b].double() @ transform).to(
+                kept_out[b].dtype
+            )
+            for b in held
+        ]
+    for j in range(block + 1, total):  # the layers after each cut, each loaded once
+        waiting = [start for start in streams if start + block < j]
+        if waiting:
+            with runner.editable_layer(j) as layer:
+                for start in waiting:
+                    streams[start], _ = runner.run_layer(j, streams[start], layer=layer, batches=held)
+    scores = torch.zeros(total - block, dtype=torch.float64)
+    for start, states in streams.items():
+        loss, tokens = runner.language_model_loss(states, held)
+        scores[start] = all_reduce_sum(torch.tensor(loss, dtype=torch.float64)) / all_reduce_int(tokens)
     return scores
