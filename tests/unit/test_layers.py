@@ -31,6 +31,7 @@ TOP_LAYER = (
     "hf_prune.train_pipeline",
     "hf_prune.cli",
     "hf_prune.cli_graphon",
+    "hf_prune.cli_eval",
     "hf_prune.demo",
     "hf_prune.__main__",  # python -m hf_prune: the command line (torchrun -m hf_prune prune ...)
 )
