@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..adapters import auto_model_class, count_parameters
+from ..adapters import auto_model_class, count_parameters, get_adapter
 from ..checkpoint import library_versions, load_preprocessor, save_pruned_checkpoint, text_tokenizer
 from ..context import PruneContext
 from ..errors import RecipeError
@@ -72,19 +73,14 @@ def check_sequential_recipe(recipe: Any) -> None:
             f"engine: sequential reads a local checkpoint folder; model {recipe.model!r} is not one"
         )
     read_checkpoint_files(recipe.model)
-    if len(recipe.stages) != 1:
-        raise RecipeError(
-            f"engine: sequential runs one stage per recipe, this one has {len(recipe.stages)}; run them as "
-            "recipes in turn, each on the previous output"
-        )
-    stage = recipe.stages[0]
-    if not stage.config.supports_sequential():
-        algorithm = getattr(stage.config, "algorithm", None)
-        what = f"{stage.method} (algorithm {algorithm})" if algorithm else stage.method
-        raise RecipeError(
-            f"stages[0].method: {what} has no layer-by-layer variant; use engine: in_memory (the whole "
-            "model in memory)"
-        )
+    for index, stage in enumerate(recipe.stages):
+        if not stage.config.supports_sequential():
+            algorithm = getattr(stage.config, "algorithm", None)
+            what = f"{stage.method} (algorithm {algorithm})" if algorithm else stage.method
+            raise RecipeError(
+                f"stages[{index}].method: {what} has no layer-by-layer variant; use engine: in_memory (the "
+                "whole model in memory)"
+            )
     if recipe.evaluate:
         raise RecipeError(
             "evaluate: the sequential engine never loads the whole model; evaluate the output afterwards "
@@ -98,16 +94,14 @@ def activation_bytes(batches: list[Any], hidden_size: int, num_layers: int, item
     return (2 * num_layers + 1) * positions * hidden_size * itemsize
 
 
-def _fingerprint(recipe: Any, batches: list[Any]) -> str:
+def _fingerprint(folder: Path, dtype: str, stage: Any, batches: list[Any]) -> str:
     """Identifies what the cached activations depend on; a different one clears the cache."""
-    files = read_checkpoint_files(recipe.model, check_tensors=False)
+    files = read_checkpoint_files(folder, check_tensors=False)
     digest = hashlib.sha256()
     for shard in files.shards:
         stat = (files.folder / shard).stat()
         digest.update(f"{shard}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    digest.update(
-        json.dumps([CACHE_VERSION, recipe.dtype, recipe.stages[0].to_dict(), rank_and_world()]).encode()
-    )
+    digest.update(json.dumps([CACHE_VERSION, dtype, stage.to_dict(), rank_and_world()]).encode())
     for batch in batches:
         digest.update(batch.input_ids.numpy().tobytes())
         digest.update(batch.attention_mask.numpy().tobytes())
@@ -120,9 +114,11 @@ def default_cache_folder(recipe: Any) -> Path:
 
 
 def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why: str) -> dict:
-    """Run ``recipe`` layer by layer; returns ``{"report", "output" (folder or None), "preprocessor"}``."""
+    """Run ``recipe`` layer by layer; returns ``{"report", "output" (folder or None), "preprocessor"}``.
+
+    Several stages run in turn, each on the checkpoint the previous one wrote (shard by shard) into the
+    cache folder; the last one writes the output."""
     started = time.perf_counter()
-    stage = recipe.stages[0]
     preprocessor = load_preprocessor(recipe.model, trust_remote_code=recipe.trust_remote_code)
     context = PruneContext(adapter, text_tokenizer(preprocessor), recipe.calibration, progress)
     batches = context.calibration_batches() if recipe.calibration is not None else []
@@ -143,11 +139,70 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
         if recipe.activation_memory_gb is not None
         else available_memory() // 2
     )
-    check_disk_space(cache, max(0, needed - budget))
-    store = ActivationStore(cache, budget, _fingerprint(recipe, batches))
+    # the checkpoints between stages go to the cache folder too
+    between = weight_files_size(recipe.model) * (len(recipe.stages) - 1) if is_main_process() else 0
+    check_disk_space(cache, max(0, needed - budget) + between)
+    report = {
+        "recipe": recipe.to_dict(),
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "engine": {"name": "sequential", "why": why, "processes": world},
+        "stages": [],
+        "evaluation": [],
+    }
+    source_folder = Path(recipe.model).expanduser()
+    output = None
+    for index, stage in enumerate(recipe.stages):
+        last = index == len(recipe.stages) - 1
+        stage_cache = cache if len(recipe.stages) == 1 else cache / f"stage-{index}"
+        step = _run_stage(recipe, stage, source_folder, stage_cache, batches, context, budget)
+        report["stages"].append(step["report"])
+        report.setdefault("params_before", step["report"]["params_before"])
+        report["params_after"] = step["report"]["params_after"]
+        if last and is_main_process() and recipe.output:
+
+            def write_weights(folder: Path, step: dict = step) -> None:
+                step["write"](folder)
+                report["seconds"] = round(time.perf_counter() - started, 3)
+
+            output = save_pruned_checkpoint(
+                write_weights, step["final"].config, preprocessor, recipe.output, report
+            )
+        elif not last:
+            source_folder = cache_root / f"stage-{index}-output"  # shared by the processes
+            if is_main_process():
+                shutil.rmtree(source_folder, ignore_errors=True)
+                source_folder.mkdir(parents=True)
+                step["write"](source_folder)
+            barrier()
+            context.adapter = get_adapter(step["final"].config)
+        step["store"].close()
+    barrier()
+    if is_main_process():
+        for index in range(len(recipe.stages) - 1):
+            shutil.rmtree(cache_root / f"stage-{index}-output", ignore_errors=True)
+        if (world > 1 or len(recipe.stages) > 1) and not root_existed:  # emptied: remove it
+            with contextlib.suppress(OSError):
+                cache_root.rmdir()
+    return {"report": report, "output": output, "preprocessor": preprocessor}
+
+
+def _run_stage(
+    recipe: Any,
+    stage: Any,
+    folder: Path,
+    cache: Path,
+    batches: list[Any],
+    context: PruneContext,
+    budget: int,
+) -> dict:
+    """One stage on the checkpoint in ``folder``: its report, its store, the weightless pruned model and a
+    ``write(folder)`` that writes the pruned checkpoint's weights, config and remote code there."""
+    adapter = context.adapter
+    store = ActivationStore(cache, budget, _fingerprint(folder, recipe.dtype, stage, batches))
     opening = time.perf_counter()
     source = OffloadedModel(
-        recipe.model,
+        folder,
         auto_model_class(adapter),
         offload_folder=cache / "offload",
         dtype=recipe.dtype,
@@ -158,8 +213,6 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
     runner = LayerRunner(source, adapter, batches)
     plan = stage.config.apply_sequential(runner, store, context)
     seconds = time.perf_counter() - calibration_started
-    files = read_checkpoint_files(recipe.model, check_tensors=False)
-    params_before = count_parameters(source.model)
     # The structural change on a weightless copy: the output's config, class and remote code.
     final = copy.deepcopy(source.model)
     if plan.structural_edit is not None:
@@ -168,7 +221,7 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
         "method": get_method(stage.method).name,
         "seconds": round(seconds, 3),
         **plan.report,
-        "params_before": params_before,
+        "params_before": count_parameters(source.model),
         "params_after": count_parameters(final),
         "engine": "sequential",
         "open_seconds": round(open_seconds, 3),  # opening the checkpoint with its weights on disk
@@ -178,52 +231,29 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
             "memory_budget_bytes": budget,
         },
     }
-    report = {
-        "recipe": recipe.to_dict(),
-        "versions": library_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "engine": {"name": "sequential", "why": why, "processes": world},
-        "params_before": params_before,
-        "params_after": count_parameters(final),
-        "stages": [stage_report],
-        "evaluation": [],
-    }
-    output = None
     store.drop_memory()  # the plan is made: keep memory for the writer (spilled entries stay for a restart)
     del runner
     release_freed_memory()
-    if is_main_process() and recipe.output:
 
-        def write_weights(folder: Path) -> None:
-            kept = adapter.num_layers(config) - len(plan.removed_layers)
-            with tqdm(total=kept, desc="write layers", disable=not progress, leave=False) as bar:
-                shards = write_pruned_weights(
-                    source,
-                    adapter,
-                    folder,
-                    removed_layers=plan.removed_layers,
-                    layer_edits=plan.layer_edits,
-                    layout_model=final,
-                    progress=bar.update,
-                )
-            report["seconds"] = round(time.perf_counter() - started, 3)
-            save_config_and_code(final, folder)
-            generation = files.folder / "generation_config.json"
-            if generation.is_file():
-                (folder / generation.name).write_bytes(generation.read_bytes())
-            stage_report["shards"] = len(shards)
+    def write(target: Path) -> None:
+        kept = adapter.num_layers(source.model.config) - len(plan.removed_layers)
+        with tqdm(total=kept, desc="write layers", disable=not context.progress, leave=False) as bar:
+            shards = write_pruned_weights(
+                source,
+                adapter,
+                target,
+                removed_layers=plan.removed_layers,
+                layer_edits=plan.layer_edits,
+                layout_model=final,
+                progress=bar.update,
+            )
+        save_config_and_code(final, target)
+        generation = folder / "generation_config.json"
+        if generation.is_file():
+            (target / generation.name).write_bytes(generation.read_bytes())
+        stage_report["shards"] = len(shards)
 
-        output = save_pruned_checkpoint(write_weights, final.config, preprocessor, recipe.output, report)
-    store.close()
-    barrier()
-    if world > 1 and is_main_process() and not root_existed:  # the ranks' folders are gone: remove theirs
-        with contextlib.suppress(OSError):
-            cache_root.rmdir()
-    return {
-        "report": report,
-        "output": output,
-        "preprocessor": preprocessor,
-    }
+    return {"report": stage_report, "store": store, "final": final, "write": write}
 
 
 def save_config_and_code(model: Any, folder: Path) -> None:

@@ -165,8 +165,13 @@ def test_broken_index_is_named(sharded, tmp_path):
             "evaluate: the sequential engine never loads",
         ),
         (
-            {"stages": [{"method": "replaceme", "num_layers": 1}, {"method": "layer_drop", "num_layers": 1}]},
-            "engine: sequential runs one stage per recipe, this one has 2",
+            {
+                "stages": [
+                    {"method": "replaceme", "num_layers": 1},
+                    {"method": "expert_pruning", "algorithm": "diep", "keep_ratio": 0.5},
+                ]
+            },
+            r"stages\[1\].method: expert_pruning \(algorithm diep\) has no layer-by-layer variant",
         ),
         (
             {"stages": [{"method": "expert_pruning", "algorithm": "diep", "keep_ratio": 0.5}]},

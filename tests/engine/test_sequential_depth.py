@@ -287,3 +287,27 @@ def test_loss_cut_selection_needs_a_held_out_batch(eight_layer_llama, calibratio
     stage = {"method": "replaceme", "num_layers": 1, "cut_selection": "loss"}
     with pytest.raises(Exception, match="holds out every 5th calibration batch, and there are 2"):
         run(eight_layer_llama, tmp_path / "out", calibration, stage, "sequential")
+
+
+def test_two_stages_run_in_turn_like_in_memory(calibration, tmp_path):
+    """ReplaceMe, then expert pruning with per-layer counts on what it left: the second stage opens the
+    checkpoint the first wrote into the cache folder, and nothing of the cache is left after."""
+    source = save_tiny_model("qwen2_moe", tmp_path / "source")
+    stages = [
+        {"method": "replaceme", "num_layers": 1},
+        {"method": "expert_pruning", "algorithm": "frequency", "keep_ratio": 0.75, "uniform": False},
+    ]
+    recipe = {
+        "model": str(source),
+        "calibration": {"data": str(calibration), **CALIBRATION},
+        "stages": stages,
+    }
+    memory = prune({**recipe, "output": str(tmp_path / "memory"), "engine": "in_memory"}, progress=False)
+    sequential = prune({**recipe, "output": str(tmp_path / "seq"), "engine": "sequential"}, progress=False)
+    one, two = memory.report["stages"], sequential.report["stages"]
+    assert [s["method"] for s in two] == ["replaceme", "expert_pruning"]
+    assert two[0]["removed_layers"] == one[0]["removed_layers"]
+    assert [x["kept"] for x in two[1]["layers"]] == [x["kept"] for x in one[1]["layers"]]
+    assert sequential.report["params_after"] == memory.report["params_after"] == two[1]["params_after"]
+    assert_same_checkpoints(tmp_path / "memory", tmp_path / "seq")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "seq", "source"]  # no cache left
