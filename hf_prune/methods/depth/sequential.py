@@ -105,11 +105,7 @@ def plan_depth_cuts(
         if fit_map:
             if frontier is None:
                 inputs = store.get(f"h{cut.kept - 1}")
-                mlp_out, kept_out, target = (
-                    store.get(f"m{cut.kept}"),
-                    store.get(f"h{cut.kept}"),
-                    store.get(f"h{cut.removed[-1]}"),
-                )
+                mlp_out, kept_out, target = cut_activations(store, cut.kept, cut.removed[-1])
             else:
                 inputs, mlp_out, kept_out, target = _rerun_span(
                     runner, adapter, frontier, cut, plan.removed_layers
@@ -177,6 +173,11 @@ def _rerun_span(
     return inputs, watched["mlp"], kept_out, target
 
 
+def cut_activations(store: ActivationStore, kept: int, last: int) -> tuple[list, list, list]:
+    """The cached MLP output and output of layer ``kept``, and the output of layer ``last`` (the target)."""
+    return store.get(f"m{kept}"), store.get(f"h{kept}"), store.get(f"h{last}")
+
+
 def residual_scores(
     store: ActivationStore,
     masks: list[torch.Tensor],
@@ -188,11 +189,7 @@ def residual_scores(
     """For every start l: the held-out relative residual of the map fitted on the other tokens."""
     scores = torch.zeros(total - block, dtype=torch.float64)
     for start in range(total - block):
-        mlp_out, kept_out, target = (
-            store.get(f"m{start}"),
-            store.get(f"h{start}"),
-            store.get(f"h{start + block}"),
-        )
+        mlp_out, kept_out, target = cut_activations(store, start, start + block)
         dim = kept_out[0].shape[-1]
         fit, held = NormalEquations(dim), NormalEquations(dim)
         for m, h, t, mask in zip(mlp_out, kept_out, target, masks, strict=True):
@@ -229,11 +226,7 @@ def loss_scores(
         )
     streams: dict[int, list[torch.Tensor]] = {}
     for start in range(total - block):
-        mlp_out, kept_out, target = (
-            store.get(f"m{start}"),
-            store.get(f"h{start}"),
-            store.get(f"h{start + block}"),
-        )
+        mlp_out, kept_out, target = cut_activations(store, start, start + block)
         equations = NormalEquations(kept_out[0].shape[-1])
         for b in fitted:
             mask = masks[b].to(kept_out[b].device).bool()
