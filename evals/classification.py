@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import max_positions
+from ..adapters import max_positions, model_device
 from ..data import read_records
 from ..errors import DataError
 from .metrics import load_metric
@@ -79,7 +79,7 @@ def evaluate_classification(
 
     max_length = model_max_length(model, tokenizer)
     metric = load_metric("accuracy")
-    device = next(model.parameters()).device
+    device = model_device(model)
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     was_training = model.training
     model.eval()

@@ -292,6 +292,19 @@ def run_task(
     return {"task": spec.name, "metric": spec.metric, **result}
 
 
+def evaluation_entry(task: Any, original: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    """One task's figures before and after, as hf_prune.json, the report and the model card read them."""
+    return {
+        "task": task.task,
+        "metric": pruned["metric"],
+        "task_type": get_task(task.task).card_task_type,
+        "data": task.data,
+        "original": original,
+        "pruned": pruned,
+        "retained": retained_fraction(task.task, original, pruned),
+    }
+
+
 def retained_fraction(name: str, original: dict[str, Any], pruned: dict[str, Any]) -> float | None:
     """Share of the original's quality the pruned model keeps (original / pruned when lower is better);
     None when the original scores 0 on a higher-is-better metric (no baseline to keep a share of)."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import max_positions
+from ..adapters import max_positions, model_device
 from ..data import read_records
 from ..errors import DataError
 from .metrics import load_metric
@@ -255,7 +255,7 @@ def _score_requests(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     scores: dict[tuple[int, int], float] = {}
     was_training = model.training
     model.eval()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import max_positions
+from ..adapters import max_positions, model_device
 from ..data import load_text_records
 from ..errors import DataError
 from .metrics import load_metric
@@ -181,7 +181,7 @@ def perplexity_of_tokens(
         )
 
     metric = load_metric("perplexity")
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import vision_config
+from ..adapters import model_device, vision_config
 from ..data import read_records
 from ..errors import DataError
 from .metrics import load_metric
@@ -85,7 +85,7 @@ def evaluate_vqa(
 
     vqa_metric = load_metric("vqa_accuracy")
     exact_metric = load_metric("exact_match")
-    device = next(model.parameters()).device
+    device = model_device(model)
     dtype = next(model.parameters()).dtype
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     shown = []
@@ -158,7 +158,7 @@ def answer_questions(
     inputs = processor(
         images=images, text=prompts, padding=True, add_special_tokens=add_special, return_tensors="pt"
     )
-    device = device if device is not None else next(model.parameters()).device
+    device = device if device is not None else model_device(model)
     inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
     if "pixel_values" in inputs and dtype is not None and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)

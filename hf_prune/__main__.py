@@ -1,5 +1,6 @@
 """``python -m hf_prune`` is the ``hf-prune`` command; data-parallel calibration launches it this way:
-``torchrun --nproc-per-node 2 -m hf_prune prune RECIPE`` (or ``accelerate launch -m hf_prune prune RECIPE``)."""
+``torchrun --nproc-per-node 2 -m hf_prune prune RECIPE`` (or
+``accelerate launch --multi_gpu --num_processes 2 -m hf_prune prune RECIPE``)."""
 
 import sys
 

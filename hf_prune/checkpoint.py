@@ -163,12 +163,16 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     auto_class: Any = None,
+    max_memory: dict[Any, int] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> Any:
     """Load a model with its head; safetensors only unless ``allow_pickle``.
 
     ``auto_class`` defaults to the one the adapter names (causal LM, or image-text-to-text for
     vision-language models). ``device_map`` (e.g. "auto") spreads a model over several devices with
-    accelerate; otherwise the whole model goes to ``device`` ("auto": cuda when present).
+    accelerate; otherwise the whole model goes to ``device`` ("auto": cuda when present). With
+    ``device_map``, ``max_memory`` caps each device and what does not fit is offloaded to
+    ``offload_folder`` (accelerate's big-model inference: weights read from disk during the forward).
     """
     if auto_class is None:  # load_config also checks the weight files' headers
         config = load_config(name, trust_remote_code=trust_remote_code)
@@ -184,6 +188,10 @@ def load_model(
         device_map = device_map or placement
     if device_map:
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     # Wrong shapes are loaded (re-initialised) rather than raised with no key named: check_loading_info

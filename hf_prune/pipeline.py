@@ -34,11 +34,11 @@ from .errors import ConfigFieldError, HfPruneError, RecipeError, UnsupportedMode
 from .evals.harness import (
     TaskModelMismatch,
     check_task_fits,
-    get_task,
+    evaluation_entry,
     resolve_task,
-    retained_fraction,
     run_task,
 )
+from .evals.offloaded_evaluation import OffloadedEvaluation
 from .evals.perplexity import window_length
 from .evals.report import write_report
 from .model_card import public_value
@@ -96,7 +96,8 @@ def prune(
             )
     if engine == "sequential":
         check_sequential_recipe(recipe)
-        run = prune_sequential(recipe, config, adapter, progress, why)
+        evaluation = OffloadedEvaluation(recipe, [config, predicted], progress) if recipe.evaluate else None
+        run = prune_sequential(recipe, config, adapter, progress, why, evaluation)
         published = publish_output(recipe, run["output"], progress) if is_main_process() else None
         return PruneResult(None, run["preprocessor"], run["report"], run["output"], published)
     # The original and the pruned model are scored under one protocol, resolved from both configs (the
@@ -221,19 +222,6 @@ def publish_output(recipe: Recipe, output: Path | None, progress: bool) -> Any:
         progress=progress,
         key="publish.repo_id",
     )
-
-
-def evaluation_entry(task: Any, original: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
-    """One task's figures before and after, as hf_prune.json, the report and the model card read them."""
-    return {
-        "task": task.task,
-        "metric": pruned["metric"],
-        "task_type": get_task(task.task).card_task_type,
-        "data": task.data,
-        "original": original,
-        "pruned": pruned,
-        "retained": retained_fraction(task.task, original, pruned),
-    }
 
 
 def _prefill_sweep(model: Any, preprocessor: Any) -> dict[int, float]:

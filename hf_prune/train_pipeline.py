@@ -40,13 +40,13 @@ from .checkpoint import (
 )
 from .data import load_text_records, packed_token_windows, read_records
 from .errors import DataError, RecipeError
-from .evals.harness import run_task
+from .evals.harness import evaluation_entry, run_task
 from .image_data import read_image_set
 from .integrations.cards import AugmentingImageCollator, ImageClassificationDataset, train_cards
 from .integrations.pruning_callback import PruningCallback, run_lottery, training_method_from
 from .methods.robust.cards import CardsConfig
 from .methods.sparsity.lottery import LotteryConfig
-from .pipeline import evaluation_entry, load_recipe_config, preflight, publish_output
+from .pipeline import load_recipe_config, preflight, publish_output
 from .recipe import Recipe, TrainingConfig, load_recipe
 
 

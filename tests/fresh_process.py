@@ -54,9 +54,9 @@ from hf_prune.engine import activation_store
 puts = 0
 original = activation_store.ActivationStore.put
 
-def put_then_die(self, key, tensors):
+def put_then_die(self, key, tensors, **options):
     global puts
-    original(self, key, tensors)
+    original(self, key, tensors, **options)
     puts += 1
     if puts == int(sys.argv[2]):
         os._exit(137)  # as a kill: no clean-up, no exception handlers

@@ -1,7 +1,8 @@
 """Benchmark the layer-by-layer engine: peak memory against the weights, wall time against the in-memory
 path, data-parallel processes, and ReplaceMe's cut chosen by residual.
 
-    python -m hf_prune.evals.benchmarks.bench_sequential [--big-gb 4] [--skip-big] [--processes 2]
+    python -m hf_prune.evals.benchmarks.bench_sequential [--big-gb 4] [--cases fits,cut,llama,mixtral]
+        [--processes 2]
 
 Every prune runs in a child process (``python -m hf_prune prune RECIPE``, or under torchrun) that reports
 its own peak RSS; ratios are against figures measured in the same run. The random models are built once,
@@ -148,9 +149,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--assets", type=Path, default=default_assets_dir())
     parser.add_argument("--big-gb", type=float, default=4.0, help="size of the big random Llama's weights")
-    parser.add_argument("--skip-big", action="store_true", help="only the model that fits and stories260K")
+    parser.add_argument(
+        "--cases",
+        default="fits,cut,llama,mixtral",
+        help="comma-separated: fits (in memory vs sequential vs processes), cut (stories260K cut selection), "
+        "llama (big Llama, ReplaceMe), mixtral (big Mixtral, frequency and DiEP), diep (DiEP on the "
+        "trained MoE testbed, in memory vs sequential, with an evaluate: section)",
+    )
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args(argv)
+    cases = set(args.cases.split(","))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cache = cache_root() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
@@ -162,7 +170,70 @@ def main(argv: list[str] | None = None) -> None:
     baseline = import_baseline()
     print(f"work folder {work}; a child process that only imports hf_prune peaks at {gb(baseline)} RSS")
 
-    # 1. The model of bench_replaceme that fits: in memory vs layer by layer vs 2 processes.
+    if "fits" in cases:
+        fits_case(cache, tokenizer, wikitext, work, args.processes)
+    if "cut" in cases:  # ReplaceMe's cut on stories260K: angular distance against residual and loss
+        residual_cut(stories, sample, work)
+    # Models larger than we would like in memory: peak RSS against the weights.
+    if "llama" in cases:
+        big_llama(cache, tokenizer, wikitext, work, args.big_gb, baseline)
+    if "mixtral" in cases:
+        big_mixtral(cache, tokenizer, wikitext, work, args.big_gb, baseline)
+    if "diep" in cases:
+        diep_on_the_moe_testbed(work)
+
+
+def diep_on_the_moe_testbed(work: Path) -> None:
+    """DiEP keeping 75% of the experts (per-layer counts) on the trained MoE testbed, in memory and layer by
+    layer, each scored by the recipe's evaluate: section (perplexity on the testbed's three domains)."""
+    from ..testbeds.moe_testbed import moe_testbed_dir
+
+    folder = moe_testbed_dir()
+    domains = ("stories", "shakespeare", "wikitext")
+    base = {
+        "model": str(folder),
+        "calibration": {
+            "data": str(folder / "data" / "calibration.txt"),
+            "num_samples": 64,
+            "seq_len": 128,
+            "packing": True,
+        },
+        "stages": [{"method": "expert_pruning", "algorithm": "diep", "keep_ratio": 0.75}],
+        "evaluate": [
+            {"task": "perplexity", "data": str(folder / "data" / f"eval_{d}.txt"), "seq_len": 128}
+            for d in domains
+        ],
+        "overwrite": True,
+    }
+    runs = {
+        engine: run_child({**base, "output": str(work / f"diep-{engine}"), "engine": engine}, work)
+        for engine in ("in_memory", "sequential")
+    }
+    print(
+        "\n## MoE testbed (4 layers x 8 experts, trained), DiEP keeping 75% (per-layer counts), 64 x 128 tokens"
+    )
+    print(
+        f"{'engine':<12} {'stage s':>8} {'wall s':>7} {'peak RSS':>9}  "
+        f"perplexity original -> pruned ({', '.join(domains)})"
+    )
+    for engine, run in runs.items():
+        entries = run["report"]["evaluation"]
+        figures = ", ".join(
+            f"{e['original']['perplexity']:.2f} -> {e['pruned']['perplexity']:.2f}" for e in entries
+        )
+        print(
+            f"{engine:<12} {run['stage_seconds']:>8.2f} {run['wall']:>7.1f} {gb(run['peak_rss']):>9}  {figures}"
+        )
+    kept = {e: [layer["kept"] for layer in r["report"]["stages"][0]["layers"]] for e, r in runs.items()}
+    print("same experts kept:", kept["in_memory"] == kept["sequential"], kept["sequential"])
+    print(
+        "max |dW| sequential vs in memory:",
+        f"{max_weight_difference(work / 'diep-in_memory', work / 'diep-sequential'):.2e}",
+    )
+
+
+def fits_case(cache: Path, tokenizer, wikitext: Path, work: Path, processes: int) -> None:
+    """The model of bench_replaceme that fits: in memory vs layer by layer vs several processes."""
     hidden = 512
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size,
@@ -182,11 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     runs = {
         "in_memory": run_child({**base, "output": str(work / "mem"), "engine": "in_memory"}, work),
         "sequential": run_child({**base, "output": str(work / "seq"), "engine": "sequential"}, work),
-        f"sequential, {args.processes} processes": run_child(
-            {**base, "output": str(work / "seq-dp"), "engine": "sequential"}, work, args.processes
+        f"sequential, {processes} processes": run_child(
+            {**base, "output": str(work / "seq-dp"), "engine": "sequential"}, work, processes
         ),
-        f"in_memory, {args.processes} processes": run_child(
-            {**base, "output": str(work / "mem-dp"), "engine": "in_memory"}, work, args.processes
+        f"in_memory, {processes} processes": run_child(
+            {**base, "output": str(work / "mem-dp"), "engine": "in_memory"}, work, processes
         ),
     }
     print(
@@ -205,15 +276,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{run['wall'] / runs['in_memory']['wall']:>8.2f} {gb(run['peak_rss']):>9} {difference:>9.2e}"
         )
     print("removed layers:", {k: v["report"]["stages"][0]["removed_layers"] for k, v in runs.items()})
+    # The children run under a memory sampler thread and start cold; the floor is warm, in this process.
+    # The same stages in this process, after the floor, compare like with like.
+    from ... import prune
 
-    # 2. ReplaceMe's cut on stories260K: angular distance against the residual of every candidate's map.
-    residual_cut(stories, sample, work)
-
-    if args.skip_big:
-        return
-    # 3. Models larger than we would like in memory: peak RSS against the weights.
-    big_llama(cache, tokenizer, wikitext, work, args.big_gb, baseline)
-    big_mixtral(cache, tokenizer, wikitext, work, args.big_gb, baseline)
+    print("in this process, as the floor was measured:")
+    for engine in ("in_memory", "sequential"):
+        stage_s = prune(
+            {**base, "output": str(work / f"in-process-{engine}"), "engine": engine}, progress=False
+        )
+        seconds = stage_s.report["stages"][0]["seconds"]
+        print(f"  {engine:<12} stage {seconds:.2f} s = {seconds / floor:.2f} x forward")
 
 
 def residual_cut(stories: Path, sample: Path, work: Path) -> None:
@@ -309,8 +382,12 @@ def big_mixtral(cache: Path, tokenizer, sample: Path, work: Path, size_gb: float
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
         build_model(folder, MixtralForCausalLM(config), tokenizer, "1GB")
+    title = f"random Mixtral {layers}x{hidden}, {experts} experts"
     stage = {"method": "expert_pruning", "algorithm": "frequency", "keep_ratio": 0.5, "uniform": False}
-    _big_case(f"random Mixtral {layers}x{hidden}, {experts} experts", folder, stage, sample, work, baseline)
+    _big_case(title, folder, stage, sample, work, baseline)
+    # DiEP: every step runs the layers forward and back (two reads of each from disk); one α epoch here
+    diep = {"method": "expert_pruning", "algorithm": "diep", "keep_ratio": 0.5, "epochs": 1}
+    _big_case(title, folder, diep, sample, work, baseline)
 
 
 def _big_case(title: str, folder: Path, stage: dict, sample: Path, work: Path, baseline: int) -> None:
@@ -327,7 +404,8 @@ def _big_case(title: str, folder: Path, stage: dict, sample: Path, work: Path, b
     }
     run = run_child(recipe, work)
     stage_report = run["report"]["stages"][0]
-    print(f"\n## {title}: weights {gb(size)}, {stage['method']}, engine sequential, 16 x 128 tokens")
+    what = stage["method"] + (f" {stage['algorithm']}" if "algorithm" in stage else "")
+    print(f"\n## {title}: weights {gb(size)}, {what}, engine sequential, 16 x 128 tokens")
     print(
         f"peak RSS {gb(run['peak_rss'])} = {run['peak_rss'] / size:.2f} x the weights "
         f"({(run['peak_rss'] - baseline) / size:.2f} x above the import-only child); anonymous (not file pages "

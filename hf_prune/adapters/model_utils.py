@@ -19,6 +19,21 @@ def max_positions(model: Any) -> int | None:
     return None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its parameters' device or, for a model dispatched by accelerate
+    (``device_map``) whose offloaded weights sit on the meta device, the device its first module runs on
+    (disk-offloaded modules run on the first GPU of the map, else on the CPU)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        placements = list(device_map.values())
+        first = placements[0]
+        if first == "disk":
+            gpus = [p for p in placements if isinstance(p, int)]
+            first = min(gpus) if gpus else "cpu"
+        return torch.device("cuda", first) if isinstance(first, int) else torch.device(first)
+    return next(model.parameters()).device
+
+
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     seen: set[int] = set()
@@ -28,7 +43,3 @@ def count_parameters(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -82,10 +82,13 @@ class ActivationStore:
         assert self.folder is not None
         return self.folder / f"{key}.safetensors"
 
-    def put(self, key: str, tensors: list[torch.Tensor]) -> None:
+    def put(self, key: str, tensors: list[torch.Tensor], *, to_disk: bool = False) -> None:
+        """Keep ``tensors`` under ``key``: in memory within the budget, else (or with ``to_disk``, for a
+        small entry a restart must find) on disk."""
         tensors = [t.detach() for t in tensors]
         size = nbytes(tensors)
-        if self.folder is None or self.memory_bytes + size <= self.memory_budget:
+        fits = self.memory_bytes + size <= self.memory_budget
+        if self.folder is None or (fits and not to_disk):
             self._memory[key] = tensors
             return
         path = self._path(key)

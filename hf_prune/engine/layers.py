@@ -67,6 +67,34 @@ class InMemoryModel:
                 yield name, tensor
 
 
+@contextlib.contextmanager
+def _read_checkpoints_without_mmap() -> Iterator[None]:
+    """While transformers loads: its safetensors files opened with plain reads (``backend="pread"``, as it
+    does itself on Windows and MPS) instead of a memory map. Tensors it converts on load (per-expert MoE
+    weights fused into 3-D ones) are then read, converted and offloaded one at a time; through a memory map
+    every page they touched stayed mapped, counted in the process's RSS, until the whole load ended (the
+    3.9 GB Mixtral of ``bench_sequential`` peaked at 1.06× its weights, 0.27× with plain reads). Only for
+    checkpoints converted on load: for the others (nothing read while loading) plain reads measured worse
+    (the 3.8 GB Llama: 0.54× against 0.36×). A no-op where transformers' loader does not look as expected."""
+    from transformers import modeling_utils
+
+    original = getattr(modeling_utils, "safe_open", None)
+    if original is None:
+        yield
+        return
+
+    def safe_open_with_reads(filename: Any, framework: str, device: Any = "cpu", **kwargs: Any) -> Any:
+        if kwargs.get("backend", "mmap") == "mmap" and str(device) == "cpu":
+            kwargs["backend"] = "pread"
+        return original(filename, framework=framework, device=device, **kwargs)
+
+    modeling_utils.safe_open = safe_open_with_reads
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = original
+
+
 class OffloadedModel:
     """A checkpoint whose weights stay on disk until a module is materialised (see the module docstring)."""
 
@@ -79,16 +107,19 @@ class OffloadedModel:
         dtype: Any = "auto",
         device: str = "cpu",
         trust_remote_code: bool = False,
+        converted_on_load: bool = False,
     ):
         from accelerate.hooks import remove_hook_from_submodules
 
-        model = auto_class.from_pretrained(
-            folder,
-            device_map={"": "disk"},
-            offload_folder=str(offload_folder),
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
+        reads = _read_checkpoints_without_mmap() if converted_on_load else contextlib.nullcontext()
+        with reads:
+            model = auto_class.from_pretrained(
+                folder,
+                device_map={"": "disk"},
+                offload_folder=str(offload_folder),
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
         # Every offloaded tensor's loader (full name → tensor read from disk on access) is shared by the
         # hooks accelerate attached; keep it, drop the hooks: modules are materialised explicitly here.
         loaders = [
@@ -299,40 +330,73 @@ class LayerRunner:
         with self.source.materialized(self._layers[index]) as module:
             yield module
 
-    @torch.no_grad()
-    def language_model_loss(self, hidden: list[torch.Tensor], batches: list[int]) -> tuple[float, int]:
-        """(summed next-token cross-entropy, scored tokens) of the model's head on ``hidden``, the outputs
-        of its last decoder layer for the batches numbered ``batches``: the model's own forward runs with
-        its layers stood in for (the first returns ``hidden``), so its final norm and head score them."""
+    def layer_kwargs(self, batch: int, index: int) -> dict[str, Any]:
+        """The keyword arguments (masks, rotary embeddings) layer ``index`` receives on batch ``batch``."""
+        if self._kwargs is None:
+            raise RuntimeError("call layer_inputs() first")
+        return self._kwargs[batch][index]
+
+    @contextlib.contextmanager
+    def head(self) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor]]:
+        """The model's final norm and head, materialised for the block, as ``logits(states, b)``: the logits
+        of the model on batch ``b`` when its last decoder layer outputs ``states`` (differentiable with
+        respect to ``states`` under ``torch.enable_grad``). The model's own forward runs with its layers
+        stood in for (the first returns ``states``), so whatever it does after the layers is kept."""
         model, layers = self.source.model, self._layers
         originals = list(layers)
-        total, count = 0.0, 0
         head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+
+        def logits(states: torch.Tensor, b: int) -> torch.Tensor:
+            layers[0] = _StateInjector(states)
+            for i in range(1, len(originals)):
+                layers[i] = _PassThrough()
+            batch = self.batches[b]
+            return model(
+                input_ids=batch.input_ids.to(self.source.device),
+                attention_mask=batch.attention_mask.to(self.source.device),
+                use_cache=False,
+            ).logits
+
         with self.source.materialized(model, exclude=layers):
             untied = head.weight
             if untied.is_meta:  # tied to the embeddings, which hold the only stored copy
                 head.weight = embeddings.weight
             try:
-                for states, b in zip(hidden, batches, strict=True):
-                    layers[0] = _StateInjector(states)
-                    for i in range(1, len(originals)):
-                        layers[i] = _PassThrough()
-                    batch = self.batches[b]
-                    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-                    out = model(
-                        input_ids=batch.input_ids.to(self.source.device),
-                        attention_mask=batch.attention_mask.to(self.source.device),
-                        labels=labels.to(self.source.device),
-                        use_cache=False,
-                    )
-                    scored = int((labels[:, 1:] != -100).sum())
-                    total += float(out.loss) * scored
-                    count += scored
+                yield logits
             finally:
                 head.weight = untied
                 for i, layer in enumerate(originals):
                     layers[i] = layer
+
+    @torch.no_grad()
+    def language_model_loss(self, hidden: list[torch.Tensor], batches: list[int]) -> tuple[float, int]:
+        """(summed next-token cross-entropy, scored tokens) of the model's head on ``hidden``, the outputs
+        of its last decoder layer for the batches numbered ``batches``."""
+        total, count = 0.0, 0
+        with self.head() as logits_of:
+            for states, b in zip(hidden, batches, strict=True):
+                summed, scored = next_token_loss(logits_of(states, b), self.batches[b])
+                total += float(summed)
+                count += scored
         return total, count
+
+
+def next_token_loss(logits: torch.Tensor, batch: CalibrationBatch) -> tuple[torch.Tensor, int]:
+    """(next-token cross-entropy summed over the batch's real targets, their number); logits in float32."""
+    mask = batch.attention_mask.to(logits.device)
+    labels = batch.input_ids.to(logits.device).masked_fill(mask == 0, -100)[:, 1:]
+    summed = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return summed, int((labels != -100).sum())
+
+
+def scored_targets(batch: CalibrationBatch) -> int:
+    """How many next-token targets ``next_token_loss`` scores in ``batch``."""
+    return int(batch.attention_mask[:, 1:].sum())
 
 
 class _StateInjector(nn.Module):

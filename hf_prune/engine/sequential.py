@@ -81,11 +81,6 @@ def check_sequential_recipe(recipe: Any) -> None:
                 f"stages[{index}].method: {what} has no layer-by-layer variant; use engine: in_memory (the "
                 "whole model in memory)"
             )
-    if recipe.evaluate:
-        raise RecipeError(
-            "evaluate: the sequential engine never loads the whole model; evaluate the output afterwards "
-            "(hf-prune eval OUTPUT --device auto)"
-        )
 
 
 def activation_bytes(batches: list[Any], hidden_size: int, num_layers: int, itemsize: int) -> int:
@@ -113,15 +108,24 @@ def default_cache_folder(recipe: Any) -> Path:
     return output.parent / f".{output.name}.activations"
 
 
-def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why: str) -> dict:
+def prune_sequential(
+    recipe: Any, config: Any, adapter: Any, progress: bool, why: str, evaluation: Any = None
+) -> dict:
     """Run ``recipe`` layer by layer; returns ``{"report", "output" (folder or None), "preprocessor"}``.
 
     Several stages run in turn, each on the checkpoint the previous one wrote (shard by shard) into the
-    cache folder; the last one writes the output."""
+    cache folder; the last one writes the output. ``evaluation`` (the pipeline's
+    ``evals.offloaded_evaluation.OffloadedEvaluation``, for an ``evaluate:`` section) scores the original
+    checkpoint before the stages and the pruned one before the output is renamed into place."""
     started = time.perf_counter()
     preprocessor = load_preprocessor(recipe.model, trust_remote_code=recipe.trust_remote_code)
     context = PruneContext(adapter, text_tokenizer(preprocessor), recipe.calibration, progress)
-    batches = context.calibration_batches() if recipe.calibration is not None else []
+
+    def batches_of(stage: Any) -> list[Any]:
+        if recipe.calibration is None:
+            return []
+        return context.calibration_batches(split=stage.config.data_parallel_split)
+
     rank, world = rank_and_world()
     cache_root = (
         Path(recipe.activation_cache).expanduser()
@@ -133,7 +137,10 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
     cache = cache_root / f"rank-{rank}" if world > 1 else cache_root
     text = adapter.text_config(config)
     itemsize = 2 if recipe.dtype in ("bfloat16", "float16") else 4
-    needed = activation_bytes(batches, text.hidden_size, adapter.num_layers(config), itemsize)
+    needed = max(
+        activation_bytes(batches_of(stage), text.hidden_size, adapter.num_layers(config), itemsize)
+        for stage in recipe.stages
+    )
     budget = (
         int(recipe.activation_memory_gb * 1e9)
         if recipe.activation_memory_gb is not None
@@ -152,10 +159,13 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
     }
     source_folder = Path(recipe.model).expanduser()
     output = None
+    evaluating = evaluation is not None and is_main_process() and bool(recipe.output)
+    if evaluating:  # the original, before anything changes
+        evaluation.original(source_folder, preprocessor, budget, cache_root / "evaluation-offload")
     for index, stage in enumerate(recipe.stages):
         last = index == len(recipe.stages) - 1
         stage_cache = cache if len(recipe.stages) == 1 else cache / f"stage-{index}"
-        step = _run_stage(recipe, stage, source_folder, stage_cache, batches, context, budget)
+        step = _run_stage(recipe, stage, source_folder, stage_cache, batches_of(stage), context, budget)
         report["stages"].append(step["report"])
         report.setdefault("params_before", step["report"]["params_before"])
         report["params_after"] = step["report"]["params_after"]
@@ -163,6 +173,9 @@ def prune_sequential(recipe: Any, config: Any, adapter: Any, progress: bool, why
 
             def write_weights(folder: Path, step: dict = step) -> None:
                 step["write"](folder)
+                if evaluating:  # the pruned checkpoint as written, before the folder is renamed into place
+                    offload = cache_root / "evaluation-offload"
+                    evaluation.pruned(folder, preprocessor, budget, offload, report)
                 report["seconds"] = round(time.perf_counter() - started, 3)
 
             output = save_pruned_checkpoint(
@@ -207,6 +220,8 @@ def _run_stage(
         offload_folder=cache / "offload",
         dtype=recipe.dtype,
         trust_remote_code=recipe.trust_remote_code,
+        # MoE checkpoints store one tensor per expert, which transformers fuses while it loads
+        converted_on_load=adapter.spec.is_moe,
     )
     open_seconds = time.perf_counter() - opening
     calibration_started = time.perf_counter()

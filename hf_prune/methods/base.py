@@ -111,6 +111,9 @@ class OneShotMethod(MethodConfig):
     #: ``torch.distributed`` processes (every statistic it gathers is all-reduced); others are refused
     #: under a multi-process launch.
     supports_data_parallel = False
+    #: How data-parallel processes share the calibration data (``PruneContext.calibration_batches``):
+    #: ``batches`` (every world-th batch) or ``sequences`` (every world-th sequence of every batch).
+    data_parallel_split = "batches"
 
     def apply_sequential(
         self, runner: LayerRunner, store: ActivationStore, context: PruneContext

@@ -1,6 +1,7 @@
 """Data-parallel calibration: two gloo processes launched by torchrun, each on half the calibration
 batches, give the one-process result (to float tolerance) for ReplaceMe, in memory and layer by layer,
-and for expert scoring; only rank 0 writes. Methods whose statistics are not sums are refused."""
+and for expert scoring (router statistics; DiEP with each process on half of every batch's sequences);
+only rank 0 writes. Methods whose statistics are not sums are refused."""
 
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ from hf_prune import prune
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # torchrun launches
 
 
-def launch(recipe, path, processes=2, check=True):
-    """``torchrun -m hf_prune prune RECIPE`` with ``processes`` gloo processes."""
+def launch(recipe, path, processes=2, check=True, launcher="torchrun"):
+    """``torchrun -m hf_prune prune RECIPE`` (or ``accelerate launch``) with ``processes`` gloo processes."""
     path.write_text(json.dumps(recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    if launcher == "accelerate":
+        # --multi_gpu runs torch's elastic launcher (as torchrun does); without a GPU the group uses gloo.
+        # (accelerate's CPU-only multi-process launch goes through mpirun instead.)
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
+        command += ["--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
     done = subprocess.run(
         [*command, "-m", "hf_prune", "prune", str(path), "--quiet"],
         capture_output=True,
@@ -83,13 +89,20 @@ def test_two_processes_equal_one_for_replaceme(engine, source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "recipe.json", "two"]  # no cache left
 
 
-@pytest.mark.parametrize("engine", ["in_memory", "sequential"])
-def test_two_processes_equal_one_for_expert_scores(engine, source, tmp_path):
+@pytest.mark.parametrize(
+    ("engine", "launcher"),
+    [("in_memory", "torchrun"), ("sequential", "torchrun"), ("sequential", "accelerate")],
+)
+def test_two_processes_equal_one_for_expert_scores(engine, launcher, source, tmp_path):
     stage = {"method": "expert_pruning", "algorithm": "router_weight", "keep_ratio": 0.625, "uniform": False}
     single = prune(recipe(source, tmp_path / "one", stage, engine=engine), progress=False)
-    launch(recipe(source, tmp_path / "two", stage, engine=engine), tmp_path / "recipe.json")
+    launch(
+        recipe(source, tmp_path / "two", stage, engine=engine), tmp_path / "recipe.json", launcher=launcher
+    )
+    saved = json.loads((tmp_path / "two" / "hf_prune.json").read_text())
+    assert saved["engine"]["processes"] == 2
     one = single.report["stages"][0]
-    two = json.loads((tmp_path / "two" / "hf_prune.json").read_text())["stages"][0]
+    two = saved["stages"][0]
     assert two["calibration_tokens"] == one["calibration_tokens"]
     for a, b in zip(one["layers"], two["layers"], strict=True):
         assert b["kept"] == a["kept"]
@@ -98,11 +111,55 @@ def test_two_processes_equal_one_for_expert_scores(engine, source, tmp_path):
     assert_close_weights(tmp_path / "one", tmp_path / "two")
 
 
-def test_diep_is_refused_under_a_launcher(source, tmp_path):
+@pytest.mark.parametrize("engine", ["in_memory", "sequential"])
+def test_two_processes_equal_one_for_diep(engine, source, tmp_path):
+    # each process takes one of the two sequences of every batch; every 3rd token's MoE input is cached
+    stage = {"method": "expert_pruning", "algorithm": "diep", "keep_ratio": 0.5, "epochs": 3}
+    stage["max_cached_tokens"] = 100
+    single = prune(recipe(source, tmp_path / "one", stage, engine=engine), progress=False)
+    launch(recipe(source, tmp_path / "two", stage, engine=engine), tmp_path / "recipe.json")
+    one = single.report["stages"][0]
+    two = json.loads((tmp_path / "two" / "hf_prune.json").read_text())["stages"][0]
+    assert two["calibration_tokens"] == one["calibration_tokens"]
+    assert two["diep"]["cached_tokens"] == one["diep"]["cached_tokens"] == 86  # ceil(256 / 3)
+    for a, b in zip(one["layers"], two["layers"], strict=True):
+        assert b["kept"] == a["kept"]
+        assert b["alpha"] == pytest.approx(a["alpha"], rel=1e-5, abs=1e-6)
+        assert b["beta"] == pytest.approx(a["beta"], rel=1e-5, abs=1e-6)
+    for a, b in zip(one["diep"]["history"], two["diep"]["history"], strict=True):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
+        assert b["reconstruction"] == pytest.approx(a["reconstruction"], rel=1e-5)
+    assert_close_weights(tmp_path / "one", tmp_path / "two")
+
+
+def test_diep_needs_a_sequence_per_process_in_every_batch(source, tmp_path):
     stage = {"method": "expert_pruning", "algorithm": "diep", "keep_ratio": 0.5, "epochs": 1}
+    settings = recipe(source, tmp_path / "out", stage)
+    settings["calibration"]["batch_size"] = 1
+    done = launch(settings, tmp_path / "recipe.json", check=False)
+    assert done.returncode != 0
+    assert "batch 0 has 1 sequence(s) for 2 processes" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_free_token_pruning_runs_under_a_launcher(tmp_path):
+    # nothing to calibrate: every process makes the same change, rank 0 writes it
+    model = save_tiny_model("llama", tmp_path / "llama")
+    stage = {"method": "text_token_pruning", "algorithm": "random", "layer": 1, "keep_ratio": 0.5}
+    settings = {"model": str(model), "stages": [stage], "engine": "sequential"}
+    single = prune({**settings, "output": str(tmp_path / "one")}, progress=False)
+    launch({**settings, "output": str(tmp_path / "two")}, tmp_path / "recipe.json")
+    saved = json.loads((tmp_path / "two" / "hf_prune.json").read_text())
+    assert saved["engine"]["processes"] == 2
+    assert saved["stages"][0]["token_pruning"] == single.report["stages"][0]["token_pruning"]
+    assert_close_weights(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_method_without_summed_statistics_is_refused_under_a_launcher(source, tmp_path):
+    stage = {"method": "heal", "steps": 1, "train_data": str(source[1])}
     done = launch(recipe(source, tmp_path / "out", stage), tmp_path / "recipe.json", check=False)
     assert done.returncode != 0
-    assert "stages: expert_pruning cannot calibrate data-parallel" in done.stderr
+    assert "stages: heal cannot calibrate data-parallel" in done.stderr
     assert not (tmp_path / "out").exists()
 
 

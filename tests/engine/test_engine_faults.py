@@ -161,21 +161,13 @@ def test_broken_index_is_named(sharded, tmp_path):
         ({"engine": "fast"}, "engine: must be one of auto, in_memory, sequential, got 'fast'"),
         ({"activation_memory_gb": -1}, "activation_memory_gb: must be a number >= 0, got -1"),
         (
-            {"evaluate": [{"task": "perplexity", "data": "x.txt"}]},
-            "evaluate: the sequential engine never loads",
-        ),
-        (
             {
                 "stages": [
                     {"method": "replaceme", "num_layers": 1},
-                    {"method": "expert_pruning", "algorithm": "diep", "keep_ratio": 0.5},
+                    {"method": "heal", "steps": 1, "train_data": "x.txt"},  # made absolute below
                 ]
             },
-            r"stages\[1\].method: expert_pruning \(algorithm diep\) has no layer-by-layer variant",
-        ),
-        (
-            {"stages": [{"method": "expert_pruning", "algorithm": "diep", "keep_ratio": 0.5}]},
-            "has no layer-by-layer",
+            r"stages\[1\].method: heal has no layer-by-layer variant",
         ),
     ],
 )
@@ -183,7 +175,8 @@ def test_what_the_sequential_engine_refuses(change, message, source, tmp_path):
     model, calibration = source
     (tmp_path / "x.txt").write_text("hello world\n")
     settings = {**recipe(model, calibration, tmp_path / "out"), **change}
-    if "evaluate" in change:
-        settings["evaluate"] = [{"task": "perplexity", "data": str(tmp_path / "x.txt")}]
+    for stage in settings["stages"]:
+        if "train_data" in stage:
+            stage["train_data"] = str(tmp_path / stage["train_data"])
     with pytest.raises((RecipeError, ModelError), match=message):
         prune(settings, progress=False)

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 import transformers
+from engine_recipes import one_stage_recipe as recipe
 from fresh_process import generate_after_reload, prune_killed
 from safetensors.torch import load_file
-from tiny_models import MOE_TYPES, save_tiny_model, write_calibration_file
+from tiny_models import MOE_TYPES, save_tiny_model
 
 from hf_prune import prune
 
@@ -19,28 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NONUNIFORM = {"method": "expert_pruning", "algorithm": "frequency", "keep_ratio": 0.625, "uniform": False}
 UNIFORM = {"method": "expert_pruning", "algorithm": "router_weight", "keep_experts": 2, "uniform": True}
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory):
-    return write_calibration_file(tmp_path_factory.mktemp("data") / "calib.txt")
-
-
-def recipe(model, output, calibration, stage, engine, **extra):
-    return {
-        "model": str(model),
-        "output": str(output),
-        "engine": engine,
-        "calibration": {
-            "data": str(calibration),
-            "num_samples": 8,
-            "seq_len": 32,
-            "batch_size": 4,
-            "packing": True,
-        },
-        "stages": [stage],
-        **extra,
-    }
 
 
 def comparable_config(folder):

@@ -19,8 +19,8 @@ from tiny_models import MOE_TYPES, build_tiny_model, build_tokenizer, randomize_
 from hf_prune.adapters import get_adapter
 from hf_prune.calibration import CalibrationBatch
 from hf_prune.context import PruneContext
+from hf_prune.methods.experts.diep import diep_scores
 from hf_prune.methods.experts.expert_pruning import ExpertPruningConfig
-from hf_prune.methods.experts.scoring import diep_scores
 from hf_prune.recipe import CalibrationConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

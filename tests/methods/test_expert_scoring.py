@@ -24,13 +24,9 @@ from hf_prune.adapters import get_adapter
 from hf_prune.calibration import CalibrationBatch
 from hf_prune.context import PruneContext
 from hf_prune.errors import CalibrationError
+from hf_prune.methods.experts.diep import alpha_weighted_routing, diep_scores
 from hf_prune.methods.experts.expert_pruning import ExpertPruningConfig
-from hf_prune.methods.experts.scoring import (
-    alpha_weighted_routing,
-    diep_scores,
-    router_statistics,
-    select_experts,
-)
+from hf_prune.methods.experts.scoring import router_statistics, select_experts
 from hf_prune.recipe import CalibrationConfig
 
 # Tiny models: one intra-op thread (see conftest.one_torch_thread).

@@ -17,7 +17,7 @@ from hf_prune.adapters import get_adapter
 from hf_prune.calibration import CalibrationBatch
 from hf_prune.context import PruneContext
 from hf_prune.errors import CalibrationError, ConfigFieldError, UnsupportedModelError
-from hf_prune.methods.experts import removal, scoring
+from hf_prune.methods.experts import diep, removal, scoring
 from hf_prune.recipe import CalibrationConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -285,12 +285,12 @@ def test_removal_report_by_hand(tokenizer):
 
 
 def test_beta_schedule_and_rounding():
-    assert scoring.beta_initial_values(4, "official") == [2.0, 2.0, 0.2, 0.2]
-    assert scoring.beta_initial_values(3, "official") == [2.0, 2.0, 0.2]  # positions 0, 1 < 1.5
-    assert scoring.beta_initial_values(1, "official") == [2.0]
-    assert scoring.beta_initial_values(2, 0.7) == [0.7, 0.7]
-    assert scoring.beta_initial_values(2, 3) == [3.0, 3.0] and isinstance(
-        scoring.beta_initial_values(1, 3)[0], float
+    assert diep.beta_initial_values(4, "official") == [2.0, 2.0, 0.2, 0.2]
+    assert diep.beta_initial_values(3, "official") == [2.0, 2.0, 0.2]  # positions 0, 1 < 1.5
+    assert diep.beta_initial_values(1, "official") == [2.0]
+    assert diep.beta_initial_values(2, 0.7) == [0.7, 0.7]
+    assert diep.beta_initial_values(2, 3) == [3.0, 3.0] and isinstance(
+        diep.beta_initial_values(1, 3)[0], float
     )
     assert [scoring.round_half_up(v) for v in (0.5, 1.5, 2.5, 2.49, 3.0)] == [1, 2, 3, 2, 3]
 
@@ -372,8 +372,9 @@ def test_cache_moe_io_takes_every_stride_th_real_token(tokenizer, tmp_path):
     total = 9 + 7 + 9 + 4
     context = _context(model, tokenizer, tmp_path, batches)
     for max_tokens, stride in ((100, 1), (10, 3), (29, 1), (28, 2), (1, 29)):
-        inputs, outputs, counted = scoring.cache_moe_io(model, context, max_tokens)
-        assert counted == total and sorted(inputs) == sorted(outputs) == [1, 3]
+        inputs, outputs, cached = diep.cache_moe_io(model, context, max_tokens)
+        assert cached.calibration_tokens == total and cached.total == len(range(0, total, stride))
+        assert sorted(inputs) == sorted(outputs) == [1, 3]
         for i in (1, 3):
             torch.testing.assert_close(inputs[i], torch.cat(xs[i])[::stride], rtol=0, atol=1e-6)
             torch.testing.assert_close(outputs[i], torch.cat(zs[i])[::stride], rtol=0, atol=1e-6)
@@ -382,7 +383,7 @@ def test_cache_moe_io_takes_every_stride_th_real_token(tokenizer, tmp_path):
         CalibrationBatch(torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
     ]
     with pytest.raises(CalibrationError, match=r"^DiEP: the calibration data gave no token to cache$"):
-        scoring.cache_moe_io(model, context, 10)
+        diep.cache_moe_io(model, context, 10)
 
 
 def test_router_statistics_refuses_a_token_count_mismatch(tokenizer, tmp_path):
@@ -422,16 +423,16 @@ def test_alpha_weighted_routing_by_hand(tokenizer):
         logits, weights, indices = router(x)
         alphas = {i: torch.tensor([0.5, 1.5, 2.5, 3.5]) for i in range(4)}
         betas = {i: torch.tensor(float(i + 1)) for i in range(4)}
-        with scoring.alpha_weighted_routing(model, adapter, alphas, betas):
+        with diep.alpha_weighted_routing(model, adapter, alphas, betas):
             l2, w2, i2 = router(x)
         assert torch.equal(l2, logits) and torch.equal(i2, indices)
         torch.testing.assert_close(w2, 3.0 * torch.tensor([0.5, 1.5, 2.5, 3.5])[indices])
-        with scoring.alpha_weighted_routing(model, adapter, alphas, betas, weighting="router"):
+        with diep.alpha_weighted_routing(model, adapter, alphas, betas, weighting="router"):
             _, w3, _ = router(x)
         torch.testing.assert_close(w3, 3.0 * torch.tensor([0.5, 1.5, 2.5, 3.5])[indices] * weights)
         assert torch.equal(router(x)[1], weights)
         # Only the layers given are hooked.
-        with scoring.alpha_weighted_routing(model, adapter, {0: alphas[0]}, betas):
+        with diep.alpha_weighted_routing(model, adapter, {0: alphas[0]}, betas):
             assert torch.equal(router(x)[1], weights)
 
 
@@ -445,7 +446,7 @@ def test_diep_leaves_model_as_it_was(tokenizer, tmp_path):
     from hf_prune.methods.experts.expert_pruning import ExpertPruningConfig
 
     config = ExpertPruningConfig(keep_ratio=0.5, epochs=1, lm_loss_weight=0.0, beta_init=1.0)
-    scores, details = scoring.diep_scores(model, context, config)
+    scores, details = diep.diep_scores(model, context, config)
     assert model.training and not model.model.layers[0].mlp.gate.weight.requires_grad
     assert model.model.layers[1].mlp.gate.weight.requires_grad
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -544,9 +545,9 @@ def test_diep_progress_bar_only_when_asked(tokenizer, tmp_path, capsys):
     context = _context(model, tokenizer, tmp_path, [CalibrationBatch(ids, torch.ones_like(ids))])
     config = ExpertPruningConfig(keep_ratio=0.5, epochs=2, lm_loss_weight=0.0, beta_init=1.0)
     capsys.readouterr()
-    scoring.diep_scores(model, context, config)
+    diep.diep_scores(model, context, config)
     assert capsys.readouterr().err == ""
     context.progress = True
-    scoring.diep_scores(model, context, config)
+    diep.diep_scores(model, context, config)
     err = capsys.readouterr().err
     assert re.search(r"\rDiEP: +0%\|.*\| 0/2 ", err), err  # epochs × batches steps

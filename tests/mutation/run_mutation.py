@@ -81,6 +81,13 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "not reload_matches_in_memory",
         ],
     ),
+    # DiEP's training (both engines share diep.py); its own group, so it can run without the hours of the
+    # experts group. The engine's layer-wise variant (diep_sequential.py) is checked by tests/engine, whose
+    # whole-model comparisons take tens of seconds each: not a mutation group.
+    "diep": (
+        ["hf_prune/methods/experts/diep.py"],
+        ["tests/methods/test_expert_math.py", "tests/methods/test_expert_units.py"],
+    ),
     "sparsity": (
         ["hf_prune/methods/sparsity/schedules.py", "hf_prune/methods/sparsity/masks.py"],
         ["tests/methods/test_sparsity_masks.py"],

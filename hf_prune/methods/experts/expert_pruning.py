@@ -2,7 +2,7 @@
 
 Algorithms (``algorithm``):
 
-- ``diep`` (NeurIPS 2025): learned scores |α_{l,e}|·β_l (see ``scoring.diep_scores``); non-uniform by
+- ``diep`` (NeurIPS 2025): learned scores |α_{l,e}|·β_l (see ``diep.py``); non-uniform by
   default, since DiEP's point is one ranking across layers, so counts differ per layer;
 - ``frequency``: tokens routed to the expert (top-k membership) on calibration data; uniform by default;
 - ``router_weight``: summed routing probability on calibration data; uniform by default.
@@ -38,8 +38,9 @@ from ...engine.plan import SequentialPlan
 from ...errors import CalibrationError, ConfigFieldError, UnsupportedModelError
 from ...registry import register_method
 from ..base import OneShotMethod, config_field
+from .diep import diep_scores
 from .removal import remove_experts
-from .scoring import diep_scores, moe_layers, round_half_up, router_statistics, select_experts
+from .scoring import moe_layers, round_half_up, router_statistics, select_experts
 from .sequential import plan_expert_pruning
 
 
@@ -101,10 +102,13 @@ class ExpertPruningConfig(OneShotMethod):
     def needs_calibration(self) -> bool:
         return True
 
+    #: Router counts are sums over tokens; DiEP's gradients are too, for each step's batch.
+    supports_data_parallel = True
+
     @property
-    def supports_data_parallel(self) -> bool:
-        # Router counts are sums over tokens; DiEP trains its scores by gradient steps on whole batches.
-        return self.algorithm != "diep"
+    def data_parallel_split(self) -> str:
+        # DiEP takes one SGD step per batch: every process takes a share of each batch's sequences
+        return "sequences" if self.algorithm == "diep" else "batches"
 
     def __post_init__(self) -> None:
         if (self.keep_ratio is None) == (self.keep_experts is None):
@@ -235,7 +239,7 @@ class ExpertPruningConfig(OneShotMethod):
         return apply_expert_pruning(model, self, context)
 
     def supports_sequential(self) -> bool:
-        return self.algorithm != "diep"  # DiEP's language-model loss runs through the whole model
+        return True
 
     def apply_sequential(
         self, runner: LayerRunner, store: ActivationStore, context: PruneContext
@@ -257,7 +261,7 @@ def apply_expert_pruning(model: Any, config: ExpertPruningConfig, context: Prune
     layers = adapter.layers(model)
     moe = moe_layers(model, adapter)
     before = {i: adapter.expert_count(layers[i]) for i in moe}
-    batches = context.calibration_batches()
+    batches = context.calibration_batches(split=config.data_parallel_split)
     tokens = all_reduce_int(sum(batch.num_tokens for batch in batches))  # every process's batches
     if tokens < max(before.values()):
         raise CalibrationError(

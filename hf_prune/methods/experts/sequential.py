@@ -1,4 +1,5 @@
-"""Expert pruning by router statistics (``frequency``, ``router_weight``) on the layer-by-layer engine.
+"""Expert pruning on the layer-by-layer engine: router statistics (``frequency``, ``router_weight``) here,
+DiEP's trained scores in ``diep_sequential.py``.
 
 Decoder layer i runs on every calibration batch with a hook on its router, which counts each batch's real
 tokens as the in-memory pass does (``scoring.add_router_output``); only the hidden states of the current
@@ -6,8 +7,6 @@ layer are kept (and cached, so a restarted run resumes after the last finished l
 are chosen as in memory; the writer slices each MoE layer's experts and router rows while it copies the
 weights, and the same slicing on a weightless copy of the model gives the output's config and class
 (stock, or ``hf_prune_<family>`` with per-layer counts).
-
-DiEP is not available here: its language-model loss back-propagates through the whole model.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from ...engine.layers import LayerRunner
 from ...engine.plan import SequentialPlan
 from ...errors import CalibrationError, UnsupportedModelError
 from ...model_patches import nonuniform_moe
+from .diep_sequential import diep_scores_sequential
 from .removal import remove_experts
 from .scoring import (
     add_router_output,
@@ -53,6 +53,46 @@ def plan_expert_pruning(
             "experts per layer it must rank; add calibration data or raise calibration.num_samples / seq_len"
         )
     started = time.perf_counter()
+    diep = None
+    if config.algorithm == "diep":
+        scores, diep = diep_scores_sequential(config, runner, store, context, moe)
+    else:
+        scores = _router_scores(config.algorithm, runner, store, context, moe, before)
+    top_k = adapter.top_k(runner.source.model.config)
+    keep = experts_to_keep(config, scores, top_k)
+    seconds = time.perf_counter() - started
+    plan = SequentialPlan(report={})
+
+    def slicing(kept: list[int]):
+        def edit(layer: torch.nn.Module) -> None:
+            nonuniform_moe.select_experts(adapter.experts(layer), adapter.router(layer), kept)
+
+        return edit
+
+    plan.layer_edits = {i: slicing(keep[i]) for i in moe}
+
+    def structural_edit(model: torch.nn.Module) -> dict[str, Any]:
+        removal = remove_experts(model, adapter, keep)
+        plan.report.update(
+            expert_pruning_report(config, scores, keep, before, top_k, tokens, seconds, removal, diep)
+        )
+        return None
+
+    plan.structural_edit = structural_edit
+    return plan
+
+
+def _router_scores(
+    algorithm: str,
+    runner: LayerRunner,
+    store: ActivationStore,
+    context: Any,
+    moe: list[int],
+    before: dict[int, int],
+) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the ``frequency`` or ``router_weight`` of each expert, one layer at a time."""
+    adapter = context.adapter
+    layers = [runner.layer(i) for i in range(runner.num_layers)]
     masks = [flat_mask(batch) for batch in runner.batches]
     stats: dict[int, dict[str, Any]] = {}
     hidden = runner.layer_inputs()
@@ -85,29 +125,7 @@ def plan_expert_pruning(
         store.discard(f"h{i - 1}")  # the next layer needs this one's output only
     for entry in stats.values():
         reduce_router_statistics(entry)
-    scores = {i: stats[i][config.algorithm].double() for i in moe}
-    top_k = adapter.top_k(runner.source.model.config)
-    keep = experts_to_keep(config, scores, top_k)
-    seconds = time.perf_counter() - started
-    plan = SequentialPlan(report={})
-
-    def slicing(kept: list[int]):
-        def edit(layer: torch.nn.Module) -> None:
-            nonuniform_moe.select_experts(adapter.experts(layer), adapter.router(layer), kept)
-
-        return edit
-
-    plan.layer_edits = {i: slicing(keep[i]) for i in moe}
-
-    def structural_edit(model: torch.nn.Module) -> dict[str, Any]:
-        removal = remove_experts(model, adapter, keep)
-        plan.report.update(
-            expert_pruning_report(config, scores, keep, before, top_k, tokens, seconds, removal)
-        )
-        return None
-
-    plan.structural_edit = structural_edit
-    return plan
+    return {i: stats[i][algorithm].double() for i in moe}
 
 
 def _resume(store: ActivationStore, moe: list[int]) -> tuple[int, list[torch.Tensor], dict[int, dict]] | None:

@@ -31,7 +31,8 @@ import torch
 
 from ...adapters import ModelAdapter
 from ...context import PruneContext
-from ...errors import ConfigFieldError
+from ...engine.plan import SequentialPlan
+from ...errors import ConfigFieldError, UnsupportedModelError
 from ...model_patches import patch_classes, prompt_token_pruning
 from ...model_patches import text_token_pruning as patch
 from ...registry import register_method
@@ -146,6 +147,11 @@ class TextTokenPruningConfig(OneShotMethod):
         """adtp and fixed learn their retainer: ``finalize`` trains it on ``train_data``."""
         return self.algorithm in ("adtp", "fixed")
 
+    @property
+    def supports_data_parallel(self) -> bool:
+        # attention / random calibrate nothing: every process makes the same change
+        return not self.needs_training
+
     @classmethod
     def unsupported_reason(cls, adapter: ModelAdapter) -> str | None:
         if not adapter.is_encoder and _causal_family(adapter.model_type) is None:
@@ -193,6 +199,26 @@ class TextTokenPruningConfig(OneShotMethod):
 
     def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
         return apply_text_token_pruning(model, self, context)
+
+    def supports_sequential(self) -> bool:
+        # attention / random on a causal LM only change its config and class; adtp / fixed train a
+        # retainer through the whole model (in memory only)
+        return not self.needs_training
+
+    def apply_sequential(self, runner: Any, store: Any, context: PruneContext) -> SequentialPlan:
+        """No calibration: the writer copies the weights as they are, under the token-pruning class."""
+        if context.adapter.is_encoder:
+            raise UnsupportedModelError(
+                "text_token_pruning on a BERT-family classifier adds a retainer to the weights; "
+                "use engine: in_memory (encoders are small)"
+            )
+        plan = SequentialPlan(report={})
+
+        def structural_edit(model: Any) -> None:
+            plan.report.update(apply_prompt_token_pruning(model, self))
+
+        plan.structural_edit = structural_edit
+        return plan
 
     def finalize(self, model: Any, context: PruneContext) -> dict[str, Any] | None:
         """adtp / fixed: train the retainer ``apply`` attached with ``transformers.Trainer``, on

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from ...adapters import ModelAdapter, get_adapter, vision_config
 from ...context import PruneContext
+from ...engine.plan import SequentialPlan
 from ...errors import ConfigFieldError, UnsupportedModelError
 from ...model_patches import (
     clip_relevance,
@@ -102,6 +103,23 @@ class VisualTokenPruningConfig(OneShotMethod):
 
     def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
         return apply_visual_token_pruning(model, self, context)
+
+    #: nothing is calibrated: every process makes the same change
+    supports_data_parallel = True
+
+    def supports_sequential(self) -> bool:
+        return self.text_tower is None  # a CLIP text tower adds weights the writer does not hold
+
+    def apply_sequential(self, runner: Any, store: Any, context: PruneContext) -> SequentialPlan:
+        """No calibration (every algorithm selects tokens at inference): the writer copies the weights as
+        they are, under the token-pruning class and config."""
+        plan = SequentialPlan(report={})
+
+        def structural_edit(model: Any) -> None:
+            plan.report.update(apply_visual_token_pruning(model, self, context))
+
+        plan.structural_edit = structural_edit
+        return plan
 
 
 #: family -> (config class, model class) of its hf_prune_<family> token-pruning model.
