@@ -24,7 +24,6 @@ class PruneContext:
     min_calibration_tokens_by: str = "this stage"
     _all: list[CalibrationBatch] | None = field(default=None, repr=False)
     _batches: list[CalibrationBatch] | None = field(default=None, repr=False)
-
     _sequence_shares: list[CalibrationBatch] | None = field(default=None, repr=False)
 
     def all_calibration_batches(self) -> list[CalibrationBatch]:

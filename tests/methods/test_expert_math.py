@@ -288,7 +288,7 @@ def test_diep_first_steps_are_sgd_on_the_objective(family, weighting, tokenizer,
         torch.testing.assert_close(details["beta"][i], beta1[i], rtol=0, atol=2e-6)
         torch.testing.assert_close(scores[i], alpha1[i].abs() * beta1[i], rtol=0, atol=5e-6)
     assert details["cached_tokens"] == details["calibration_tokens"] == int(mask.sum())
-    assert [h["phase"] for h in details["history"]] == ["alpha", "beta"]
+    assert [(h["epoch"], h["phase"]) for h in details["history"]] == [(0, "alpha"), (1, "beta")]
     for h, (recon, ce) in zip(details["history"], history, strict=True):
         assert h["reconstruction"] == pytest.approx(recon, rel=1e-5)
         assert h["lm_loss"] == pytest.approx(ce, rel=1e-5)

@@ -18,6 +18,7 @@ from hf_prune.calibration import CalibrationBatch
 from hf_prune.context import PruneContext
 from hf_prune.errors import CalibrationError, ConfigFieldError, UnsupportedModelError
 from hf_prune.methods.experts import diep, removal, scoring
+from hf_prune.methods.experts.expert_pruning import ExpertPruningConfig
 from hf_prune.recipe import CalibrationConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -551,3 +552,136 @@ def test_diep_progress_bar_only_when_asked(tokenizer, tmp_path, capsys):
     diep.diep_scores(model, context, config)
     err = capsys.readouterr().err
     assert re.search(r"\rDiEP: +0%\|.*\| 0/2 ", err), err  # epochs × batches steps
+
+
+# ---- DiEP: cached rows across batches and processes, the training state --------------------------------
+
+
+def _padded_batches():
+    """Three batches of 2 sequences × 5 positions, right-padded; 7 + 10 + 4 = 21 real tokens."""
+    lengths = [(5, 2), (5, 5), (1, 3)]
+    batches = []
+    for first, second in lengths:
+        mask = torch.zeros(2, 5, dtype=torch.long)
+        mask[0, :first], mask[1, :second] = 1, 1
+        batches.append(CalibrationBatch(torch.arange(10).reshape(2, 5), mask))
+    return batches
+
+
+def _by_hand(batches, max_tokens):
+    """(batch, sequence, column) of every cached token, numbered in order: every stride-th real token."""
+    real = [
+        (b, s, c)
+        for b, batch in enumerate(batches)
+        for s in range(2)
+        for c in range(5)
+        if batch.attention_mask[s, c]
+    ]
+    stride = -(-len(real) // max_tokens)
+    return real[::stride]
+
+
+@pytest.mark.parametrize("max_tokens", [100, 8, 5, 1])
+@pytest.mark.parametrize("world", [1, 2])
+def test_cached_rows_map_every_process_share_to_the_one_process_numbering(max_tokens, world, monkeypatch):
+    batches = _padded_batches()
+    expected = _by_hand(batches, max_tokens)
+    seen: dict[int, tuple[int, int, int]] = {}
+    for rank in range(world):
+        monkeypatch.setattr(diep, "rank_and_world", lambda rank=rank: (rank, world))
+        cached = diep.cached_rows(batches, max_tokens)
+        assert cached.total == len(expected) and cached.calibration_tokens == 21
+        numbers = iter(cached.order.tolist())
+        for b, rows in enumerate(cached.rows):
+            for row in rows.tolist():  # a flattened position of this process's sequences of batch b
+                local_sequence, column = divmod(row, 5)
+                seen[next(numbers)] = (b, local_sequence * world + rank, column)
+        assert next(numbers, None) is None
+        # every step's share: this process's numbers within the step's run of the numbering
+        steps = 3
+        runs = torch.tensor_split(torch.arange(len(expected)), steps)
+        for step in range(steps):
+            indices, count = cached.step_share(step, steps)
+            assert count == runs[step].numel()
+            assert set(cached.order[indices].tolist()) == set(runs[step].tolist()) & set(
+                cached.order.tolist()
+            )
+    assert [seen[n] for n in range(len(expected))] == expected
+
+
+def test_step_share_of_a_step_without_cached_tokens():
+    cached = diep.cached_rows(_padded_batches(), 1)  # one cached token, three steps
+    assert cached.step_share(0, 3)[1] == 1
+    indices, count = cached.step_share(2, 3)
+    assert count == 0 and indices.numel() == 0 and indices.dtype == torch.long
+
+
+def _training(**changes):
+    config = ExpertPruningConfig(keep_ratio=0.5, **changes)
+    return diep.DiepTraining(config, {1: 3, 3: 3}, dict.fromkeys((1, 3), torch.device("cpu")))
+
+
+def test_training_state_round_trip():
+    training = _training(lm_loss_weight=0.0)
+    with torch.no_grad():
+        training.alphas[1].copy_(torch.tensor([0.5, 2.0, 1.5]))
+        training.betas[3].fill_(0.25)
+    training.history = [
+        {"epoch": 0, "phase": "alpha", "reconstruction": 1.1, "lm_loss": None},  # not float32 numbers
+        {"epoch": 1, "phase": "alpha", "reconstruction": 0.7, "lm_loss": None},
+        {"epoch": 2, "phase": "beta", "reconstruction": 0.3, "lm_loss": None},
+    ]
+    restored = _training(lm_loss_weight=0.0)
+    assert restored.load_state(training.state()) == 3
+    assert restored.history == training.history
+    for i in (1, 3):
+        assert torch.equal(restored.alphas[i], training.alphas[i])
+        assert torch.equal(restored.betas[i], training.betas[i])
+    with_lm = _training()
+    with_lm.history = [{"epoch": 0, "phase": "alpha", "reconstruction": 0.5, "lm_loss": 3.1}]
+    again = _training()
+    assert again.load_state(with_lm.state()) == 1 and again.history == with_lm.history
+
+
+def test_step_sums_the_gradients_of_every_process(monkeypatch):
+    # two processes with the same gradients: the all-reduced step moves twice as far as one process's
+    training = _training(lr_alpha=0.1)
+    training.begin_epoch(0)  # an α epoch
+    training.zero_grad()
+    (training.alphas[1] * torch.tensor([1.0, 2.0, 3.0])).sum().backward()  # α of layer 3: no gradient here
+    monkeypatch.setattr(diep, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(diep, "all_reduce_sum", lambda tensor: tensor.mul_(2))
+    training.step()
+    assert torch.allclose(training.alphas[1], torch.tensor([0.8, 0.6, 0.4]))
+    assert torch.equal(training.alphas[3], torch.ones(3))  # a zero gradient was summed, not skipped
+    assert torch.equal(training.alphas[3].grad, torch.zeros(3))
+    assert training.betas[1].grad is None  # β is not this epoch's
+    training.begin_epoch(2)  # a β epoch (α twice, then β)
+    training.zero_grad()
+    (training.betas[3] * 4.0).backward()
+    training.step()
+    assert training.betas[3].item() == pytest.approx(1e-5)  # 0.2 - 0.1·8 < 0: clamped to clamp_min
+    assert torch.equal(training.betas[1].grad, torch.zeros(()))  # summed too, though zero here
+
+
+def test_step_clamps_alpha_to_the_configured_range():
+    training = _training(lr_alpha=1.0, clamp_min=0.01, clamp_max=2.0)
+    training.begin_epoch(0)
+    training.zero_grad()
+    (training.alphas[1] * torch.tensor([5.0, -5.0, 0.5])).sum().backward()
+    training.step()
+    assert training.alphas[1].tolist() == pytest.approx([0.01, 2.0, 0.5])
+
+
+def test_epoch_history_is_the_mean_over_steps_summed_over_processes(monkeypatch):
+    training = _training()
+    training.begin_epoch(0)
+    for summed in (6.0, 3.0):  # two steps, each over 3 targets of its batch
+        training.lm_loss(training.alphas[1].sum() * 0 + summed, 3)
+    training.end_epoch(0, 2)
+    assert training.history == [{"epoch": 0, "phase": "alpha", "reconstruction": 0.0, "lm_loss": 1.5}]
+    monkeypatch.setattr(diep, "all_reduce_sum", lambda tensor: tensor.mul_(2))  # another process, the same
+    training.begin_epoch(2)
+    training.lm_loss(training.betas[1] * 0 + 6.0, 3)
+    training.end_epoch(2, 1)
+    assert training.history[-1] == {"epoch": 2, "phase": "beta", "reconstruction": 0.0, "lm_loss": 4.0}

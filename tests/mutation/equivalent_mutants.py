@@ -23,6 +23,8 @@ _CLIP = "hf_prune.model_patches.clip_relevance."
 _ESTIMATORS = "hf_prune.methods.depth.estimators."
 _REPLACEME = "hf_prune.methods.depth.replaceme."
 _CUTS = "hf_prune.methods.depth.cuts."
+_DIEP = "hf_prune.methods.experts.diep."
+_TRAINING = _DIEP + "xǁDiepTrainingǁ"
 
 _SAVE_FORMAT = (
     "transformers 5.24 applies its per-expert key conversion by the stock model_type only, so an "
@@ -308,9 +310,46 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
     _REPLACEME + "x_estimate_map__mutmut_129": (
         "squared_error casts the map to the float64 sums first, and a float32 identity converts exactly"
     ),
+    # --- diep ---
+    _DIEP + "x_main_output__mutmut_1": "every MoE block and decoder layer of transformers 5 returns a tensor",
+    _DIEP + "x_main_output__mutmut_3": "every MoE block and decoder layer of transformers 5 returns a tensor",
+    **{
+        _TRAINING + f"__init____mutmut_{n}": "beta_initial_values returns one value per MoE layer"
+        for n in (8, 11, 16)
+    },
+    **{_TRAINING + f"__init____mutmut_{n}": _GRAD_FLAG for n in (20, 23, 24, 31, 32)},
+    **{
+        _TRAINING + f"__init____mutmut_{n}": "begin_epoch sets the phase and the totals before any use"
+        for n in (57, 58, 59, 60, 61, 62)
+    },
+    **{
+        _TRAINING + f"zero_grad__mutmut_{n}": "plain SGD (no momentum, no weight decay) steps the same on "
+        "zeroed and on absent gradients, and the data-parallel step fills absent ones with zeros"
+        for n in (1, 2)
+    },
+    _TRAINING + "reconstruction__mutmut_16": (
+        "the MoE block routes every token on its own: [1, N, H] and [N, 1, H] give the same outputs"
+    ),
+    _TRAINING + "reconstruction__mutmut_22": "the difference is [N, H]: dim 1 is its last dim",
+    _TRAINING + "step__mutmut_2": (
+        "in one process the all-reduce is a no-op, so the only change is an absent gradient becoming zeros"
+    ),
+    **{
+        _TRAINING + f"load_state__mutmut_{n}": "state() writes one α per MoE layer and a β for each"
+        for n in (5, 9, 10)
+    },
+    **{_DIEP + f"x_causal_lm_loss__mutmut_{n}": _NO_CACHE for n in (6, 9, 12)},
+    **{
+        _DIEP + f"x_diep_scores__mutmut_{n}": "leave only says whether tqdm keeps the finished bar on screen"
+        for n in (43, 47, 53)
+    },
 }
 
 NEEDS_ACCELERATOR: dict[str, str] = {
+    # --- diep ---
+    **{_TRAINING + f"__init____mutmut_{n}": _DEVICE_ONLY for n in (19, 22, 27, 30)},
+    **{_TRAINING + f"reconstruction__mutmut_{n}": _DEVICE_ONLY for n in (7, 9, 21)},
+    **{_DIEP + f"x_causal_lm_loss__mutmut_{n}": _DEVICE_ONLY for n in (1, 10, 11)},
     # --- visual ---
     _CLIP + "xǁClipTextTowerRelevanceǁadd_relevance_text_tower__mutmut_6": _DEVICE_ONLY,
     _CLIP + "xǁClipTextTowerRelevanceǁadd_relevance_text_tower__mutmut_8": _DEVICE_ONLY,
