@@ -1,4 +1,5 @@
-"""The recipe of a one-stage prune, shared by the engine tests."""
+"""The recipe of a one-stage prune, shared by the engine tests (a helper module: a conftest.py here would
+shadow tests/conftest.py for the tests that import from it)."""
 
 from __future__ import annotations
 

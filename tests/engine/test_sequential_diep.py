@@ -11,11 +11,17 @@ import torch
 from engine_recipes import one_stage_recipe as recipe
 from fresh_process import prune_killed
 from safetensors.torch import load_file
-from tiny_models import MOE_TYPES, save_tiny_model
+from tiny_models import MOE_TYPES, save_tiny_model, write_calibration_file
 
 from hf_prune import prune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    return write_calibration_file(tmp_path_factory.mktemp("data") / "calib.txt")
+
 
 DIEP = {"method": "expert_pruning", "algorithm": "diep", "keep_ratio": 0.5, "epochs": 3}
 

@@ -12,11 +12,17 @@ import transformers
 from engine_recipes import one_stage_recipe as recipe
 from fresh_process import generate_after_reload, prune_killed
 from safetensors.torch import load_file
-from tiny_models import MOE_TYPES, save_tiny_model
+from tiny_models import MOE_TYPES, save_tiny_model, write_calibration_file
 
 from hf_prune import prune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    return write_calibration_file(tmp_path_factory.mktemp("data") / "calib.txt")
+
 
 NONUNIFORM = {"method": "expert_pruning", "algorithm": "frequency", "keep_ratio": 0.625, "uniform": False}
 UNIFORM = {"method": "expert_pruning", "algorithm": "router_weight", "keep_experts": 2, "uniform": True}
