@@ -24,6 +24,7 @@ _ESTIMATORS = "hf_prune.methods.depth.estimators."
 _REPLACEME = "hf_prune.methods.depth.replaceme."
 _CUTS = "hf_prune.methods.depth.cuts."
 _DIEP = "hf_prune.methods.experts.diep."
+_LAYERWISE = "hf_prune.methods.experts.diep_sequential."
 _TRAINING = _DIEP + "xǁDiepTrainingǁ"
 
 _SAVE_FORMAT = (
@@ -343,9 +344,26 @@ EQUIVALENT_MUTANTS: dict[str, str] = {
         _DIEP + f"x_diep_scores__mutmut_{n}": "leave only says whether tqdm keeps the finished bar on screen"
         for n in (43, 47, 53)
     },
+    # --- diep_layerwise ---
+    **{
+        _LAYERWISE + f"x_diep_scores_sequential__mutmut_{n}": "leave only says whether tqdm keeps the "
+        "finished bar on screen"
+        for n in (64, 68, 75)
+    },
+    _LAYERWISE + "x__one_step__mutmut_4": (
+        "a zero lm_loss_weight back-propagates zero, and the history reports no LM loss at weight 0 anyway"
+    ),
+    _LAYERWISE + "x__one_step__mutmut_10": "reconstruction() returns at once for a step with no cached token",
+    _LAYERWISE + "x__one_step__mutmut_12": "gradient is read only when with_lm, which assigns it first",
+    _LAYERWISE + "x__one_step__mutmut_85": (
+        "a gradient for the first MoE layer's input is computed and never read: the same α and β"
+    ),
 }
 
 NEEDS_ACCELERATOR: dict[str, str] = {
+    # --- diep_layerwise ---
+    **{_LAYERWISE + f"x_diep_scores_sequential__mutmut_{n}": _DEVICE_ONLY for n in (27, 38, 40)},
+    _LAYERWISE + "x__rows_of__mutmut_9": _DEVICE_ONLY,
     # --- diep ---
     **{_TRAINING + f"__init____mutmut_{n}": _DEVICE_ONLY for n in (19, 22, 27, 30)},
     **{_TRAINING + f"reconstruction__mutmut_{n}": _DEVICE_ONLY for n in (7, 9, 21)},

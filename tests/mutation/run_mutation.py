@@ -82,11 +82,16 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     # DiEP's training (both engines share diep.py); its own group, so it can run without the hours of the
-    # experts group. The engine's layer-wise variant (diep_sequential.py) is checked by tests/engine, whose
-    # whole-model comparisons take tens of seconds each: not a mutation group.
+    # experts group.
     "diep": (
         ["hf_prune/methods/experts/diep.py"],
         ["tests/methods/test_expert_math.py", "tests/methods/test_expert_units.py"],
+    ),
+    # DiEP layer by layer, against the in-memory path on tiny models (~20 s per mutant; the kill-and-restart
+    # test runs a fresh process: left out).
+    "diep_layerwise": (
+        ["hf_prune/methods/experts/diep_sequential.py"],
+        ["tests/engine/test_sequential_diep.py", "-m", "not slow"],
     ),
     "sparsity": (
         ["hf_prune/methods/sparsity/schedules.py", "hf_prune/methods/sparsity/masks.py"],
