@@ -5,6 +5,7 @@ hf_prune; a killed run resumes after its last spilled layer."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from tiny_models import MOE_TYPES, save_tiny_model, write_calibration_file
 
 from hf_prune import prune
+from hf_prune.engine.activation_store import ActivationStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,6 +52,11 @@ def test_sequential_expert_pruning_equals_in_memory(model_type, stage, calibrati
     assert [layer["scores"] for layer in two["layers"]] == [layer["scores"] for layer in one["layers"]]
     assert two["removal"]["experts_per_layer"] == one["removal"]["experts_per_layer"]
     assert two["calibration_tokens"] == one["calibration_tokens"]
+    assert (two["top_k"], two["uniform"], two["algorithm"]) == (
+        one["top_k"],
+        one["uniform"],
+        one["algorithm"],
+    )
     assert comparable_config(tmp_path / "seq") == comparable_config(tmp_path / "memory")
     code = sorted(p.name for p in (tmp_path / "memory").glob("*.py"))
     assert sorted(p.name for p in (tmp_path / "seq").glob("*.py")) == code
@@ -96,3 +103,56 @@ def test_killed_expert_run_resumes_after_its_last_layer(calibration, tmp_path):
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference").state_dict()
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_padded_batches_count_only_real_tokens_like_in_memory(calibration, tmp_path):
+    # unpacked sequences of different lengths: each batch's own pad mask must reach its router counts
+    source = save_tiny_model("mixtral", tmp_path / "source")
+
+    def unpacked(output, engine):
+        settings = recipe(source, tmp_path / output, calibration, NONUNIFORM, engine, activation_memory_gb=0)
+        settings["calibration"].update(packing=False, num_samples=12)  # 3 batches of 4
+        return settings
+
+    memory = prune(unpacked("memory", "in_memory"), progress=False)
+    sequential = prune(unpacked("seq", "sequential"), progress=False)
+    one, two = memory.report["stages"][0], sequential.report["stages"][0]
+    assert two["calibration_tokens"] == one["calibration_tokens"] < 12 * 32  # padding was left out
+    assert [layer["scores"] for layer in two["layers"]] == [layer["scores"] for layer in one["layers"]]
+
+
+@pytest.mark.parametrize("budget", [0, None], ids=["spilled", "in-memory"])
+def test_interrupted_expert_run_resumes_after_its_last_spilled_layer(
+    budget, calibration, tmp_path, monkeypatch, capsys
+):
+    # in process: an error right after layer 2's output was cached; spilled layers are reused on restart
+    source = save_tiny_model("qwen2_moe", tmp_path / "source")  # layers 1 and 3 are MoE
+    reference = prune(
+        recipe(source, tmp_path / "reference", calibration, NONUNIFORM, "sequential"), progress=False
+    )
+    extra = {"activation_memory_gb": budget} if budget is not None else {}
+    settings = recipe(source, tmp_path / "out", calibration, NONUNIFORM, "sequential", **extra)
+    original_put = ActivationStore.put
+
+    def put_then_fail(self, key, tensors, **options):
+        original_put(self, key, tensors, **options)
+        if key == "h2":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ActivationStore, "put", put_then_fail)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        prune(settings, progress=False)
+    assert "layers" not in capsys.readouterr().err  # no bar unless asked
+    monkeypatch.undo()
+    restarted = prune(settings, progress=True)
+    err = capsys.readouterr().err
+    stage = restarted.report["stages"][0]
+    if budget == 0:  # layers 0-2 on disk: only layer 3 runs again
+        assert stage["activations"]["reused_after_restart"] == ["layers 0-2"]
+        assert re.search(r"\rlayers: +0%\|.*\| 0/1 ", err), err
+    else:  # nothing was spilled: all four layers again
+        assert stage["activations"]["reused_after_restart"] == []
+        assert re.search(r"\rlayers: +0%\|.*\| 0/4 ", err), err
+    assert stage["layers"] == reference.report["stages"][0]["layers"]
+    assert stage["calibration_tokens"] == reference.report["stages"][0]["calibration_tokens"]

@@ -93,6 +93,11 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["hf_prune/methods/experts/diep_sequential.py"],
         ["tests/engine/test_sequential_diep.py", "-m", "not slow"],
     ),
+    # Expert pruning by router statistics layer by layer, against the in-memory path on every MoE family.
+    "experts_layerwise": (
+        ["hf_prune/methods/experts/sequential.py"],
+        ["tests/engine/test_sequential_experts.py", "tests/engine/test_sequential_diep.py", "-m", "not slow"],
+    ),
     "sparsity": (
         ["hf_prune/methods/sparsity/schedules.py", "hf_prune/methods/sparsity/masks.py"],
         ["tests/methods/test_sparsity_masks.py"],
