@@ -3,6 +3,7 @@
 A sharded checkpoint has ``model.safetensors.index.json`` (``weight_map``: tensor name → shard file); an
 unsharded one a single ``model.safetensors``. A broken index or a missing shard would otherwise surface
 as a KeyError deep inside loading, or (transformers fills missing weights at random) not at all.
+``SafetensorsReader`` reads single tensors of those files with plain reads.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from ..errors import ModelError
@@ -89,3 +91,46 @@ def _tensor_names(path: Path) -> set[str]:
             return set(handle.keys())
     except Exception as exc:  # safetensors raises its own error types for a damaged header
         raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+class SafetensorsReader:
+    """Reads single tensors of safetensors files with plain file reads, each file's header parsed once."""
+
+    DTYPES = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
+
+    def __init__(self) -> None:
+        self._headers: dict[str, tuple[dict, int]] = {}
+
+    def _header(self, path: str) -> tuple[dict, int]:
+        if path not in self._headers:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                self._headers[path] = (json.loads(handle.read(length)), 8 + length)
+        return self._headers[path]
+
+    def read(self, path: str, name: str) -> torch.Tensor:
+        header, data_start = self._header(path)
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        dtype = self.DTYPES[entry["dtype"]]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buffer = bytearray(end - begin)
+        with open(path, "rb") as handle:
+            handle.seek(data_start + begin)
+            if handle.readinto(buffer) != len(buffer):
+                raise OSError(f"{path}: {name} is cut short (the file is truncated)")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 
 from ..activations import capture_outputs
 from ..calibration import CalibrationBatch
+from .checkpoint_files import SafetensorsReader
 
 
 def _prefix_of(model: nn.Module, module: nn.Module) -> str:
@@ -73,9 +73,9 @@ def _read_checkpoints_without_mmap() -> Iterator[None]:
     does itself on Windows and MPS) instead of a memory map. Tensors it converts on load (per-expert MoE
     weights fused into 3-D ones) are then read, converted and offloaded one at a time; through a memory map
     every page they touched stayed mapped, counted in the process's RSS, until the whole load ended (the
-    3.9 GB Mixtral of ``bench_sequential`` peaked at 1.06× its weights, 0.27× with plain reads). Only for
+    3.9 GB Mixtral of ``bench_sequential`` peaked at 1.06× its weights, 0.26× with plain reads). Only for
     checkpoints converted on load: for the others (nothing read while loading) plain reads measured worse
-    (the 3.8 GB Llama: 0.54× against 0.36×). A no-op where transformers' loader does not look as expected."""
+    (the 3.8 GB Llama: 0.54× against 0.35×). A no-op where transformers' loader does not look as expected."""
     from transformers import modeling_utils
 
     original = getattr(modeling_utils, "safe_open", None)
@@ -184,49 +184,6 @@ class OffloadedModel:
         for _, _, full in self._tensor_names(module, None):
             if not skip(full[len(prefix) :]):
                 yield full[len(prefix) :], self.read(full)
-
-
-class SafetensorsReader:
-    """Reads single tensors of safetensors files with plain file reads, each file's header parsed once."""
-
-    DTYPES = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "F8_E4M3": torch.float8_e4m3fn,
-        "F8_E5M2": torch.float8_e5m2,
-    }
-
-    def __init__(self) -> None:
-        self._headers: dict[str, tuple[dict, int]] = {}
-
-    def _header(self, path: str) -> tuple[dict, int]:
-        if path not in self._headers:
-            with open(path, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                self._headers[path] = (json.loads(handle.read(length)), 8 + length)
-        return self._headers[path]
-
-    def read(self, path: str, name: str) -> torch.Tensor:
-        header, data_start = self._header(path)
-        entry = header[name]
-        begin, end = entry["data_offsets"]
-        dtype = self.DTYPES[entry["dtype"]]
-        if end == begin:
-            return torch.empty(entry["shape"], dtype=dtype)
-        buffer = bytearray(end - begin)
-        with open(path, "rb") as handle:
-            handle.seek(data_start + begin)
-            if handle.readinto(buffer) != len(buffer):
-                raise OSError(f"{path}: {name} is cut short (the file is truncated)")
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 class _LayerRecorder(nn.Module):

@@ -65,7 +65,7 @@ def test_non_finite_weights_are_refused(tmp_path):
 def test_reader_reads_what_safetensors_wrote(tmp_path):
     from safetensors.torch import save_file
 
-    from hf_prune.engine.layers import SafetensorsReader
+    from hf_prune.engine.checkpoint_files import SafetensorsReader
 
     expected = {**tensors(), "empty": torch.zeros(0, 4)}
     expected["g.strided"] = expected["g.strided"].contiguous()
