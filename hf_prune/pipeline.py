@@ -88,14 +88,14 @@ def prune(
     processes = init_from_environment(resolve_device(recipe.device)) and rank_and_world()[1]
     engine, why = choose_engine(recipe, model_in_memory=source_model is not None)
     if processes:
-        unsupported = [s.method for s in recipe.stages if not s.config.supports_data_parallel]
+        unsupported = [s.method for s in recipe.stages if not s.config.supports_data_parallel_on(adapter)]
         if unsupported:
             raise RecipeError(
                 f"stages: {', '.join(unsupported)} cannot calibrate data-parallel (its statistics are not "
                 f"combined across processes); run it in one process, not under torchrun / accelerate launch"
             )
     if engine == "sequential":
-        check_sequential_recipe(recipe)
+        check_sequential_recipe(recipe, adapter)
         evaluation = OffloadedEvaluation(recipe, [config, predicted], progress) if recipe.evaluate else None
         run = prune_sequential(recipe, config, adapter, progress, why, evaluation)
         published = publish_output(recipe, run["output"], progress) if is_main_process() else None

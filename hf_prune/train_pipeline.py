@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .adapters import get_adapter
+from .adapters import get_adapter, use_cache_restored
 from .checkpoint import (
     library_versions,
     load_image_processor,
@@ -100,25 +100,26 @@ def train(
     model.train()
     resume = arguments.get("resume_from_checkpoint")  # kept in the arguments too: the callback reads it
     write_members = None
-    if isinstance(method, CardsConfig):
-        began = time.perf_counter()
-        cards = train_cards(model, dataset, method, arguments=arguments, processor=preprocessor)
-        model, write_members = cards.deck, _member_writer(cards, preprocessor)
-        stage = {"method": name, **cards.report, "seconds": round(time.perf_counter() - began, 3)}
-    elif isinstance(method, LotteryConfig):
-        _, reports = run_lottery(
-            lambda r: _trainer(model, arguments, dataset, preprocessor, task, round_index=r),
-            method,
-            resume_from_checkpoint=resume,
-        )
-        stage = reports[-1].to_dict()
-        stage["rounds_seconds"] = [round(r.seconds, 3) for r in reports]
-    else:
-        callback = PruningCallback(method)
-        trainer = _trainer(model, arguments, dataset, preprocessor, task, callbacks=[callback])
-        trainer.train(resume_from_checkpoint=resume)
-        stage = callback.report.to_dict()
-        stage["final_train_loss"] = _last_loss(trainer)
+    with use_cache_restored(model):  # Trainer sets config.use_cache; the saved config keeps the source's
+        if isinstance(method, CardsConfig):
+            began = time.perf_counter()
+            cards = train_cards(model, dataset, method, arguments=arguments, processor=preprocessor)
+            model, write_members = cards.deck, _member_writer(cards, preprocessor)
+            stage = {"method": name, **cards.report, "seconds": round(time.perf_counter() - began, 3)}
+        elif isinstance(method, LotteryConfig):
+            _, reports = run_lottery(
+                lambda r: _trainer(model, arguments, dataset, preprocessor, task, round_index=r),
+                method,
+                resume_from_checkpoint=resume,
+            )
+            stage = reports[-1].to_dict()
+            stage["rounds_seconds"] = [round(r.seconds, 3) for r in reports]
+        else:
+            callback = PruningCallback(method)
+            trainer = _trainer(model, arguments, dataset, preprocessor, task, callbacks=[callback])
+            trainer.train(resume_from_checkpoint=resume)
+            stage = callback.report.to_dict()
+            stage["final_train_loss"] = _last_loss(trainer)
     model.eval()
     evaluation = [
         evaluation_entry(spec, before, run_task(model, preprocessor, spec, progress=progress))

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..adapters import use_cache_restored
 from ..image_data import ImageSet, normalisation
 from ..methods.robust.augmentations import augment
 from ..methods.robust.cards import CardsConfig
@@ -133,7 +134,8 @@ def train_cards(
                 callbacks=list(callbacks),
             )
 
-        lottery, round_reports = run_lottery(make_trainer, method.member_lottery())
+        with use_cache_restored(member):  # Trainer sets config.use_cache; the deck keeps the member's own
+            lottery, round_reports = run_lottery(make_trainer, method.member_lottery())
         member.eval()
         report = {
             "member": index,

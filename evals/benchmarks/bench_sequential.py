@@ -4,6 +4,8 @@ path, data-parallel processes, and ReplaceMe's cut chosen by residual.
     python -m hf_prune.evals.benchmarks.bench_sequential [--big-gb 4] [--cases fits,cut,llama,mixtral]
         [--processes 2]
 
+(``--cases retainer``: the prompt retainer trained layer by layer, ``bench_sequential_retainer``.)
+
 Every prune runs in a child process (``python -m hf_prune prune RECIPE``, or under torchrun) that reports
 its own peak RSS; ratios are against figures measured in the same run. The random models are built once,
 deterministically, under ``$HF_PRUNE_CACHE/bench`` (default ``~/.cache/hf_prune/bench``), outside the repo.
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         default="fits,cut,llama,mixtral",
         help="comma-separated: fits (in memory vs sequential vs processes), cut (stories260K cut selection), "
         "llama (big Llama, ReplaceMe), mixtral (big Mixtral, frequency and DiEP), diep (DiEP on the "
-        "trained MoE testbed, in memory vs sequential, with an evaluate: section)",
+        "trained MoE testbed, in memory vs sequential, with an evaluate: section), retainer (adtp prompt "
+        "pruning's retainer trained on the model that fits and on the big Llama)",
     )
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args(argv)
@@ -181,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
         big_mixtral(cache, tokenizer, wikitext, work, args.big_gb, baseline)
     if "diep" in cases:
         diep_on_the_moe_testbed(work)
+    if "retainer" in cases:
+        from .bench_sequential_retainer import retainer_cases
+
+        retainer_cases(cache, tokenizer, sample, work, args.big_gb, baseline)
 
 
 def diep_on_the_moe_testbed(work: Path) -> None:
@@ -336,7 +343,8 @@ def residual_cut(stories: Path, sample: Path, work: Path) -> None:
         )
 
 
-def big_llama(cache: Path, tokenizer, sample: Path, work: Path, size_gb: float, baseline: int) -> None:
+def big_llama_folder(cache: Path, tokenizer, size_gb: float) -> Path:
+    """A random Llama of about ``size_gb`` GB of float32 weights, built once under ``cache``."""
     hidden, intermediate = 2048, 5632
     per_layer = 4 * hidden * hidden + 3 * hidden * intermediate
     layers = max(2, int((size_gb * 1e9 / 4 - 2 * 32000 * hidden) // per_layer))
@@ -353,14 +361,14 @@ def big_llama(cache: Path, tokenizer, sample: Path, work: Path, size_gb: float, 
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
         build_model(folder, LlamaForCausalLM(config), tokenizer, "1GB")
-    _big_case(
-        f"random Llama {layers}x{hidden}",
-        folder,
-        {"method": "replaceme", "num_layers": layers // 4},
-        sample,
-        work,
-        baseline,
-    )
+    return folder
+
+
+def big_llama(cache: Path, tokenizer, sample: Path, work: Path, size_gb: float, baseline: int) -> None:
+    folder = big_llama_folder(cache, tokenizer, size_gb)
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    stage = {"method": "replaceme", "num_layers": layers // 4}
+    _big_case(f"random Llama {folder.name}", folder, stage, sample, work, baseline)
 
 
 def big_mixtral(cache: Path, tokenizer, sample: Path, work: Path, size_gb: float, baseline: int) -> None:
@@ -390,7 +398,7 @@ def big_mixtral(cache: Path, tokenizer, sample: Path, work: Path, size_gb: float
     _big_case(title, folder, diep, sample, work, baseline)
 
 
-def _big_case(title: str, folder: Path, stage: dict, sample: Path, work: Path, baseline: int) -> None:
+def _big_case(title: str, folder: Path, stage: dict, sample: Path, work: Path, baseline: int) -> dict:
     size = weights_bytes(folder)
     calibration = {"data": str(sample), "num_samples": 16, "seq_len": 128, "batch_size": 4, "packing": True}
     recipe = {
@@ -414,6 +422,7 @@ def _big_case(title: str, folder: Path, stage: dict, sample: Path, work: Path, b
         f"activations spilled {gb(stage_report['activations']['spilled_bytes'])}"
     )
     shutil.rmtree(work / folder.name, ignore_errors=True)  # gigabytes: do not keep them
+    return run
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .model_adapter import (
     set_moe_layer_flags,
     vision_config,
 )
-from .model_utils import count_parameters, max_positions, model_device
+from .model_utils import count_parameters, max_positions, model_device, use_cache_restored
 from .table import (
     ENCODER_ARCHITECTURES,
     PATCHED_PREFIX,
@@ -55,5 +55,6 @@ __all__ = [
     "patched_families",
     "set_moe_layer_flags",
     "supported_model_types",
+    "use_cache_restored",
     "vision_config",
 ]

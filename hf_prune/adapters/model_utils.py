@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,3 +45,19 @@ def count_parameters(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+@contextlib.contextmanager
+def use_cache_restored(model: Any) -> Iterator[None]:
+    """Give ``model.config.use_cache`` back its value after the block: transformers' ``Trainer`` sets it
+    to ``TrainingArguments.use_cache`` (False by default) when it is built, and a checkpoint saved after
+    training would otherwise keep that (a healed or retrained model whose config differs from its source's)."""
+    config = getattr(model, "config", None)
+    had, value = config is not None and "use_cache" in vars(config), getattr(config, "use_cache", None)
+    try:
+        yield
+    finally:
+        if had:
+            config.use_cache = value
+        elif config is not None and "use_cache" in vars(config):
+            del config.use_cache

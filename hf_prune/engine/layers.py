@@ -15,6 +15,7 @@ each layer receives; then ``run_layer(i, inputs)`` applies layer i to every batc
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import os
 from collections.abc import Callable, Iterator
@@ -130,10 +131,32 @@ class OffloadedModel:
         if not loaders:
             raise RuntimeError("the disk-offloaded model has no offloaded weights")
         self.weights = loaders[0]
+        # (a Mapping's ``in`` would read the tensor: accelerate's loader defines no __contains__)
+        self.names = frozenset(self.weights)
         remove_hook_from_submodules(model)
         self._reader = SafetensorsReader()
         self.model = model.eval()
         self.device = torch.device(device)
+
+    @contextlib.contextmanager
+    def dispatched(self) -> Iterator[nn.Module]:
+        """The whole model for a method that runs it end to end (trains a small module through it): a copy
+        of the weightless model with accelerate's hooks, which read each module's weights from disk
+        (accelerate's loader: views of the memory-mapped checkpoint, faster than ``read`` and released
+        with the module's weights) when it runs and drop them after. A backward through it holds every
+        weight its forward read unless the layers run under activation checkpointing. The hooks go with the
+        copy after the block; the source model is untouched."""
+        from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
+
+        model = copy.deepcopy(self.model)
+        attach_align_device_hook(model, execution_device=self.device, offload=True, weights_map=self.weights)
+        model.hf_device_map = {"": "disk"}  # as transformers records a model offloaded whole (model_device)
+        try:
+            yield model
+        finally:
+            remove_hook_from_submodules(model)
+            del model
+            release_freed_memory()
 
     def read(self, full_name: str) -> torch.Tensor:
         """One tensor from disk, read into ordinary memory (not a view of a memory-mapped file: those pages
@@ -156,7 +179,7 @@ class OffloadedModel:
                 sub.named_buffers(recurse=False)
             ):
                 full = f"{prefix}{name}.{local}" if name else f"{prefix}{local}"
-                if full in self.weights:
+                if full in self.names:
                     found.append((sub, local, full))
         return found
 

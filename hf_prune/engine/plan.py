@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -21,3 +22,6 @@ class SequentialPlan:
     #: the same change made to a copy of the model on the meta device (no weights): the in-memory path's
     #: structural edit, which gives the output's config, class and remote code
     structural_edit: Callable[[nn.Module], Any] | None = None
+    #: tensors the stage adds outside the decoder layers (a trained token retainer), named as the pruned
+    #: model's ``state_dict`` names them; written after the source's own
+    new_tensors: dict[str, torch.Tensor] = field(default_factory=dict)

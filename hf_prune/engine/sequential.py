@@ -66,7 +66,7 @@ def choose_engine(recipe: Any, *, model_in_memory: bool) -> tuple[str, str]:
     return "in_memory", f"weights {format_bytes(size)} fit in {format_bytes(free)} available"
 
 
-def check_sequential_recipe(recipe: Any) -> None:
+def check_sequential_recipe(recipe: Any, adapter: Any) -> None:
     """What the sequential engine cannot do, refused before anything loads."""
     if recipe.model is None or not Path(recipe.model).expanduser().is_dir():
         raise RecipeError(
@@ -74,7 +74,7 @@ def check_sequential_recipe(recipe: Any) -> None:
         )
     read_checkpoint_files(recipe.model)
     for index, stage in enumerate(recipe.stages):
-        if not stage.config.supports_sequential():
+        if not stage.config.supports_sequential(adapter):
             algorithm = getattr(stage.config, "algorithm", None)
             what = f"{stage.method} (algorithm {algorithm})" if algorithm else stage.method
             raise RecipeError(
@@ -260,6 +260,7 @@ def _run_stage(
                 removed_layers=plan.removed_layers,
                 layer_edits=plan.layer_edits,
                 layout_model=final,
+                new_tensors=plan.new_tensors,
                 progress=bar.update,
             )
         save_config_and_code(final, target)

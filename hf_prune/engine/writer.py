@@ -145,11 +145,13 @@ def write_pruned_weights(
     removed_layers: list[int],
     layer_edits: dict[int, LayerEdit] | None = None,
     layout_model: nn.Module | None = None,
+    new_tensors: dict[str, torch.Tensor] | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Write the source's weights without ``removed_layers`` (the rest renumbered), each layer in
-    ``layer_edits`` materialised and edited first; the shard files written. Tensor names and layout follow
+    ``layer_edits`` materialised and edited first, plus ``new_tensors`` (the stage's own, e.g. a trained
+    retainer); the shard files written. Tensor names and layout follow
     what ``layout_model.save_pretrained`` would write (the pruned model's class; default the source's)."""
     model = source.model
     layout_model = layout_model if layout_model is not None else model
@@ -164,6 +166,8 @@ def write_pruned_weights(
             writer.add(saved_name, saved)
         del tensor, saved
         release_freed_memory()
+    for name, tensor in (new_tensors or {}).items():
+        writer.add(name, tensor)
     removed = set(removed_layers)
     edits = layer_edits or {}
     new_index = 0

@@ -111,6 +111,11 @@ class OneShotMethod(MethodConfig):
     #: ``torch.distributed`` processes (every statistic it gathers is all-reduced); others are refused
     #: under a multi-process launch.
     supports_data_parallel = False
+
+    def supports_data_parallel_on(self, adapter: Any) -> bool:
+        """``supports_data_parallel`` for the model ``adapter`` describes (a method may differ by model)."""
+        return self.supports_data_parallel
+
     #: How data-parallel processes share the calibration data (``PruneContext.calibration_batches``):
     #: ``batches`` (every world-th batch) or ``sequences`` (every world-th sequence of every batch).
     data_parallel_split = "batches"
@@ -127,8 +132,9 @@ class OneShotMethod(MethodConfig):
         Not overridden: the method runs in memory only (``supports_sequential`` is False)."""
         raise NotImplementedError(f"{type(self).__name__} has no layer-by-layer variant")
 
-    def supports_sequential(self) -> bool:
-        """Whether ``apply_sequential`` can run this config (overridden where it depends on a field)."""
+    def supports_sequential(self, adapter: ModelAdapter) -> bool:
+        """Whether ``apply_sequential`` can run this config on the model ``adapter`` describes (overridden
+        where it depends on a field or on the model)."""
         return type(self).apply_sequential is not OneShotMethod.apply_sequential
 
     def finalize(self, model: Any, context: PruneContext) -> dict[str, Any] | None:

@@ -63,6 +63,10 @@ def test_train_saves_a_sparse_stock_checkpoint(tiny_llama, tmp_path, capsys):
     assert "50.0% of the targeted weights are zero" in (out / "README.md").read_text()
     model = transformers.AutoModelForCausalLM.from_pretrained(out)  # the stock class, no hf_prune code
     assert type(model).__name__ == "LlamaForCausalLM"
+    source = json.loads((tiny_llama / "config.json").read_text())
+    assert (
+        source["use_cache"] and json.loads((out / "config.json").read_text())["use_cache"]
+    )  # Trainer's False
     ids = torch.tensor([[1, 5, 9]])
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)
 

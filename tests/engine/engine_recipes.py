@@ -21,3 +21,18 @@ def one_stage_recipe(model, output, calibration, stage, engine, **extra) -> dict
         "stages": [stage],
         **extra,
     }
+
+
+#: A short ``adtp`` prompt-retainer training on a tiny causal LM (add ``train_data``): 3 steps of 4 windows.
+PROMPT_RETAINER = {
+    "method": "text_token_pruning",
+    "algorithm": "adtp",
+    "layer": 1,
+    "train_steps": 3,
+    "batch_size": 4,
+    "max_length": 24,
+    "continuation_length": 8,
+    "ig_steps": 2,
+    "target_ratio": 0.5,
+    "learning_rate": 1e-2,
+}

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+from engine_recipes import PROMPT_RETAINER
+from hf_prune.model_patches.prompt_retainer import PromptRetainer
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, write_calibration_file
 
@@ -153,6 +155,43 @@ def test_training_free_token_pruning_runs_under_a_launcher(tmp_path):
     assert saved["engine"]["processes"] == 2
     assert saved["stages"][0]["token_pruning"] == single.report["stages"][0]["token_pruning"]
     assert_close_weights(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("engine", ["in_memory", "sequential"])
+def test_two_processes_equal_one_for_the_prompt_retainer(engine, source, tmp_path):
+    """Each process takes half the rows of every batch; gradients all-reduced: the one-process retainer."""
+    model = save_tiny_model("llama", tmp_path / "llama")
+    stage = {**PROMPT_RETAINER, "train_data": str(source[1])}
+    settings = {"model": str(model), "stages": [stage], "engine": engine}
+    single = prune({**settings, "output": str(tmp_path / "one")}, progress=False)
+    launch({**settings, "output": str(tmp_path / "two")}, tmp_path / "recipe.json")
+    saved = json.loads((tmp_path / "two" / "hf_prune.json").read_text())
+    assert saved["engine"]["processes"] == 2
+    one, two = single.report["stages"][0]["training"], saved["stages"][0]["training"]
+    assert one["chosen_ratios"] == two["chosen_ratios"]
+    for term in ("task", "distill", "flops", "ratio"):
+        assert two["final"][term] == pytest.approx(one["final"][term], rel=1e-3, abs=1e-4), term
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two"))
+    assert a.keys() == b.keys()
+    for name in a:  # the retainer trained alike (float sums in another order); the rest copied
+        if name != "retainer.saliency.2.bias":  # its exact gradient is 0 (a shift of every saliency moves
+            # no threshold): AdamW turns the float noise in it into full steps, of either sign
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    torch.manual_seed(0)  # the stage's seed: the retainer training starts from
+    hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+    candidates = saved["stages"][0]["token_pruning"]["candidate_ratios"]
+    untrained = PromptRetainer(hidden, len(candidates), 64).state_dict()
+    assert any(not torch.equal(b[f"retainer.{k}"], v) for k, v in untrained.items())
+
+
+def test_a_prompt_retainer_batch_needs_a_row_per_process(source, tmp_path):
+    model = save_tiny_model("llama", tmp_path / "llama")
+    stage = {**PROMPT_RETAINER, "train_data": str(source[1]), "batch_size": 1}
+    settings = {"model": str(model), "stages": [stage], "output": str(tmp_path / "out")}
+    done = launch(settings, tmp_path / "recipe.json", check=False)
+    assert done.returncode != 0
+    assert "batch_size: each of the 2 processes needs a row of every batch; batch_size is 1" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_method_without_summed_statistics_is_refused_under_a_launcher(source, tmp_path):

@@ -10,10 +10,14 @@ import json
 import pytest
 import torch
 import transformers
+from engine_recipes import PROMPT_RETAINER
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, write_calibration_file
 
 from hf_prune import RecipeError, prune
+from hf_prune.engine.layers import OffloadedModel
+from hf_prune.methods.tokens.prompt_retainer_training import add_retainer_gradients
+from hf_prune.methods.tokens.text_tokens import TextTokenPruningConfig, apply_prompt_token_pruning
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,26 +92,72 @@ def test_sequential_prompt_pruning_generates_like_in_memory(tmp_path):
     assert model.config.token_pruning["keep_ratio"] == 0.5
 
 
-@pytest.mark.parametrize(
-    ("stage", "message"),
-    [
-        (
-            {"method": "text_token_pruning", "algorithm": "adtp", "train_data": "x.txt"},
-            r"stages\[0\].method: text_token_pruning \(algorithm adtp\) has no layer-by-layer variant",
-        ),
-        (
-            {**VISUAL, "text_tower": "clip"},
-            r"stages\[0\].method: visual_token_pruning \(algorithm cdpruner\) has no layer-by-layer variant",
-        ),
-    ],
-    ids=["adtp-trains-a-retainer", "clip-text-tower"],
-)
-def test_token_stages_that_need_the_whole_model_are_refused(stage, message, tmp_path, monkeypatch):
+def test_clip_text_tower_needs_the_whole_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "x.txt").write_text("hello world\n" * 50)
     (tmp_path / "clip").mkdir()
-    model_type = "llama" if stage["method"] == "text_token_pruning" else "llava"
-    source = save_tiny_model(model_type, tmp_path / "source")
-    with pytest.raises(RecipeError, match=message):
+    source = save_tiny_model("llava", tmp_path / "source")
+    stage = {**VISUAL, "text_tower": "clip"}
+    with pytest.raises(
+        RecipeError,
+        match=r"stages\[0\].method: visual_token_pruning \(algorithm cdpruner\) has no layer-by-layer variant",
+    ):
         prune(recipe(source, tmp_path / "out", [stage], "sequential"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["adtp", "fixed"])
+def test_sequential_retainer_training_equals_in_memory(algorithm, calibration, tmp_path):
+    """adtp / fixed train their retainer through a copy of the model read from disk module by module (a
+    zero memory budget: every module), layers under activation checkpointing: the same trained retainer,
+    the same copied weights, config and remote code as in memory; the report says what training did."""
+    source = save_tiny_model("llama", tmp_path / "source")
+    stage = {**PROMPT_RETAINER, "algorithm": algorithm, "train_data": str(calibration)}
+    if algorithm == "fixed":
+        stage["keep_ratio"] = 0.5
+    memory = prune(recipe(source, tmp_path / "memory", [stage], "in_memory"), progress=False)
+    settings = {**recipe(source, tmp_path / "seq", [stage], "sequential"), "activation_memory_gb": 0}
+    sequential = prune(settings, progress=False)
+    trained = sequential.report["stages"][0]["training"]
+    assert trained["steps"] == 3 and trained["windows"] == memory.report["stages"][0]["training"]["windows"]
+    assert trained.get("chosen_ratios") == memory.report["stages"][0]["training"].get("chosen_ratios")
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("memory", "seq"))
+    assert a.keys() == b.keys() and any(k.startswith("retainer.") for k in a)
+    for name in a:
+        if name.startswith("retainer."):
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(a[name], b[name]), name
+    a_config, b_config = (json.loads((tmp_path / n / "config.json").read_text()) for n in ("memory", "seq"))
+    assert a_config == b_config and a_config["token_pruning"]["algorithm"] == algorithm
+    assert a_config["use_cache"] is json.loads((source / "config.json").read_text())["use_cache"] is True
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "seq", trust_remote_code=True)
+    for name, tensor in model.retainer.state_dict().items():  # the trained one, not a fresh one
+        assert torch.equal(tensor, b[f"retainer.{name}"]), name
+
+
+def test_checkpointed_training_reads_each_weight_only_while_it_runs(tmp_path):
+    """After a training step on a model dispatched from disk, every backbone weight is back on the meta
+    device (a recomputation stopped early would leave the last module of each layer holding its weight),
+    the retainer has its gradient, and the source model is untouched."""
+    source = save_tiny_model("llama", tmp_path / "source")
+    offloaded = OffloadedModel(source, transformers.AutoModelForCausalLM, offload_folder=tmp_path / "offload")
+    fields = {k: v for k, v in PROMPT_RETAINER.items() if k != "method"}
+    stage = TextTokenPruningConfig(**fields, train_data="x.txt")
+    with offloaded.dispatched() as model:
+        apply_prompt_token_pruning(model, stage)
+        ids = torch.randint(3, 60, (2, stage.max_length), generator=torch.Generator().manual_seed(0))
+        runs = []
+        model.model.layers[0].register_forward_pre_hook(lambda module, args: runs.append(1))
+        terms = add_retainer_gradients(model, ids, stage, 0.5, checkpointed=True)
+        # each forward (the student's, then ig_steps teacher ones) runs each layer again in its backward
+        assert len(runs) == 2 * (1 + stage.ig_steps)
+        assert torch.isfinite(terms["loss"])
+        read = [
+            n
+            for n, p in model.named_parameters()
+            if not n.startswith("retainer.") and p.device.type != "meta"
+        ]
+        assert read == []
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.retainer.ratio.parameters())
+    assert type(offloaded.model) is transformers.LlamaForCausalLM and not hasattr(offloaded.model, "retainer")
+    assert all(p.device.type == "meta" for p in offloaded.model.parameters())

@@ -83,6 +83,7 @@ def test_output_is_a_stock_checkpoint_with_only_the_projections_changed(healed, 
     assert sorted(after) == sorted(before)  # no lora_A / base_layer keys, nothing dropped
     config = json.loads((healed.output / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "peft" not in json.dumps(config).lower()
+    assert config["use_cache"] == json.loads((llama_folder / "config.json").read_text())["use_cache"] is True
     assert not (healed.output / "adapter_config.json").exists()
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for key in before:

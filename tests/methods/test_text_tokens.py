@@ -444,3 +444,21 @@ def test_unsupported_models_and_missing_training_data(tokenizer):
             },
             progress=False,
         )
+
+
+def test_a_classifier_is_refused_by_the_sequential_engine_before_loading(tokenizer, tmp_path):
+    """The stage adds a retainer's weights to a BERT-family classifier: in memory only (encoders are small)."""
+    source = tmp_path / "bert"
+    tiny_bert(tokenizer).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    stage = {"method": "text_token_pruning", "algorithm": "attention", "layer": 1, "keep_ratio": 0.5}
+    recipe = {
+        "model": str(source),
+        "output": str(tmp_path / "out"),
+        "engine": "sequential",
+        "stages": [stage],
+    }
+    refusal = r"stages\[0\]\.method: text_token_pruning \(algorithm attention\) has no layer-by-layer"
+    with pytest.raises(RecipeError, match=refusal):
+        hf_prune.prune(recipe, progress=False)
+    assert not (tmp_path / "out").exists()

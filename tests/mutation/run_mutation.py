@@ -98,6 +98,12 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["hf_prune/methods/experts/sequential.py"],
         ["tests/engine/test_sequential_experts.py", "tests/engine/test_sequential_diep.py", "-m", "not slow"],
     ),
+    # The prompt retainer's training (the gradient against autograd of the whole loss, with and without
+    # checkpointing; the pipeline's training; both engines; weights read from disk only while they run).
+    "prompt_retainer": (
+        ["hf_prune/methods/tokens/prompt_retainer_training.py"],
+        ["tests/methods/test_prompt_retainer.py", "tests/engine/test_sequential_tokens.py", "-m", "not slow"],
+    ),
     "sparsity": (
         ["hf_prune/methods/sparsity/schedules.py", "hf_prune/methods/sparsity/masks.py"],
         ["tests/methods/test_sparsity_masks.py"],

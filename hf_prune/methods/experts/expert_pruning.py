@@ -238,7 +238,7 @@ class ExpertPruningConfig(OneShotMethod):
     def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
         return apply_expert_pruning(model, self, context)
 
-    def supports_sequential(self) -> bool:
+    def supports_sequential(self, adapter: ModelAdapter) -> bool:
         return True
 
     def apply_sequential(

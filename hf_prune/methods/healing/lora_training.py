@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...adapters import use_cache_restored
 from ...data import load_text_records, looks_like_local_path, packed_token_windows
 from ...errors import DataError
 
@@ -139,7 +140,7 @@ def train_and_merge_lora(
         peft_model = get_peft_model(model, lora)
     lora_parameters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     dataset = [{"input_ids": torch.tensor(w), "labels": torch.tensor(w)} for w in windows]
-    with tempfile.TemporaryDirectory(prefix="hf-prune-heal-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hf-prune-heal-") as tmp, use_cache_restored(model):
         arguments = TrainingArguments(
             output_dir=tmp,
             max_steps=settings.steps,

@@ -43,6 +43,7 @@ from torch import nn
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from ...adapters import use_cache_restored
 from ...data import read_records
 from ...errors import DataError
 
@@ -145,12 +146,14 @@ def retainer_training_arguments(stage: Any, output_dir: str, progress: bool) -> 
 
 @contextlib.contextmanager
 def only_the_retainer_trains(model: Any) -> Iterator[None]:
-    """Freeze everything but ``model.retainer`` for the block; restore every flag (and eval mode) after it."""
+    """Freeze everything but ``model.retainer`` for the block; restore every flag (and eval mode, and
+    ``config.use_cache``, which Trainer sets) after it."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith("retainer."))
     try:
-        yield
+        with use_cache_restored(model):
+            yield
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(flags[name])

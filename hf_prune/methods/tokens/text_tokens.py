@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 import torch
 
-from ...adapters import ModelAdapter
+from ...adapters import ModelAdapter, model_device
 from ...context import PruneContext
 from ...engine.plan import SequentialPlan
-from ...errors import ConfigFieldError, UnsupportedModelError
+from ...errors import ConfigFieldError
 from ...model_patches import patch_classes, prompt_token_pruning
 from ...model_patches import text_token_pruning as patch
 from ...registry import register_method
@@ -147,10 +147,10 @@ class TextTokenPruningConfig(OneShotMethod):
         """adtp and fixed learn their retainer: ``finalize`` trains it on ``train_data``."""
         return self.algorithm in ("adtp", "fixed")
 
-    @property
-    def supports_data_parallel(self) -> bool:
-        # attention / random calibrate nothing: every process makes the same change
-        return not self.needs_training
+    def supports_data_parallel_on(self, adapter: ModelAdapter) -> bool:
+        # attention / random calibrate nothing; a causal LM's retainer trains on every process's rows of
+        # each batch, gradients all-reduced; a classifier's trains with Trainer, in one process
+        return not (self.needs_training and adapter.is_encoder)
 
     @classmethod
     def unsupported_reason(cls, adapter: ModelAdapter) -> str | None:
@@ -200,22 +200,31 @@ class TextTokenPruningConfig(OneShotMethod):
     def apply(self, model: Any, context: PruneContext) -> dict[str, Any]:
         return apply_text_token_pruning(model, self, context)
 
-    def supports_sequential(self) -> bool:
-        # attention / random on a causal LM only change its config and class; adtp / fixed train a
-        # retainer through the whole model (in memory only)
-        return not self.needs_training
+    def supports_sequential(self, adapter: ModelAdapter) -> bool:
+        return not adapter.is_encoder  # a classifier gains a retainer's weights; encoders are small
 
     def apply_sequential(self, runner: Any, store: Any, context: PruneContext) -> SequentialPlan:
-        """No calibration: the writer copies the weights as they are, under the token-pruning class."""
-        if context.adapter.is_encoder:
-            raise UnsupportedModelError(
-                "text_token_pruning on a BERT-family classifier adds a retainer to the weights; "
-                "use engine: in_memory (encoders are small)"
-            )
-        plan = SequentialPlan(report={})
+        """A causal LM's prompt pruning: the writer copies the weights as they are, under the token-pruning
+        class. ``adtp`` / ``fixed`` first train the retainer through a copy of the model whose weights
+        accelerate reads from disk module by module (``dispatched``), its decoder layers under activation
+        checkpointing, so the backward too holds one layer's weights at a time; the trained retainer is
+        written beside the copied weights."""
+        plan, trained = SequentialPlan(report={}), {}
+        if self.needs_training:
+            from .prompt_retainer_training import train_prompt_retainer
+
+            with runner.source.dispatched() as model:
+                apply_prompt_token_pruning(model, self)
+                trained["training"] = train_prompt_retainer(
+                    model, context.tokenizer, self, progress=context.progress, checkpointed=True
+                )
+                plan.new_tensors = {
+                    f"retainer.{name}": tensor.detach().to("cpu", copy=True)
+                    for name, tensor in model.retainer.state_dict().items()
+                }
 
         def structural_edit(model: Any) -> None:
-            plan.report.update(apply_prompt_token_pruning(model, self))
+            plan.report.update({**apply_prompt_token_pruning(model, self), **trained})
 
         plan.structural_edit = structural_edit
         return plan
@@ -271,7 +280,7 @@ def apply_prompt_token_pruning(model: Any, config: TextTokenPruningConfig) -> di
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)  # the retainer starts the same for the same seed
         model.retainer = prompt_token_pruning.new_retainer(model.config, settings).to(
-            model.device, model.dtype
+            model_device(model), model.dtype
         )
         torch.random.set_rng_state(generator_state)
         details["retainer_parameters"] = sum(p.numel() for p in model.retainer.parameters())

@@ -107,7 +107,7 @@ class VisualTokenPruningConfig(OneShotMethod):
     #: nothing is calibrated: every process makes the same change
     supports_data_parallel = True
 
-    def supports_sequential(self) -> bool:
+    def supports_sequential(self, adapter: ModelAdapter) -> bool:
         return self.text_tower is None  # a CLIP text tower adds weights the writer does not hold
 
     def apply_sequential(self, runner: Any, store: Any, context: PruneContext) -> SequentialPlan:
