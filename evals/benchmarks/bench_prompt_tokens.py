@@ -15,7 +15,7 @@ prompt, as a ratio to the unpruned prefill.
 ``fixed`` and ``adtp`` rows (at ``--learned-layers``, default 0 and 2) use a retainer trained by the
 pipeline on in-domain text that is not the evaluation text: ``--train-stories`` stories sampled by
 stories260K itself from BOS (seed 0, cached under ``~/.cache/hf_prune``), in windows of BOS + 128 prompt +
-32 continuation tokens, ``--train-steps`` steps of batch 16, one thread. ``adtp`` steers to
+32 continuation tokens, ``--train-steps`` steps of batch 16. ``adtp`` steers to
 ``target_ratio`` = the row's keep ratio and chooses its own ratio per prompt: its ``kept`` is what it
 achieved (its FLOPs at its mean kept share of the prompt).
 

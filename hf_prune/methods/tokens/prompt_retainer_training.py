@@ -86,14 +86,14 @@ def text_windows(stage: Any, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
 
 def retainer_outputs(model: Any, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
     """The retainer on the prompt's hidden states [B, P, H] entering ``layer``: {saliency [B, P],
-    ratio_logits, ratio [B]}. The ratio is the one inference would choose (the argmax candidate) in the
+    ratio [B]}. The ratio is the one inference would choose (the argmax candidate) in the
     forward, with the gradient of the softmax-weighted mean candidate in the backward (straight through)."""
     settings = model.settings
     real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)  # windows have no padding
     saliency, ratio_logits = model.retainer(hidden, real)
     expected = expected_ratios(settings, ratio_logits)
     ratio = expected + (chosen_ratios(settings, ratio_logits) - expected).detach()
-    return {"saliency": saliency, "ratio_logits": ratio_logits, "ratio": ratio}
+    return {"saliency": saliency, "ratio": ratio}
 
 
 def _layer_then_release(layer: Any, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -126,7 +126,7 @@ def decoder_forward(
 ) -> dict[str, torch.Tensor]:
     """The model on whole windows ``embeds`` [B, L, H] (no padding), layer by layer. With ``prompt_length``
     the first ``prompt_length`` tokens are softly pruned at ``layer``: {logits, saliency [B, P],
-    ratio_logits, ratio [B], eligible [B, L], prompt_hidden [B, P, H] (what the retainer read)}; without,
+    ratio [B], eligible [B, L], prompt_hidden [B, P, H] (what the retainer read)}; without,
     every token is kept (the stock model, the teacher): {logits}."""
     settings, config, adapter = model.settings, model.config, get_adapter(model.config)
     decoder = adapter.decoder(model)
