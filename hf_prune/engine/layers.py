@@ -5,7 +5,9 @@ offload): parameters stay on the meta device, tensors stored as-is are read from
 safetensors files (memory-mapped), and only tensors transformers converts on load (e.g. per-expert MoE
 weights fused into 3-D ones) are written once to ``offload_folder``. Modules are then materialised one at
 a time, so peak memory is about one decoder layer plus the activations. ``InMemoryModel`` gives the same
-interface over a model already loaded (materialising is then a no-op).
+interface over a model already loaded (materialising is then a no-op). ``OffloadedModel.dispatched()`` is
+the whole model for a method that runs it end to end (a trained token retainer): accelerate's hooks read
+each module's weights when it runs.
 
 ``LayerRunner`` carries activations forward: one decoder pass with every layer replaced by a recorder
 gives the hidden states entering layer 0 and the keyword arguments (masks, rotary position embeddings)
