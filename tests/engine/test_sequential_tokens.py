@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import shared_asset
 from engine_recipes import PROMPT_RETAINER
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, write_calibration_file
@@ -161,3 +162,33 @@ def test_checkpointed_training_reads_each_weight_only_while_it_runs(tmp_path):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.retainer.ratio.parameters())
     assert type(offloaded.model) is transformers.LlamaForCausalLM and not hasattr(offloaded.model, "retainer")
     assert all(p.device.type == "meta" for p in offloaded.model.parameters())
+
+
+def test_sequential_retainer_on_a_real_model_with_tied_embeddings(tmp_path):
+    """stories260K ties its head to its embeddings (the hooks of the copy read from disk untie them): the
+    sequential engine trains the retainer as in memory, and its `evaluate:` section (the pruned model
+    through accelerate's disk offload) reports the in-memory perplexities."""
+    model = shared_asset("models/stories260K")
+    text = shared_asset("text/tinystories/sample.txt")
+    assert json.loads((model / "config.json").read_text()).get("tie_word_embeddings", True)
+    stage = {
+        **PROMPT_RETAINER,
+        "layer": 2,
+        "max_length": 64,
+        "continuation_length": 16,
+        "train_data": str(text),
+    }
+    settings = {"stages": [stage], "evaluate": [{"task": "perplexity", "data": str(text), "seq_len": 128}]}
+    memory = prune({**recipe(model, tmp_path / "memory", [stage], "in_memory"), **settings}, progress=False)
+    sequential = prune(
+        {**recipe(model, tmp_path / "seq", [stage], "sequential"), **settings, "activation_memory_gb": 0},
+        progress=False,
+    )
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("memory", "seq"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    for before, after in zip(memory.report["evaluation"], sequential.report["evaluation"], strict=True):
+        for side in ("original", "pruned"):
+            assert after[side]["perplexity"] == pytest.approx(before[side]["perplexity"], rel=1e-4)
+    assert sequential.report["evaluation"][0]["pruned"]["perplexity"] > 0

@@ -156,7 +156,8 @@ def only_the_retainer_trains(model: Any) -> Iterator[None]:
             yield
     finally:
         for name, parameter in model.named_parameters():
-            parameter.requires_grad_(flags[name])
+            if name in flags:  # (hooks of a dispatched model may untie a tied weight: a new name, left be)
+                parameter.requires_grad_(flags[name])
         model.eval()
 
 
